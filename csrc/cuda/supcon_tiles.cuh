@@ -1,0 +1,283 @@
+// Building blocks of the CUDA kernels in supcon_cuda.cu: which rows of the varlen batch a
+// thread block owns, and the (rows x columns) tile of raw dot products z_i . z_j, staged
+// through shared memory and multiplied on tensor cores (WMMA) or with plain FMA.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+// The bf16 and tf32 WMMA shapes exist from sm_80 on; older targets fall back to FMA so that a
+// TORCH_CUDA_ARCH_LIST with them still compiles (they are not in the default list).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define MCSC_AMPERE_TENSOR_CORES 1
+#endif
+
+namespace mcsc {
+namespace cuda {
+
+constexpr int kThreads = 256;
+
+// How a tile of dot products is multiplied: FMA on CUDA cores (float32 without TF32, float64),
+// WMMA 16x16x16 on fp16/bf16 with float accumulation, or WMMA 16x16x8 on TF32 (float32 inputs
+// when torch.backends.cuda.matmul.allow_tf32 is on).
+enum class Mma { Fma, Wmma, Tf32 };
+
+// Float accumulation for float32/float16/bfloat16 inputs, double for double.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Tile sizes per accumulation type. float: 64 x 64 score tiles (16 WMMA fragments, two per
+// warp), D staged 32 columns at a time, backward output 128 feature columns per block (D = 128,
+// the usual projection size, then needs one pass). double: 32 x 32 tiles so that every kernel
+// stays within the 48 KiB of static shared memory.
+template <typename acc_t>
+struct Tiles;
+template <>
+struct Tiles<float> {
+  static constexpr int kRows = 64;
+  static constexpr int kCols = 64;
+  static constexpr int kDepth = 32;
+  static constexpr int kOutCols = 128;
+  // Row pitch of the float score tile: a multiple of 4 as WMMA stores require, and 4 banks
+  // apart per row so the epilogue's (row, column) pattern hits 32 distinct banks.
+  static constexpr int kScoreLd = kCols + 4;
+  static constexpr int kOutLd = kOutCols + 4;
+};
+template <>
+struct Tiles<double> {
+  static constexpr int kRows = 32;
+  static constexpr int kCols = 32;
+  static constexpr int kDepth = 16;
+  static constexpr int kOutCols = 64;
+  static constexpr int kScoreLd = kCols + 1;
+  static constexpr int kOutLd = kOutCols + 1;
+};
+
+// The element type features are staged in and the row pitch of a staged slice. FMA stages in
+// the accumulation type with one column of padding (conflict-free column reads); WMMA stages
+// in the input type (or float for TF32) with the padding its loads allow (pitch a multiple of
+// 8 halves / 4 floats, so every fragment starts 32-byte aligned).
+template <typename scalar_t, Mma kind>
+struct Staging {
+  using type = acc_type<scalar_t>;
+  static constexpr int kPad = 1;
+};
+template <>
+struct Staging<c10::Half, Mma::Wmma> {
+  using type = __half;
+  static constexpr int kPad = 8;
+};
+template <>
+struct Staging<c10::BFloat16, Mma::Wmma> {
+  using type = __nv_bfloat16;
+  static constexpr int kPad = 8;
+};
+template <>
+struct Staging<float, Mma::Tf32> {
+  using type = float;
+  static constexpr int kPad = 4;
+};
+
+template <typename Stage, typename T>
+__device__ __forceinline__ Stage to_stage(T value) {
+  if constexpr (std::is_same_v<Stage, __half>) {
+    return __float2half(static_cast<float>(value));
+  } else if constexpr (std::is_same_v<Stage, __nv_bfloat16>) {
+    return __float2bfloat16(static_cast<float>(value));
+  } else {
+    return static_cast<Stage>(value);
+  }
+}
+
+template <typename acc_t, typename Stage>
+__device__ __forceinline__ acc_t to_acc(Stage value) {
+  if constexpr (std::is_same_v<Stage, __half>) {
+    return __half2float(value);
+  } else if constexpr (std::is_same_v<Stage, __nv_bfloat16>) {
+    return __bfloat162float(value);
+  } else {
+    return static_cast<acc_t>(value);
+  }
+}
+
+// Rows of one segment handled by one thread block.
+struct RowBlock {
+  int64_t segment_begin;
+  int64_t segment_end;
+  int64_t row_begin;
+  int64_t row_end;
+};
+
+// Segment s owns the thread blocks [block_offsets[s], block_offsets[s + 1]), each of
+// `rows_per_block` rows (flash attention's cu_seqlens scheme). The grid is sized by an upper
+// bound so the host never reads the offsets; surplus blocks get false and must exit.
+__device__ __forceinline__ bool locate_row_block(const int64_t* __restrict__ offsets,
+                                                 const int64_t* __restrict__ block_offsets,
+                                                 int64_t num_segments, int64_t block,
+                                                 int rows_per_block, RowBlock& out) {
+  if (block >= block_offsets[num_segments]) return false;
+  // Largest s with block_offsets[s] <= block; empty segments repeat an offset and lose to the
+  // non-empty segment after them.
+  int64_t low = 0;
+  int64_t high = num_segments - 1;
+  while (low < high) {
+    const int64_t middle = (low + high + 1) / 2;
+    if (block_offsets[middle] <= block) {
+      low = middle;
+    } else {
+      high = middle - 1;
+    }
+  }
+  out.segment_begin = offsets[low];
+  out.segment_end = offsets[low + 1];
+  out.row_begin = out.segment_begin + (block - block_offsets[low]) * rows_per_block;
+  out.row_end = min(out.row_begin + rows_per_block, out.segment_end);
+  return true;
+}
+
+// Copies rows [row0, row_end) x columns [k0, k0 + DEPTH) of z (row-major, `dim` columns) into
+// a ROWS x DEPTH shared tile of pitch LD. Outside the rows or columns it writes zeros, so
+// partial tiles add nothing to the dot products.
+template <int ROWS, int DEPTH, int LD, typename Stage, typename scalar_t>
+__device__ __forceinline__ void stage_rows(Stage* __restrict__ tile,
+                                           const scalar_t* __restrict__ z, int64_t dim,
+                                           int64_t row0, int64_t row_end, int64_t k0) {
+  for (int index = threadIdx.x; index < ROWS * DEPTH; index += kThreads) {
+    const int r = index / DEPTH;
+    const int k = index % DEPTH;
+    const int64_t row = row0 + r;
+    const int64_t column = k0 + k;
+    tile[r * LD + k] = (row < row_end && column < dim) ? to_stage<Stage>(z[row * dim + column])
+                                                       : to_stage<Stage>(0.0f);
+  }
+}
+
+// Shared memory of one score-tile computation: a DEPTH-wide slice of the block's rows and of
+// the column tile's rows.
+template <typename scalar_t, Mma kind>
+struct ScoreStaging {
+  using acc_t = acc_type<scalar_t>;
+  using T = Tiles<acc_t>;
+  using Stage = typename Staging<scalar_t, kind>::type;
+  static constexpr int kLd = T::kDepth + Staging<scalar_t, kind>::kPad;
+  alignas(32) Stage rows[T::kRows * kLd];
+  alignas(32) Stage cols[T::kCols * kLd];
+};
+
+// scores[r * kScoreLd + c] = z_{row0 + r} . z_{col0 + c} (not yet divided by the temperature;
+// zero for rows or columns outside the ranges) for a kRows x kCols tile, D streamed through
+// `staging`. Called by all threads of the block; starts with a barrier, so the caller may
+// reuse `scores` and `staging` right up to the call, and must barrier before reading scores.
+template <typename scalar_t, Mma kind>
+__device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
+                                   ScoreStaging<scalar_t, kind>& staging,
+                                   const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
+                                   int64_t row_end, int64_t col0, int64_t col_end) {
+  using acc_t = acc_type<scalar_t>;
+  using T = Tiles<acc_t>;
+  using Buffers = ScoreStaging<scalar_t, kind>;
+  constexpr int kLd = Buffers::kLd;
+
+#if defined(MCSC_AMPERE_TENSOR_CORES)
+  if constexpr (kind != Mma::Fma) {
+    namespace wmma = nvcuda::wmma;
+    static_assert(T::kRows == 64 && T::kCols == 64 && kThreads == 256,
+                  "the warp layout below covers a 64 x 64 tile with 8 warps");
+    using Stage = typename Buffers::Stage;
+    constexpr int kFragK = kind == Mma::Tf32 ? 8 : 16;
+    using FragInput = std::conditional_t<kind == Mma::Tf32, wmma::precision::tf32, Stage>;
+    using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kFragK, FragInput, wmma::row_major>;
+    // Column tile rows stored row-major are the transposed operand: B in column-major order.
+    using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kFragK, FragInput, wmma::col_major>;
+    using FragC = wmma::fragment<wmma::accumulator, 16, 16, kFragK, float>;
+
+    // Warp w computes the 16-row strip w / 2 and the two 16-column blocks 2 (w % 2) + {0, 1}.
+    const int warp = threadIdx.x / 32;
+    const int strip = warp / 2;
+    const int block0 = 2 * (warp % 2);
+    FragC accumulators[2];
+    wmma::fill_fragment(accumulators[0], 0.0f);
+    wmma::fill_fragment(accumulators[1], 0.0f);
+    for (int64_t k0 = 0; k0 < dim; k0 += T::kDepth) {
+      __syncthreads();
+      stage_rows<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0);
+      stage_rows<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < T::kDepth; kk += kFragK) {
+        FragA a;
+        wmma::load_matrix_sync(a, staging.rows + strip * 16 * kLd + kk, kLd);
+        if constexpr (kind == Mma::Tf32) {
+#pragma unroll
+          for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
+        }
+#pragma unroll
+        for (int f = 0; f < 2; ++f) {
+          FragB b;
+          wmma::load_matrix_sync(b, staging.cols + (block0 + f) * 16 * kLd + kk, kLd);
+          if constexpr (kind == Mma::Tf32) {
+#pragma unroll
+            for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
+          }
+          wmma::mma_sync(accumulators[f], a, b, accumulators[f]);
+        }
+      }
+    }
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+      wmma::store_matrix_sync(scores + strip * 16 * T::kScoreLd + (block0 + f) * 16,
+                              accumulators[f], T::kScoreLd, wmma::mem_row_major);
+    }
+    return;
+  }
+#endif
+
+  // FMA: thread (ty, tx) of a 16 x 16 grid owns rows ty + 16 r and columns tx + 16 c; the
+  // strided ownership makes a half-warp read one broadcast row value and 16 distinct banks.
+  constexpr int kRowsPerThread = T::kRows / 16;
+  constexpr int kColsPerThread = T::kCols / 16;
+  const int ty = threadIdx.x / 16;
+  const int tx = threadIdx.x % 16;
+  acc_t sums[kRowsPerThread][kColsPerThread] = {};
+  for (int64_t k0 = 0; k0 < dim; k0 += T::kDepth) {
+    __syncthreads();
+    stage_rows<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0);
+    stage_rows<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0);
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < T::kDepth; ++k) {
+      acc_t a[kRowsPerThread];
+      acc_t b[kColsPerThread];
+#pragma unroll
+      for (int r = 0; r < kRowsPerThread; ++r) {
+        a[r] = to_acc<acc_t>(staging.rows[(ty + 16 * r) * kLd + k]);
+      }
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        b[c] = to_acc<acc_t>(staging.cols[(tx + 16 * c) * kLd + k]);
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerThread; ++r) {
+#pragma unroll
+        for (int c = 0; c < kColsPerThread; ++c) sums[r][c] += a[r] * b[c];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRowsPerThread; ++r) {
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) {
+      scores[(ty + 16 * r) * T::kScoreLd + tx + 16 * c] = sums[r][c];
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace mcsc
