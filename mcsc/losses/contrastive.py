@@ -123,7 +123,9 @@ class MultiScaleContrastiveLoss(nn.Module):
         scales = self._check_inputs(cnn_embeddings, swin_embeddings, labels, cnn_logits, swin_logits,
                                     labelled_count)
         temperatures = _align(self.temperature, len(scales), "temperature")
-        block_sizes = _align(self.block_sizes, len(scales), "block_sizes")
+        # block sizes only mean something to the block sampler
+        block_sizes = _align(self.block_sizes, len(scales), "block_sizes") if self.sampler == "blocks" \
+            else (0,) * len(scales)
         num_classes = cnn_logits.shape[1]
         images = cnn_logits.shape[0] if use_unlabelled else labelled_count
         cnn_targets, swin_targets = self._cross_targets(labels, cnn_logits, swin_logits, labelled_count, images)
@@ -140,7 +142,7 @@ class MultiScaleContrastiveLoss(nn.Module):
             rows, lengths = self._sample(targets, block_sizes[position], num_classes)
             flat = targets.reshape(-1)[rows]
             valid = flat != self.ignore_index
-            diagnostics["ignored"].append(int((targets != self.ignore_index).logical_not().sum()))
+            diagnostics["ignored"].append(int((targets == self.ignore_index).sum()))
             lengths = _segment_valid_counts(valid, lengths)
             rows, flat = rows[valid], flat[valid]
             pieces.append((features[rows], flat, lengths, temperatures[position]))
