@@ -240,3 +240,13 @@ def test_sigmoid_rampup():
     assert sigmoid_rampup(0, 200) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(100, 200) == pytest.approx(math.exp(-5 * 0.25))
     assert sigmoid_rampup(500, 200) == 1.0 and sigmoid_rampup(3, 0) == 1.0
+
+
+@pytest.mark.parametrize("sampler", ["blocks", "balanced", "all"])
+def test_no_images_gives_a_zero_loss_that_backpropagates(sampler):
+    cnn, swin, _, cl, sl = make_batch()
+    loss, diag = MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(5, 4))(
+        cnn, swin, None, cl, sl, labelled_count=0, use_unlabelled=False)
+    assert loss.item() == 0.0 and diag["rows"] == 0
+    loss.backward()
+    assert cnn[0].grad is not None

@@ -302,10 +302,13 @@ def balanced_rows(targets: torch.Tensor, pixels_per_class: int, num_classes: int
     """
     maps = targets.shape[0]
     device = targets.device
-    flat = targets.reshape(maps, -1)
+    flat = targets.reshape(maps, targets[0].numel() if maps else 0)
     valid = flat != ignore_index
-    counts = torch.stack([torch.bincount(f[v], minlength=num_classes) for f, v in zip(flat, valid)]) \
-        if maps else torch.zeros(0, num_classes, dtype=torch.long, device=device)
+    # (map, class) groups; ignored pixels go to one extra group that is never sampled
+    group = torch.arange(maps, device=device)[:, None] * num_classes + flat.clamp(min=0)
+    group = torch.where(valid, group, maps * num_classes).reshape(-1)
+    sizes = torch.bincount(group, minlength=maps * num_classes + 1)
+    counts = sizes[:-1].reshape(maps, num_classes)
     quota = counts.clamp(max=pixels_per_class)
     if max_pixels_per_image is not None:
         order = torch.sort(counts, dim=1, stable=True).indices
@@ -313,13 +316,10 @@ def balanced_rows(targets: torch.Tensor, pixels_per_class: int, num_classes: int
         before = wanted.cumsum(1) - wanted
         granted = (max_pixels_per_image - before).clamp(min=0).minimum(wanted)
         quota = torch.zeros_like(quota).scatter(1, order, granted)
-    # random rank of every valid pixel within its (map, class) group
-    group = torch.arange(maps, device=device)[:, None] * num_classes + flat.clamp(min=0)
-    group = torch.where(valid, group, maps * num_classes).reshape(-1)
+    # random rank of every pixel within its group
     noise = torch.rand(group.numel(), generator=generator, dtype=torch.float64).to(device)
     order = torch.argsort(group.double() + noise)
     sorted_group = group[order]
-    sizes = torch.bincount(sorted_group, minlength=maps * num_classes + 1)
     starts = sizes.cumsum(0) - sizes
     rank = torch.arange(order.numel(), device=device) - starts[sorted_group]
     limit = torch.cat([quota.reshape(-1), quota.new_zeros(1)])
