@@ -1,0 +1,128 @@
+"""Fail unless the installed mcsc._C carries working CUDA kernels (run by CI after install).
+
+Checks, each with a message saying what is wrong:
+1. mcsc._C was compiled with CUDA (its `with_cuda` attribute is 1);
+2. mcsc::supcon_forward and mcsc::supcon_backward have kernels for the CUDA dispatch key;
+3. the shared library contains sm_90 machine code (a cubin, not only PTX).
+
+No GPU is needed. The architectures are read from the headers of the CUDA fat binary in the
+library's .nv_fatbin section (they are not compressed even when the payloads are), with
+cuobjdump --list-elf as a cross-check when a cuobjdump is on PATH or in $CUDA_HOME/bin.
+Usage: python .ci/check_cuda_build.py [--arch 90 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+FATBIN_MAGIC = 0xBA55ED50
+KIND_PTX = 1
+KIND_CUBIN = 2
+
+
+def elf_section(path: str, name: str) -> bytes:
+    """Contents of the named section of a 64-bit little-endian ELF file (b'' if absent)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError(f"{path} is not a 64-bit little-endian ELF file")
+    (section_offset,) = struct.unpack_from("<Q", data, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", data, section_offset + i * entry_size)
+                for i in range(count)]
+    names_offset = sections[names_index][4]
+    for name_offset, _, _, _, offset, size in sections:
+        start = names_offset + name_offset
+        if data[start:data.index(b"\0", start)].decode() == name:
+            return data[offset:offset + size]
+    return b""
+
+
+def fatbin_entries(section: bytes) -> list[tuple[str, int]]:
+    """(kind, sm) of every entry of the fat binaries in a .nv_fatbin section.
+
+    Layout (public reverse engineering, matching cuobjdump): a fat binary is a 16-byte header
+    (magic, version, header size, payload size) followed by entries whose header starts with
+    kind (u16: 1 PTX, 2 cubin), a u16, the header size (u32), the padded payload size (u64)
+    and carries the SM number as a u32 at byte 28.
+    """
+    entries = []
+    position = 0
+    while position + 16 <= len(section):
+        magic, _, header_size, payload_size = struct.unpack_from("<IHHQ", section, position)
+        if magic != FATBIN_MAGIC:
+            position += 8  # fat binaries are 8-byte aligned; skip padding between them
+            continue
+        entry = position + header_size
+        end = entry + payload_size
+        while entry < end:
+            kind, _, entry_header_size, entry_size = struct.unpack_from("<HHIQ", section, entry)
+            (sm,) = struct.unpack_from("<I", section, entry + 28)
+            entries.append(({KIND_PTX: "ptx", KIND_CUBIN: "cubin"}.get(kind, str(kind)), sm))
+            entry += entry_header_size + entry_size
+        position = end
+    return entries
+
+
+def cuobjdump_cubin_archs(path: str) -> set[int] | None:
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                               "cuobjdump"), shutil.which("cuobjdump")]
+    tool = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+    if tool is None:
+        return None
+    listing = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True).stdout
+    # Names like supcon_cuda.sm_90.cubin or .sm_90a.cubin (arch-specific variants count as 90).
+    return {int(sm) for sm in re.findall(r"\.sm_(\d+)[a-z]?\.cubin", listing)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append",
+                        help="SM numbers that need a cubin (default: 90)")
+    required = set(parser.parse_args().arch or [90])
+    failures = []
+
+    try:
+        from mcsc import _C
+    except ImportError as error:
+        print(f"FAIL: cannot import mcsc._C ({error}); is mcsc installed?")
+        return 1
+    import torch
+
+    if getattr(_C, "with_cuda", 0) != 1:
+        failures.append("mcsc._C was compiled without CUDA (mcsc._C.with_cuda != 1); build with "
+                        "a CUDA torch and nvcc, or MCSC_FORCE_CUDA=1")
+    for op in ("mcsc::supcon_forward", "mcsc::supcon_backward"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
+            failures.append(f"{op} has no kernel for the CUDA dispatch key")
+
+    library = _C.__file__
+    entries = fatbin_entries(elf_section(library, ".nv_fatbin"))
+    cubins = {sm for kind, sm in entries if kind == "cubin"}
+    ptx = {sm for kind, sm in entries if kind == "ptx"}
+    print(f"{library}: cubin sm {sorted(cubins)}, ptx compute {sorted(ptx)}")
+    missing = required - cubins
+    if missing:
+        failures.append(f"{library} lacks machine code for sm {sorted(missing)} "
+                        f"(TORCH_CUDA_ARCH_LIST must include them)")
+    cross_check = cuobjdump_cubin_archs(library)
+    if cross_check is not None and cross_check != cubins:
+        failures.append(f"cuobjdump lists cubins for sm {sorted(cross_check)} but the fatbin "
+                        f"headers say {sorted(cubins)}")
+
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    if not failures:
+        print("OK: mcsc._C has CUDA kernels registered and sm "
+              f"{', '.join(str(sm) for sm in sorted(required))} machine code")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

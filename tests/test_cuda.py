@@ -1,0 +1,278 @@
+"""CUDA kernels of mcsc::supcon_forward / supcon_backward.
+
+Checked against the dense float64 reference (mcsc.reference) and against the compiled CPU op:
+per-anchor losses, positives, lse, gradients; fp16/bf16 error within 2x of eager PyTorch's own
+error at that dtype (flash attention's rule); N = 262144, D = 128 in under 1 GiB of extra GPU
+memory; N * D above 2^31; bitwise determinism; torch.library.opcheck on CUDA inputs.
+Every test is skipped with "needs a CUDA GPU" when no GPU is visible.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcsc import supcon_loss
+from mcsc.ops import backend
+from mcsc.reference import supcon_per_anchor_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TEMPERATURE = 0.1
+IGNORE = -1
+GIB = 1 << 30
+
+# (segment lengths, D, classes, fraction of ignored rows). Lengths straddle the 64-row tile
+# (63, 64, 65, 129), include empty and one-row segments; D straddles the 32-column staging
+# slice and the 128-column backward output chunk.
+CASES = {
+    "one-segment": ([200], 16, 3, 0.0),
+    "varlen-empty-segments": ([0, 70, 0, 129, 1, 64, 0], 33, 4, 0.1),
+    "one-class": ([97], 8, 1, 0.0),
+    "many-classes-wide": ([300], 130, 40, 0.0),
+    "ignored-rows": ([63, 65], 64, 3, 0.3),
+    "deep": ([150], 257, 5, 0.05),
+}
+
+
+def make_inputs(lengths, dim, num_classes, ignored, *, dtype=torch.float32, seed=0,
+                device="cuda"):
+    generator = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    features = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    features = torch.nn.functional.normalize(features, dim=1)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    labels[torch.rand(n, generator=generator) < ignored] = IGNORE
+    offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+    return (features.to(device=device, dtype=dtype), labels.to(device), offsets.to(device))
+
+
+def reference_loss_and_grad(features, labels, offsets, prevalence, upstream):
+    """float64 CPU reference: per-anchor loss, positives and d(sum upstream * loss)/dz."""
+    z = features.detach().to("cpu", torch.float64).requires_grad_(True)
+    loss, positives = supcon_per_anchor_reference(z, labels.cpu(), offsets.cpu(), TEMPERATURE,
+                                                  prevalence, IGNORE)
+    (loss * upstream.to("cpu", torch.float64)).sum().backward()
+    return loss.detach(), positives, z.grad
+
+
+def op_loss_and_grad(features, labels, offsets, prevalence, upstream):
+    z = features.detach().requires_grad_(True)  # keeps the layout (clone would not, if strided)
+    loss, lse, positives = torch.ops.mcsc.supcon_forward(z, labels, offsets, TEMPERATURE,
+                                                         prevalence, IGNORE)
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    return loss.detach(), lse, positives, z.grad
+
+
+def scaled_atol(reference, relative):
+    return relative * max(1.0, float(reference.abs().max()))
+
+
+def test_cuda_backend_is_compiled():
+    assert backend("cuda") == "compiled-cuda", (
+        "mcsc._C has no CUDA kernels; build with a CUDA torch and nvcc (see README)")
+
+
+@pytest.mark.parametrize("prevalence", [True, False], ids=["prevalence", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype, prevalence):
+    features, labels, offsets = make_inputs(*CASES[case], dtype=dtype)
+    upstream = torch.rand(features.shape[0], device="cuda", dtype=torch.float64)
+    loss, lse, positives, grad = op_loss_and_grad(features, labels, offsets, prevalence, upstream)
+    ref_loss, ref_positives, ref_grad = reference_loss_and_grad(features, labels, offsets,
+                                                                prevalence, upstream)
+    relative = 1e-4 if dtype == torch.float32 else 1e-10
+    assert loss.dtype == dtype and grad.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert positives.dtype == torch.int32
+    assert torch.equal(positives.cpu().long(), ref_positives)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=relative,
+                               atol=scaled_atol(ref_loss, relative))
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=relative,
+                               atol=scaled_atol(ref_grad, relative))
+    anchors = positives > 0
+    assert bool(torch.isfinite(lse[anchors]).all())
+
+
+@pytest.mark.parametrize("prevalence", [True, False], ids=["prevalence", "none"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_cpu_op(case, prevalence):
+    if backend("cpu") != "compiled-cpu":
+        pytest.skip("the compiled CPU op is not available")
+    features, labels, offsets = make_inputs(*CASES[case])
+    upstream = torch.rand(features.shape[0], device="cuda")
+    loss, lse, positives, grad = op_loss_and_grad(features, labels, offsets, prevalence, upstream)
+    cpu_loss, cpu_lse, cpu_positives, cpu_grad = op_loss_and_grad(
+        features.cpu(), labels.cpu(), offsets.cpu(), prevalence, upstream.cpu())
+    assert torch.equal(positives.cpu(), cpu_positives)
+    torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=1e-4, atol=scaled_atol(cpu_loss, 1e-4))
+    anchors = cpu_positives > 0
+    torch.testing.assert_close(lse.cpu()[anchors], cpu_lse[anchors], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad.cpu(), cpu_grad, rtol=1e-4, atol=scaled_atol(cpu_grad, 1e-4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["one-segment", "varlen-empty-segments", "ignored-rows"])
+def test_half_precision_within_twice_eager_error(case, dtype):
+    features, labels, offsets = make_inputs(*CASES[case], dtype=dtype)
+    upstream = torch.rand(features.shape[0], device="cuda", dtype=dtype)
+    loss, _, _, grad = op_loss_and_grad(features, labels, offsets, True, upstream)
+
+    # Eager PyTorch on the same half-precision inputs (the reference run at that dtype).
+    z = features.detach().clone().requires_grad_(True)
+    eager_loss, _ = supcon_per_anchor_reference(z, labels, offsets, TEMPERATURE, True, IGNORE)
+    (eager_loss * upstream).sum().backward()
+
+    # Truth: float64 on the same (already rounded) inputs.
+    truth_loss, _, truth_grad = reference_loss_and_grad(features, labels, offsets, True, upstream)
+
+    def error(value, truth):
+        return float((value.cpu().double() - truth).abs().max())
+
+    assert error(loss, truth_loss) <= 2 * error(eager_loss, truth_loss) + 1e-6
+    assert error(grad, truth_grad) <= 2 * error(z.grad, truth_grad) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_large_n_fits_in_one_gib(dtype):
+    n, dim = 262144, 128
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    features = torch.nn.functional.normalize(
+        torch.randn(n, dim, device="cuda", generator=generator), dim=1).to(dtype)
+    features.requires_grad_(True)
+    labels = torch.randint(0, 4, (n,), device="cuda", generator=generator)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    loss = supcon_loss(features, labels, temperature=TEMPERATURE)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - baseline
+    assert extra < GIB, f"used {extra / GIB:.2f} GiB of extra GPU memory"
+    assert bool(torch.isfinite(loss)) and bool(torch.isfinite(features.grad).all())
+
+
+def test_64_bit_indexing():
+    """N * D > 2^31: the last segment's rows sit past element 2^31 of features and grad."""
+    n_segments, length, dim = 4096, 512, 1040
+    n = n_segments * length
+    assert n * dim > 2**31
+    needed = 4 * n * dim * 2  # features, grad and temporaries in bf16
+    if torch.cuda.mem_get_info()[0] < needed:
+        pytest.skip(f"needs {needed / GIB:.0f} GiB of free GPU memory")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    features = torch.empty(n, dim, device="cuda", dtype=torch.bfloat16)
+    for start in range(0, n, 1 << 18):
+        block = torch.randn(min(1 << 18, n - start), dim, device="cuda", generator=generator)
+        features[start:start + block.shape[0]] = torch.nn.functional.normalize(block, dim=1)
+    labels = torch.randint(0, 3, (n,), device="cuda", generator=generator)
+    offsets = torch.arange(0, n + 1, length, device="cuda", dtype=torch.int64)
+    features.requires_grad_(True)
+    loss, _, positives = torch.ops.mcsc.supcon_forward(features, labels, offsets, TEMPERATURE,
+                                                       True, IGNORE)
+    upstream = torch.rand(n, device="cuda", dtype=torch.bfloat16)
+    (loss * upstream).sum().backward()
+    for first in (0, n - length):
+        rows = slice(first, first + length)
+        z = features.detach()[rows]
+        local = torch.tensor([0, length], dtype=torch.int64)
+        ref_loss, ref_positives, ref_grad = reference_loss_and_grad(
+            z, labels[rows], local, True, upstream[rows])
+        assert torch.equal(positives[rows].cpu().long(), ref_positives)
+        torch.testing.assert_close(loss[rows].cpu().double(), ref_loss, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(features.grad[rows].cpu().double(), ref_grad, rtol=2e-2,
+                                   atol=scaled_atol(ref_grad, 2e-2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_deterministic(dtype):
+    features, labels, offsets = make_inputs([1000, 0, 2500, 77], 96, 5, 0.1, dtype=dtype)
+    upstream = torch.rand(features.shape[0], device="cuda")
+    first = op_loss_and_grad(features, labels, offsets, True, upstream)
+    second = op_loss_and_grad(features, labels, offsets, True, upstream)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_tf32_follows_the_matmul_flag():
+    features, labels, offsets = make_inputs([500], 128, 4, 0.0)
+    upstream = torch.rand(features.shape[0], device="cuda")
+    ref_loss, _, ref_grad = reference_loss_and_grad(features, labels, offsets, True, upstream)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        loss, _, _, grad = op_loss_and_grad(features, labels, offsets, True, upstream)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=2e-2,
+                               atol=scaled_atol(ref_grad, 2e-2))
+
+
+def test_label_types_and_values():
+    """int32 labels, huge int64 label values and another ignore_index give the same result."""
+    features, labels, offsets = make_inputs([130, 70], 24, 3, 0.2)
+    expected = supcon_loss(features, labels, segments=offsets, reduction="none")
+    as_int32 = supcon_loss(features, labels.int(), segments=offsets, reduction="none")
+    huge = torch.where(labels == IGNORE, labels, labels * (1 << 40) + 7)
+    as_huge = supcon_loss(features, huge, segments=offsets, reduction="none")
+    other_ignore = torch.where(labels == IGNORE, torch.full_like(labels, 255), labels)
+    as_255 = supcon_loss(features, other_ignore, segments=offsets, ignore_index=255,
+                         reduction="none")
+    for result in (as_int32, as_huge, as_255):
+        assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_non_contiguous_features(layout):
+    dense, labels, offsets = make_inputs([150], 40, 3, 0.1)
+    if layout == "transposed":
+        features = dense.t().contiguous().t()
+    else:
+        features = torch.zeros(dense.shape[0], 2 * dense.shape[1], device="cuda")[:, ::2]
+        features.copy_(dense)
+    assert not features.is_contiguous()
+    upstream = torch.rand(dense.shape[0], device="cuda")
+    loss, _, _, grad = op_loss_and_grad(features, labels, offsets, True, upstream)
+    dense_loss, _, _, dense_grad = op_loss_and_grad(dense, labels, offsets, True, upstream)
+    assert torch.equal(loss, dense_loss)
+    assert torch.equal(grad, dense_grad)
+    assert grad.stride() == torch.empty_like(features).stride()
+
+
+def test_empty_inputs():
+    features = torch.empty(0, 8, device="cuda", requires_grad=True)
+    labels = torch.empty(0, dtype=torch.int64, device="cuda")
+    offsets = torch.zeros(3, dtype=torch.int64, device="cuda")
+    loss, lse, positives = torch.ops.mcsc.supcon_forward(features, labels, offsets, TEMPERATURE,
+                                                         True, IGNORE)
+    assert loss.shape == lse.shape == positives.shape == (0,)
+    loss.sum().backward()
+    assert features.grad.shape == (0, 8)
+    assert float(supcon_loss(features, labels)) == 0.0
+
+
+def test_no_anchor_anywhere():
+    """All rows ignored or alone in their class: zero loss, zero gradient, nothing NaN."""
+    features, _, offsets = make_inputs([5, 5], 8, 1, 0.0)
+    labels = torch.tensor([IGNORE, 0, 1, 2, IGNORE, 0, 1, 2, 3, 4], device="cuda")
+    upstream = torch.ones(10, device="cuda")
+    loss, _, positives, grad = op_loss_and_grad(features, labels, offsets, True, upstream)
+    assert not bool((positives > 0).any())
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck(dtype):
+    features, labels, offsets = make_inputs([40, 0, 57], 20, 3, 0.1, dtype=dtype)
+    features.requires_grad_(True)
+    torch.library.opcheck(torch.ops.mcsc.supcon_forward.default,
+                          (features, labels, offsets, TEMPERATURE, True, IGNORE))
+    _, lse, positives = torch.ops.mcsc.supcon_forward(features.detach(), labels, offsets,
+                                                      TEMPERATURE, True, IGNORE)
+    grad_loss = torch.rand(features.shape[0], device="cuda", dtype=dtype)
+    torch.library.opcheck(torch.ops.mcsc.supcon_backward.default,
+                          (grad_loss, features.detach(), labels, offsets, lse, positives,
+                           TEMPERATURE, False))
