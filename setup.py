@@ -4,6 +4,8 @@ Environment switches:
   MCSC_FORCE_CUDA=1      compile the CUDA kernels even without a visible GPU (needs nvcc)
   MCSC_FORCE_CUDA=0      never compile them (quick CPU-only builds)
   TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0+PTX": A100, H100, PTX for newer)
+  MCSC_CPU_ARCH=...      -march for the CPU kernels (default: the best of x86-64-v4 / v3 that
+                         this machine runs; "none" for a generic build)
   DEBUG=1                -O0 -g, no NDEBUG
 Build against the torch that will run the package: `pip install --no-build-isolation .`
 """
@@ -45,6 +47,24 @@ def _build_cuda(cuda_home):
     return True, "CUDA torch and nvcc present"
 
 
+def _cpu_arch():
+    """The x86-64 level of the build machine: the CPU kernels' exp loops need AVX2/AVX-512."""
+    chosen = os.environ.get("MCSC_CPU_ARCH")
+    if chosen:
+        return None if chosen == "none" else chosen
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo
+                          if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
+        return "x86-64-v4"
+    if {"avx2", "fma", "bmi2"} <= set(flags):
+        return "x86-64-v3"
+    return None
+
+
 def _cuda_library_headers():
     """Headers torch includes that a bare toolkit may lack; pip's nvidia packages ship them."""
     site = os.path.dirname(os.path.dirname(torch.__file__))
@@ -62,8 +82,9 @@ def main():
 
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     torch_version = f"-DMCSC_TORCH_VERSION={torch.__version__}"
-    cxx_flags = opt + ["-std=c++17", "-fopenmp", torch_version]
-    nvcc_flags = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", torch_version,
+    cpu_arch = _cpu_arch()
+    cxx_flags = opt + ["-fopenmp", torch_version] + ([f"-march={cpu_arch}"] if cpu_arch else [])
+    nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr", torch_version,
                         "-DMCSC_WITH_CUDA"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -83,6 +104,7 @@ def main():
     if with_cuda:
         print(f"  CUDA_HOME    {cuda_home}", file=sys.stderr)
         print(f"  arch list    {os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+    print(f"  CPU arch     {cpu_arch or 'generic'}", file=sys.stderr)
     print(f"  debug        {debug}", file=sys.stderr)
     print(f"  sources      {' '.join(sources)}", file=sys.stderr)
 

@@ -59,6 +59,7 @@ MCSC_HD T pair_weight(int32_t label_anchor, int32_t label_contrast, T same_class
 // the larger maximum (online log-sum-exp, as in flash attention). Start from (-inf, 0).
 template <typename T>
 MCSC_HD void merge_log_sum_exp(T& running_max, T& running_sum, T part_max, T part_sum) {
+  if (part_sum == T(0)) return;  // nothing to add; part_max may be -inf
   if (part_max > running_max) {
     running_sum = running_sum * std::exp(running_max - part_max) + part_sum;
     running_max = part_max;

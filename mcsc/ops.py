@@ -58,13 +58,20 @@ if not _EXTENSION_LOADED:
     )
 
 
+def _registered_kernels() -> dict[str, bool]:
+    """Device types with a compiled kernel; fixed once the extension is loaded."""
+    return {
+        device_type: _EXTENSION_LOADED
+        and torch._C._dispatch_has_kernel_for_dispatch_key("mcsc::supcon_forward", key)
+        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    }
+
+
+_KERNELS = _registered_kernels()
+
+
 def _has_kernel(device_type: str) -> bool:
-    if not _EXTENSION_LOADED:
-        return False
-    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "mcsc::supcon_forward", dispatch_key
-    )
+    return _KERNELS.get(device_type, False)
 
 
 def backend(device: str | torch.device = "cpu") -> str:
@@ -131,7 +138,9 @@ def validate_inputs(features, labels, temperature, segments, weighting, ignore_i
     ):
         raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
 
-    if n > 0:
+    # Checks of values need the data; torch.compile traces without it, so they run in eager
+    # mode only (a compiled graph is checked by running it eagerly once).
+    if n > 0 and not torch.compiler.is_compiling():
         valid = labels[labels != ignore_index]
         if valid.numel() > 0:
             low, high = int(valid.min()), int(valid.max())
@@ -161,12 +170,32 @@ def _validate_segments(segments, n: int, device: torch.device) -> torch.Tensor:
             f"got shape {tuple(segments.shape)}"
         )
     offsets = segments.to(device=device, dtype=torch.int64).contiguous()
+    if torch.compiler.is_compiling():
+        return offsets
     first, last = int(offsets[0]), int(offsets[-1])
     if first != 0 or last != n:
         raise ValueError(f"segments must start at 0 and end at N={n}, got {first} ... {last}")
     if bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError("segments must be non-decreasing offsets")
     return offsets
+
+
+def _compact_sparse_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, int]:
+    """Renumber class ids to 0..C'-1 when they are sparse and large (e.g. 10**9).
+
+    The kernels keep per-class state of size max(label) + 1, so huge ids are replaced by their
+    rank among the ids present (ignored rows become -1); smaller ids are used as they are.
+    Returns the labels and the ignore_index that goes with them.
+    """
+    if torch.compiler.is_compiling():
+        return labels, ignore_index
+    valid = labels != ignore_index
+    if not bool(valid.any()) or int(labels[valid].max()) < max(labels.numel(), 65536):
+        return labels, ignore_index
+    _, ranks = torch.unique(labels[valid], return_inverse=True)
+    compact = torch.full_like(labels, -1)
+    compact[valid] = ranks.to(labels.dtype)
+    return compact, -1
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: float = 0.1,
@@ -203,6 +232,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: fl
     """
     offsets = validate_inputs(features, labels, temperature, segments, weighting, ignore_index,
                               reduction, num_classes)
+    labels, ignore_index = _compact_sparse_labels(labels, ignore_index)
     prevalence = weighting == "prevalence"
     if _has_kernel(features.device.type):
         per_anchor, _, positives = torch.ops.mcsc.supcon_forward(

@@ -1,0 +1,535 @@
+// CPU kernels of the fused supervised contrastive loss (forward and backward).
+//
+// Rows are cut into blocks of kTileRows inside each segment. The pairwise work is done per
+// tile pair (row block I, column block J) with I <= J: s_ij = s_ji, so one tile product
+// serves both blocks, which halves the arithmetic of a row-by-row pass. Tile products use
+// BLAS (at::mm_out / addmm_) on a per-thread O(tile^2) workspace; the exponentials and
+// weighted sums are one vectorised loop over the tile.
+//
+// Tile pairs are run in rounds of a round-robin tournament: within a round no block occurs
+// twice, so tiles of one round run in parallel and update the accumulators of both their
+// blocks directly. Every accumulator is updated in round order whatever the thread count,
+// so results are bit-identical from call to call, without atomics or per-thread copies.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "supcon_math.h"
+
+namespace mcsc {
+namespace {
+
+constexpr int64_t kTileRows = 256;
+
+struct Block {
+  int64_t start;
+  int64_t size;
+};
+
+struct TilePair {
+  Block rows;
+  Block cols;
+  bool diagonal() const { return rows.start == cols.start; }
+};
+
+using Schedule = std::vector<std::vector<TilePair>>;
+
+// Round 0 holds every diagonal tile; then, per segment, the circle method pairs its T blocks
+// in T - 1 (T even) or T (T odd) rounds so that every block meets every other exactly once.
+Schedule build_schedule(const std::vector<int64_t>& offsets) {
+  Schedule rounds(1);
+  for (size_t segment = 0; segment + 1 < offsets.size(); ++segment) {
+    std::vector<Block> blocks;
+    for (int64_t start = offsets[segment]; start < offsets[segment + 1]; start += kTileRows) {
+      blocks.push_back({start, std::min(kTileRows, offsets[segment + 1] - start)});
+    }
+    for (const Block& block : blocks) rounds[0].push_back({block, block});
+    const int64_t count = static_cast<int64_t>(blocks.size());
+    if (count < 2) continue;
+    const int64_t players = count + (count % 2);  // an odd count gets a bye player
+    const int64_t circle = players - 1;
+    if (static_cast<int64_t>(rounds.size()) < players) rounds.resize(players);
+    for (int64_t round = 0; round < circle; ++round) {
+      auto add_pair = [&](int64_t a, int64_t b) {
+        if (a >= count || b >= count) return;  // a pair with the bye
+        rounds[round + 1].push_back({blocks[std::min(a, b)], blocks[std::max(a, b)]});
+      };
+      add_pair(circle, round);
+      for (int64_t k = 1; k < players / 2; ++k) {
+        add_pair((round + k) % circle, (round - k + circle) % circle);
+      }
+    }
+  }
+  return rounds;
+}
+
+template <typename F>
+void run_schedule(const Schedule& rounds, const F& process_tiles) {
+  for (const auto& tiles : rounds) {
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+      process_tiles(tiles, begin, end);
+    });
+  }
+}
+
+std::vector<int64_t> segment_offsets(const at::Tensor& segments) {
+  const at::Tensor offsets = segments.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* data = offsets.data_ptr<int64_t>();
+  return std::vector<int64_t>(data, data + offsets.numel());
+}
+
+// Per-row facts the pairwise passes need: the compact label (-1 for ignored rows) and the
+// weights of supcon_math.h.
+template <typename acc_t>
+struct RowTable {
+  std::vector<int32_t> label;
+  std::vector<int32_t> positives;
+  std::vector<acc_t> same_weight;
+  std::vector<acc_t> contrast_weight;
+
+  RowTable(std::vector<int32_t> labels, std::vector<int32_t> positive_counts, bool prevalence)
+      : label(std::move(labels)), positives(std::move(positive_counts)) {
+    const size_t n = label.size();
+    same_weight.resize(n);
+    contrast_weight.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      same_weight[i] = same_class_weight<acc_t>(positives[i], prevalence);
+      contrast_weight[i] = mcsc::contrast_weight<acc_t>(positives[i], prevalence);
+    }
+  }
+};
+
+// Visits each segment's rows grouped by class: fn(segment_start, segment_end, class_sum)
+// where class_sum(c) points at sum_{valid j of class c in the segment} z_j (D values).
+// Only the classes a segment uses are touched, so many small segments stay O(N D).
+template <typename scalar_t, typename F>
+void for_each_segment_class_sums(const scalar_t* z, int64_t dim, const int32_t* label,
+                                 const std::vector<int64_t>& offsets, int32_t num_classes,
+                                 const F& fn) {
+  std::vector<scalar_t> sums(static_cast<size_t>(num_classes) * dim, scalar_t(0));
+  for (size_t segment = 0; segment + 1 < offsets.size(); ++segment) {
+    const int64_t begin = offsets[segment], end = offsets[segment + 1];
+    for (int64_t i = begin; i < end; ++i) {
+      if (label[i] < 0) continue;
+      scalar_t* sum = sums.data() + static_cast<int64_t>(label[i]) * dim;
+      const scalar_t* row = z + i * dim;
+      for (int64_t d = 0; d < dim; ++d) sum[d] += row[d];
+    }
+    fn(begin, end, [&](int32_t c) { return sums.data() + static_cast<int64_t>(c) * dim; });
+    for (int64_t i = begin; i < end; ++i) {
+      if (label[i] >= 0) std::fill_n(sums.data() + static_cast<int64_t>(label[i]) * dim, dim, 0);
+    }
+  }
+}
+
+template <typename scalar_t>
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t dim) {
+  scalar_t total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t d = 0; d < dim; ++d) total += a[d] * b[d];
+  return total;
+}
+
+// Maxima of a tile of similarities per row and per column (-inf where nothing contributes).
+template <typename scalar_t>
+struct TileMaxima {
+  std::vector<scalar_t> row, col;
+  scalar_t all;
+
+  void compute(const scalar_t* s, int64_t rows, int64_t cols) {
+    const scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
+    row.assign(rows, lowest);
+    col.assign(cols, lowest);
+    for (int64_t i = 0; i < rows; ++i) {
+      const scalar_t* s_row = s + i * cols;
+      scalar_t* col_max = col.data();
+      scalar_t row_max = lowest;
+#pragma omp simd reduction(max : row_max)
+      for (int64_t j = 0; j < cols; ++j) {
+        row_max = row_max < s_row[j] ? s_row[j] : row_max;
+        col_max[j] = col_max[j] < s_row[j] ? s_row[j] : col_max[j];
+      }
+      row[i] = row_max;
+    }
+    all = lowest;
+    for (scalar_t value : row) all = std::max(all, value);
+  }
+
+  // True when exp(s - all) keeps every row's and column's largest terms far from underflow.
+  bool shared_shift_is_safe() const {
+    const scalar_t range = SharedShiftRange<scalar_t>::value;
+    const scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
+    for (scalar_t value : row) {
+      if (value != lowest && all - value > range) return false;
+    }
+    for (scalar_t value : col) {
+      if (value != lowest && all - value > range) return false;
+    }
+    return true;
+  }
+};
+
+// The tile of similarities s_ij = z_i . z_j / t, with -inf where the pair takes no part (an
+// ignored row or column, or i == j): exp(-inf) = 0 then removes it from every sum, maximum
+// and gradient, however large its similarity.
+template <typename scalar_t>
+at::Tensor similarity_tile(const at::Tensor& z, const TilePair& tile, const int32_t* label,
+                           scalar_t inv_t, at::Tensor& workspace) {
+  const int64_t height = tile.rows.size, width = tile.cols.size;
+  at::Tensor s = workspace.view({-1}).narrow(0, 0, height * width).view({height, width});
+  // beta = 0: the workspace's previous contents are ignored.
+  at::addmm_out(s, s, z.narrow(0, tile.rows.start, height),
+                z.narrow(0, tile.cols.start, width).t(), 0, inv_t);
+  scalar_t* data = s.data_ptr<scalar_t>();
+  const scalar_t excluded = -std::numeric_limits<scalar_t>::infinity();
+  const int32_t* label_c = label + tile.cols.start;
+  for (int64_t i = 0; i < height; ++i) {
+    scalar_t* s_row = data + i * width;
+    if (label[tile.rows.start + i] < 0) {
+      std::fill_n(s_row, width, excluded);
+      continue;
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      if (label_c[j] < 0) s_row[j] = excluded;
+    }
+    if (tile.diagonal()) s_row[i] = excluded;
+  }
+  return s;
+}
+
+template <typename scalar_t>
+struct ForwardState {
+  std::vector<scalar_t> running_max, running_sum;
+};
+
+template <typename scalar_t>
+void forward_tile(const TilePair& tile, const scalar_t* s, const RowTable<scalar_t>& rows,
+                  TileMaxima<scalar_t>& maxima, std::vector<scalar_t>& col_partial,
+                  ForwardState<scalar_t>& state) {
+  const int64_t r0 = tile.rows.start, c0 = tile.cols.start;
+  const int64_t height = tile.rows.size, width = tile.cols.size;
+  const bool diagonal = tile.diagonal();
+  maxima.compute(s, height, width);
+  if (maxima.all == -std::numeric_limits<scalar_t>::infinity()) return;  // no pair takes part
+  const int32_t* label_c = rows.label.data() + c0;
+  const scalar_t* same_c = rows.same_weight.data() + c0;
+  const scalar_t* contrast_c = rows.contrast_weight.data() + c0;
+
+  if (!diagonal && maxima.shared_shift_is_safe()) {
+    // One exponential per pair serves row i and column j.
+    const scalar_t shift = maxima.all;
+    col_partial.assign(width, scalar_t(0));
+    scalar_t* col_sum = col_partial.data();
+    for (int64_t i = 0; i < height; ++i) {
+      const scalar_t* s_row = s + i * width;
+      const int32_t label_i = rows.label[r0 + i];
+      const scalar_t same_i = rows.same_weight[r0 + i];
+      const scalar_t contrast_i = rows.contrast_weight[r0 + i];
+      scalar_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+      for (int64_t j = 0; j < width; ++j) {
+        const scalar_t e = exp_vectorizable(s_row[j] - shift);
+        row_sum += e * pair_weight(label_i, label_c[j], same_i, contrast_c[j]);
+        col_sum[j] += e * pair_weight(label_c[j], label_i, same_c[j], contrast_i);
+      }
+      merge_log_sum_exp(state.running_max[r0 + i], state.running_sum[r0 + i], shift, row_sum);
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      merge_log_sum_exp(state.running_max[c0 + j], state.running_sum[c0 + j], shift,
+                        col_sum[j]);
+    }
+    return;
+  }
+
+  // Rows (and, off the diagonal, columns) each shifted by their own maximum.
+  for (int64_t i = 0; i < height; ++i) {
+    const scalar_t* s_row = s + i * width;
+    const int32_t label_i = rows.label[r0 + i];
+    const scalar_t same_i = rows.same_weight[r0 + i];
+    const scalar_t shift = maxima.row[i];
+    if (shift == -std::numeric_limits<scalar_t>::infinity()) continue;
+    scalar_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+    for (int64_t j = 0; j < width; ++j) {
+      row_sum += pair_weight(label_i, label_c[j], same_i, contrast_c[j]) *
+                 exp_vectorizable(s_row[j] - shift);
+    }
+    merge_log_sum_exp(state.running_max[r0 + i], state.running_sum[r0 + i], shift, row_sum);
+  }
+  if (diagonal) return;
+  col_partial.assign(width, scalar_t(0));
+  for (int64_t i = 0; i < height; ++i) {
+    const scalar_t* s_row = s + i * width;
+    const int32_t label_i = rows.label[r0 + i];
+    const scalar_t contrast_i = rows.contrast_weight[r0 + i];
+    for (int64_t j = 0; j < width; ++j) {
+      if (maxima.col[j] == -std::numeric_limits<scalar_t>::infinity()) continue;
+      col_partial[j] += pair_weight(label_c[j], label_i, same_c[j], contrast_i) *
+                        exp_vectorizable(s_row[j] - maxima.col[j]);
+    }
+  }
+  for (int64_t j = 0; j < width; ++j) {
+    merge_log_sum_exp(state.running_max[c0 + j], state.running_sum[c0 + j], maxima.col[j],
+                      col_partial[j]);
+  }
+}
+
+// Labels as int32 with ignored rows set to -1, the number of classes, and |P(i)| per row.
+std::pair<std::vector<int32_t>, std::vector<int32_t>> count_positives(
+    const at::Tensor& labels, int64_t ignore_index, const std::vector<int64_t>& offsets,
+    int32_t& num_classes) {
+  const at::Tensor labels64 = labels.to(at::kLong).contiguous();
+  const int64_t* raw = labels64.data_ptr<int64_t>();
+  const int64_t n = labels64.numel();
+  std::vector<int32_t> label(n), positives(n, -1);
+  num_classes = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    label[i] = raw[i] == ignore_index ? -1 : static_cast<int32_t>(raw[i]);
+    num_classes = std::max(num_classes, label[i] + 1);
+  }
+  std::vector<int32_t> class_size(num_classes, 0);
+  for (size_t segment = 0; segment + 1 < offsets.size(); ++segment) {
+    const int64_t begin = offsets[segment], end = offsets[segment + 1];
+    for (int64_t i = begin; i < end; ++i) {
+      if (label[i] >= 0) ++class_size[label[i]];
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      if (label[i] >= 0) positives[i] = class_size[label[i]] - 1;
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      if (label[i] >= 0) class_size[label[i]] = 0;
+    }
+  }
+  return {std::move(label), std::move(positives)};
+}
+
+void check_common(const at::Tensor& features, const at::Tensor& labels,
+                  const at::Tensor& segments) {
+  TORCH_CHECK(features.dim() == 2, "mcsc: features must be 2-D (N, D)");
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
+              "mcsc: CPU features must be float32 or float64");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0),
+              "mcsc: labels must have shape (N,)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+              "mcsc: labels must be int64 or int32");
+  TORCH_CHECK(segments.dim() == 1 && segments.numel() >= 2, "mcsc: segments must be (S + 1,)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cpu(
+    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& segments,
+    double temperature, bool prevalence, int64_t ignore_index) {
+  check_common(features, labels, segments);
+  // Detached: the kernels call ATen ops, which must not record autograd history.
+  const at::Tensor z = features.detach().contiguous();
+  const int64_t n = z.size(0), dim = z.size(1);
+  const std::vector<int64_t> offsets = segment_offsets(segments);
+  int32_t num_classes = 0;
+  auto [label, positives] = count_positives(labels, ignore_index, offsets, num_classes);
+
+  at::Tensor loss = at::zeros({n}, z.options());
+  at::Tensor lse = at::zeros({n}, z.options());
+  at::Tensor positives_out = at::empty({n}, z.options().dtype(at::kInt));
+  std::copy(positives.begin(), positives.end(), positives_out.data_ptr<int32_t>());
+
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "supcon_forward_cpu", [&] {
+    const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temperature);
+    const scalar_t* z_data = z.data_ptr<scalar_t>();
+    const RowTable<scalar_t> rows(std::move(label), std::move(positives), prevalence);
+
+    ForwardState<scalar_t> state;
+    state.running_max.assign(n, -std::numeric_limits<scalar_t>::infinity());
+    state.running_sum.assign(n, scalar_t(0));
+    run_schedule(build_schedule(offsets), [&](const std::vector<TilePair>& tiles, int64_t begin,
+                                              int64_t end) {
+      at::Tensor workspace = at::empty({kTileRows * kTileRows}, z.options());
+      TileMaxima<scalar_t> maxima;
+      std::vector<scalar_t> col_partial;
+      for (int64_t t = begin; t < end; ++t) {
+        const at::Tensor s = similarity_tile(z, tiles[t], rows.label.data(), inv_t, workspace);
+        forward_tile(tiles[t], s.data_ptr<scalar_t>(), rows, maxima, col_partial, state);
+      }
+    });
+
+    scalar_t* loss_data = loss.data_ptr<scalar_t>();
+    scalar_t* lse_data = lse.data_ptr<scalar_t>();
+    for_each_segment_class_sums(
+        z_data, dim, rows.label.data(), offsets, num_classes,
+        [&](int64_t begin, int64_t end, const auto& class_sum) {
+          for (int64_t i = begin; i < end; ++i) {
+            if (rows.positives[i] <= 0) continue;
+            const scalar_t* row = z_data + i * dim;
+            const scalar_t positive_sum =
+                (dot(row, class_sum(rows.label[i]), dim) - dot(row, row, dim)) * inv_t;
+            lse_data[i] = state.running_max[i] + std::log(state.running_sum[i]);
+            loss_data[i] = anchor_loss(lse_data[i], positive_sum, rows.positives[i]);
+          }
+        });
+  });
+  return {loss, lse, positives_out};
+}
+
+template <typename scalar_t>
+struct BackwardRows {
+  std::vector<scalar_t> anchor;  // a_i
+  std::vector<scalar_t> lse;
+};
+
+// H_ij = G_ij + G_ji for the tile, written over the similarities in place.
+template <typename scalar_t>
+void pair_gradient_tile(const TilePair& tile, scalar_t* s, const RowTable<scalar_t>& rows,
+                        const BackwardRows<scalar_t>& grad, TileMaxima<scalar_t>& maxima,
+                        std::vector<scalar_t>& col_scale) {
+  const int64_t r0 = tile.rows.start, c0 = tile.cols.start;
+  const int64_t height = tile.rows.size, width = tile.cols.size;
+  const int32_t* label_c = rows.label.data() + c0;
+  const scalar_t* same_c = rows.same_weight.data() + c0;
+  const scalar_t* contrast_c = rows.contrast_weight.data() + c0;
+  maxima.compute(s, height, width);
+  if (maxima.all == -std::numeric_limits<scalar_t>::infinity()) {
+    std::fill_n(s, height * width, scalar_t(0));
+    return;
+  }
+
+  if (maxima.shared_shift_is_safe()) {
+    const scalar_t shift = maxima.all;
+    col_scale.resize(width);
+    for (int64_t j = 0; j < width; ++j) {
+      col_scale[j] = grad.anchor[c0 + j] == scalar_t(0)
+                         ? scalar_t(0)
+                         : grad.anchor[c0 + j] * std::exp(shift - grad.lse[c0 + j]);
+    }
+    const scalar_t* scale_c = col_scale.data();
+    for (int64_t i = 0; i < height; ++i) {
+      scalar_t* s_row = s + i * width;
+      const int32_t label_i = rows.label[r0 + i];
+      const scalar_t scale_i = grad.anchor[r0 + i] == scalar_t(0)
+                                   ? scalar_t(0)
+                                   : grad.anchor[r0 + i] * std::exp(shift - grad.lse[r0 + i]);
+      const scalar_t same_i = rows.same_weight[r0 + i];
+      const scalar_t contrast_i = rows.contrast_weight[r0 + i];
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) {
+        s_row[j] = symmetric_pair_gradient_shared(exp_vectorizable(s_row[j] - shift), label_i,
+                                                  label_c[j], scale_i, same_i, contrast_i,
+                                                  scale_c[j], same_c[j], contrast_c[j]);
+      }
+    }
+    return;
+  }
+
+  for (int64_t i = 0; i < height; ++i) {
+    scalar_t* s_row = s + i * width;
+    const int64_t row = r0 + i;
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t col = c0 + j;
+      s_row[j] = symmetric_pair_gradient(s_row[j], rows.label[row], rows.label[col],
+                                         grad.anchor[row], grad.lse[row], rows.same_weight[row],
+                                         rows.contrast_weight[row], grad.anchor[col],
+                                         grad.lse[col], rows.same_weight[col],
+                                         rows.contrast_weight[col]);
+    }
+  }
+}
+
+at::Tensor supcon_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& features,
+                               const at::Tensor& labels, const at::Tensor& segments,
+                               const at::Tensor& lse, const at::Tensor& positives,
+                               double temperature, bool prevalence) {
+  check_common(features, labels, segments);
+  TORCH_CHECK(grad_loss.numel() == features.size(0) && lse.numel() == features.size(0) &&
+                  positives.numel() == features.size(0),
+              "mcsc: grad_loss, lse and positives must have N elements");
+  // Detached: the kernels call ATen ops, which must not record autograd history.
+  const at::Tensor z = features.detach().contiguous();
+  const int64_t n = z.size(0), dim = z.size(1);
+  const std::vector<int64_t> offsets = segment_offsets(segments);
+
+  const at::Tensor positives32 = positives.to(at::kInt).contiguous();
+  const int32_t* positive_data = positives32.data_ptr<int32_t>();
+  std::vector<int32_t> positive_counts(positive_data, positive_data + n);
+  const at::Tensor labels64 = labels.to(at::kLong).contiguous();
+  const int64_t* raw_label = labels64.data_ptr<int64_t>();
+  std::vector<int32_t> label(n);
+  int32_t num_classes = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    label[i] = positive_counts[i] < 0 ? -1 : static_cast<int32_t>(raw_label[i]);
+    num_classes = std::max(num_classes, label[i] + 1);
+  }
+
+  at::Tensor grad_z = at::zeros_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "supcon_backward_cpu", [&] {
+    const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temperature);
+    const RowTable<scalar_t> rows(std::move(label), std::move(positive_counts), prevalence);
+    const at::Tensor grad_cast = grad_loss.to(z.scalar_type()).contiguous();
+    const at::Tensor lse_cast = lse.to(z.scalar_type()).contiguous();
+    BackwardRows<scalar_t> grad;
+    grad.anchor.resize(n);
+    grad.lse.assign(lse_cast.data_ptr<scalar_t>(), lse_cast.data_ptr<scalar_t>() + n);
+    for (int64_t i = 0; i < n; ++i) {
+      grad.anchor[i] = anchor_grad_weight(grad_cast.data_ptr<scalar_t>()[i], rows.positives[i]);
+    }
+
+    run_schedule(build_schedule(offsets), [&](const std::vector<TilePair>& tiles, int64_t begin,
+                                              int64_t end) {
+      at::Tensor workspace = at::empty({kTileRows * kTileRows}, z.options());
+      TileMaxima<scalar_t> maxima;
+      std::vector<scalar_t> col_scale;
+      for (int64_t t = begin; t < end; ++t) {
+        const TilePair& tile = tiles[t];
+        // The tile's similarities are overwritten by its pair gradients H_ij = G_ij + G_ji.
+        const at::Tensor h = similarity_tile(z, tile, rows.label.data(), inv_t, workspace);
+        pair_gradient_tile(tile, h.data_ptr<scalar_t>(), rows, grad, maxima, col_scale);
+        const at::Tensor z_rows = z.narrow(0, tile.rows.start, tile.rows.size);
+        const at::Tensor z_cols = z.narrow(0, tile.cols.start, tile.cols.size);
+        grad_z.narrow(0, tile.rows.start, tile.rows.size).addmm_(h, z_cols);
+        if (!tile.diagonal()) grad_z.narrow(0, tile.cols.start, tile.cols.size).addmm_(h.t(), z_rows);
+      }
+    });
+
+    // Positive term: dz_k -= b_k S_{y_k} + R_{y_k} - 2 b_k z_k, R_c = sum_{y_i = c} b_i z_i.
+    const scalar_t* z_data = z.data_ptr<scalar_t>();
+    scalar_t* grad_data = grad_z.data_ptr<scalar_t>();
+    std::vector<scalar_t> weight(n);
+    for (int64_t i = 0; i < n; ++i) {
+      weight[i] = positive_grad_weight(grad_cast.data_ptr<scalar_t>()[i], rows.positives[i]);
+    }
+    const at::Tensor weighted = z * at::from_blob(weight.data(), {n, 1}, z.options());
+    const scalar_t* weighted_data = weighted.data_ptr<scalar_t>();
+    for_each_segment_class_sums(
+        weighted_data, dim, rows.label.data(), offsets, num_classes,
+        [&](int64_t begin, int64_t end, const auto& weighted_sum) {
+          for (int64_t i = begin; i < end; ++i) {
+            if (rows.label[i] < 0) continue;
+            const scalar_t* r = weighted_sum(rows.label[i]);
+            scalar_t* g = grad_data + i * dim;
+            const scalar_t* w = weighted_data + i * dim;
+            for (int64_t d = 0; d < dim; ++d) g[d] -= r[d] - 2 * w[d];
+          }
+        });
+    for_each_segment_class_sums(
+        z_data, dim, rows.label.data(), offsets, num_classes,
+        [&](int64_t begin, int64_t end, const auto& class_sum) {
+          for (int64_t i = begin; i < end; ++i) {
+            if (rows.label[i] < 0 || weight[i] == scalar_t(0)) continue;
+            const scalar_t* s = class_sum(rows.label[i]);
+            scalar_t* g = grad_data + i * dim;
+            for (int64_t d = 0; d < dim; ++d) g[d] -= weight[i] * s[d];
+          }
+        });
+    grad_z.mul_(inv_t);
+  });
+  return grad_z.to(features.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mcsc, CPU, m) {
+  m.impl("supcon_forward", &supcon_forward_cpu);
+  m.impl("supcon_backward", &supcon_backward_cpu);
+}
+
+}  // namespace mcsc
