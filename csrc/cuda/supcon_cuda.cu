@@ -10,8 +10,9 @@
 //                     log-sum-exp of w_i(y_j) exp(s_ij) and the sum of s_ip over positives.
 //   backward          per (row block, 128 feature columns): the same score tiles, turned into
 //                     P_ij = G_ij + G_ji - [j in P(i)] (b_i + b_j) in shared memory, then
-//                     dz_I += P z_J; so dz_i = (1/t) sum_j P_ij z_j covers the pairwise and the
-//                     positive terms of the gradient without class sums.
+//                     dz_I += P z_J (TF32 tensor cores whenever the scores use tensor cores);
+//                     so dz_i = (1/t) sum_j P_ij z_j covers the pairwise and the positive terms
+//                     of the gradient without class sums.
 // Every row's result is reduced by a fixed set of threads in a fixed order: no atomics, so the
 // outputs are bitwise reproducible. State kept between forward and backward is O(N): lse and
 // positives. Shared memory is O(tile^2) per block; nothing is O(N^2).
@@ -182,8 +183,10 @@ __global__ void __launch_bounds__(kThreads)
   loss[row] = static_cast<scalar_t>(anchor_loss(row_lse, positive_sum, row_positives));
 }
 
+// Two resident blocks per SM at least (128 registers per thread): without the bound the TF32
+// instantiation takes about 200 registers and runs one block of 8 warps per SM.
 template <typename scalar_t, Mma kind>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     supcon_backward_kernel(const scalar_t* __restrict__ z, int64_t dim,
                            const int32_t* __restrict__ classes,
                            const int32_t* __restrict__ positives,
@@ -196,14 +199,19 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   constexpr int kRowThreads = kThreads / T::kRows;
+  // Tensor cores for P z_J whenever the scores use them: TF32 is exact for fp16/bf16 features
+  // and allowed by the user for float32 ones.
+  constexpr bool kTensorCoreGradient = kind != Mma::Fma && kHasTf32TensorCores;
+  using Gradient = GradientTile<acc_t, kTensorCoreGradient>;
   // Rows of z_J staged at a time for the product P z_J.
   constexpr int kValueRows = 16;
-  constexpr int kOutRowsPerThread = T::kRows / 16;
-  constexpr int kOutColsPerThread = T::kOutCols / 16;
+  // The write-out scratch of the tensor-core GradientTile (256 floats per warp) is `values`.
+  static_assert(!kTensorCoreGradient || kValueRows * T::kOutLd >= kThreads / 32 * 256,
+                "values is too small to serve as write-out scratch");
 
   __shared__ ScoreStaging<scalar_t, kind> staging;
   __shared__ __align__(32) acc_t scores[T::kRows * T::kScoreLd];
-  __shared__ acc_t values[kValueRows * T::kOutLd];
+  __shared__ __align__(32) acc_t values[kValueRows * T::kOutLd];
   __shared__ int32_t col_class[T::kCols];
   __shared__ acc_t col_same_weight[T::kCols];
   __shared__ acc_t col_contrast_weight[T::kCols];
@@ -231,10 +239,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t row_positive_grad = positive_grad_weight(row_grad, row_positives);
   const acc_t row_lse = row_anchor != 0 ? lse[row] : acc_t(0);
 
-  // Thread layout of the product: rows ty + 16 i, output columns tx + 16 c.
-  const int ty = threadIdx.x / 16;
-  const int tx = threadIdx.x % 16;
-  acc_t out[kOutRowsPerThread][kOutColsPerThread] = {};
+  Gradient gradient;
 
   for (int64_t col0 = block.segment_begin; col0 < block.segment_end; col0 += T::kCols) {
     __syncthreads();
@@ -283,35 +288,12 @@ __global__ void __launch_bounds__(kThreads)
                                         : acc_t(0);
       }
       __syncthreads();
-#pragma unroll 4
-      for (int k = 0; k < kValueRows; ++k) {
-        acc_t p[kOutRowsPerThread];
-#pragma unroll
-        for (int i = 0; i < kOutRowsPerThread; ++i) {
-          p[i] = scores[(ty + 16 * i) * T::kScoreLd + k0 + k];
-        }
-#pragma unroll
-        for (int c = 0; c < kOutColsPerThread; ++c) {
-          const acc_t value = values[k * T::kOutLd + tx + 16 * c];
-#pragma unroll
-          for (int i = 0; i < kOutRowsPerThread; ++i) out[i][c] += p[i] * value;
-        }
-      }
+      gradient.accumulate(scores, values, k0);
     }
   }
-
-#pragma unroll
-  for (int i = 0; i < kOutRowsPerThread; ++i) {
-    const int64_t out_row = block.row_begin + ty + 16 * i;
-    if (out_row >= block.row_end) continue;
-#pragma unroll
-    for (int c = 0; c < kOutColsPerThread; ++c) {
-      const int64_t out_col = out_col0 + tx + 16 * c;
-      if (out_col < dim) {
-        grad[out_row * dim + out_col] = static_cast<scalar_t>(out[i][c] * inv_temperature);
-      }
-    }
-  }
+  // Every warp is done with `values` before it becomes the write-out scratch.
+  __syncthreads();
+  gradient.write(grad, dim, block.row_begin, block.row_end, out_col0, inv_temperature, values);
 }
 
 // Safety net only: mcsc.ops.validate_inputs checks every argument (values included) for both

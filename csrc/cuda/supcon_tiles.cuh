@@ -279,5 +279,134 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
   }
 }
 
+// The block's kRows x kOutCols tile of the feature gradient, accumulated one 16-row slice of
+// z_J at a time: out += P[:, k0:k0+16] values, with P the kRows x kCols pair coefficients
+// (pitch kScoreLd) and values = z_J[k0:k0+16, out columns] (pitch kOutLd), both in shared
+// memory. FMA version: thread (ty, tx) owns rows ty + 16 i and columns tx + 16 c.
+template <typename acc_t, bool kTensorCores>
+struct GradientTile {
+  using T = Tiles<acc_t>;
+  static constexpr int kRowsPerThread = T::kRows / 16;
+  static constexpr int kColsPerThread = T::kOutCols / 16;
+  acc_t out[kRowsPerThread][kColsPerThread] = {};
+
+  __device__ __forceinline__ void accumulate(const acc_t* __restrict__ p,
+                                             const acc_t* __restrict__ values, int k0) {
+    const int ty = threadIdx.x / 16;
+    const int tx = threadIdx.x % 16;
+#pragma unroll 4
+    for (int k = 0; k < 16; ++k) {
+      acc_t coefficient[kRowsPerThread];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        coefficient[i] = p[(ty + 16 * i) * T::kScoreLd + k0 + k];
+      }
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        const acc_t value = values[k * T::kOutLd + tx + 16 * c];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) out[i][c] += coefficient[i] * value;
+      }
+    }
+  }
+
+  // grad[rows, cols] = scale * out within [row_begin, row_end) x [col_begin, dim).
+  template <typename scalar_t>
+  __device__ __forceinline__ void write(scalar_t* __restrict__ grad, int64_t dim,
+                                       int64_t row_begin, int64_t row_end, int64_t col_begin,
+                                       acc_t scale, acc_t* /*scratch: unused*/) const {
+    const int ty = threadIdx.x / 16;
+    const int tx = threadIdx.x % 16;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int64_t row = row_begin + ty + 16 * i;
+      if (row >= row_end) continue;
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        const int64_t col = col_begin + tx + 16 * c;
+        if (col < dim) grad[row * dim + col] = static_cast<scalar_t>(out[i][c] * scale);
+      }
+    }
+  }
+};
+
+#if defined(MCSC_AMPERE_TENSOR_CORES)
+constexpr bool kHasTf32TensorCores = true;
+
+// Tensor-core version: TF32 WMMA 16x16x8 with float accumulation. fp16 and bf16 features are
+// exact in TF32 and P is rounded to TF32's 11-bit significand; unlike P in fp16, tiny pair
+// coefficients (about a_i / N) cannot underflow. Warp w owns the 16-row strip w / 2 and the
+// 16-column blocks 4 (w % 2) + {0, 1, 2, 3} of the 64 x 128 tile.
+template <>
+struct GradientTile<float, true> {
+  using T = Tiles<float>;
+  static_assert(T::kRows == 64 && T::kOutCols == 128 && kThreads == 256,
+                "the warp layout covers a 64 x 128 tile with 8 warps");
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8,
+                                       nvcuda::wmma::precision::tf32, nvcuda::wmma::row_major>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8,
+                                       nvcuda::wmma::precision::tf32, nvcuda::wmma::row_major>;
+  using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+  static constexpr int kBlocksPerWarp = 4;
+  FragC out[kBlocksPerWarp];
+
+  __device__ GradientTile() {
+#pragma unroll
+    for (int f = 0; f < kBlocksPerWarp; ++f) nvcuda::wmma::fill_fragment(out[f], 0.0f);
+  }
+
+  __device__ __forceinline__ void accumulate(const float* __restrict__ p,
+                                             const float* __restrict__ values, int k0) {
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x / 32;
+    const int strip = warp / 2;
+    const int block0 = kBlocksPerWarp * (warp % 2);
+#pragma unroll
+    for (int kk = 0; kk < 16; kk += 8) {
+      FragA a;
+      wmma::load_matrix_sync(a, p + strip * 16 * T::kScoreLd + k0 + kk, T::kScoreLd);
+#pragma unroll
+      for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
+#pragma unroll
+      for (int f = 0; f < kBlocksPerWarp; ++f) {
+        FragB b;
+        wmma::load_matrix_sync(b, values + kk * T::kOutLd + (block0 + f) * 16, T::kOutLd);
+#pragma unroll
+        for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
+        wmma::mma_sync(out[f], a, b, out[f]);
+      }
+    }
+  }
+
+  // Fragments go through `scratch` (256 floats per warp, 32-byte aligned), since their
+  // register layout is unspecified, and from there to global memory with bounds checks.
+  template <typename scalar_t>
+  __device__ __forceinline__ void write(scalar_t* __restrict__ grad, int64_t dim,
+                                       int64_t row_begin, int64_t row_end, int64_t col_begin,
+                                       float scale, float* scratch) const {
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int strip = warp / 2;
+    const int block0 = kBlocksPerWarp * (warp % 2);
+    float* own = scratch + warp * 256;
+#pragma unroll
+    for (int f = 0; f < kBlocksPerWarp; ++f) {
+      nvcuda::wmma::store_matrix_sync(own, out[f], 16, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int64_t row = row_begin + strip * 16 + e / 16;
+        const int64_t col = col_begin + (block0 + f) * 16 + e % 16;
+        if (row < row_end && col < dim) {
+          grad[row * dim + col] = static_cast<scalar_t>(own[e] * scale);
+        }
+      }
+      __syncwarp();
+    }
+  }
+};
+#else
+constexpr bool kHasTf32TensorCores = false;
+#endif
+
 }  // namespace cuda
 }  // namespace mcsc
