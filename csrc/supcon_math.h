@@ -21,10 +21,10 @@
 
 namespace mcsc {
 
-// Tiles whose per-row maxima lie within this distance of the tile maximum can share one
-// exponential per pair (exp(s - tile_max)) without losing precision: a row's largest term is
-// then >= exp(-range), far from underflow, and the per-row rescale factors
-// exp(tile_max - lse_i) stay below exp(range + log N), far from overflow.
+// A tile of pairs may share one exponential per pair, exp(s_ij - b) with b >= every s_ij of
+// the tile (e.g. max|z_i| max|z_j| / t), when 2 b stays within this range: every row's largest
+// term is then >= exp(-2 b), far from underflow, and the backward's per-row rescale factors
+// exp(b - lse_i) <= exp(2 b + log N) stay far from overflow.
 template <typename T>
 struct SharedShiftRange;
 template <>
@@ -33,7 +33,7 @@ struct SharedShiftRange<float> {
 };
 template <>
 struct SharedShiftRange<double> {
-  static constexpr double value = 300.0;
+  static constexpr double value = 600.0;
 };
 
 template <typename T>

@@ -11,12 +11,6 @@ import torch.nn.functional as F
 import mcsc
 from mcsc.reference import supcon_per_anchor_reference
 
-pytestmark = pytest.mark.skipif(
-    mcsc.backend("cpu") != "compiled-cpu",
-    reason=f"compiled CPU kernel not loaded: {mcsc.ops.extension_problem()}",
-)
-
-
 def make_inputs(n, d, num_classes, *, dtype=torch.float64, max_norm=1.0, ignored=0.1, seed=0):
     generator = torch.Generator().manual_seed(seed)
     directions = F.normalize(torch.randn(n, d, generator=generator, dtype=dtype), dim=1)

@@ -90,18 +90,42 @@ struct RowTable {
   std::vector<int32_t> positives;
   std::vector<acc_t> same_weight;
   std::vector<acc_t> contrast_weight;
+  std::vector<acc_t> norm;  // |z_i|, for the similarity bound of a tile
 
-  RowTable(std::vector<int32_t> labels, std::vector<int32_t> positive_counts, bool prevalence)
+  RowTable(std::vector<int32_t> labels, std::vector<int32_t> positive_counts, bool prevalence,
+           const acc_t* z, int64_t dim)
       : label(std::move(labels)), positives(std::move(positive_counts)) {
     const size_t n = label.size();
     same_weight.resize(n);
     contrast_weight.resize(n);
+    norm.resize(n);
     for (size_t i = 0; i < n; ++i) {
       same_weight[i] = same_class_weight<acc_t>(positives[i], prevalence);
       contrast_weight[i] = mcsc::contrast_weight<acc_t>(positives[i], prevalence);
+      acc_t square = 0;
+      for (int64_t d = 0; d < dim; ++d) square += z[i * dim + d] * z[i * dim + d];
+      norm[i] = std::sqrt(square);
     }
   }
+
+  // Cauchy-Schwarz bound of every s_ij in the tile: max|z_i| max|z_j| / t.
+  acc_t similarity_bound(const TilePair& tile, acc_t inv_t) const {
+    const auto block_max = [&](const Block& block) {
+      return *std::max_element(norm.begin() + block.start,
+                               norm.begin() + block.start + block.size);
+    };
+    return block_max(tile.rows) * block_max(tile.cols) * inv_t;
+  }
 };
+
+// With shift = the tile's similarity bound, exp(s_ij - shift) <= 1 for every pair, and each
+// row's largest term is >= exp(-2 * bound): when that stays within SharedShiftRange, one
+// exponential per pair can serve both its row and its column, with no pass over the tile to
+// find maxima and no masking (every weight of an ignored row or column is already 0).
+template <typename scalar_t>
+bool shared_shift_is_safe(scalar_t bound) {
+  return 2 * bound <= SharedShiftRange<scalar_t>::value;
+}
 
 // Visits each segment's rows grouped by class: fn(segment_start, segment_end, class_sum)
 // where class_sum(c) points at sum_{valid j of class c in the segment} z_j (D values).
@@ -159,36 +183,29 @@ struct TileMaxima {
     for (scalar_t value : row) all = std::max(all, value);
   }
 
-  // True when exp(s - all) keeps every row's and column's largest terms far from underflow.
-  bool shared_shift_is_safe() const {
-    const scalar_t range = SharedShiftRange<scalar_t>::value;
-    const scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
-    for (scalar_t value : row) {
-      if (value != lowest && all - value > range) return false;
-    }
-    for (scalar_t value : col) {
-      if (value != lowest && all - value > range) return false;
-    }
-    return true;
-  }
 };
 
-// The tile of similarities s_ij = z_i . z_j / t, with -inf where the pair takes no part (an
-// ignored row or column, or i == j): exp(-inf) = 0 then removes it from every sum, maximum
-// and gradient, however large its similarity.
+// The tile of similarities s_ij = z_i . z_j / t in the workspace.
 template <typename scalar_t>
-at::Tensor similarity_tile(const at::Tensor& z, const TilePair& tile, const int32_t* label,
-                           scalar_t inv_t, at::Tensor& workspace) {
+at::Tensor similarity_tile(const at::Tensor& z, const TilePair& tile, scalar_t inv_t,
+                           at::Tensor& workspace) {
   const int64_t height = tile.rows.size, width = tile.cols.size;
   at::Tensor s = workspace.view({-1}).narrow(0, 0, height * width).view({height, width});
   // beta = 0: the workspace's previous contents are ignored.
   at::addmm_out(s, s, z.narrow(0, tile.rows.start, height),
                 z.narrow(0, tile.cols.start, width).t(), 0, inv_t);
-  scalar_t* data = s.data_ptr<scalar_t>();
+  return s;
+}
+
+// Sets s_ij = -inf where the pair takes no part (an ignored row or column, or i == j): then
+// exp(-inf) = 0 removes it from every sum, maximum and gradient however large s_ij was.
+template <typename scalar_t>
+void exclude_non_contributing(scalar_t* s, const TilePair& tile, const int32_t* label) {
+  const int64_t height = tile.rows.size, width = tile.cols.size;
   const scalar_t excluded = -std::numeric_limits<scalar_t>::infinity();
   const int32_t* label_c = label + tile.cols.start;
   for (int64_t i = 0; i < height; ++i) {
-    scalar_t* s_row = data + i * width;
+    scalar_t* s_row = s + i * width;
     if (label[tile.rows.start + i] < 0) {
       std::fill_n(s_row, width, excluded);
       continue;
@@ -198,7 +215,6 @@ at::Tensor similarity_tile(const at::Tensor& z, const TilePair& tile, const int3
     }
     if (tile.diagonal()) s_row[i] = excluded;
   }
-  return s;
 }
 
 template <typename scalar_t>
@@ -207,51 +223,62 @@ struct ForwardState {
 };
 
 template <typename scalar_t>
-void forward_tile(const TilePair& tile, const scalar_t* s, const RowTable<scalar_t>& rows,
-                  TileMaxima<scalar_t>& maxima, std::vector<scalar_t>& col_partial,
-                  ForwardState<scalar_t>& state) {
+void forward_tile(const TilePair& tile, scalar_t* s, scalar_t inv_t,
+                  const RowTable<scalar_t>& rows, TileMaxima<scalar_t>& maxima,
+                  std::vector<scalar_t>& col_partial, ForwardState<scalar_t>& state) {
   const int64_t r0 = tile.rows.start, c0 = tile.cols.start;
   const int64_t height = tile.rows.size, width = tile.cols.size;
   const bool diagonal = tile.diagonal();
-  maxima.compute(s, height, width);
-  if (maxima.all == -std::numeric_limits<scalar_t>::infinity()) return;  // no pair takes part
   const int32_t* label_c = rows.label.data() + c0;
   const scalar_t* same_c = rows.same_weight.data() + c0;
   const scalar_t* contrast_c = rows.contrast_weight.data() + c0;
+  col_partial.assign(width, scalar_t(0));
+  scalar_t* col_sum = col_partial.data();
 
-  if (!diagonal && maxima.shared_shift_is_safe()) {
-    // One exponential per pair serves row i and column j.
-    const scalar_t shift = maxima.all;
-    col_partial.assign(width, scalar_t(0));
-    scalar_t* col_sum = col_partial.data();
+  const scalar_t bound = rows.similarity_bound(tile, inv_t);
+  if (shared_shift_is_safe(bound)) {
     for (int64_t i = 0; i < height; ++i) {
       const scalar_t* s_row = s + i * width;
       const int32_t label_i = rows.label[r0 + i];
       const scalar_t same_i = rows.same_weight[r0 + i];
       const scalar_t contrast_i = rows.contrast_weight[r0 + i];
       scalar_t row_sum = 0;
+      if (diagonal) {
 #pragma omp simd reduction(+ : row_sum)
-      for (int64_t j = 0; j < width; ++j) {
-        const scalar_t e = exp_vectorizable(s_row[j] - shift);
-        row_sum += e * pair_weight(label_i, label_c[j], same_i, contrast_c[j]);
-        col_sum[j] += e * pair_weight(label_c[j], label_i, same_c[j], contrast_i);
+        for (int64_t j = 0; j < width; ++j) {
+          const scalar_t w = j == i ? scalar_t(0)
+                                    : pair_weight(label_i, label_c[j], same_i, contrast_c[j]);
+          row_sum += w * exp_vectorizable(s_row[j] - bound);
+        }
+      } else {
+#pragma omp simd reduction(+ : row_sum)
+        for (int64_t j = 0; j < width; ++j) {
+          const scalar_t e = exp_vectorizable(s_row[j] - bound);
+          row_sum += e * pair_weight(label_i, label_c[j], same_i, contrast_c[j]);
+          col_sum[j] += e * pair_weight(label_c[j], label_i, same_c[j], contrast_i);
+        }
       }
-      merge_log_sum_exp(state.running_max[r0 + i], state.running_sum[r0 + i], shift, row_sum);
+      merge_log_sum_exp(state.running_max[r0 + i], state.running_sum[r0 + i], bound, row_sum);
     }
+    if (diagonal) return;
     for (int64_t j = 0; j < width; ++j) {
-      merge_log_sum_exp(state.running_max[c0 + j], state.running_sum[c0 + j], shift,
+      merge_log_sum_exp(state.running_max[c0 + j], state.running_sum[c0 + j], bound,
                         col_sum[j]);
     }
     return;
   }
 
-  // Rows (and, off the diagonal, columns) each shifted by their own maximum.
+  // Wide similarity range: rows (and, off the diagonal, columns) each shifted by their own
+  // maximum over the pairs that take part.
+  exclude_non_contributing(s, tile, rows.label.data());
+  maxima.compute(s, height, width);
+  const scalar_t none = -std::numeric_limits<scalar_t>::infinity();
   for (int64_t i = 0; i < height; ++i) {
     const scalar_t* s_row = s + i * width;
     const int32_t label_i = rows.label[r0 + i];
     const scalar_t same_i = rows.same_weight[r0 + i];
     const scalar_t shift = maxima.row[i];
-    if (shift == -std::numeric_limits<scalar_t>::infinity()) continue;
+    if (shift == none) continue;
     scalar_t row_sum = 0;
 #pragma omp simd reduction(+ : row_sum)
     for (int64_t j = 0; j < width; ++j) {
@@ -261,20 +288,19 @@ void forward_tile(const TilePair& tile, const scalar_t* s, const RowTable<scalar
     merge_log_sum_exp(state.running_max[r0 + i], state.running_sum[r0 + i], shift, row_sum);
   }
   if (diagonal) return;
-  col_partial.assign(width, scalar_t(0));
   for (int64_t i = 0; i < height; ++i) {
     const scalar_t* s_row = s + i * width;
     const int32_t label_i = rows.label[r0 + i];
     const scalar_t contrast_i = rows.contrast_weight[r0 + i];
     for (int64_t j = 0; j < width; ++j) {
-      if (maxima.col[j] == -std::numeric_limits<scalar_t>::infinity()) continue;
-      col_partial[j] += pair_weight(label_c[j], label_i, same_c[j], contrast_i) *
-                        exp_vectorizable(s_row[j] - maxima.col[j]);
+      if (maxima.col[j] == none) continue;
+      col_sum[j] += pair_weight(label_c[j], label_i, same_c[j], contrast_i) *
+                    exp_vectorizable(s_row[j] - maxima.col[j]);
     }
   }
   for (int64_t j = 0; j < width; ++j) {
     merge_log_sum_exp(state.running_max[c0 + j], state.running_sum[c0 + j], maxima.col[j],
-                      col_partial[j]);
+                      col_sum[j]);
   }
 }
 
@@ -338,7 +364,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "supcon_forward_cpu", [&] {
     const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temperature);
     const scalar_t* z_data = z.data_ptr<scalar_t>();
-    const RowTable<scalar_t> rows(std::move(label), std::move(positives), prevalence);
+    const RowTable<scalar_t> rows(std::move(label), std::move(positives), prevalence, z_data,
+                                  dim);
 
     ForwardState<scalar_t> state;
     state.running_max.assign(n, -std::numeric_limits<scalar_t>::infinity());
@@ -349,8 +376,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cpu(
       TileMaxima<scalar_t> maxima;
       std::vector<scalar_t> col_partial;
       for (int64_t t = begin; t < end; ++t) {
-        const at::Tensor s = similarity_tile(z, tiles[t], rows.label.data(), inv_t, workspace);
-        forward_tile(tiles[t], s.data_ptr<scalar_t>(), rows, maxima, col_partial, state);
+        const at::Tensor s = similarity_tile(z, tiles[t], inv_t, workspace);
+        forward_tile(tiles[t], s.data_ptr<scalar_t>(), inv_t, rows, maxima, col_partial, state);
       }
     });
 
@@ -380,47 +407,44 @@ struct BackwardRows {
 
 // H_ij = G_ij + G_ji for the tile, written over the similarities in place.
 template <typename scalar_t>
-void pair_gradient_tile(const TilePair& tile, scalar_t* s, const RowTable<scalar_t>& rows,
-                        const BackwardRows<scalar_t>& grad, TileMaxima<scalar_t>& maxima,
+void pair_gradient_tile(const TilePair& tile, scalar_t* s, scalar_t inv_t,
+                        const RowTable<scalar_t>& rows, const BackwardRows<scalar_t>& grad,
                         std::vector<scalar_t>& col_scale) {
   const int64_t r0 = tile.rows.start, c0 = tile.cols.start;
   const int64_t height = tile.rows.size, width = tile.cols.size;
   const int32_t* label_c = rows.label.data() + c0;
   const scalar_t* same_c = rows.same_weight.data() + c0;
   const scalar_t* contrast_c = rows.contrast_weight.data() + c0;
-  maxima.compute(s, height, width);
-  if (maxima.all == -std::numeric_limits<scalar_t>::infinity()) {
-    std::fill_n(s, height * width, scalar_t(0));
-    return;
-  }
 
-  if (maxima.shared_shift_is_safe()) {
-    const scalar_t shift = maxima.all;
+  const scalar_t bound = rows.similarity_bound(tile, inv_t);
+  if (shared_shift_is_safe(bound)) {
+    // scale_i = a_i exp(bound - lse_i) <= a_i exp(2 bound + log N): finite in this range.
+    const auto scale = [&](int64_t row) {
+      return grad.anchor[row] == scalar_t(0)
+                 ? scalar_t(0)
+                 : grad.anchor[row] * std::exp(bound - grad.lse[row]);
+    };
     col_scale.resize(width);
-    for (int64_t j = 0; j < width; ++j) {
-      col_scale[j] = grad.anchor[c0 + j] == scalar_t(0)
-                         ? scalar_t(0)
-                         : grad.anchor[c0 + j] * std::exp(shift - grad.lse[c0 + j]);
-    }
+    for (int64_t j = 0; j < width; ++j) col_scale[j] = scale(c0 + j);
     const scalar_t* scale_c = col_scale.data();
     for (int64_t i = 0; i < height; ++i) {
       scalar_t* s_row = s + i * width;
       const int32_t label_i = rows.label[r0 + i];
-      const scalar_t scale_i = grad.anchor[r0 + i] == scalar_t(0)
-                                   ? scalar_t(0)
-                                   : grad.anchor[r0 + i] * std::exp(shift - grad.lse[r0 + i]);
+      const scalar_t scale_i = scale(r0 + i);
       const scalar_t same_i = rows.same_weight[r0 + i];
       const scalar_t contrast_i = rows.contrast_weight[r0 + i];
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
-        s_row[j] = symmetric_pair_gradient_shared(exp_vectorizable(s_row[j] - shift), label_i,
+        s_row[j] = symmetric_pair_gradient_shared(exp_vectorizable(s_row[j] - bound), label_i,
                                                   label_c[j], scale_i, same_i, contrast_i,
                                                   scale_c[j], same_c[j], contrast_c[j]);
       }
+      if (tile.diagonal()) s_row[i] = 0;
     }
     return;
   }
 
+  exclude_non_contributing(s, tile, rows.label.data());
   for (int64_t i = 0; i < height; ++i) {
     scalar_t* s_row = s + i * width;
     const int64_t row = r0 + i;
@@ -463,7 +487,8 @@ at::Tensor supcon_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& fe
   at::Tensor grad_z = at::zeros_like(z);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "supcon_backward_cpu", [&] {
     const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temperature);
-    const RowTable<scalar_t> rows(std::move(label), std::move(positive_counts), prevalence);
+    const RowTable<scalar_t> rows(std::move(label), std::move(positive_counts), prevalence,
+                                  z.data_ptr<scalar_t>(), dim);
     const at::Tensor grad_cast = grad_loss.to(z.scalar_type()).contiguous();
     const at::Tensor lse_cast = lse.to(z.scalar_type()).contiguous();
     BackwardRows<scalar_t> grad;
@@ -476,13 +501,12 @@ at::Tensor supcon_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& fe
     run_schedule(build_schedule(offsets), [&](const std::vector<TilePair>& tiles, int64_t begin,
                                               int64_t end) {
       at::Tensor workspace = at::empty({kTileRows * kTileRows}, z.options());
-      TileMaxima<scalar_t> maxima;
       std::vector<scalar_t> col_scale;
       for (int64_t t = begin; t < end; ++t) {
         const TilePair& tile = tiles[t];
         // The tile's similarities are overwritten by its pair gradients H_ij = G_ij + G_ji.
-        const at::Tensor h = similarity_tile(z, tile, rows.label.data(), inv_t, workspace);
-        pair_gradient_tile(tile, h.data_ptr<scalar_t>(), rows, grad, maxima, col_scale);
+        const at::Tensor h = similarity_tile(z, tile, inv_t, workspace);
+        pair_gradient_tile(tile, h.data_ptr<scalar_t>(), inv_t, rows, grad, col_scale);
         const at::Tensor z_rows = z.narrow(0, tile.rows.start, tile.rows.size);
         const at::Tensor z_cols = z.narrow(0, tile.cols.start, tile.cols.size);
         grad_z.narrow(0, tile.rows.start, tile.rows.size).addmm_(h, z_cols);
