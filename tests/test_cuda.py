@@ -195,16 +195,19 @@ def test_deterministic(dtype):
         assert torch.equal(a, b)
 
 
-def test_tf32_follows_the_matmul_flag():
+@pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision"])
+def test_tf32_follows_the_matmul_setting(api):
+    """Either API turns TF32 on (the new one alone must not raise, as allowTF32CuBLAS would)."""
     features, labels, offsets = make_inputs([500], 128, 4, 0.0)
     upstream = torch.rand(features.shape[0], device="cuda")
     ref_loss, _, ref_grad = reference_loss_and_grad(features, labels, offsets, True, upstream)
-    previous = torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    previous = getattr(matmul, api)
     try:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        setattr(matmul, api, True if api == "allow_tf32" else "tf32")
         loss, _, _, grad = op_loss_and_grad(features, labels, offsets, True, upstream)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        setattr(matmul, api, previous)
     torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=2e-2,
                                atol=scaled_atol(ref_grad, 2e-2))

@@ -367,14 +367,24 @@ void classify_rows(const at::Tensor& labels, int64_t ignore_index,
 template <Mma kind>
 using MmaTag = std::integral_constant<Mma, kind>;
 
+// Whether float32 matmuls may use TF32: torch.backends.cuda.matmul.allow_tf32 = True,
+// torch.set_float32_matmul_precision("high") and torch.backends.cuda.matmul.fp32_precision =
+// "tf32" all set this. (Context::allowTF32CuBLAS reads the same value but throws when the
+// legacy and the new API were mixed, e.g. after only the last of the three.)
+bool float32_matmul_allows_tf32() {
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA,
+                                              at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+}
+
 // Calls launch(MmaTag<kind>{}) with the multiply kind for scalar_t: tensor cores for fp16/bf16,
-// TF32 for float32 when torch.backends.cuda.matmul.allow_tf32 is on, FMA otherwise.
+// TF32 for float32 when float32 matmuls may use it, FMA otherwise.
 template <typename scalar_t, typename Launch>
 void with_mma_kind(const Launch& launch) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     launch(MmaTag<Mma::Fma>{});
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (at::globalContext().allowTF32CuBLAS()) {
+    if (float32_matmul_allows_tf32()) {
       launch(MmaTag<Mma::Tf32>{});
     } else {
       launch(MmaTag<Mma::Fma>{});
