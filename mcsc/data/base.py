@@ -1,0 +1,204 @@
+"""Common data types: volumes for evaluation, slice tables for training, the dataset bundle.
+
+Conventions: a volume is (D, H, W) with D the slicing axis; 2D training works on its (H, W)
+slices. Images are float32, labels int64 with values in [0, num_classes). Spacing is
+(z, y, x) in millimetres, or None where the format does not record it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mcsc.data.transforms import augment, resize_image, resize_label
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the offending file or folder."""
+
+
+@dataclass
+class Volume:
+    """One 3D case.
+
+    Attributes:
+        name: case name (file stem).
+        image: (D, H, W) float32, already normalised the way training saw it.
+        label: (D, H, W) int64 or None.
+        spacing: (z, y, x) voxel size in mm, or None if unknown.
+    """
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float] | None = None
+
+
+@dataclass
+class VolumeSource:
+    """A lazily loaded volume: ``load()`` reads it (large test sets do not fit in memory)."""
+
+    name: str
+    loader: Callable[[], Volume]
+
+    def load(self) -> Volume:
+        return self.loader()
+
+
+class SliceTable:
+    """The 2D training slices of a dataset, each tagged with its case (patient/volume) name.
+
+    Subclasses implement ``get(i) -> (image (H, W) float32, label (H, W) int64)``.
+    """
+
+    def __init__(self, cases: list[str]):
+        self.cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class ArraySlices(SliceTable):
+    """Slices held in memory (synthetic data, NIfTI volumes loaded at start-up)."""
+
+    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], cases: list[str]):
+        super().__init__(cases)
+        self.images = images
+        self.labels = labels
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[index], self.labels[index]
+
+
+class FileSlices(SliceTable):
+    """Slices stored one per file (ACDC ``.h5``, Synapse ``.npz``), read on demand."""
+
+    def __init__(self, paths: list[Path], cases: list[str], reader: Callable):
+        super().__init__(cases)
+        self.paths = list(paths)
+        self.reader = reader
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.reader(self.paths[index])
+        return image.astype(np.float32), label.astype(np.int64)
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs from a dataset.
+
+    Attributes:
+        kind: "synthetic" | "acdc" | "synapse" | "nifti".
+        num_classes: number of classes including background.
+        class_names: names of all classes, background first.
+        train: all training slices (labelled and unlabelled).
+        labelled_cases: names of the cases whose labels training may use.
+        val, test: volumes for validation and testing (val may be empty).
+        split: case names per split, where the split was drawn here (saved with the run).
+    """
+
+    kind: str
+    num_classes: int
+    class_names: list[str]
+    train: SliceTable
+    labelled_cases: list[str]
+    val: list[VolumeSource]
+    test: list[VolumeSource]
+    split: dict[str, list[str]] = field(default_factory=dict)
+
+    def labelled_indices(self) -> list[int]:
+        """Indices into ``train`` of the slices of labelled cases."""
+        chosen = set(self.labelled_cases)
+        return [i for i, case in enumerate(self.train.cases) if case in chosen]
+
+    def unlabelled_indices(self) -> list[int]:
+        """Indices into ``train`` of the slices of the other cases (labels never used)."""
+        chosen = set(self.labelled_cases)
+        return [i for i, case in enumerate(self.train.cases) if case not in chosen]
+
+
+def first_cases(cases_in_order: list[str], count: int, what: str) -> list[str]:
+    """The first ``count`` distinct case names in order of appearance (the labelled subset)."""
+    unique = list(dict.fromkeys(cases_in_order))
+    if count < 1 or count > len(unique):
+        raise DataError(f"--labeled {count}: {what} has {len(unique)} training cases")
+    return unique[:count]
+
+
+def seeded_split(
+    cases: list[str], fractions: tuple[float, float, float], seed: int
+) -> dict[str, list[str]]:
+    """Split case names into train/val/test by a seeded permutation.
+
+    Each of val and test gets at least one case (when there are at least three cases);
+    train gets the rest. The result is sorted within each split.
+    """
+    cases = sorted(cases)
+    if len(cases) < 3:
+        raise DataError(f"need at least 3 cases to split into train/val/test, found {len(cases)}")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    total = sum(fractions)
+    n_test = max(1, round(len(cases) * fractions[2] / total))
+    n_val = max(1, round(len(cases) * fractions[1] / total)) if fractions[1] > 0 else 0
+    n_test = min(n_test, len(cases) - n_val - 1)
+    picked = [cases[i] for i in order]
+    return {
+        "test": sorted(picked[:n_test]),
+        "val": sorted(picked[n_test : n_test + n_val]),
+        "train": sorted(picked[n_test + n_val :]),
+    }
+
+
+def check_pair(image: np.ndarray, label: np.ndarray, num_classes: int | None, where: str) -> None:
+    """Raise :class:`DataError` naming ``where`` if image and label do not fit together."""
+    if image.shape != label.shape:
+        raise DataError(f"{where}: image shape {image.shape} != label shape {label.shape}")
+    if label.size and label.min() < 0:
+        raise DataError(f"{where}: negative label value {int(label.min())}")
+    if num_classes is not None and label.size and label.max() >= num_classes:
+        raise DataError(
+            f"{where}: label value {int(label.max())} >= num_classes {num_classes}"
+        )
+    if not np.isfinite(image).all():
+        raise DataError(f"{where}: image contains NaN or infinite values")
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Training samples: an item is ``(slice index, sample seed)`` from the two-stream sampler.
+
+    Returns a dict with ``image`` (1, P, P) float32 and ``label`` (P, P) int64 (zeros for an
+    unlabelled slice; the trainer never reads them), ``labelled`` (bool) and ``index``.
+    The augmentation draws from ``numpy.random.default_rng(sample seed)``, so a sample does not
+    depend on the worker process or on what came before it.
+    """
+
+    def __init__(self, table: SliceTable, labelled: set[int], patch_size: int, augment: bool):
+        self.table = table
+        self.labelled = labelled
+        self.size = (patch_size, patch_size)
+        self.do_augment = augment
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, seed = item
+        image, label = self.table.get(index)
+        is_labelled = index in self.labelled
+        if self.do_augment:
+            image, label = augment(image, label, np.random.default_rng(seed))
+        image = resize_image(image, self.size)
+        label = resize_label(label, self.size) if is_labelled else np.zeros(self.size, np.int64)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image))[None],
+            "label": torch.from_numpy(np.ascontiguousarray(label)),
+            "labelled": is_labelled,
+            "index": index,
+        }

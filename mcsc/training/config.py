@@ -1,0 +1,229 @@
+"""The run configuration: dataclasses, per-dataset presets, YAML files and overrides.
+
+Resolution order (later wins): the preset of the dataset (``synthetic`` is the CPU demo, the
+others follow the paper's recipe), the ``--config`` YAML file, the command-line flags
+(``--labeled``, ``--method``, ``--iterations``, ``--device``, ``--set section.key=value``).
+The fully resolved configuration is written to ``OUT/config.yaml`` and stored in every
+checkpoint, so ``evaluate`` and ``predict`` rebuild exactly the trained networks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DATASETS = ("synthetic", "acdc", "synapse", "nifti")
+METHODS = ("mcsc", "cross-teaching", "supervised")
+
+SYNAPSE_CLASSES = [
+    "background", "aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas",
+    "spleen", "stomach",
+]
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is cut into training samples."""
+
+    dataset: str = "synthetic"
+    path: str | None = None
+    labeled: int | None = 4  # labelled training cases; None: 10 % of them (NIfTI)
+    patch_size: int = 64
+    num_classes: int | None = None  # None: from the dataset (dataset.json or the labels)
+    class_names: list[str] | None = None
+    split: dict[str, list[str]] | None = None  # drawn and saved for synthetic/NIfTI data
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    seed: int = 0  # data seed: the synthetic phantoms and the train/val/test split
+    channel: int = 0  # NIfTI: which channel of a multi-channel image
+    num_workers: int = 0
+    synthetic_cases: int = 40
+    synthetic_size: int = 64
+    synthetic_depth: int = 12
+
+
+@dataclass
+class ModelConfig:
+    """The two networks and the projection heads."""
+
+    unet_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    unet_dropout: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5])
+    swin_embed_dim: int = 96
+    swin_depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    swin_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    swin_window: int = 7
+    swin_pretrained: str | None = None
+    projection_hidden: int = 256
+    projection_out: int = 128
+
+
+@dataclass
+class LossConfig:
+    """Weights and schedule of the three loss terms."""
+
+    consistency: float = 0.1  # cross-teaching weight (times the sigmoid ramp-up)
+    consistency_rampup: int = 30000  # iterations to reach the full weight
+    contrastive_weight: float = 0.001  # per scale
+    contrastive_strides: list[int] = field(default_factory=lambda: [1, 8])  # feature scales
+    contrastive_sampler: str = "blocks"
+    contrastive_block_sizes: list[int] = field(default_factory=lambda: [19, 14])  # per scale
+    contrastive_pixels_per_class: int = 256  # per image and network ("balanced" sampler)
+    temperature: float = 0.1
+    labelled_only_until: int = 3000  # before this iteration only labelled pixels contrast
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation and bookkeeping."""
+
+    method: str = "mcsc"
+    iterations: int = 40000
+    batch_size: int = 8
+    labeled_batch_size: int = 4
+    lr: float = 5e-4
+    swin_lr_ratio: float = 0.2  # Swin-UNet learning rate = lr * ratio
+    warmup: int = 1000  # Swin-UNet linear warm-up iterations
+    weight_decay: float = 5e-4
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    amp: bool = True  # mixed precision (CUDA only)
+    eval_every: int = 1000  # validation pass every K iterations (keeps the best checkpoint)
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    eval_network: str = "cnn"  # cnn | swin | ensemble: which network is evaluated
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict of primitives (YAML- and ``torch.load(weights_only=True)``-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "configuration") -> "Config":
+        """Build from a nested dict; unknown sections or keys raise ``ValueError`` naming them."""
+        config = cls()
+        config.update(values, where)
+        return config
+
+    def update(self, values: dict, where: str = "configuration") -> None:
+        """Overwrite fields from a nested dict {section: {key: value}}."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a mapping of sections, got {type(values).__name__}")
+        for section, entries in values.items():
+            if section not in _SECTIONS:
+                raise ValueError(f"{where}: unknown section {section!r} (known: {list(_SECTIONS)})")
+            target = getattr(self, section)
+            if not isinstance(entries, dict):
+                raise ValueError(f"{where}: section {section!r} must be a mapping")
+            known = {f.name for f in dataclasses.fields(target)}
+            for key, value in entries.items():
+                if key not in known:
+                    raise ValueError(f"{where}: unknown key {section}.{key}")
+                setattr(target, key, copy.deepcopy(value))
+
+    def set(self, assignment: str) -> None:
+        """Apply one ``section.key=value`` override (value parsed as YAML)."""
+        if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
+            raise ValueError(f"--set {assignment!r}: expected section.key=value")
+        key, value = assignment.split("=", 1)
+        section, name = key.split(".", 1)
+        self.update({section: {name: yaml.safe_load(value)}}, f"--set {assignment}")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for values that cannot work together."""
+        if self.data.dataset not in DATASETS:
+            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.data.dataset!r}")
+        if self.train.method not in METHODS:
+            raise ValueError(f"train.method must be one of {METHODS}, got {self.train.method!r}")
+        if self.train.eval_network not in ("cnn", "swin", "ensemble"):
+            raise ValueError(f"train.eval_network must be cnn, swin or ensemble")
+        if not 0 < self.train.labeled_batch_size <= self.train.batch_size:
+            raise ValueError("train.labeled_batch_size must be in 1..train.batch_size")
+        if self.train.iterations < 1:
+            raise ValueError("train.iterations must be >= 1")
+        if len(self.loss.contrastive_block_sizes) != len(self.loss.contrastive_strides):
+            raise ValueError("loss.contrastive_block_sizes needs one entry per contrastive stride")
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(Config)}
+
+
+def preset(dataset: str) -> Config:
+    """Defaults for a dataset.
+
+    * ``synthetic``: the CPU demo: 64x64 patches, a half-width U-Net, a small 3-stage
+      Swin-UNet (embed 24, window 4), the "balanced" contrastive sampler (32 pixels per class,
+      image and network), 600 iterations, 4 labelled cases of 28, one torch thread (small
+      convolutions gain little from a second thread, and a busy machine makes two much slower).
+    * ``acdc``: the paper's recipe (224x224, Swin-T lite, 40k iterations, batch 8 with 4
+      labelled, 7 labelled patients).
+    * ``synapse``: as ACDC with 9 classes and 4 labelled cases.
+    * ``nifti``: as ACDC; 10 % of the training cases labelled, classes from ``dataset.json``.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r} (known: {DATASETS})")
+    config = Config()
+    config.data.dataset = dataset
+    if dataset == "synthetic":
+        config.data.patch_size = 64
+        config.data.labeled = 4
+        config.model.unet_channels = [8, 16, 32, 64, 128]
+        config.model.swin_embed_dim = 24
+        config.model.swin_depths = [2, 2, 2]
+        config.model.swin_heads = [1, 2, 4]
+        config.model.swin_window = 4
+        config.model.projection_hidden = 64
+        config.model.projection_out = 32
+        config.loss.contrastive_sampler = "balanced"
+        config.loss.contrastive_pixels_per_class = 32
+        config.loss.consistency_rampup = 300
+        config.loss.labelled_only_until = 150
+        config.train.iterations = 600
+        config.train.threads = 1
+        config.train.lr = 2e-3
+        config.train.warmup = 50
+        config.train.eval_every = 100
+        config.train.checkpoint_every = 100
+        config.train.log_every = 10
+    else:
+        config.data.patch_size = 224
+        config.data.num_workers = 4
+        if dataset == "acdc":
+            config.data.labeled = 7
+            config.data.num_classes = 4
+        elif dataset == "synapse":
+            config.data.labeled = 4
+            config.data.num_classes = 9
+            config.data.class_names = list(SYNAPSE_CLASSES)
+        else:
+            config.data.labeled = None
+    return config
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML configuration file; errors name the file."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read configuration ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    return values
+
+
+def save_yaml(config: Config, path: str | Path) -> None:
+    """Write the resolved configuration."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,136 @@
+"""The ``mcsc`` command line end to end on tiny runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mcsc.cli import main
+
+from mcsc_fixtures import make_acdc, make_nifti, make_raw_acdc, tiny_config, write_nifti
+
+
+def tiny_yaml(tmp_path: Path, iterations: int = 3) -> Path:
+    """The tiny configuration as a --config file (only the sections a user would override)."""
+    values = tiny_config(iterations=iterations).to_dict()
+    values["data"] = {k: v for k, v in values["data"].items() if k.startswith("synthetic")
+                      or k in ("labeled", "patch_size", "num_workers")}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny synthetic run through the CLI, shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("run")
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(tiny_yaml(tmp_path)), "--iterations", "3",
+                 "--method", "mcsc", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_train_writes_every_output(trained):
+    for name in ("config.yaml", "metrics.json", "metrics.txt", "predictions.png", "split.json",
+                 "checkpoints/best.pt", "checkpoints/latest.pt"):
+        assert (trained / name).is_file(), name
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert {"mean_dice", "mean_hd95", "mean_asd", "per_class", "per_volume", "unit"} <= set(metrics)
+    assert set(metrics["per_class"]) == {"large_organ", "medium_organ", "small_lesion"}
+    assert metrics["unit"] == "mm" and metrics["split"] == "test"
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert config["train"]["iterations"] == 3 and config["data"]["num_classes"] == 4
+    assert config["data"]["split"] == json.loads((trained / "split.json").read_text())
+    state = torch.load(trained / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["iteration"] == 3 and set(state["models"]) == {"cnn", "swin", "heads"}
+
+
+def test_existing_run_needs_resume_and_resume_extends(trained, tmp_path, capsys):
+    assert main(["train", "--out", str(trained)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "checkpoints").mkdir()
+    (copy / "checkpoints" / "latest.pt").write_bytes((trained / "checkpoints" / "latest.pt").read_bytes())
+    assert main(["train", "--resume", "--iterations", "4", "--no-progress", "--out", str(copy)]) == 0
+    assert torch.load(copy / "checkpoints" / "latest.pt", weights_only=True)["iteration"] == 4
+
+
+def test_evaluate(trained, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(trained / "checkpoints" / "best.pt"),
+                 "--split", "test", "--out", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained_metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["mean_dice"] == pytest.approx(trained_metrics["mean_dice"])
+    assert (out / "predictions.png").is_file()
+
+
+def test_predict_nifti_in_nifti_out(trained, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    affine_spacing = (1.2, 0.8, 2.5)
+    write_nifti(inputs / "a.nii.gz", np.random.default_rng(0).normal(size=(20, 24, 3)).astype(np.float32),
+                spacing=affine_spacing)
+    write_nifti(inputs / "b.nii", np.ones((32, 32, 2), np.float32))
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained / "checkpoints" / "best.pt"),
+                 "--input", str(inputs), "--out", str(out), "--device", "cpu"]) == 0
+    a = nib.load(str(out / "a.nii.gz"))
+    assert a.shape == (20, 24, 3) and np.allclose(a.affine, np.diag(list(affine_spacing) + [1]))
+    assert set(np.unique(np.asarray(a.dataobj))) <= {0, 1, 2, 3}
+    assert nib.load(str(out / "b.nii.gz")).shape == (32, 32, 2)
+
+
+def test_train_on_nifti_and_acdc_folders(tmp_path):
+    nii = make_nifti(tmp_path / "nii", cases=5)
+    config = tiny_yaml(tmp_path, iterations=2)
+    out = tmp_path / "nii_run"
+    assert main(["train", "--data", str(nii), "--config", str(config), "--labeled", "1",
+                 "--method", "cross-teaching", "--no-progress", "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["dataset"] == "nifti" and saved["data"]["labeled"] == 1
+    assert saved["data"]["class_names"] == ["background", "alpha", "beta", "gamma"]
+    assert json.loads((out / "metrics.json").read_text())["unit"] == "mm"
+    acdc = make_acdc(tmp_path / "acdc", patients=4)
+    out = tmp_path / "acdc_run"
+    assert main(["train", "--data", str(acdc), "--config", str(config), "--labeled", "1",
+                 "--method", "supervised", "--no-progress", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["unit"] == "voxels"
+
+
+def test_prepare_acdc(tmp_path, capsys):
+    raw = make_raw_acdc(tmp_path / "raw", patients=3)
+    assert main(["prepare", "acdc", str(raw), str(tmp_path / "out")]) == 0
+    assert "wrote 6 volumes of 3 patients" in capsys.readouterr().out
+    assert (tmp_path / "out" / "train_slices.list").read_text().strip()
+
+
+def test_bad_data_fails_at_start_with_the_file_named(tmp_path, capsys):
+    nii = make_nifti(tmp_path / "nii", cases=4)
+    (nii / "labelsTr" / "case_003.nii.gz").write_bytes(b"garbage")
+    code = main(["train", "--data", str(nii), "--no-progress", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "case_003.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert main(["train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "r2")]) == 2
+    assert "absent: data folder not found" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r3")]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "mcsc", "train", "--help"], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0
+    for flag in ("--data", "--dataset", "--labeled", "--method", "--iterations", "--config",
+                 "--device", "--resume", "--out"):
+        assert flag in result.stdout
