@@ -1,0 +1,209 @@
+"""Peak extra memory of one loss call (forward, backward, forward+backward).
+
+CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
+allocated just before the phase (inputs, and for ``bwd`` the state saved by the forward, are not
+counted; the gradient and the loss are).
+
+CPU: torch's CPU allocator has no peak counter, and much of what an op allocates (MKL / oneDNN
+workspaces, a C++ kernel's scratch) never passes through it, so we measure the operating system's
+view instead, in a fresh worker process (``python benchmarks/memory.py JOBS_JSON``):
+
+1. the worker is started with ``MALLOC_MMAP_THRESHOLD_=65536`` and ``MALLOC_TRIM_THRESHOLD_=0``
+   so glibc serves every block >= 64 KiB with its own ``mmap`` and returns it to the kernel on
+   ``free`` (no allocator caching hides or inflates a peak);
+2. it builds the inputs and runs the call once untimed (lazy library initialisation, thread
+   pools, MKL buffers, ``torch.compile``), then ``gc.collect()`` and ``malloc_trim(0)``;
+3. it reads ``VmRSS`` from ``/proc/self/status`` (baseline), writes ``5`` to
+   ``/proc/self/clear_refs`` (resets the high-water mark ``VmHWM`` to the current RSS), runs the
+   forward, reads ``VmHWM``; then resets again, runs the backward, reads ``VmHWM``.
+
+``peak = VmHWM - baseline`` counts every page the call touched at its peak: the loss, the saved
+state, the gradient, every temporary. It is exact to a page (4 KiB) plus a little noise from
+other threads of the process; pages that are allocated but never touched do not count (nor do
+they cost memory). ``gemm`` (whose only allocation is the N x N fp32 output) is measured the same
+way as a sanity check: it reads ``N^2 * 4`` bytes.
+
+The worker runs the jobs given to it one after another (one implementation, increasing sizes);
+each job has its own warm-up, trim and baseline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+MIB = float(1 << 20)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def measure_cpu_in_process(run_forward, run_backward, single: str | None = None) -> dict:
+    """Peak extra MiB of each phase; the caller has already warmed the call up."""
+    _trim()
+    base = _status_kib("VmRSS")
+    _reset_peak()
+    out = run_forward()
+    fwd_hwm = _status_kib("VmHWM")
+    result = {single or "fwd": (fwd_hwm - base) * 1024 / MIB}
+    if single:
+        del out
+        return result
+    after_fwd = _status_kib("VmRSS")
+    _reset_peak()
+    run_backward(out)
+    bwd_hwm = _status_kib("VmHWM")
+    result["bwd"] = (bwd_hwm - after_fwd) * 1024 / MIB
+    result["fwd+bwd"] = (max(fwd_hwm, bwd_hwm) - base) * 1024 / MIB
+    del out
+    return result
+
+
+def measure_cuda(run_forward, run_backward, single: str | None = None) -> dict:
+    import torch
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = run_forward()
+    torch.cuda.synchronize()
+    fwd_peak = torch.cuda.max_memory_allocated()
+    result = {single or "fwd": (fwd_peak - base) / MIB}
+    if single:
+        del out
+        return result
+    after_fwd = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_backward(out)
+    torch.cuda.synchronize()
+    bwd_peak = torch.cuda.max_memory_allocated()
+    result["bwd"] = (bwd_peak - after_fwd) / MIB
+    result["fwd+bwd"] = (max(fwd_peak, bwd_peak) - base) / MIB
+    del out
+    return result
+
+
+def make_phase_functions(impl: str, z, y, bounds, temperature, weighting,
+                         blockwise: bool = False):
+    """(run_forward, run_backward, single_phase) closures for one implementation;
+    ``single_phase`` names the mode of a call measured as one phase ("fwd" for gemm)."""
+    import implementations as impls
+
+    if impl == "gemm":
+        return (lambda: impls.gemm(z, bounds)), None, "fwd"
+    if blockwise:  # forward and backward interleave: one phase, reported as fwd+bwd
+        def run_all():
+            z.grad = None
+            impls.blockwise_fwd_bwd(impl, z, y, bounds, temperature, weighting)
+        return run_all, None, "fwd+bwd"
+    fn = impls.IMPLEMENTATIONS[impl]
+
+    def run_forward():
+        z.grad = None
+        return fn(z, y, bounds, temperature, weighting)
+
+    def run_backward(loss):
+        loss.backward()
+
+    return run_forward, run_backward, None
+
+
+def run_job(job: dict) -> dict:
+    """Build the inputs of one job, warm up, measure on the job's device."""
+    import torch
+    import implementations as impls
+
+    dtype = getattr(torch, job["dtype"])
+    sizes = job["sizes"]
+    bounds = impls.segment_bounds(sizes)
+    z, y = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype, device=job["device"],
+                             seed=job.get("seed", 0))
+    z.requires_grad_(True)
+    blockwise = job.get("blockwise", False)
+    run_forward, run_backward, single = make_phase_functions(
+        job["impl"], z, y, bounds, job["temperature"], job["weighting"], blockwise)
+    if len(bounds) > 3:  # warm up on the first blocks (and the last, odd-sized one)
+        sizes = [sizes[0], sizes[1]] + ([sizes[-1]] if sizes[-1] != sizes[0] else [])
+        wz, wy = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype,
+                                   device=job["device"], seed=1)
+        wz.requires_grad_(True)
+        warm_fwd, warm_bwd, _ = make_phase_functions(
+            job["impl"], wz, wy, impls.segment_bounds(sizes), job["temperature"],
+            job["weighting"], blockwise)
+    else:
+        warm_fwd, warm_bwd = run_forward, run_backward
+    warm = warm_fwd()
+    if not single:
+        warm_bwd(warm)
+    del warm
+    z.grad = None
+    if len(bounds) > 3:
+        del wz, wy, warm_fwd, warm_bwd
+    if job["device"] == "cuda":
+        return measure_cuda(run_forward, run_backward, single)
+    return measure_cpu_in_process(run_forward, run_backward, single)
+
+
+def measure_cpu_jobs(jobs: list[dict], timeout: float = 1800.0) -> list[dict]:
+    """Run ``jobs`` in one fresh worker process; returns one dict (or {"error": ...}) per job."""
+    env = dict(os.environ)
+    env.update(MALLOC_ENV)
+    env["PYTHONWARNINGS"] = "ignore"
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [here, os.path.dirname(here)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(jobs)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [{"error": "memory worker timed out"} for _ in jobs]
+    results = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEMJSON "):
+            results.append(json.loads(line[len("MEMJSON "):]))
+    if len(results) < len(jobs):
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        results += [{"error": f"memory worker failed: {tail[0]}"}
+                    for _ in range(len(jobs) - len(results))]
+    return results
+
+
+def _worker(jobs: list[dict]) -> None:
+    import torch
+    torch.set_num_threads(jobs[0].get("threads", torch.get_num_threads()))
+    for job in jobs:
+        started = time.perf_counter()
+        try:
+            result = run_job(job)
+        except Exception as error:  # report, keep going with the next job
+            result = {"error": f"{type(error).__name__}: {error}"[:300]}
+        result["seconds"] = time.perf_counter() - started
+        _trim()
+        print("MEMJSON " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))

@@ -1,0 +1,84 @@
+"""pytest-benchmark cases for the main comparisons (not part of the unit tests).
+
+    PYTHONPATH=. pytest benchmarks/ [--benchmark-only] [--benchmark-compare]
+
+``pytest`` alone runs ``tests/`` only (``testpaths`` in pyproject.toml); these cases run when
+``benchmarks/`` is named. Each case times one forward+backward of the loss (or one GEMM) on the
+CPU; ``benchmarks/run.py`` is the full harness (interleaved rounds, ratios, peak memory, plots).
+Timings are never asserted; only value agreement is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (HERE, os.path.dirname(HERE)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+warnings.filterwarnings("ignore", message="mcsc: ")
+
+import torch  # noqa: E402
+
+import implementations as impls  # noqa: E402
+
+N, D, C = 2048, 128, 4
+TEMPERATURE = 0.1
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    z, y = impls.make_inputs(N, D, C)
+    return z.requires_grad_(True), y
+
+
+def _fwd_bwd(name, z, y, bounds, weighting):
+    z.grad = None
+    loss = impls.IMPLEMENTATIONS[name](z, y, bounds, TEMPERATURE, weighting)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("name,weighting", [
+    ("fused", "prevalence"), ("dense", "prevalence"), ("tiled", "prevalence"),
+    ("compiled", "prevalence"), ("fused", "none"), ("pml", "none"),
+])
+def test_fwd_bwd(benchmark, inputs, name, weighting):
+    z, y = inputs
+    bounds = [0, N]
+    benchmark.group = f"fwd+bwd N={N} D={D} C={C} {weighting}"
+    benchmark.extra_info.update(N=N, D=D, C=C, weighting=weighting, mode="fwd+bwd",
+                                threads=torch.get_num_threads())
+    ref = float(_fwd_bwd("fused", z, y, bounds, weighting))
+    loss = benchmark.pedantic(_fwd_bwd, args=(name, z, y, bounds, weighting), rounds=5,
+                              iterations=1, warmup_rounds=1)
+    assert abs(float(loss) - ref) <= 1e-4 * abs(ref)
+
+
+def test_gemm(benchmark, inputs):
+    z, _ = inputs
+    benchmark.group = f"fwd+bwd N={N} D={D} C={C} prevalence"
+    with torch.no_grad():
+        benchmark.pedantic(impls.gemm, args=(z, [0, N]), rounds=5, iterations=1,
+                           warmup_rounds=1)
+
+
+@pytest.mark.parametrize("name", ["fused", "dense"])
+def test_training_step(benchmark, name):
+    """4 blocks of 3610 rows + 1 of 1960 (a slice of the public code's 100-block step);
+    ``dense`` loops over the blocks as the public code does."""
+    sizes = impls.training_step_sizes(blocks=4)
+    bounds = impls.segment_bounds(sizes)
+    z, y = impls.make_inputs(sum(sizes), D, C)
+    z.requires_grad_(True)
+    benchmark.group = "training step 4x3610+1x1960"
+    benchmark.extra_info.update(segments="4x3610+1x1960", mode="fwd+bwd")
+    benchmark.pedantic(_fwd_bwd, args=(name, z, y, bounds, "prevalence"), rounds=3,
+                       iterations=1, warmup_rounds=1)
