@@ -1,0 +1,260 @@
+"""torch.distributed: 2 CPU processes (gloo) give the single-process step on the global batch.
+
+The processes are spawned once per module (bounded by a timeout, never a hang); each runs a
+few checks and saves its results, which the tests compare with the same computations done in
+one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mcsc.data.distributed_sampling import ShardedTwoStreamBatchSampler
+from mcsc.data.sampling import TwoStreamBatchSampler
+from mcsc.losses import MultiScaleContrastiveLoss, cross_teaching_loss, supervised_loss
+from mcsc.models import SwinUNet, UNet, build_projection_heads, feature_index
+from mcsc.training import distributed as mdist
+
+WORLD = 2
+SPAWN_TIMEOUT = 240  # seconds for the whole 2-process run (a shared 2-core machine is slow)
+SIZE, CLASSES = 32, 4
+LABELLED, UNLABELLED = 4, 4  # global batch
+STRIDES = (1, 4)
+
+
+# --------------------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_data():
+    """The global batch: images (8, 1, 32, 32), labels (8, 32, 32) with class blobs."""
+    g = torch.Generator().manual_seed(123)
+    images = torch.randn(LABELLED + UNLABELLED, 1, SIZE, SIZE, generator=g)
+    labels = torch.randint(0, CLASSES, (LABELLED + UNLABELLED, SIZE // 4, SIZE // 4), generator=g)
+    labels = labels.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    images = images + labels[:, None].float()
+    return images, labels
+
+
+def samplers(rank: int, world: int):
+    args = (list(range(LABELLED)), list(range(LABELLED, LABELLED + UNLABELLED)), LABELLED, UNLABELLED, 3, 7)
+    return TwoStreamBatchSampler(*args), ShardedTwoStreamBatchSampler(*args, rank=rank, world_size=world)
+
+
+def local_indices(rank: int, world: int) -> list[int]:
+    """This rank's images of iteration 0 (the whole batch for one process)."""
+    base, sharded = samplers(rank, world)
+    return [i for i, _ in (sharded if world > 1 else base).batch(0)]
+
+
+def build_models():
+    torch.manual_seed(0)
+    cnn = UNet(1, CLASSES, channels=(4, 8, 8, 8), dropout=(0.0,) * 4)
+    swin = SwinUNet(img_size=SIZE, in_channels=1, num_classes=CLASSES, embed_dim=8, depths=(2, 2),
+                    num_heads=(1, 2), window_size=4, drop_path_rate=0.0)
+    heads = build_projection_heads([cnn.feature_channels[feature_index(cnn, s)] for s in STRIDES],
+                                   [swin.feature_channels[feature_index(swin, s)] for s in STRIDES],
+                                   hidden=16, out=8)
+    return {"cnn": cnn, "swin": swin, "heads": heads}
+
+
+def train_step(context: mdist.DistributedContext, sampler: str = "blocks") -> dict:
+    """One SGD step of the method (as the trainer composes it) on this process's share."""
+    images, labels = global_data()
+    mine = local_indices(context.rank, context.world_size)
+    images, labels = images[mine], labels[mine]
+    lab = LABELLED // context.world_size
+    models = build_models()
+    forward = mdist.wrap_models(models, context, sync_batchnorm=True)
+    params = [p for m in models.values() for p in m.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    contrastive = mdist.DistributedContrastiveLoss(
+        MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(8, 4), pixels_per_class=16, seed=5))
+
+    cnn_out, swin_out = forward["cnn"](images), forward["swin"](images)
+    cnn_logits, swin_logits, all_labels, all_lab = cnn_out.logits, swin_out.logits, labels, lab
+    if context.enabled:
+        layout = mdist.batch_layout(images.shape[0], lab)
+        cnn_logits, swin_logits = mdist.gather_batch(cnn_logits, layout), mdist.gather_batch(swin_logits, layout)
+        all_labels, all_lab = mdist.gather_batch(labels, layout), layout.total_labelled
+    sup = supervised_loss(cnn_logits[:all_lab], all_labels[:all_lab], CLASSES) \
+        + supervised_loss(swin_logits[:all_lab], all_labels[:all_lab], CLASSES)
+    ct = cross_teaching_loss(cnn_logits[all_lab:], swin_logits[all_lab:]) \
+        + cross_teaching_loss(swin_logits[all_lab:], cnn_logits[all_lab:])
+    cnn_emb, swin_emb = forward["heads"](
+        [cnn_out.features[feature_index(models["cnn"], s)] for s in STRIDES],
+        [swin_out.features[feature_index(models["swin"], s)] for s in STRIDES])
+    con, diagnostics = contrastive(cnn_emb, swin_emb, labels[:lab], cnn_out.logits, swin_out.logits, lab)
+    total = sup + 0.3 * ct + 0.5 * con
+    optimizer.zero_grad()
+    total.backward()
+    grads = {f"{n}.{k}": p.grad.clone() for n, m in models.items() for k, p in m.named_parameters()}
+    optimizer.step()
+    return {
+        "losses": {name: float(v.detach()) for name, v in (("sup", sup), ("ct", ct), ("con", con), ("total", total))},
+        "rows": diagnostics["rows"],
+        "grads": grads,
+        "state": {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()},
+    }
+
+
+def contrastive_only(context: mdist.DistributedContext, sampler: str, use_unlabelled: bool) -> dict:
+    """The gathered contrastive loss on leaf embeddings; returns the loss and this rank's gradients."""
+    g = torch.Generator().manual_seed(9)
+    batch = LABELLED + UNLABELLED
+    maps = [torch.nn.functional.normalize(torch.randn(batch, 8, s, s, generator=g), dim=1) for s in (16, 8)]
+    swin_maps = [torch.nn.functional.normalize(torch.randn(batch, 8, s, s, generator=g), dim=1) for s in (16, 8)]
+    logits = torch.randn(2, batch, CLASSES, 16, 16, generator=g)
+    _, labels = global_data()
+    labels = labels[:, ::2, ::2].contiguous()
+    mine = local_indices(context.rank, context.world_size)
+    cnn = [m[mine].requires_grad_() for m in maps]
+    swin = [m[mine].requires_grad_() for m in swin_maps]
+    lab = LABELLED // context.world_size
+    loss = mdist.DistributedContrastiveLoss(MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(4, 4),
+                                                                      pixels_per_class=8, seed=3))
+    value, diagnostics = loss(cnn, swin, labels[mine][:lab], logits[0][mine], logits[1][mine], lab,
+                              use_unlabelled=use_unlabelled)
+    value.backward()
+    return {"loss": float(value), "rows": diagnostics["rows"], "indices": mine,
+            "grads": [t.grad for t in cnn + swin]}
+
+
+CONTRASTIVE_CASES = [("blocks", True), ("balanced", True), ("all", True), ("blocks", False)]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    context = mdist.init_distributed("cpu", timeout_minutes=3)
+    try:
+        results = {
+            "context": (context.rank, context.world_size, context.backend, context.is_main),
+            "step": train_step(context),
+            "contrastive": {case: contrastive_only(context, *case) for case in CONTRASTIVE_CASES},
+            "mean": mdist.all_reduce_mean({"a": float(rank), "b": 2.0 * rank}),
+        }
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        mdist.destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run :func:`_worker` on 2 gloo processes; the per-rank results."""
+    out = tmp_path_factory.mktemp("ddp")
+    context = mp.start_processes(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    try:
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD}-process run did not finish within {SPAWN_TIMEOUT} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def assert_close_dicts(a: dict, b: dict, rtol=1e-4, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+# ----------------------------------------------------------------------------- tests
+def test_sharded_sampler_splits_every_global_batch():
+    for iteration in range(6):
+        base, _ = samplers(0, 1)
+        whole = base.batch(iteration)
+        parts = [samplers(r, WORLD)[1].batch(iteration) for r in range(WORLD)]
+        for part in parts:  # each rank: its labelled share first, then its unlabelled share
+            assert len(part) == (LABELLED + UNLABELLED) // WORLD
+            assert all(i < LABELLED for i, _ in part[:LABELLED // WORLD])
+            assert all(i >= LABELLED for i, _ in part[LABELLED // WORLD:])
+        labelled = [x for part in parts for x in part[:LABELLED // WORLD]]
+        unlabelled = [x for part in parts for x in part[LABELLED // WORLD:]]
+        assert labelled + unlabelled == whole  # disjoint, same items and augmentation seeds
+    # an epoch of the labelled stream (4 items, 1 batch) holds no duplicates across ranks
+    assert sorted(i for r in range(WORLD) for i, _ in samplers(r, WORLD)[1].batch(0)) == list(range(8))
+
+
+def test_sharded_sampler_resumes_and_is_deterministic():
+    _, sharded = samplers(1, WORLD)
+    straight = list(sharded)
+    assert len(straight) == 3 and straight == list(samplers(1, WORLD)[1])
+    resumed = samplers(1, WORLD)[1]
+    resumed.load_state_dict({"seed": 7, "start": 2})
+    assert list(resumed) == straight[2:] and resumed.state_dict() == {"seed": 7, "start": 2}
+    other = ShardedTwoStreamBatchSampler(list(range(4)), list(range(4, 8)), 4, 4, 3, seed=8, rank=1, world_size=2)
+    assert list(other) != straight
+
+
+def test_sharded_sampler_rejects_uneven_shares():
+    with pytest.raises(ValueError, match="divisible by the number of processes"):
+        ShardedTwoStreamBatchSampler([0, 1, 2], [3, 4], 3, 2, 5, 0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        ShardedTwoStreamBatchSampler([0, 1], [3, 4], 2, 2, 5, 0, rank=2, world_size=2)
+
+
+def test_batch_layout_order():
+    layout = mdist.BatchLayout((2, 1), (1, 3), rank=1)
+    # rank 0 holds [L0 L1 U0], rank 1 [L2 U1 U2 U3]; global: L0 L1 L2 U0 U1 U2 U3
+    assert layout.global_order() == [0, 1, 3, 2, 4, 5, 6]
+    assert layout.owners() == ([0, 0, 1, 0, 1, 1, 1], [0, 1, 0, 2, 1, 2, 3])
+    assert layout.owners(use_unlabelled=False) == ([0, 0, 1], [0, 1, 0])
+
+
+def test_single_process_context_is_a_no_op(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    context = mdist.init_distributed("cpu")
+    assert not context.enabled and context.is_main and mdist.is_main_process()
+    models = {"m": torch.nn.Linear(2, 2)}
+    assert mdist.wrap_models(models, context)["m"] is models["m"]
+    assert mdist.all_reduce_mean({"x": 1.5}) == {"x": 1.5}
+
+
+def test_ranks_agree_on_the_context_and_metrics(ranks):
+    assert [r["context"] for r in ranks] == [(0, 2, "gloo", True), (1, 2, "gloo", False)]
+    assert all(r["mean"] == {"a": 0.5, "b": 1.0} for r in ranks)
+
+
+def test_one_ddp_step_equals_one_process_on_the_global_batch(ranks):
+    single = train_step(mdist.DistributedContext())
+    assert single["rows"] > 0 and single["losses"]["con"] > 0
+    for r in ranks:
+        step = r["step"]
+        assert step["rows"] == single["rows"]
+        for name, value in single["losses"].items():
+            assert step["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        # DDP averaged gradients and the updated weights (BatchNorm running stats included)
+        assert_close_dicts(step["grads"], single["grads"])
+        assert_close_dicts(step["state"], single["state"])
+    assert_close_dicts(ranks[0]["step"]["state"], ranks[1]["step"]["state"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CONTRASTIVE_CASES, ids=lambda c: f"{c[0]}-{'all' if c[1] else 'labelled'}")
+def test_gathered_contrastive_loss_equals_one_process(ranks, case):
+    single = contrastive_only(mdist.DistributedContext(), *case)
+    for r in ranks:
+        part = r["contrastive"][case]
+        assert part["rows"] == single["rows"] > 0
+        assert part["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        # without DDP each rank holds world_size x its rows' share of the gradient (DDP's
+        # averaging divides it back); see mcsc.training.distributed
+        position = [single["indices"].index(i) for i in part["indices"]]
+        for mine, whole in zip(part["grads"], single["grads"]):
+            torch.testing.assert_close(mine / WORLD, whole[position], rtol=1e-4, atol=1e-7)
