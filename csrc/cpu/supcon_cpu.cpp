@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "supcon_checks.h"
 #include "supcon_math.h"
 
 namespace mcsc {
@@ -335,14 +336,7 @@ std::pair<std::vector<int32_t>, std::vector<int32_t>> count_positives(
 
 void check_common(const at::Tensor& features, const at::Tensor& labels,
                   const at::Tensor& segments) {
-  TORCH_CHECK(features.dim() == 2, "mcsc: features must be 2-D (N, D)");
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble,
-              "mcsc: CPU features must be float32 or float64");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0),
-              "mcsc: labels must have shape (N,)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              "mcsc: labels must be int64 or int32");
-  TORCH_CHECK(segments.dim() == 1 && segments.numel() >= 2, "mcsc: segments must be (S + 1,)");
+  check_op_inputs(features, labels, segments, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cpu(
@@ -464,9 +458,9 @@ at::Tensor supcon_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& fe
                                const at::Tensor& lse, const at::Tensor& positives,
                                double temperature, bool prevalence) {
   check_common(features, labels, segments);
-  TORCH_CHECK(grad_loss.numel() == features.size(0) && lse.numel() == features.size(0) &&
-                  positives.numel() == features.size(0),
-              "mcsc: grad_loss, lse and positives must have N elements");
+  check_row_tensor(grad_loss, features, "grad_loss");
+  check_row_tensor(lse, features, "lse");
+  check_row_tensor(positives, features, "positives");
   // Detached: the kernels call ATen ops, which must not record autograd history.
   const at::Tensor z = features.detach().contiguous();
   const int64_t n = z.size(0), dim = z.size(1);

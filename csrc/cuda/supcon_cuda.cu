@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "cuda/supcon_tiles.cuh"
+#include "supcon_checks.h"
 #include "supcon_math.h"
 
 namespace mcsc {
@@ -296,39 +297,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   gradient.write(grad, dim, block.row_begin, block.row_end, out_col0, inv_temperature, values);
 }
 
-// Safety net only: mcsc.ops.validate_inputs checks every argument (values included) for both
-// backends before the op runs; this catches direct calls of torch.ops.mcsc with wrong
-// shapes, dtypes or devices instead of reading out of bounds.
 void check_common(const at::Tensor& features, const at::Tensor& labels,
                   const at::Tensor& segments) {
-  TORCH_CHECK(features.is_cuda(), "mcsc: features must be a CUDA tensor");
-  TORCH_CHECK(features.dim() == 2, "mcsc: features must have shape (N, D), got ",
-              features.sizes());
-  TORCH_CHECK(features.size(1) >= 1, "mcsc: features need D >= 1 columns");
-  const auto dtype = features.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-                  dtype == at::kDouble,
-              "mcsc: CUDA features must be float32, float16, bfloat16 or float64, got ", dtype);
-  TORCH_CHECK(features.size(0) <= std::numeric_limits<int32_t>::max(),
-              "mcsc: at most 2^31 - 1 rows are supported");
-  TORCH_CHECK(labels.device() == features.device(), "mcsc: labels must be on ",
-              features.device());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0),
-              "mcsc: labels must have shape (N,) = (", features.size(0), ",)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              "mcsc: labels must be int64 or int32");
-  TORCH_CHECK(segments.device() == features.device(), "mcsc: segments must be on ",
-              features.device());
-  TORCH_CHECK(segments.dim() == 1 && segments.numel() >= 2 &&
-                  segments.scalar_type() == at::kLong,
-              "mcsc: segments must be int64 offsets of shape (S + 1,) with S >= 1");
-}
-
-void check_row_tensor(const at::Tensor& tensor, const at::Tensor& features, const char* name) {
-  TORCH_CHECK(tensor.device() == features.device(), "mcsc: ", name, " must be on ",
-              features.device());
-  TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == features.size(0), "mcsc: ", name,
-              " must have shape (N,) = (", features.size(0), ",)");
+  check_op_inputs(features, labels, segments, c10::DeviceType::CUDA,
+                  {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
 }
 
 at::ScalarType accumulation_dtype(const at::Tensor& features) {

@@ -1,0 +1,53 @@
+// Shape, dtype and device checks of the mcsc ops, shared by the CPU and CUDA kernels.
+//
+// A safety net only: mcsc.ops.validate_inputs checks every argument (values included) with
+// Python errors that name it before the op runs; this catches direct calls of torch.ops.mcsc
+// with wrong shapes, dtypes or devices before a kernel could read out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+
+namespace mcsc {
+
+inline void check_op_inputs(const at::Tensor& features, const at::Tensor& labels,
+                            const at::Tensor& segments, c10::DeviceType device_type,
+                            std::initializer_list<at::ScalarType> feature_dtypes) {
+  TORCH_CHECK(features.device().type() == device_type, "mcsc: features must be a ",
+              c10::DeviceTypeName(device_type), " tensor for this kernel");
+  TORCH_CHECK(features.dim() == 2, "mcsc: features must have shape (N, D), got ",
+              features.sizes());
+  TORCH_CHECK(features.size(1) >= 1, "mcsc: features need D >= 1 columns");
+  TORCH_CHECK(std::find(feature_dtypes.begin(), feature_dtypes.end(),
+                        features.scalar_type()) != feature_dtypes.end(),
+              "mcsc: unsupported features dtype ", features.scalar_type());
+  TORCH_CHECK(features.size(0) <= std::numeric_limits<int32_t>::max(),
+              "mcsc: at most 2^31 - 1 rows are supported");
+  TORCH_CHECK(labels.device() == features.device(), "mcsc: labels must be on ",
+              features.device());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0),
+              "mcsc: labels must have shape (N,) = (", features.size(0), ",)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+              "mcsc: labels must be int64 or int32");
+  TORCH_CHECK(segments.device() == features.device(), "mcsc: segments must be on ",
+              features.device());
+  TORCH_CHECK(segments.dim() == 1 && segments.numel() >= 2 &&
+                  segments.scalar_type() == at::kLong,
+              "mcsc: segments must be int64 offsets of shape (S + 1,) with S >= 1");
+}
+
+// lse, positives and grad_loss: one value per row, on the features' device.
+inline void check_row_tensor(const at::Tensor& tensor, const at::Tensor& features,
+                             const char* name) {
+  TORCH_CHECK(tensor.device() == features.device(), "mcsc: ", name, " must be on ",
+              features.device());
+  TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == features.size(0), "mcsc: ", name,
+              " must have shape (N,) = (", features.size(0), ",)");
+}
+
+}  // namespace mcsc
