@@ -126,7 +126,7 @@ def contrastive_only(context: mdist.DistributedContext, sampler: str, use_unlabe
     value, diagnostics = loss(cnn, swin, labels[mine][:lab], logits[0][mine], logits[1][mine], lab,
                               use_unlabelled=use_unlabelled)
     value.backward()
-    return {"loss": float(value), "rows": diagnostics["rows"], "indices": mine,
+    return {"loss": float(value.detach()), "rows": diagnostics["rows"], "indices": mine,
             "grads": [t.grad for t in cnn + swin]}
 
 

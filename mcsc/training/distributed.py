@@ -256,6 +256,16 @@ def wrap_models(models: dict[str, nn.Module], context: DistributedContext, sync_
 
 
 # ---------------------------------------------------------------------------- metrics
+class NullWriter:
+    """Stands in for the TensorBoard ``SummaryWriter`` on ranks > 0 (only rank 0 writes)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def all_reduce_mean(metrics: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean over ranks of a dict of floats (every rank must pass the same keys, in any order)."""
     if get_world_size() == 1 or not metrics:
@@ -264,7 +274,8 @@ def all_reduce_mean(metrics: dict[str, float], device: torch.device | str = "cpu
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values)
     values /= get_world_size()
-    return {k: float(v) for k, v in zip(keys, values.tolist())}
+    reduced = dict(zip(keys, values.tolist()))
+    return {k: float(reduced[k]) for k in metrics}
 
 
 # ---------------------------------------------------------------------------- gathers
