@@ -6,9 +6,9 @@ body and three structures of very different sizes, so that class imbalance matte
 * class 1 ``large_organ``: an ellipsoid covering about a fifth of a slice, most slices;
 * class 2 ``medium_organ``: a bright ellipsoid about 1/25 of a slice, in a few slices, placed
   beside the large organ;
-* class 3 ``small_lesion``: a small sphere *inside* the large organ, slightly brighter than the
-  medium organ, in three to five slices (well under 1% of the voxels). Telling it from the
-  medium organ needs context (it sits inside the large one), not just intensity.
+* class 3 ``small_lesion``: a small sphere *inside* the large organ, as bright as the medium
+  organ, in three to five slices (well under 1% of the voxels). Telling it from the medium
+  organ needs context (it sits inside the large one), not intensity.
 
 Gaussian noise, a smooth multiplicative bias field and blur are added, then the volume is
 normalised like any NIfTI volume. Everything is drawn from ``numpy.random.default_rng(seed)``
@@ -50,7 +50,7 @@ def make_case(seed: int, size: int = 64, depth: int = 12) -> tuple[np.ndarray, n
     image = np.zeros(shape, np.float32)
 
     body = _ellipsoid(shape, (depth / 2, size / 2, size / 2), (depth * 4, 28 * s, 30 * s))
-    image[body] = 0.30
+    image[body] = 0.32
 
     side = rng.choice([-1.0, 1.0])
     big_c = (
@@ -61,7 +61,7 @@ def make_case(seed: int, size: int = 64, depth: int = 12) -> tuple[np.ndarray, n
     big_r = (depth * rng.uniform(0.45, 0.6), rng.uniform(13, 17) * s, rng.uniform(12, 15) * s)
     big = _ellipsoid(shape, big_c, big_r)
     label[big] = 1
-    image[big] = 0.55
+    image[big] = 0.45
 
     med_c = (
         depth / 2 + rng.uniform(-2, 2),
@@ -82,7 +82,7 @@ def make_case(seed: int, size: int = 64, depth: int = 12) -> tuple[np.ndarray, n
     )
     lesion = _ellipsoid(shape, les_c, (rng.uniform(1.5, 2.2), lesion_r, lesion_r)) & big
     label[lesion] = 3
-    image[lesion] = 0.95
+    image[lesion] = 0.85
 
     zz, yy, xx = np.meshgrid(
         np.linspace(-1, 1, depth), np.linspace(-1, 1, size), np.linspace(-1, 1, size),
@@ -90,7 +90,7 @@ def make_case(seed: int, size: int = 64, depth: int = 12) -> tuple[np.ndarray, n
     )
     bias = 1.0 + rng.uniform(-0.2, 0.2) * yy + rng.uniform(-0.2, 0.2) * xx + 0.05 * zz
     image = ndimage.gaussian_filter(image * bias, sigma=(0, 0.7, 0.7))
-    image = image + rng.normal(0.0, 0.07, shape).astype(np.float32)
+    image = image + rng.normal(0.0, 0.12, shape).astype(np.float32)
     return normalise_volume(image), label
 
 
