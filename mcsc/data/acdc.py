@@ -31,6 +31,7 @@ from mcsc.data.base import (
     first_cases,
     seeded_split,
 )
+from mcsc.data.transforms import normalise_like
 
 CLASS_NAMES = ["background", "RV", "Myo", "LV"]
 
@@ -160,8 +161,7 @@ def prepare_acdc(raw_dir: str | Path, out_dir: str | Path, seed: int = 1337) -> 
         label = np.transpose(label, (2, 0, 1))
         zooms = image_nii.header.get_zooms()[:3]
         spacing = np.array([zooms[2], zooms[0], zooms[1]], np.float32)
-        lo, hi = float(image.min()), float(image.max())
-        image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+        image = normalise_like(image, "acdc")
         with h5py.File(out_dir / "data" / f"{name}.h5", "w") as f:
             f.create_dataset("image", data=image, compression="gzip")
             f.create_dataset("label", data=label, compression="gzip")
