@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -68,12 +69,20 @@ Schedule build_schedule(const std::vector<int64_t>& offsets) {
   return rounds;
 }
 
-template <typename F>
-void run_schedule(const Schedule& rounds, const F& process_tiles) {
+// make_worker() gives a thread its tile function (with its own workspace). Threads take the
+// tiles of a round one at a time from a shared counter, so a thread slowed down by other work
+// on the machine delays its round by one tile at most; which thread runs a tile changes no
+// result, since the tiles of a round touch disjoint accumulators.
+template <typename MakeWorker>
+void run_schedule(const Schedule& rounds, const MakeWorker& make_worker) {
   for (const auto& tiles : rounds) {
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-      process_tiles(tiles, begin, end);
-    });
+    const int64_t count = static_cast<int64_t>(tiles.size());
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1,
+                     [&](int64_t, int64_t) {
+                       auto process = make_worker();
+                       for (int64_t t = next++; t < count; t = next++) process(tiles[t]);
+                     });
   }
 }
 
@@ -364,15 +373,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cpu(
     ForwardState<scalar_t> state;
     state.running_max.assign(n, -std::numeric_limits<scalar_t>::infinity());
     state.running_sum.assign(n, scalar_t(0));
-    run_schedule(build_schedule(offsets), [&](const std::vector<TilePair>& tiles, int64_t begin,
-                                              int64_t end) {
-      at::Tensor workspace = at::empty({kTileRows * kTileRows}, z.options());
-      TileMaxima<scalar_t> maxima;
-      std::vector<scalar_t> col_partial;
-      for (int64_t t = begin; t < end; ++t) {
-        const at::Tensor s = similarity_tile(z, tiles[t], inv_t, workspace);
-        forward_tile(tiles[t], s.data_ptr<scalar_t>(), inv_t, rows, maxima, col_partial, state);
-      }
+    run_schedule(build_schedule(offsets), [&] {
+      return [&, workspace = at::empty({kTileRows * kTileRows}, z.options()),
+              maxima = TileMaxima<scalar_t>(),
+              col_partial = std::vector<scalar_t>()](const TilePair& tile) mutable {
+        const at::Tensor s = similarity_tile(z, tile, inv_t, workspace);
+        forward_tile(tile, s.data_ptr<scalar_t>(), inv_t, rows, maxima, col_partial, state);
+      };
     });
 
     scalar_t* loss_data = loss.data_ptr<scalar_t>();
@@ -492,20 +499,19 @@ at::Tensor supcon_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& fe
       grad.anchor[i] = anchor_grad_weight(grad_cast.data_ptr<scalar_t>()[i], rows.positives[i]);
     }
 
-    run_schedule(build_schedule(offsets), [&](const std::vector<TilePair>& tiles, int64_t begin,
-                                              int64_t end) {
-      at::Tensor workspace = at::empty({kTileRows * kTileRows}, z.options());
-      std::vector<scalar_t> col_scale;
-      for (int64_t t = begin; t < end; ++t) {
-        const TilePair& tile = tiles[t];
+    run_schedule(build_schedule(offsets), [&] {
+      return [&, workspace = at::empty({kTileRows * kTileRows}, z.options()),
+              col_scale = std::vector<scalar_t>()](const TilePair& tile) mutable {
         // The tile's similarities are overwritten by its pair gradients H_ij = G_ij + G_ji.
         const at::Tensor h = similarity_tile(z, tile, inv_t, workspace);
         pair_gradient_tile(tile, h.data_ptr<scalar_t>(), inv_t, rows, grad, col_scale);
         const at::Tensor z_rows = z.narrow(0, tile.rows.start, tile.rows.size);
         const at::Tensor z_cols = z.narrow(0, tile.cols.start, tile.cols.size);
         grad_z.narrow(0, tile.rows.start, tile.rows.size).addmm_(h, z_cols);
-        if (!tile.diagonal()) grad_z.narrow(0, tile.cols.start, tile.cols.size).addmm_(h.t(), z_rows);
-      }
+        if (!tile.diagonal()) {
+          grad_z.narrow(0, tile.cols.start, tile.cols.size).addmm_(h.t(), z_rows);
+        }
+      };
     });
 
     // Positive term: dz_k -= b_k S_{y_k} + R_{y_k} - 2 b_k z_k, R_c = sum_{y_i = c} b_i z_i.
