@@ -41,13 +41,29 @@ inline void check_op_inputs(const at::Tensor& features, const at::Tensor& labels
               "mcsc: segments must be int64 offsets of shape (S + 1,) with S >= 1");
 }
 
-// lse, positives and grad_loss: one value per row, on the features' device.
 inline void check_row_tensor(const at::Tensor& tensor, const at::Tensor& features,
                              const char* name) {
   TORCH_CHECK(tensor.device() == features.device(), "mcsc: ", name, " must be on ",
               features.device());
   TORCH_CHECK(tensor.dim() == 1 && tensor.size(0) == features.size(0), "mcsc: ", name,
               " must have shape (N,) = (", features.size(0), ",)");
+}
+
+// The backward's extra inputs: one value per row each; lse in the accumulation dtype (float64
+// for float64 features, float32 otherwise) and positives as int32, as the forward returns them.
+inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& features,
+                                  const at::Tensor& labels, const at::Tensor& segments,
+                                  const at::Tensor& lse, const at::Tensor& positives,
+                                  c10::DeviceType device_type,
+                                  std::initializer_list<at::ScalarType> feature_dtypes) {
+  check_op_inputs(features, labels, segments, device_type, feature_dtypes);
+  check_row_tensor(grad_loss, features, "grad_loss");
+  check_row_tensor(lse, features, "lse");
+  check_row_tensor(positives, features, "positives");
+  const at::ScalarType accumulation =
+      features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.scalar_type() == accumulation, "mcsc: lse must be ", accumulation);
+  TORCH_CHECK(positives.scalar_type() == at::kInt, "mcsc: positives must be int32");
 }
 
 }  // namespace mcsc

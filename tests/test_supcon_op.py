@@ -351,3 +351,19 @@ def test_missing_extension_falls_back_to_reference_with_one_warning():
     assert result.returncode == 0, result.stderr
     z = F.normalize(torch.randn(30, 4, dtype=torch.float64), dim=1)
     assert float(result.stdout) > 0 and z.shape == (30, 4)
+
+
+def test_direct_op_calls_are_checked_in_cpp():
+    features, labels = make_inputs(10, 4, 2, seed=15)
+    segments = torch.tensor([0, 10])
+    with pytest.raises(RuntimeError, match="features must have shape"):
+        torch.ops.mcsc.supcon_forward(features[:, 0], labels, segments, 0.1, True, -1)
+    with pytest.raises(RuntimeError, match="segments must be int64"):
+        torch.ops.mcsc.supcon_forward(features, labels, segments.int(), 0.1, True, -1)
+    loss, lse, positives = torch.ops.mcsc.supcon_forward(features, labels, segments, 0.1, True, -1)
+    with pytest.raises(RuntimeError, match="positives must be int32"):
+        torch.ops.mcsc.supcon_backward(torch.ones_like(loss), features, labels, segments, lse,
+                                       positives.long(), 0.1, True)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        torch.ops.mcsc.supcon_backward(torch.ones_like(loss), features, labels, segments, lse[:5],
+                                       positives, 0.1, True)

@@ -343,15 +343,12 @@ std::pair<std::vector<int32_t>, std::vector<int32_t>> count_positives(
   return {std::move(label), std::move(positives)};
 }
 
-void check_common(const at::Tensor& features, const at::Tensor& labels,
-                  const at::Tensor& segments) {
-  check_op_inputs(features, labels, segments, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
-}
+constexpr std::initializer_list<at::ScalarType> kFeatureDtypes = {at::kFloat, at::kDouble};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cpu(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& segments,
     double temperature, bool prevalence, int64_t ignore_index) {
-  check_common(features, labels, segments);
+  check_op_inputs(features, labels, segments, c10::DeviceType::CPU, kFeatureDtypes);
   // Detached: the kernels call ATen ops, which must not record autograd history.
   const at::Tensor z = features.detach().contiguous();
   const int64_t n = z.size(0), dim = z.size(1);
@@ -464,10 +461,8 @@ at::Tensor supcon_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& fe
                                const at::Tensor& labels, const at::Tensor& segments,
                                const at::Tensor& lse, const at::Tensor& positives,
                                double temperature, bool prevalence) {
-  check_common(features, labels, segments);
-  check_row_tensor(grad_loss, features, "grad_loss");
-  check_row_tensor(lse, features, "lse");
-  check_row_tensor(positives, features, "positives");
+  check_backward_inputs(grad_loss, features, labels, segments, lse, positives,
+                        c10::DeviceType::CPU, kFeatureDtypes);
   // Detached: the kernels call ATen ops, which must not record autograd history.
   const at::Tensor z = features.detach().contiguous();
   const int64_t n = z.size(0), dim = z.size(1);

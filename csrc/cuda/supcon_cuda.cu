@@ -297,11 +297,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   gradient.write(grad, dim, block.row_begin, block.row_end, out_col0, inv_temperature, values);
 }
 
-void check_common(const at::Tensor& features, const at::Tensor& labels,
-                  const at::Tensor& segments) {
-  check_op_inputs(features, labels, segments, c10::DeviceType::CUDA,
-                  {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
-}
+constexpr std::initializer_list<at::ScalarType> kFeatureDtypes = {at::kFloat, at::kHalf,
+                                                                   at::kBFloat16, at::kDouble};
 
 at::ScalarType accumulation_dtype(const at::Tensor& features) {
   return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -369,7 +366,7 @@ void with_mma_kind(const Launch& launch) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     const at::Tensor& features_in, const at::Tensor& labels_in, const at::Tensor& segments_in,
     double temperature, bool prevalence, int64_t ignore_index) {
-  check_common(features_in, labels_in, segments_in);
+  check_op_inputs(features_in, labels_in, segments_in, c10::DeviceType::CUDA, kFeatureDtypes);
   const c10::cuda::CUDAGuard guard(features_in.device());
   const at::Tensor features = features_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
@@ -412,13 +409,9 @@ at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor
                                 const at::Tensor& labels_in, const at::Tensor& segments_in,
                                 const at::Tensor& lse_in, const at::Tensor& positives_in,
                                 double temperature, bool prevalence) {
-  check_common(features_in, labels_in, segments_in);
-  check_row_tensor(grad_loss_in, features_in, "grad_loss");
-  check_row_tensor(lse_in, features_in, "lse");
-  check_row_tensor(positives_in, features_in, "positives");
+  check_backward_inputs(grad_loss_in, features_in, labels_in, segments_in, lse_in, positives_in,
+                        c10::DeviceType::CUDA, kFeatureDtypes);
   const at::ScalarType acc_dtype = accumulation_dtype(features_in);
-  TORCH_CHECK(lse_in.scalar_type() == acc_dtype, "mcsc: lse must be ", acc_dtype);
-  TORCH_CHECK(positives_in.scalar_type() == at::kInt, "mcsc: positives must be int32");
   const c10::cuda::CUDAGuard guard(features_in.device());
   const at::Tensor features = features_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
