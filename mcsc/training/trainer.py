@@ -327,8 +327,10 @@ class Trainer:
         bar.close()
         train_time = time.time() - started
         if not self.data.val:
-            save_checkpoint(self.state(), self.checkpoint_path("best"))
             self.best = {"metric": math.nan, "iteration": self.iteration}
+        if not self.data.val or not self.checkpoint_path("best").exists():
+            # no validation split, or no finite validation Dice: the last state is tested
+            save_checkpoint(self.state(), self.checkpoint_path("best"))
         summary = self.test(writer, train_time)
         writer.close()
         return summary
