@@ -18,6 +18,12 @@ medians of this run. Peak memory: see ``memory.py`` (CPU: a fresh worker process
 ``VmHWM`` high-water mark; CUDA: ``torch.cuda.max_memory_allocated``). An implementation whose
 estimated memory does not fit (``--mem-budget-gb``, default 60 % of available RAM / GPU memory)
 is skipped at that size, and the table says so.
+
+Shared machines: PyTorch's OpenMP threads spin-wait between parallel regions by default. When
+other processes compete for the cores, every parallel region can stall for a scheduler time
+slice, which adds ~100 ms to a call made of many short regions (seen on the 2-core development
+machine: fused N=1024 took 100 ms instead of 6 ms). Run with ``OMP_WAIT_POLICY=PASSIVE`` (or
+``--threads 1``) there; the machine column records the policy.
 """
 
 from __future__ import annotations
@@ -89,6 +95,8 @@ def machine_description(device: str, note: str = "") -> str:
             pass
         mem_gb = _mem_available_bytes(total=True) / 2**30
         text = f"{model}, {os.cpu_count()} cores, {mem_gb:.0f} GB RAM"
+    if os.environ.get("OMP_WAIT_POLICY"):
+        text += f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     return f"{text}; {note}" if note else text
 
 
@@ -617,7 +625,12 @@ def main(argv=None) -> int:
     common = {"device": args.device, "threads": torch.get_num_threads(),
               "torch": torch.__version__,
               "machine": machine_description(args.device, args.machine_note)}
-    print(f"mcsc backend: {backend}; torch {torch.__version__}; threads "
+    kernel = ""
+    if backend.startswith("compiled"):
+        from mcsc import _C
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(os.path.getmtime(_C.__file__)))
+        kernel = f" ({os.path.basename(_C.__file__)} built {stamp} UTC)"
+    print(f"mcsc backend: {backend}{kernel}; torch {torch.__version__}; threads "
           f"{common['threads']}; machine: {common['machine']}")
     if backend == "reference":
         print("WARNING: the compiled kernel is not loaded; 'fused' runs the dense reference "
@@ -652,7 +665,8 @@ def main(argv=None) -> int:
             verdict = "" if ok is None else ("PASS" if ok else "FAIL")
             print(f"  {title:42s} {_fmt(value, '8.2f'):>8s}   target {target:7s} {verdict}")
         with open(os.path.join(args.out, "targets.json"), "w") as handle:
-            json.dump({"backend": backend, "machine": common["machine"],
+            json.dump({"backend": backend + kernel, "machine": common["machine"],
+                       "threads": common["threads"],
                        "targets": [dict(name=t, value=v, target=g, ok=o)
                                    for t, v, g, o in summary]}, handle, indent=1)
     else:
