@@ -106,13 +106,19 @@ def resolve_train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mcsc.training.distributed import destroy_distributed
     from mcsc.training.trainer import Trainer
 
     latest = Path(args.out) / "checkpoints" / "latest.pt"
     if not args.resume and latest.exists():
         raise ValueError(f"{latest} exists: pass --resume to continue, or use another --out")
     config = resolve_train_config(args)
-    summary = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress).fit()
+    try:
+        summary = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress).fit()
+    finally:
+        destroy_distributed()
+    if not summary:  # a rank > 0 of a torchrun job: rank 0 reports
+        return 0
     print(f"mean Dice {summary['mean_dice']:.4f}, mean HD95 {summary['mean_hd95']:.3f} "
           f"{summary['unit']}; outputs in {args.out}")
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -258,3 +260,100 @@ def test_gathered_contrastive_loss_equals_one_process(ranks, case):
         position = [single["indices"].index(i) for i in part["indices"]]
         for mine, whole in zip(part["grads"], single["grads"]):
             torch.testing.assert_close(mine / WORLD, whole[position], rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------- the trainer under DDP
+class Interrupted(Exception):
+    pass
+
+
+def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Straight 5-iteration run; a run killed after iteration 3 and resumed from iteration 2."""
+    from mcsc.training.checkpoint import load_checkpoint
+    from mcsc.training.config import Config
+    from mcsc.training.trainer import Trainer
+    from mcsc_fixtures import tiny_config
+
+    class Killed(Trainer):
+        def on_iteration_end(self, iteration, logs):
+            if iteration == 3:
+                raise Interrupted
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        Trainer(tiny_config("mcsc", iterations=5), Path(out) / "straight", progress=False).fit()
+        try:
+            Killed(tiny_config("mcsc", iterations=5), Path(out) / "killed", progress=False).fit()
+        except Interrupted:
+            pass
+        mdist.barrier()  # rank 0's checkpoint of iteration 2 is on disk
+        partial = load_checkpoint(Path(out) / "killed" / "checkpoints" / "latest.pt")
+        Trainer(Config.from_dict(partial["config"]), Path(out) / "killed", resume=True, progress=False).fit()
+    finally:
+        mdist.destroy_distributed()
+
+
+def run_processes(worker, out: Path) -> None:
+    context = mp.start_processes(worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    try:
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD}-process run did not finish within {SPAWN_TIMEOUT} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def test_ddp_trainer_resumes_exactly(tmp_path):
+    from mcsc.training.checkpoint import load_checkpoint
+
+    run_processes(_resume_worker, tmp_path)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    resumed = load_checkpoint(tmp_path / "killed" / "checkpoints" / "latest.pt")
+    assert straight["iteration"] == resumed["iteration"] == 5
+    assert straight["sampler"] == resumed["sampler"]
+    for name, weights in straight["models"].items():
+        for key, tensor in weights.items():
+            assert torch.equal(tensor, resumed["models"][name][key]), f"{name}.{key}"
+    assert not list((tmp_path / "straight").glob("**/rank*"))  # nothing written per rank
+
+
+def test_torchrun_two_processes_train_and_resume(tmp_path):
+    """``torchrun --nproc_per_node=2 -m mcsc train``: completes, rank 0 alone writes and reports."""
+    import yaml
+
+    from mcsc_fixtures import tiny_config
+
+    values = tiny_config("mcsc", iterations=3).to_dict()
+    values["data"] = {k: v for k, v in values["data"].items() if k.startswith("synthetic")
+                      or k in ("labeled", "patch_size", "num_workers")}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(values))
+    out = tmp_path / "run"
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+
+    def torchrun(*args):
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+                   f"--master_port={free_port()}", "-m", "mcsc", "train", *args, "--device", "cpu",
+                   "--no-progress", "--out", str(out)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    stdout = torchrun("--config", str(config), "--iterations", "3")
+    assert stdout.count("; outputs in") == 1  # only rank 0 reports
+    for name in ("config.yaml", "split.json", "metrics.json", "metrics.txt", "predictions.png",
+                 "checkpoints/latest.pt", "checkpoints/best.pt"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["iteration"] == 3
+
+    torchrun("--resume", "--iterations", "4")
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["iteration"] == 4

@@ -81,8 +81,8 @@ class TrainConfig:
 
     method: str = "mcsc"
     iterations: int = 40000
-    batch_size: int = 8
-    labeled_batch_size: int = 4
+    batch_size: int = 8  # global: torchrun splits it evenly over the processes
+    labeled_batch_size: int = 4  # global, likewise
     lr: float = 5e-4
     swin_lr_ratio: float = 0.2  # Swin-UNet learning rate = lr * ratio
     warmup: int = 1000  # Swin-UNet linear warm-up iterations
@@ -90,6 +90,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    sync_batchnorm: bool = True  # torchrun: BatchNorm statistics over all ranks (SyncBatchNorm)
     amp: bool = True  # mixed precision (CUDA only)
     eval_every: int = 1000  # validation pass every K iterations (keeps the best checkpoint)
     checkpoint_every: int = 1000

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mcsc.data import SliceDataset, TwoStreamBatchSampler, build_data
+from mcsc.data import SliceDataset, build_data
+from mcsc.data.distributed_sampling import ShardedTwoStreamBatchSampler
 from mcsc.evaluation.inference import evaluate_volumes, save_prediction_figure
 from mcsc.losses import (
     MultiScaleContrastiveLoss,
@@ -39,6 +40,15 @@ from mcsc.losses import (
 from mcsc.models import SwinUNet, UNet, build_projection_heads, feature_index
 from mcsc.training.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mcsc.training.config import Config, save_yaml
+from mcsc.training.distributed import (
+    DistributedContrastiveLoss,
+    NullWriter,
+    all_reduce_mean,
+    batch_layout,
+    gather_batch,
+    init_distributed,
+    wrap_models,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,7 +102,10 @@ class Trainer:
         self.out = Path(out_dir)
         self.resume = resume
         self.progress = progress
-        self.device = resolve_device(config.train.device)
+        # one process, or one rank of a torchrun job: starts the process group (NCCL on CUDA,
+        # gloo on CPU) and picks cuda:LOCAL_RANK; see mcsc.training.distributed
+        self.dist = init_distributed(config.train.device)
+        self.device = self.dist.device
         self.amp = config.train.amp and self.device.type == "cuda"
         self.iteration = 0
         self.best = {"metric": -math.inf, "iteration": -1}
@@ -143,12 +156,17 @@ class Trainer:
         cfg = self.config
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
-        lab = cfg.train.labeled_batch_size
+        lab = cfg.train.labeled_batch_size // self.dist.world_size  # this rank's share
         num_classes = self.data.num_classes
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            cnn_out = self.models["cnn"](images)
-            swin_out = self.models["swin"](images)
+            cnn_out = self.forward_models["cnn"](images)
+            swin_out = self.forward_models["swin"](images)
             cnn_logits, swin_logits = cnn_out.logits.float(), swin_out.logits.float()
+            local_labels, local_lab = labels, lab
+            if self.dist.enabled:  # every rank computes the loss of the global batch
+                layout = batch_layout(images.shape[0], lab, self.device)
+                cnn_logits, swin_logits = gather_batch(cnn_logits, layout), gather_batch(swin_logits, layout)
+                labels, lab = gather_batch(labels, layout), layout.total_labelled
             logs = {
                 "sup_cnn": supervised_loss(cnn_logits[:lab], labels[:lab], num_classes),
                 "sup_swin": supervised_loss(swin_logits[:lab], labels[:lab], num_classes),
@@ -160,7 +178,7 @@ class Trainer:
                 logs["ct_swin"] = cross_teaching_loss(swin_logits[lab:], cnn_logits[lab:])
                 total = total + weight * (logs["ct_cnn"] + logs["ct_swin"])
             if cfg.train.method == "mcsc":
-                logs["contrast"] = self.contrastive_loss(cnn_out, swin_out, labels[:lab], iteration)
+                logs["contrast"] = self.contrastive_loss(cnn_out, swin_out, local_labels[:local_lab], iteration)
                 total = total + cfg.loss.contrastive_weight * logs["contrast"]
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -179,10 +197,10 @@ class Trainer:
         strides = cfg.loss.contrastive_strides
         cnn_features = [cnn_out.features[feature_index(cnn, s)].float() for s in strides]
         swin_features = [swin_out.features[feature_index(swin, s)].float() for s in strides]
-        cnn_emb, swin_emb = self.models["heads"](cnn_features, swin_features)
+        cnn_emb, swin_emb = self.forward_models["heads"](cnn_features, swin_features)
         loss, _ = self.losses["contrastive"](
             cnn_emb, swin_emb, labels, cnn_out.logits.float(), swin_out.logits.float(),
-            labelled_count=cfg.train.labeled_batch_size,
+            labelled_count=labels.shape[0],
             use_unlabelled=iteration >= cfg.loss.labelled_only_until,
         )
         return loss
@@ -215,19 +233,25 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:  # only rank 0 writes
+            self.out.mkdir(parents=True, exist_ok=True)
         self.data = build_data(cfg.data)
-        save_yaml(cfg, self.out / "config.yaml")
-        if self.data.split:
-            (self.out / "split.json").write_text(json.dumps(self.data.split, indent=1))
+        if self.dist.is_main:
+            save_yaml(cfg, self.out / "config.yaml")
+            if self.data.split:
+                (self.out / "split.json").write_text(json.dumps(self.data.split, indent=1))
         self.models = self.build_networks()
+        # DDP wrappers run the training forward; self.models keep the weights (save, evaluate)
+        self.forward_models = wrap_models(self.models, self.dist, sync_batchnorm=cfg.train.sync_batchnorm)
         self.losses = self.build_losses()
+        if self.dist.enabled and "contrastive" in self.losses:
+            self.losses["contrastive"] = DistributedContrastiveLoss(self.losses["contrastive"])
         self.optimizers, self.schedulers = self.build_optimizers()
         lab = cfg.train.labeled_batch_size
         unlab = 0 if cfg.train.method == "supervised" else cfg.train.batch_size - lab
-        self.sampler = TwoStreamBatchSampler(
+        self.sampler = ShardedTwoStreamBatchSampler(  # this rank's share of every global batch
             self.data.labelled_indices(), self.data.unlabelled_indices(), lab, unlab,
-            cfg.train.iterations, seed,
+            cfg.train.iterations, seed, rank=self.dist.rank, world_size=self.dist.world_size,
         )
         if self.resume:
             self.load_state(load_checkpoint(self.checkpoint_path("latest"), self.device))
@@ -293,15 +317,18 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg.seed),
             persistent_workers=False,
         )
-        writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration or None)
+        writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration or None) \
+            if self.dist.is_main else NullWriter()
         for model in self.models.values():
             model.train()
         running: dict[str, float] = {}
         started = time.time()
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.progress,
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.progress or not self.dist.is_main,
                    desc=f"{cfg.method}", dynamic_ncols=True, mininterval=1.0)
         for batch in loader:
-            logs = self.train_step(batch, self.iteration)
+            if self.dist.enabled:  # own dropout masks per rank, the same again on resume
+                torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank + self.iteration)
+            logs = all_reduce_mean(self.train_step(batch, self.iteration), self.device)
             self.iteration += 1
             for name, value in logs.items():
                 running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
@@ -311,8 +338,8 @@ class Trainer:
                 writer.add_scalar("train/lr", self.optimizers["cnn"].param_groups[0]["lr"], self.iteration)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
             bar.update(1)
-            if self.data.val and (self.iteration % cfg.eval_every == 0
-                                  or self.iteration == cfg.iterations):
+            if self.dist.is_main and self.data.val and (  # rank 0 validates alone
+                    self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
                 summary = self.validate(self.iteration)
                 writer.add_scalar("val/mean_dice", summary["mean_dice"], self.iteration)
                 writer.add_scalar("val/mean_hd95", summary["mean_hd95"], self.iteration)
@@ -321,11 +348,14 @@ class Trainer:
                     save_checkpoint(self.state(), self.checkpoint_path("best"))
                 bar.write(f"iteration {self.iteration}: val mean Dice {summary['mean_dice']:.4f} "
                           f"(best {self.best['metric']:.4f} at {self.best['iteration']})")
-            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+            if self.dist.is_main and (self.iteration % cfg.checkpoint_every == 0
+                                      or self.iteration == cfg.iterations):
                 save_checkpoint(self.state(), self.checkpoint_path("latest"))
             self.on_iteration_end(self.iteration, logs)
         bar.close()
         train_time = time.time() - started
+        if not self.dist.is_main:  # rank 0 alone keeps the best checkpoint and tests it
+            return {}
         if not self.data.val:
             self.best = {"metric": math.nan, "iteration": self.iteration}
         if not self.data.val or not self.checkpoint_path("best").exists():
