@@ -127,9 +127,9 @@ def test_bad_data_fails_at_start_with_the_file_named(tmp_path, capsys):
     assert "none.yaml" in capsys.readouterr().err
 
 
-def test_python_dash_m_entry_point():
+def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mcsc", "train", "--help"], capture_output=True,
-                            text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+                            text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0
     for flag in ("--data", "--dataset", "--labeled", "--method", "--iterations", "--config",
                  "--device", "--resume", "--out"):

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -161,7 +160,9 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     process = subprocess.Popen(
         [sys.executable, "-m", "mcsc", "train", "--config", str(config_file), "--no-progress",
          "--out", str(out)],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+        # Not the repository root: there `-m mcsc` would import the source tree, which may lack
+        # the compiled extension that the in-process runs below use.
+        cwd=tmp_path, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
