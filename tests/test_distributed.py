@@ -335,15 +335,16 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(values))
     out = tmp_path / "run"
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(*args):
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
                    f"--master_port={free_port()}", "-m", "mcsc", "train", *args, "--device", "cpu",
                    "--no-progress", "--out", str(out)]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT)
+        # not from the repository root, where `-m mcsc` would import the source tree (which may
+        # lack the compiled extension) instead of the package the tests import
+        result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=SPAWN_TIMEOUT)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout
 
