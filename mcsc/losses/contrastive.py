@@ -122,22 +122,47 @@ class MultiScaleContrastiveLoss(nn.Module):
         cnn_embeddings, swin_embeddings = list(cnn_embeddings), list(swin_embeddings)
         scales = self._check_inputs(cnn_embeddings, swin_embeddings, labels, cnn_logits, swin_logits,
                                     labelled_count)
-        temperatures = _align(self.temperature, len(scales), "temperature")
-        # block sizes only mean something to the block sampler
-        block_sizes = _align(self.block_sizes, len(scales), "block_sizes") if self.sampler == "blocks" \
-            else (0,) * len(scales)
         num_classes = cnn_logits.shape[1]
         images = cnn_logits.shape[0] if use_unlabelled else labelled_count
         cnn_targets, swin_targets = self._cross_targets(labels, cnn_logits, swin_logits, labelled_count, images)
 
+        def select_rows(scale: int, rows: torch.Tensor) -> torch.Tensor:
+            cnn, swin = cnn_embeddings[scale][:images], swin_embeddings[scale][:images]
+            # map order as in the public code: all CNN maps, then all Swin maps
+            return torch.cat([cnn, swin]).permute(0, 2, 3, 1).reshape(-1, cnn.shape[1])[rows]
+
+        return self.contrast_sampled_rows(cnn_embeddings, swin_embeddings, scales, cnn_targets,
+                                          swin_targets, num_classes, select_rows)
+
+    def contrast_sampled_rows(self, cnn_embeddings: list[torch.Tensor], swin_embeddings: list[torch.Tensor],
+                              scales: Sequence[int], cnn_targets: torch.Tensor, swin_targets: torch.Tensor,
+                              num_classes: int, select_rows) -> tuple[torch.Tensor, dict]:
+        """Sample every scale's rows, fetch their embeddings and run the op: the part of
+        :meth:`forward` that the distributed wrapper shares (it fetches rows across ranks).
+
+        Args:
+            cnn_embeddings, swin_embeddings: per scale, (b, D, h_s, w_s) maps (only their sizes,
+                and their place in the autograd graph, are used here).
+            scales: the entries of the embedding lists that take part.
+            cnn_targets, swin_targets: (images, H, W) int64 labels of every image in the set:
+                the CNN maps' targets and the Swin maps' targets (cross pseudo-labels included).
+            num_classes: C.
+            select_rows: ``select_rows(scale, rows) -> (len(rows), D)`` embeddings of the sampled
+                ``rows``, which index the scale's maps of all ``images`` images (all CNN maps,
+                then all Swin maps) flattened pixel by pixel.
+
+        Returns:
+            ``(loss, diagnostics)`` as :meth:`forward`.
+        """
+        temperatures = _align(self.temperature, len(scales), "temperature")
+        # block sizes only mean something to the block sampler
+        block_sizes = _align(self.block_sizes, len(scales), "block_sizes") if self.sampler == "blocks" \
+            else (0,) * len(scales)
         pieces = []
         diagnostics = {"sampler": self.sampler, "loss_per_scale": [], "pixels_per_class": [], "segments": [],
                        "ignored": [], "rows": 0}
         for position, s in enumerate(scales):
-            cnn, swin = cnn_embeddings[s][:images], swin_embeddings[s][:images]
-            size = tuple(cnn.shape[2:])
-            # map order as in the public code: all CNN maps, then all Swin maps
-            features = torch.cat([cnn, swin]).permute(0, 2, 3, 1).reshape(-1, cnn.shape[1])
+            size = tuple(cnn_embeddings[s].shape[2:])
             targets = torch.cat([_resize_labels(cnn_targets, size), _resize_labels(swin_targets, size)])
             rows, lengths = self._sample(targets, block_sizes[position], num_classes)
             flat = targets.reshape(-1)[rows]
@@ -145,14 +170,14 @@ class MultiScaleContrastiveLoss(nn.Module):
             diagnostics["ignored"].append(int((targets == self.ignore_index).sum()))
             lengths = _segment_valid_counts(valid, lengths)
             rows, flat = rows[valid], flat[valid]
-            pieces.append((features[rows], flat, lengths, temperatures[position]))
+            pieces.append((select_rows(s, rows), flat, lengths, temperatures[position]))
             diagnostics["pixels_per_class"].append(torch.bincount(flat, minlength=num_classes).tolist())
             diagnostics["segments"].append(int(lengths.numel()))
             diagnostics["rows"] += int(flat.numel())
 
         per_scale = self._losses(pieces, num_classes)
         diagnostics["loss_per_scale"] = [float(v) for v in per_scale.detach()]
-        # `0 * sum` keeps the result attached to the graph when every scale is empty
+        # `0 * sum` keeps every embedding map in the graph even when none of its rows was sampled
         loss = per_scale.sum() + 0.0 * sum(e.sum() for e in cnn_embeddings[:1] + swin_embeddings[:1])
         return loss, diagnostics
 

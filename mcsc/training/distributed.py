@@ -47,12 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mcsc.losses.contrastive import (
-    MultiScaleContrastiveLoss,
-    _align,
-    _resize_labels,
-    _segment_valid_counts,
-)
+from mcsc.losses.contrastive import MultiScaleContrastiveLoss
 
 
 # ---------------------------------------------------------------------------- process group
@@ -483,9 +478,6 @@ class DistributedContrastiveLoss(nn.Module):
                                          for maps in (cnn_embeddings, swin_embeddings))
         scales = loss._check_inputs(cnn_stand_ins, swin_stand_ins, global_labels if total_labelled else None,
                                     global_cnn_logits, global_swin_logits, total_labelled)
-        temperatures = _align(loss.temperature, len(scales), "temperature")
-        block_sizes = _align(loss.block_sizes, len(scales), "block_sizes") if loss.sampler == "blocks" \
-            else (0,) * len(scales)
         num_classes = cnn_logits.shape[1]
         images = total if use_unlabelled else total_labelled
         local_images = layout.sizes()[layout.rank] if use_unlabelled else layout.labelled[layout.rank]
@@ -495,21 +487,10 @@ class DistributedContrastiveLoss(nn.Module):
         owner = torch.tensor(owner_list, dtype=torch.long, device=device)
         local_index = torch.tensor(local_list, dtype=torch.long, device=device)
 
-        pieces = []
-        diagnostics = {"sampler": loss.sampler, "loss_per_scale": [], "pixels_per_class": [], "segments": [],
-                       "ignored": [], "rows": 0}
-        for position, s in enumerate(scales):
-            cnn, swin = cnn_embeddings[s][:local_images], swin_embeddings[s][:local_images]
-            size = tuple(cnn.shape[2:])
-            pixels = size[0] * size[1]
+        def select_rows(scale: int, rows: torch.Tensor) -> torch.Tensor:
+            cnn, swin = cnn_embeddings[scale][:local_images], swin_embeddings[scale][:local_images]
+            pixels = cnn.shape[2] * cnn.shape[3]
             local_features = torch.cat([cnn, swin]).permute(0, 2, 3, 1).reshape(-1, cnn.shape[1])
-            targets = torch.cat([_resize_labels(cnn_targets, size), _resize_labels(swin_targets, size)])
-            rows, lengths = loss._sample(targets, block_sizes[position], num_classes)
-            flat = targets.reshape(-1)[rows]
-            valid = flat != loss.ignore_index
-            diagnostics["ignored"].append(int((targets == loss.ignore_index).sum()))
-            lengths = _segment_valid_counts(valid, lengths)
-            rows, flat = rows[valid], flat[valid]
             # global row -> (network, global image, pixel) -> the owning rank's local row
             maps, pixel = rows // pixels, rows % pixels
             network, image = maps // images, maps % images
@@ -519,14 +500,7 @@ class DistributedContrastiveLoss(nn.Module):
             gathered, _ = gather_rows(local_features[local_rows], group)
             # gathered holds the rows grouped by rank, each group in global order
             by_rank = torch.argsort(row_owner, stable=True)
-            features = gathered[torch.argsort(by_rank)]
-            pieces.append((features, flat, lengths, temperatures[position]))
-            diagnostics["pixels_per_class"].append(torch.bincount(flat, minlength=num_classes).tolist())
-            diagnostics["segments"].append(int(lengths.numel()))
-            diagnostics["rows"] += int(flat.numel())
+            return gathered[torch.argsort(by_rank)]
 
-        per_scale = loss._losses(pieces, num_classes)
-        diagnostics["loss_per_scale"] = [float(v) for v in per_scale.detach()]
-        # keeps every rank's embeddings in the graph even when none of its rows was sampled
-        result = per_scale.sum() + 0.0 * sum(e.sum() for e in cnn_embeddings[:1] + swin_embeddings[:1])
-        return result, diagnostics
+        return loss.contrast_sampled_rows(cnn_embeddings, swin_embeddings, scales, cnn_targets, swin_targets,
+                                          num_classes, select_rows)
