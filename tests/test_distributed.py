@@ -156,17 +156,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def ranks(tmp_path_factory):
     """Run :func:`_worker` on 2 gloo processes; the per-rank results."""
     out = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    try:
-        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-process run did not finish within {SPAWN_TIMEOUT} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_processes(_worker, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

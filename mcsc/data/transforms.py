@@ -32,20 +32,20 @@ def normalise_volume(volume: np.ndarray, low: float = 0.5, high: float = 99.5) -
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a 2D float image (H, W) to ``size`` with linear interpolation (float32)."""
-    if tuple(image.shape) == tuple(size):
-        return image.astype(np.float32, copy=False)
-    factors = (size[0] / image.shape[0], size[1] / image.shape[1])
-    out = ndimage.zoom(image.astype(np.float32), factors, order=1)
-    return _fit(out, size)
+    return _zoom_to(image.astype(np.float32, copy=False), size, order=1)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a 2D integer label map (H, W) to ``size`` with nearest-neighbour (int64)."""
-    if tuple(label.shape) == tuple(size):
-        return label.astype(np.int64, copy=False)
-    factors = (size[0] / label.shape[0], size[1] / label.shape[1])
-    out = ndimage.zoom(label.astype(np.int64), factors, order=0)
-    return _fit(out, size)
+    return _zoom_to(label.astype(np.int64, copy=False), size, order=0)
+
+
+def _zoom_to(array: np.ndarray, size: tuple[int, int], order: int) -> np.ndarray:
+    """Spline-zoom a 2D array to exactly ``size`` (no copy when it already has that size)."""
+    if tuple(array.shape) == tuple(size):
+        return array
+    factors = (size[0] / array.shape[0], size[1] / array.shape[1])
+    return _fit(ndimage.zoom(array, factors, order=order), size)
 
 
 def _fit(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
