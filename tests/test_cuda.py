@@ -12,48 +12,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+import supcon_cases
 from mcsc import supcon_loss
 from mcsc.ops import backend
-from mcsc.reference import supcon_per_anchor_reference
+from supcon_cases import (CASES, IGNORE, TEMPERATURE, assert_within_twice_eager_error,
+                          reference_loss_and_grad, scaled_atol)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TEMPERATURE = 0.1
-IGNORE = -1
 GIB = 1 << 30
 
-# (segment lengths, D, classes, fraction of ignored rows). Lengths straddle the 64-row tile
-# (63, 64, 65, 129), include empty and one-row segments; D straddles the 32-column staging
-# slice and the 128-column backward output chunk.
-CASES = {
-    "one-segment": ([200], 16, 3, 0.0),
-    "varlen-empty-segments": ([0, 70, 0, 129, 1, 64, 0], 33, 4, 0.1),
-    "one-class": ([97], 8, 1, 0.0),
-    "many-classes-wide": ([300], 130, 40, 0.0),
-    "ignored-rows": ([63, 65], 64, 3, 0.3),
-    "deep": ([150], 257, 5, 0.05),
-}
 
-
-def make_inputs(lengths, dim, num_classes, ignored, *, dtype=torch.float32, seed=0,
-                device="cuda"):
-    generator = torch.Generator().manual_seed(seed)
-    n = sum(lengths)
-    features = torch.randn(n, dim, generator=generator, dtype=torch.float64)
-    features = torch.nn.functional.normalize(features, dim=1)
-    labels = torch.randint(0, num_classes, (n,), generator=generator)
-    labels[torch.rand(n, generator=generator) < ignored] = IGNORE
-    offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
-    return (features.to(device=device, dtype=dtype), labels.to(device), offsets.to(device))
-
-
-def reference_loss_and_grad(features, labels, offsets, prevalence, upstream):
-    """float64 CPU reference: per-anchor loss, positives and d(sum upstream * loss)/dz."""
-    z = features.detach().to("cpu", torch.float64).requires_grad_(True)
-    loss, positives = supcon_per_anchor_reference(z, labels.cpu(), offsets.cpu(), TEMPERATURE,
-                                                  prevalence, IGNORE)
-    (loss * upstream.to("cpu", torch.float64)).sum().backward()
-    return loss.detach(), positives, z.grad
+def make_inputs(*case, **options):
+    return supcon_cases.make_inputs(*case, device="cuda", **options)
 
 
 def op_loss_and_grad(features, labels, offsets, prevalence, upstream):
@@ -62,10 +33,6 @@ def op_loss_and_grad(features, labels, offsets, prevalence, upstream):
                                                          prevalence, IGNORE)
     (loss * upstream.to(loss.dtype)).sum().backward()
     return loss.detach(), lse, positives, z.grad
-
-
-def scaled_atol(reference, relative):
-    return relative * max(1.0, float(reference.abs().max()))
 
 
 def test_cuda_backend_is_compiled():
@@ -118,20 +85,7 @@ def test_half_precision_within_twice_eager_error(case, dtype):
     features, labels, offsets = make_inputs(*CASES[case], dtype=dtype)
     upstream = torch.rand(features.shape[0], device="cuda", dtype=dtype)
     loss, _, _, grad = op_loss_and_grad(features, labels, offsets, True, upstream)
-
-    # Eager PyTorch on the same half-precision inputs (the reference run at that dtype).
-    z = features.detach().clone().requires_grad_(True)
-    eager_loss, _ = supcon_per_anchor_reference(z, labels, offsets, TEMPERATURE, True, IGNORE)
-    (eager_loss * upstream).sum().backward()
-
-    # Truth: float64 on the same (already rounded) inputs.
-    truth_loss, _, truth_grad = reference_loss_and_grad(features, labels, offsets, True, upstream)
-
-    def error(value, truth):
-        return float((value.cpu().double() - truth).abs().max())
-
-    assert error(loss, truth_loss) <= 2 * error(eager_loss, truth_loss) + 1e-6
-    assert error(grad, truth_grad) <= 2 * error(z.grad, truth_grad) + 1e-6
+    assert_within_twice_eager_error(loss, grad, features, labels, offsets, upstream)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

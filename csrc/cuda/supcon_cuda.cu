@@ -1,340 +1,39 @@
-// CUDA kernels of mcsc::supcon_forward and mcsc::supcon_backward (DESIGN.md section 3).
-//
-// Three kernels, each over (segment, row block) pairs with a grid sized without reading the
-// segment offsets on the host (supcon_tiles.cuh, locate_row_block):
-//   classify_rows     per row: |P(i)| (-1 for ignored rows) and a class id, the index of the
-//                     first row of the segment with the same label. Ids are int32 whatever the
-//                     label type, so the pairwise kernels compare them exactly and cheaply.
-//   forward           per row block, over the column tiles of its segment: the score tile
-//                     z_I . z_J (tensor cores for fp16/bf16/TF32), then per row an online
-//                     log-sum-exp of w_i(y_j) exp(s_ij) and the sum of s_ip over positives.
-//   backward          per (row block, 128 feature columns): the same score tiles, turned into
-//                     P_ij = G_ij + G_ji - [j in P(i)] (b_i + b_j) in shared memory, then
-//                     dz_I += P z_J (TF32 tensor cores whenever the scores use tensor cores);
-//                     so dz_i = (1/t) sum_j P_ij z_j covers the pairwise and the positive terms
-//                     of the gradient without class sums.
-// Every row's result is reduced by a fixed set of threads in a fixed order: no atomics, so the
-// outputs are bitwise reproducible. State kept between forward and backward is O(N): lse and
-// positives. Shared memory is O(tile^2) per block; nothing is O(N^2).
+// Registration of the CUDA kernels (supcon_kernels.cuh) for mcsc::supcon_forward and
+// mcsc::supcon_backward: input checks shared with the CPU kernels, device guard, current
+// stream, TF32 policy and the output layout.
 #include <ATen/Context.h>
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/cumsum.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
-#include <limits>
+#include <initializer_list>
 #include <tuple>
-#include <type_traits>
+#include <utility>
 
-#include "cuda/supcon_tiles.cuh"
+#include "cuda/supcon_kernels.cuh"
 #include "supcon_checks.h"
-#include "supcon_math.h"
 
 namespace mcsc {
 namespace cuda {
 namespace {
 
-// Labels of a column tile staged by classify_rows; 8 KiB for int64 labels.
-constexpr int kClassifyCols = 1024;
-// Class id of rows past the end of a block and columns past the end of a segment: like the
-// ignored rows' -1, negative, and equal to no row's id.
-constexpr int32_t kNoClass = std::numeric_limits<int32_t>::min();
-
-// One row per thread. With `known_positives` (backward: the forward's output) validity comes
-// from it and only class ids are needed, so a block stops scanning once each of its rows has
-// met the first row of its class; otherwise (forward) rows equal to ignore_index are ignored
-// and the whole segment is scanned to count positives.
-template <typename label_t>
-__global__ void __launch_bounds__(kThreads)
-    classify_rows_kernel(const label_t* __restrict__ labels, int64_t ignore_index,
-                         const int32_t* __restrict__ known_positives,
-                         const int64_t* __restrict__ offsets,
-                         const int64_t* __restrict__ block_offsets, int64_t num_segments,
-                         int32_t* __restrict__ positives, int32_t* __restrict__ classes) {
-  __shared__ label_t tile[kClassifyCols];
-  RowBlock block;
-  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, kThreads, block)) {
-    return;
-  }
-  const int64_t row = block.row_begin + threadIdx.x;
-  const bool has_row = row < block.row_end;
-  const label_t label = has_row ? labels[row] : label_t(0);
-  bool valid = false;
-  if (has_row) {
-    valid = known_positives != nullptr ? known_positives[row] >= 0
-                                       : static_cast<int64_t>(label) != ignore_index;
-  }
-  const bool count = positives != nullptr;
-
-  int64_t matches = 0;
-  int64_t first = -1;
-  for (int64_t col0 = block.segment_begin; col0 < block.segment_end; col0 += kClassifyCols) {
-    __syncthreads();
-    const int64_t width = min(static_cast<int64_t>(kClassifyCols), block.segment_end - col0);
-    for (int j = threadIdx.x; j < width; j += kThreads) tile[j] = labels[col0 + j];
-    __syncthreads();
-    if (valid) {
-      // An ignored row never carries a valid row's label, so equal labels mean a valid match.
-      for (int j = 0; j < width; ++j) {
-        if (tile[j] == label) {
-          ++matches;
-          if (first < 0) first = col0 + j;
-        }
-      }
-    }
-    if (!count && __syncthreads_and(!valid || first >= 0)) break;
-  }
-  if (!has_row) return;
-  classes[row] = valid ? static_cast<int32_t>(first) : -1;
-  if (count) positives[row] = valid ? static_cast<int32_t>(matches - 1) : -1;
-}
-
-template <typename scalar_t, Mma kind>
-__global__ void __launch_bounds__(kThreads)
-    supcon_forward_kernel(const scalar_t* __restrict__ z, int64_t dim,
-                          const int32_t* __restrict__ classes,
-                          const int32_t* __restrict__ positives,
-                          const int64_t* __restrict__ offsets,
-                          const int64_t* __restrict__ block_offsets, int64_t num_segments,
-                          acc_type<scalar_t> inv_temperature, bool prevalence,
-                          scalar_t* __restrict__ loss, acc_type<scalar_t>* __restrict__ lse) {
-  using acc_t = acc_type<scalar_t>;
-  using T = Tiles<acc_t>;
-  // Each row of the score tile is reduced by kRowThreads adjacent lanes of one warp.
-  constexpr int kRowThreads = kThreads / T::kRows;
-  constexpr acc_t kMinusInf = -std::numeric_limits<acc_t>::infinity();
-
-  __shared__ ScoreStaging<scalar_t, kind> staging;
-  __shared__ __align__(32) acc_t scores[T::kRows * T::kScoreLd];
-  __shared__ int32_t col_class[T::kCols];
-  __shared__ acc_t col_contrast_weight[T::kCols];
-
-  RowBlock block;
-  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, T::kRows, block)) {
-    return;
-  }
-  const int r = threadIdx.x / kRowThreads;
-  const int part = threadIdx.x % kRowThreads;
-  const int64_t row = block.row_begin + r;
-  const bool has_row = row < block.row_end;
-  const int32_t row_class = has_row ? classes[row] : kNoClass;
-  const int32_t row_positives = has_row ? positives[row] : -1;
-  const acc_t row_same_weight = same_class_weight<acc_t>(row_positives, prevalence);
-
-  // This thread's share of row `row`: sum of w exp(s) relative to running_max, and of s_ip.
-  acc_t running_max = kMinusInf;
-  acc_t running_sum = 0;
-  acc_t positive_sum = 0;
-  for (int64_t col0 = block.segment_begin; col0 < block.segment_end; col0 += T::kCols) {
-    __syncthreads();
-    for (int j = threadIdx.x; j < T::kCols; j += kThreads) {
-      const int64_t col = col0 + j;
-      const bool inside = col < block.segment_end;
-      col_class[j] = inside ? classes[col] : kNoClass;
-      col_contrast_weight[j] = inside ? contrast_weight<acc_t>(positives[col], prevalence) : 0;
-    }
-    compute_score_tile<scalar_t, kind>(scores, staging, z, dim, block.row_begin,
-                                       block.row_end, col0, block.segment_end);
-    __syncthreads();
-    // Ignored rows and rows past the block's end (class < 0) have no contrasts; a valid row
-    // gives every valid column j != i a positive weight.
-    if (row_class < 0) continue;
-
-    // Two passes over this thread's columns: the maximum first, so that no exponential of the
-    // second can overflow (flash attention's online softmax, per thread).
-    acc_t tile_max = kMinusInf;
-    for (int j = part; j < T::kCols; j += kRowThreads) {
-      if (col_class[j] < 0 || col0 + j == row) continue;
-      const acc_t similarity = scores[r * T::kScoreLd + j] * inv_temperature;
-      if (col_class[j] == row_class) positive_sum += similarity;
-      tile_max = max(tile_max, similarity);
-    }
-    if (tile_max == kMinusInf) continue;
-    acc_t tile_sum = 0;
-    for (int j = part; j < T::kCols; j += kRowThreads) {
-      if (col_class[j] < 0 || col0 + j == row) continue;
-      const acc_t weight =
-          pair_weight(row_class, col_class[j], row_same_weight, col_contrast_weight[j]);
-      tile_sum += weight * std::exp(scores[r * T::kScoreLd + j] * inv_temperature - tile_max);
-    }
-    merge_log_sum_exp(running_max, running_sum, tile_max, tile_sum);
-  }
-
-  // Combine the kRowThreads shares of each row (a fixed butterfly: deterministic).
-#pragma unroll
-  for (int offset = kRowThreads / 2; offset > 0; offset /= 2) {
-    const acc_t other_max = __shfl_xor_sync(0xffffffffu, running_max, offset);
-    const acc_t other_sum = __shfl_xor_sync(0xffffffffu, running_sum, offset);
-    positive_sum += __shfl_xor_sync(0xffffffffu, positive_sum, offset);
-    if (other_max != kMinusInf) merge_log_sum_exp(running_max, running_sum, other_max, other_sum);
-  }
-  if (!has_row || part != 0) return;
-  // -inf (log 0) for ignored rows and rows without any contrast; neither is an anchor.
-  const acc_t row_lse = running_max + std::log(running_sum);
-  lse[row] = row_lse;
-  loss[row] = static_cast<scalar_t>(anchor_loss(row_lse, positive_sum, row_positives));
-}
-
-// Two resident blocks per SM at least (128 registers per thread): without the bound the TF32
-// instantiation takes about 200 registers and runs one block of 8 warps per SM.
-template <typename scalar_t, Mma kind>
-__global__ void __launch_bounds__(kThreads, 2)
-    supcon_backward_kernel(const scalar_t* __restrict__ z, int64_t dim,
-                           const int32_t* __restrict__ classes,
-                           const int32_t* __restrict__ positives,
-                           const acc_type<scalar_t>* __restrict__ lse,
-                           const acc_type<scalar_t>* __restrict__ grad_loss,
-                           const int64_t* __restrict__ offsets,
-                           const int64_t* __restrict__ block_offsets, int64_t num_segments,
-                           acc_type<scalar_t> inv_temperature, bool prevalence,
-                           scalar_t* __restrict__ grad) {
-  using acc_t = acc_type<scalar_t>;
-  using T = Tiles<acc_t>;
-  constexpr int kRowThreads = kThreads / T::kRows;
-  // Tensor cores for P z_J whenever the scores use them: TF32 is exact for fp16/bf16 features
-  // and allowed by the user for float32 ones.
-  constexpr bool kTensorCoreGradient = kind != Mma::Fma && kHasTf32TensorCores;
-  using Gradient = GradientTile<acc_t, kTensorCoreGradient>;
-  // Rows of z_J staged at a time for the product P z_J.
-  constexpr int kValueRows = 16;
-  // The write-out scratch of the tensor-core GradientTile (256 floats per warp) is `values`.
-  static_assert(!kTensorCoreGradient || kValueRows * T::kOutLd >= kThreads / 32 * 256,
-                "values is too small to serve as write-out scratch");
-
-  __shared__ ScoreStaging<scalar_t, kind> staging;
-  __shared__ __align__(32) acc_t scores[T::kRows * T::kScoreLd];
-  __shared__ __align__(32) acc_t values[kValueRows * T::kOutLd];
-  __shared__ int32_t col_class[T::kCols];
-  __shared__ acc_t col_same_weight[T::kCols];
-  __shared__ acc_t col_contrast_weight[T::kCols];
-  __shared__ acc_t col_anchor[T::kCols];
-  __shared__ acc_t col_positive_grad[T::kCols];
-  __shared__ acc_t col_lse[T::kCols];
-
-  RowBlock block;
-  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, T::kRows, block)) {
-    return;
-  }
-  const int64_t out_col0 = static_cast<int64_t>(blockIdx.y) * T::kOutCols;
-
-  // Thread layout of the pair step: row r of the tile, columns part + kRowThreads c.
-  const int r = threadIdx.x / kRowThreads;
-  const int part = threadIdx.x % kRowThreads;
-  const int64_t row = block.row_begin + r;
-  const bool has_row = row < block.row_end;
-  const int32_t row_class = has_row ? classes[row] : kNoClass;
-  const int32_t row_positives = has_row ? positives[row] : -1;
-  const acc_t row_grad = has_row ? grad_loss[row] : acc_t(0);
-  const acc_t row_same_weight = same_class_weight<acc_t>(row_positives, prevalence);
-  const acc_t row_contrast_weight = contrast_weight<acc_t>(row_positives, prevalence);
-  const acc_t row_anchor = anchor_grad_weight(row_grad, row_positives);
-  const acc_t row_positive_grad = positive_grad_weight(row_grad, row_positives);
-  const acc_t row_lse = row_anchor != 0 ? lse[row] : acc_t(0);
-
-  Gradient gradient;
-
-  for (int64_t col0 = block.segment_begin; col0 < block.segment_end; col0 += T::kCols) {
-    __syncthreads();
-    for (int j = threadIdx.x; j < T::kCols; j += kThreads) {
-      const int64_t col = col0 + j;
-      const bool inside = col < block.segment_end;
-      const int32_t col_positives = inside ? positives[col] : -1;
-      const acc_t col_grad = inside ? grad_loss[col] : acc_t(0);
-      col_class[j] = inside ? classes[col] : kNoClass;
-      col_same_weight[j] = same_class_weight<acc_t>(col_positives, prevalence);
-      col_contrast_weight[j] = contrast_weight<acc_t>(col_positives, prevalence);
-      col_anchor[j] = anchor_grad_weight(col_grad, col_positives);
-      col_positive_grad[j] = positive_grad_weight(col_grad, col_positives);
-      col_lse[j] = col_anchor[j] != 0 ? lse[col] : acc_t(0);
-    }
-    compute_score_tile<scalar_t, kind>(scores, staging, z, dim, block.row_begin,
-                                       block.row_end, col0, block.segment_end);
-    __syncthreads();
-
-    // Scores become P_ij in place; each element is read and written by the same thread.
-    for (int j = part; j < T::kCols; j += kRowThreads) {
-      // Pairs with an ignored row (or a column past the segment's end: class < 0) contribute
-      // nothing; skipping them also avoids exp overflow times a zero weight.
-      acc_t p = 0;
-      if (row_class >= 0 && col_class[j] >= 0 && col0 + j != row) {
-        const acc_t similarity = scores[r * T::kScoreLd + j] * inv_temperature;
-        p = symmetric_pair_gradient(similarity, row_class, col_class[j], row_anchor, row_lse,
-                                    row_same_weight, row_contrast_weight, col_anchor[j],
-                                    col_lse[j], col_same_weight[j], col_contrast_weight[j]);
-        // Positive term: -(1/t) sum_{p in P(i)} (b_i + b_p) z_p; b is 0 for ignored rows.
-        if (col_class[j] == row_class) p -= row_positive_grad + col_positive_grad[j];
-      }
-      scores[r * T::kScoreLd + j] = p;
-    }
-
-    // out += P[:, k0:k0+16] z_J[k0:k0+16, out_col0:out_col0+kOutCols], z_J in slices of rows.
-    for (int k0 = 0; k0 < T::kCols && col0 + k0 < block.segment_end; k0 += kValueRows) {
-      __syncthreads();
-      for (int index = threadIdx.x; index < kValueRows * T::kOutCols; index += kThreads) {
-        const int k = index / T::kOutCols;
-        const int c = index % T::kOutCols;
-        const int64_t value_row = col0 + k0 + k;
-        const int64_t value_col = out_col0 + c;
-        values[k * T::kOutLd + c] = (value_row < block.segment_end && value_col < dim)
-                                        ? static_cast<acc_t>(z[value_row * dim + value_col])
-                                        : acc_t(0);
-      }
-      __syncthreads();
-      gradient.accumulate(scores, values, k0);
-    }
-  }
-  // Every warp is done with `values` before it becomes the write-out scratch.
-  __syncthreads();
-  gradient.write(grad, dim, block.row_begin, block.row_end, out_col0, inv_temperature, values);
-}
-
 constexpr std::initializer_list<at::ScalarType> kFeatureDtypes = {at::kFloat, at::kHalf,
                                                                    at::kBFloat16, at::kDouble};
 
-at::ScalarType accumulation_dtype(const at::Tensor& features) {
-  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// Launches kernels of kThreads threads on one stream, checking each launch.
+struct StreamLaunch {
+  cudaStream_t stream;
 
-// block_offsets[s] = sum_{s' < s} ceil(len_{s'} / rows_per_block), computed on the device.
-at::Tensor row_block_offsets(const at::Tensor& segments, int64_t rows_per_block) {
-  const at::Tensor lengths = segments.slice(0, 1).sub(segments.slice(0, 0, -1));
-  const at::Tensor blocks = lengths.add(rows_per_block - 1).div(rows_per_block, "floor");
-  return at::cat({at::zeros({1}, segments.options()), at::cumsum(blocks, 0)});
-}
-
-// Enough blocks for any offsets: each segment adds at most one partial block.
-int64_t row_block_bound(int64_t rows, int64_t num_segments, int64_t rows_per_block) {
-  return (rows + rows_per_block - 1) / rows_per_block + num_segments;
-}
-
-// Class ids (and, without known_positives, positives) of every row; see classify_rows_kernel.
-void classify_rows(const at::Tensor& labels, int64_t ignore_index,
-                   const int32_t* known_positives, const at::Tensor& segments,
-                   int32_t* positives, at::Tensor& classes, cudaStream_t stream) {
-  const int64_t rows = labels.size(0);
-  const int64_t num_segments = segments.numel() - 1;
-  const at::Tensor block_offsets = row_block_offsets(segments, kThreads);
-  const int64_t grid = row_block_bound(rows, num_segments, kThreads);
-  AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "mcsc_classify_rows", [&] {
-    classify_rows_kernel<index_t><<<grid, kThreads, 0, stream>>>(
-        labels.const_data_ptr<index_t>(), ignore_index, known_positives,
-        segments.const_data_ptr<int64_t>(), block_offsets.const_data_ptr<int64_t>(),
-        num_segments, positives, classes.mutable_data_ptr<int32_t>());
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), int64_t grid_x, int64_t grid_y,
+                  Args&&... args) const {
+    const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+    kernel<<<grid, kThreads, 0, stream>>>(std::forward<Args>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-template <Mma kind>
-using MmaTag = std::integral_constant<Mma, kind>;
+  }
+};
 
 // Whether float32 matmuls may use TF32: torch.backends.cuda.matmul.allow_tf32 = True,
 // torch.set_float32_matmul_precision("high") and torch.backends.cuda.matmul.fp32_precision =
@@ -346,112 +45,33 @@ bool float32_matmul_allows_tf32() {
          at::Float32Precision::TF32;
 }
 
-// Calls launch(MmaTag<kind>{}) with the multiply kind for scalar_t: tensor cores for fp16/bf16,
-// TF32 for float32 when float32 matmuls may use it, FMA otherwise.
-template <typename scalar_t, typename Launch>
-void with_mma_kind(const Launch& launch) {
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    launch(MmaTag<Mma::Fma>{});
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (float32_matmul_allows_tf32()) {
-      launch(MmaTag<Mma::Tf32>{});
-    } else {
-      launch(MmaTag<Mma::Fma>{});
-    }
-  } else {
-    launch(MmaTag<Mma::Wmma>{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
-    const at::Tensor& features_in, const at::Tensor& labels_in, const at::Tensor& segments_in,
+    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& segments,
     double temperature, bool prevalence, int64_t ignore_index) {
-  check_op_inputs(features_in, labels_in, segments_in, c10::DeviceType::CUDA, kFeatureDtypes);
-  const c10::cuda::CUDAGuard guard(features_in.device());
-  const at::Tensor features = features_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor segments = segments_in.contiguous();
-  const int64_t rows = features.size(0);
-  const int64_t dim = features.size(1);
-  const int64_t num_segments = segments.numel() - 1;
-
-  at::Tensor loss = at::zeros({rows}, features.options());
-  at::Tensor lse = at::empty({rows}, features.options().dtype(accumulation_dtype(features)));
-  at::Tensor positives = at::empty({rows}, features.options().dtype(at::kInt));
-  if (rows == 0) return {loss, lse, positives};
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor classes = at::empty({rows}, features.options().dtype(at::kInt));
-  classify_rows(labels, ignore_index, nullptr, segments, positives.mutable_data_ptr<int32_t>(),
-                classes, stream);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
-                                  "mcsc_supcon_forward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    constexpr int64_t kRows = Tiles<acc_t>::kRows;
-    const at::Tensor block_offsets = row_block_offsets(segments, kRows);
-    const int64_t grid = row_block_bound(rows, num_segments, kRows);
-    with_mma_kind<scalar_t>([&](auto tag) {
-      constexpr Mma kind = decltype(tag)::value;
-      supcon_forward_kernel<scalar_t, kind><<<grid, kThreads, 0, stream>>>(
-          features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
-          positives.const_data_ptr<int32_t>(), segments.const_data_ptr<int64_t>(),
-          block_offsets.const_data_ptr<int64_t>(), num_segments,
-          static_cast<acc_t>(1.0 / temperature), prevalence, loss.mutable_data_ptr<scalar_t>(),
-          lse.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {loss, lse, positives};
+  check_op_inputs(features, labels, segments, c10::DeviceType::CUDA, kFeatureDtypes);
+  const c10::cuda::CUDAGuard guard(features.device());
+  return launch_supcon_forward(StreamLaunch{at::cuda::getCurrentCUDAStream()},
+                               features.contiguous(), labels.contiguous(),
+                               segments.contiguous(), temperature, prevalence, ignore_index,
+                               float32_matmul_allows_tf32());
 }
 
-at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& features_in,
-                                const at::Tensor& labels_in, const at::Tensor& segments_in,
-                                const at::Tensor& lse_in, const at::Tensor& positives_in,
+at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& features,
+                                const at::Tensor& labels, const at::Tensor& segments,
+                                const at::Tensor& lse, const at::Tensor& positives,
                                 double temperature, bool prevalence) {
-  check_backward_inputs(grad_loss_in, features_in, labels_in, segments_in, lse_in, positives_in,
+  check_backward_inputs(grad_loss, features, labels, segments, lse, positives,
                         c10::DeviceType::CUDA, kFeatureDtypes);
-  const at::ScalarType acc_dtype = accumulation_dtype(features_in);
-  const c10::cuda::CUDAGuard guard(features_in.device());
-  const at::Tensor features = features_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor segments = segments_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor positives = positives_in.contiguous();
-  const at::Tensor grad_loss = grad_loss_in.to(acc_dtype).contiguous();
-  const int64_t rows = features.size(0);
-  const int64_t dim = features.size(1);
-  const int64_t num_segments = segments.numel() - 1;
-
-  // Laid out like empty_like(features_in), as the fake kernel promises.
-  at::Tensor grad_in_layout = at::empty_like(features_in);
-  if (rows == 0) return grad_in_layout;
-  at::Tensor grad = grad_in_layout.is_contiguous() ? grad_in_layout : at::empty_like(features);
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor classes = at::empty({rows}, features.options().dtype(at::kInt));
-  classify_rows(labels, /*ignore_index=*/0, positives.const_data_ptr<int32_t>(), segments,
-                /*positives=*/nullptr, classes, stream);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
-                                  "mcsc_supcon_backward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    using T = Tiles<acc_t>;
-    const at::Tensor block_offsets = row_block_offsets(segments, T::kRows);
-    const dim3 grid(row_block_bound(rows, num_segments, T::kRows),
-                    (dim + T::kOutCols - 1) / T::kOutCols);
-    with_mma_kind<scalar_t>([&](auto tag) {
-      constexpr Mma kind = decltype(tag)::value;
-      supcon_backward_kernel<scalar_t, kind><<<grid, kThreads, 0, stream>>>(
-          features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
-          positives.const_data_ptr<int32_t>(), lse.const_data_ptr<acc_t>(),
-          grad_loss.const_data_ptr<acc_t>(), segments.const_data_ptr<int64_t>(),
-          block_offsets.const_data_ptr<int64_t>(), num_segments,
-          static_cast<acc_t>(1.0 / temperature), prevalence, grad.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  if (!grad.is_same(grad_in_layout)) grad_in_layout.copy_(grad);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor grad = launch_supcon_backward(
+      StreamLaunch{at::cuda::getCurrentCUDAStream()},
+      grad_loss.to(accumulation_dtype(features)).contiguous(), features.contiguous(),
+      labels.contiguous(), segments.contiguous(), lse.contiguous(), positives.contiguous(),
+      temperature, prevalence, float32_matmul_allows_tf32());
+  // Laid out like empty_like(features), as the fake kernel promises.
+  if (features.is_contiguous()) return grad;
+  at::Tensor grad_in_layout = at::empty_like(features);
+  grad_in_layout.copy_(grad);
   return grad_in_layout;
 }
 

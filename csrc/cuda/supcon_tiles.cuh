@@ -142,19 +142,19 @@ __device__ __forceinline__ bool locate_row_block(const int64_t* __restrict__ off
   return true;
 }
 
-// Copies rows [row0, row_end) x columns [k0, k0 + DEPTH) of z (row-major, `dim` columns) into
-// a ROWS x DEPTH shared tile of pitch LD. Outside the rows or columns it writes zeros, so
-// partial tiles add nothing to the dot products.
-template <int ROWS, int DEPTH, int LD, typename Stage, typename scalar_t>
-__device__ __forceinline__ void stage_rows(Stage* __restrict__ tile,
-                                           const scalar_t* __restrict__ z, int64_t dim,
-                                           int64_t row0, int64_t row_end, int64_t k0) {
-  for (int index = threadIdx.x; index < ROWS * DEPTH; index += kThreads) {
-    const int r = index / DEPTH;
-    const int k = index % DEPTH;
+// Copies the window rows [row0, row_end) x columns [col0, col0 + COLS) of z (row-major, `dim`
+// columns) into a ROWS x COLS shared tile of pitch LD, converted to Stage. Outside the rows or
+// columns it writes zeros, so partial tiles add nothing to the products they feed.
+template <int ROWS, int COLS, int LD, typename Stage, typename scalar_t>
+__device__ __forceinline__ void stage_window(Stage* __restrict__ tile,
+                                             const scalar_t* __restrict__ z, int64_t dim,
+                                             int64_t row0, int64_t row_end, int64_t col0) {
+  for (int index = threadIdx.x; index < ROWS * COLS; index += kThreads) {
+    const int r = index / COLS;
+    const int c = index % COLS;
     const int64_t row = row0 + r;
-    const int64_t column = k0 + k;
-    tile[r * LD + k] = (row < row_end && column < dim) ? to_stage<Stage>(z[row * dim + column])
+    const int64_t column = col0 + c;
+    tile[r * LD + c] = (row < row_end && column < dim) ? to_stage<Stage>(z[row * dim + column])
                                                        : to_stage<Stage>(0.0f);
   }
 }
@@ -207,8 +207,8 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
     wmma::fill_fragment(accumulators[1], 0.0f);
     for (int64_t k0 = 0; k0 < dim; k0 += T::kDepth) {
       __syncthreads();
-      stage_rows<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0);
-      stage_rows<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0);
+      stage_window<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0);
+      stage_window<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < T::kDepth; kk += kFragK) {
@@ -248,8 +248,8 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
   acc_t sums[kRowsPerThread][kColsPerThread] = {};
   for (int64_t k0 = 0; k0 < dim; k0 += T::kDepth) {
     __syncthreads();
-    stage_rows<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0);
-    stage_rows<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0);
+    stage_window<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0);
+    stage_window<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0);
     __syncthreads();
 #pragma unroll 4
     for (int k = 0; k < T::kDepth; ++k) {

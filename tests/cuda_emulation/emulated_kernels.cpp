@@ -1,0 +1,137 @@
+// mcsc's CUDA kernels and their host-side launch code (csrc/cuda/supcon_kernels.cuh), compiled
+// for the CPU against the emulator in include/, as a Python module for the tests
+// (tests/test_cuda_emulated.py builds it with torch.utils.cpp_extension.load).
+//
+// forward/backward take CPU tensors, choose the multiply path as the CUDA op would (fp16/bf16:
+// tensor cores; float32: TF32 tensor cores with allow_tf32, else FMA; float64: FMA) and run the
+// threads of each phase in ascending or descending order. misuse(name, ...) runs small kernels
+// with deliberate barrier and alignment mistakes, to show that the emulator catches them.
+#include <torch/extension.h>
+
+#include "cuda_emulator.h"
+#include "cuda/supcon_kernels.cuh"
+#include "mma.h"
+
+#include <string>
+#include <tuple>
+#include <utility>
+
+namespace {
+
+struct EmulatedLaunch {
+  bool descending;
+
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), int64_t grid_x, int64_t grid_y,
+                  Args&&... args) const {
+    cuda_emulator::launch(kernel, grid_x, grid_y, mcsc::cuda::kThreads, descending,
+                          std::forward<Args>(args)...);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& features,
+                                                       const at::Tensor& labels,
+                                                       const at::Tensor& segments,
+                                                       double temperature, bool prevalence,
+                                                       int64_t ignore_index, bool allow_tf32,
+                                                       bool descending) {
+  return mcsc::cuda::launch_supcon_forward(EmulatedLaunch{descending}, features.contiguous(),
+                                           labels.contiguous(), segments.contiguous(),
+                                           temperature, prevalence, ignore_index, allow_tf32);
+}
+
+at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& features,
+                    const at::Tensor& labels, const at::Tensor& segments, const at::Tensor& lse,
+                    const at::Tensor& positives, double temperature, bool prevalence,
+                    bool allow_tf32, bool descending) {
+  return mcsc::cuda::launch_supcon_backward(
+      EmulatedLaunch{descending},
+      grad_loss.to(mcsc::cuda::accumulation_dtype(features)).contiguous(),
+      features.contiguous(), labels.contiguous(), segments.contiguous(), lse.contiguous(),
+      positives.contiguous(), temperature, prevalence, allow_tf32);
+}
+
+// ---- Kernels with deliberate mistakes -----------------------------------------------------
+
+// Odd threads leave before a __syncthreads the even ones wait at.
+__global__ void divergent_barrier_kernel(float* out, float base) {
+  if (threadIdx.x % 2 == 1) return;
+  __syncthreads();
+  out[threadIdx.x] = base;
+}
+
+// Half of each warp shuffles, the other half does not.
+__global__ void divergent_shuffle_kernel(float* out, float base) {
+  float value = base + threadIdx.x;
+  if (threadIdx.x % 32 < 16) value = __shfl_xor_sync(0xffffffffu, value, 1);
+  out[threadIdx.x] = value;
+}
+
+// Each thread reads its neighbour's shared value, with or without the barrier between the
+// write and the read that makes this correct.
+template <bool kBarrier>
+__global__ void neighbour_kernel(float* out, float base) {
+  __shared__ float values[mcsc::cuda::kThreads];
+  values[threadIdx.x] = base + threadIdx.x;
+  if (kBarrier) __syncthreads();
+  out[threadIdx.x] = values[(threadIdx.x + 1) % mcsc::cuda::kThreads];
+}
+
+// A WMMA load 16 bytes past a 32-byte boundary.
+__global__ void misaligned_wmma_kernel(float* out, float base) {
+  __shared__ __align__(32) __half tile[16 * 24];
+  for (int i = threadIdx.x; i < 16 * 24; i += mcsc::cuda::kThreads) tile[i] = __float2half(base);
+  __syncthreads();
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
+  nvcuda::wmma::load_matrix_sync(a, tile + 8, 24);
+  out[threadIdx.x] = __half2float(a.x[0]);
+}
+
+// A tile stored by the warp's lanes is read back by each lane, with or without the
+// __syncwarp after the store.
+template <bool kSyncWarp>
+__global__ void wmma_store_kernel(float* out, float base) {
+  __shared__ __align__(32) float tile[8 * 256];
+  float* own = tile + threadIdx.x / 32 * 256;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c;
+  nvcuda::wmma::fill_fragment(c, base);
+  nvcuda::wmma::store_matrix_sync(own, c, 16, nvcuda::wmma::mem_row_major);
+  if (kSyncWarp) __syncwarp();
+  float sum = 0;
+  for (int e = threadIdx.x % 32; e < 256; e += 32) sum += own[e];
+  out[threadIdx.x] = sum;
+}
+
+at::Tensor misuse(const std::string& name, double base, bool descending) {
+  at::Tensor out = at::zeros({mcsc::cuda::kThreads}, at::kFloat);
+  const auto run = [&](void (*kernel)(float*, float)) {
+    cuda_emulator::launch(kernel, 1, 1, mcsc::cuda::kThreads, descending,
+                          out.mutable_data_ptr<float>(), static_cast<float>(base));
+  };
+  if (name == "divergent_barrier") {
+    run(&divergent_barrier_kernel);
+  } else if (name == "divergent_shuffle") {
+    run(&divergent_shuffle_kernel);
+  } else if (name == "neighbour_synchronised") {
+    run(&neighbour_kernel<true>);
+  } else if (name == "neighbour_racy") {
+    run(&neighbour_kernel<false>);
+  } else if (name == "misaligned_wmma") {
+    run(&misaligned_wmma_kernel);
+  } else if (name == "wmma_store_synchronised") {
+    run(&wmma_store_kernel<true>);
+  } else if (name == "wmma_store_racy") {
+    run(&wmma_store_kernel<false>);
+  } else {
+    TORCH_CHECK(false, "unknown misuse kernel ", name);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "mcsc::supcon_forward's CUDA kernels, emulated on the CPU");
+  m.def("backward", &backward, "mcsc::supcon_backward's CUDA kernels, emulated on the CPU");
+  m.def("misuse", &misuse, "a kernel with a deliberate barrier or alignment mistake");
+}

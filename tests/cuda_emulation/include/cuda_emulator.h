@@ -1,0 +1,284 @@
+// A CPU emulation of the CUDA execution model, enough to run mcsc's kernels unchanged on a
+// machine without a GPU (tests/test_cuda_emulated.py).
+//
+// Each CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
+// another. A fiber runs until it reaches a barrier (__syncthreads, __syncthreads_and,
+// __syncwarp, __shfl_xor_sync) or exits; once every fiber waits, the scheduler releases the
+// barrier. Between two barriers the threads run one at a time in a chosen order (ascending or
+// descending thread index), so a missing barrier -- one thread reading shared memory that
+// another writes in the same phase -- makes the two orders give different results. A barrier
+// that not every thread of its block (or warp) reaches is reported as an error, as
+// compute-sanitizer's synccheck would.
+//
+// What it does not model: the memory model beyond barriers, warp-synchronous execution without
+// barriers, the real register layout of WMMA fragments (include/mma.h), performance, and the
+// limits of shared memory and registers (nvcc checks those when CI compiles the kernels).
+#pragma once
+
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// CUDA's qualifiers. __shared__ variables become function statics: one copy per kernel
+// instantiation, which is right because blocks run one at a time.
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
+namespace cuda_emulator {
+
+struct Index3 {
+  unsigned x = 0;
+  unsigned y = 0;
+  unsigned z = 0;
+};
+
+constexpr int kWarpSize = 32;
+
+// A barrier misuse or a failed check, thrown by launch() on the host's stack.
+struct KernelError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum class Wait { Running, Block, Warp, Exited };
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  Index3 thread_index;
+  Wait wait = Wait::Running;
+  // The value a thread offers to a barrier (its predicate, or the bits of a shuffled value and
+  // the lane it reads), and what it gets back.
+  uint64_t offered = 0;
+  int source_lane = 0;
+  uint64_t received = 0;
+};
+
+class Scheduler {
+ public:
+  static Scheduler& instance() {
+    static Scheduler scheduler;
+    return scheduler;
+  }
+
+  Fiber& current() { return *current_; }
+  const Index3& block_index() const { return block_index_; }
+  // Counts the blocks run so far: state kept for the block that runs can tell a new block.
+  uint64_t block_serial() const { return block_serial_; }
+
+  // Runs body() as every thread of a block of `threads` threads (a multiple of 32), one block
+  // after another over the grid; `descending` runs the threads of a phase in reverse order.
+  void launch(int64_t grid_x, int64_t grid_y, int threads, bool descending,
+              const std::function<void()>& body) {
+    if (threads <= 0 || threads % kWarpSize != 0) {
+      throw KernelError("cuda_emulator: block size must be a positive multiple of 32");
+    }
+    fibers_.resize(threads);
+    for (Fiber& fiber : fibers_) {
+      if (!fiber.stack) fiber.stack.reset(new char[kStackBytes]);
+    }
+    body_ = &body;
+    for (int64_t y = 0; y < grid_y; ++y) {
+      for (int64_t x = 0; x < grid_x; ++x) {
+        block_index_ = {static_cast<unsigned>(x), static_cast<unsigned>(y), 0};
+        run_block(descending);
+      }
+    }
+  }
+
+  // Called by the fibers: wait at a barrier of `kind` offering `value`, reading lane `source`.
+  uint64_t wait_at(Wait kind, uint64_t value, int source) {
+    Fiber& fiber = current();
+    fiber.wait = kind;
+    fiber.offered = value;
+    fiber.source_lane = source;
+    swapcontext(&fiber.context, &host_);
+    return fiber.received;
+  }
+
+  // A failed check inside a kernel: abandon the block and report `message` from launch().
+  [[noreturn]] void fail(const std::string& message) {
+    error_ = message;
+    swapcontext(&current().context, &host_);
+    __builtin_unreachable();
+  }
+
+ private:
+  static constexpr size_t kStackBytes = 256 * 1024;
+
+  static void fiber_main() {
+    Scheduler& scheduler = instance();
+    (*scheduler.body_)();
+    scheduler.current().wait = Wait::Exited;
+  }
+
+  std::string block_name() const {
+    return "block (" + std::to_string(block_index_.x) + ", " + std::to_string(block_index_.y) +
+           ")";
+  }
+
+  void run_block(bool descending) {
+    ++block_serial_;
+    const int threads = static_cast<int>(fibers_.size());
+    for (int t = 0; t < threads; ++t) {
+      Fiber& fiber = fibers_[t];
+      fiber.thread_index = {static_cast<unsigned>(t), 0, 0};
+      fiber.wait = Wait::Running;
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = fiber.stack.get();
+      fiber.context.uc_stack.ss_size = kStackBytes;
+      fiber.context.uc_link = &host_;
+      makecontext(&fiber.context, &Scheduler::fiber_main, 0);
+    }
+    error_.clear();
+    while (true) {
+      for (int step = 0; step < threads; ++step) {
+        const int t = descending ? threads - 1 - step : step;
+        if (fibers_[t].wait != Wait::Running) continue;
+        current_ = &fibers_[t];
+        swapcontext(&host_, &fibers_[t].context);
+        if (!error_.empty()) throw KernelError(error_ + " (" + block_name() + ")");
+      }
+      if (release_warps()) continue;
+      if (release_block()) continue;
+      return;
+    }
+  }
+
+  // Releases every warp whose 32 lanes all wait at a warp barrier; throws if some lanes of a
+  // warp wait there while others went elsewhere.
+  bool release_warps() {
+    bool released = false;
+    for (size_t first = 0; first < fibers_.size(); first += kWarpSize) {
+      int waiting = 0;
+      for (int lane = 0; lane < kWarpSize; ++lane) {
+        waiting += fibers_[first + lane].wait == Wait::Warp;
+      }
+      if (waiting == 0) continue;
+      if (waiting != kWarpSize) {
+        throw KernelError("cuda_emulator: divergent warp barrier in " + block_name() + ": " +
+                          std::to_string(waiting) + " of the 32 lanes of warp " +
+                          std::to_string(first / kWarpSize) +
+                          " wait at __syncwarp/__shfl_xor_sync, the others do not");
+      }
+      for (int lane = 0; lane < kWarpSize; ++lane) {
+        Fiber& fiber = fibers_[first + lane];
+        fiber.received = fibers_[first + (fiber.source_lane & (kWarpSize - 1))].offered;
+      }
+      for (int lane = 0; lane < kWarpSize; ++lane) fibers_[first + lane].wait = Wait::Running;
+      released = true;
+    }
+    return released;
+  }
+
+  // Releases a __syncthreads that every thread reached (the AND of the offered predicates goes
+  // back to each); false when all threads exited; throws when only some threads wait.
+  bool release_block() {
+    int waiting = 0;
+    int exited = 0;
+    uint64_t all = 1;
+    for (const Fiber& fiber : fibers_) {
+      waiting += fiber.wait == Wait::Block;
+      exited += fiber.wait == Wait::Exited;
+      all &= fiber.offered != 0 ? 1 : 0;
+    }
+    if (exited == static_cast<int>(fibers_.size())) return false;
+    if (waiting != static_cast<int>(fibers_.size())) {
+      throw KernelError("cuda_emulator: divergent __syncthreads in " + block_name() + ": " +
+                        std::to_string(waiting) + " threads wait at it, " +
+                        std::to_string(exited) + " have exited");
+    }
+    for (Fiber& fiber : fibers_) {
+      fiber.received = all;
+      fiber.wait = Wait::Running;
+    }
+    return true;
+  }
+
+  std::vector<Fiber> fibers_;
+  Fiber* current_ = nullptr;
+  ucontext_t host_;
+  Index3 block_index_;
+  uint64_t block_serial_ = 0;
+  const std::function<void()>* body_ = nullptr;
+  std::string error_;
+};
+
+// Runs kernel(args...) over a grid_x x grid_y grid of blocks of `threads` threads.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int64_t grid_x, int64_t grid_y, int threads,
+            bool descending, Args&&... args) {
+  const std::function<void()> body = [&] { kernel(static_cast<Params>(args)...); };
+  Scheduler::instance().launch(grid_x, grid_y, threads, descending, body);
+}
+
+template <typename T>
+uint64_t to_bits(T value) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  return bits;
+}
+
+template <typename T>
+T from_bits(uint64_t bits) {
+  T value;
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+inline void require_full_warp(unsigned mask, const char* function) {
+  if (mask != 0xffffffffu) {
+    Scheduler::instance().fail(std::string("cuda_emulator: ") + function +
+                               " is only emulated for the full-warp mask 0xffffffff");
+  }
+}
+
+}  // namespace cuda_emulator
+
+#define threadIdx (::cuda_emulator::Scheduler::instance().current().thread_index)
+#define blockIdx (::cuda_emulator::Scheduler::instance().block_index())
+
+inline void __syncthreads() {
+  ::cuda_emulator::Scheduler::instance().wait_at(::cuda_emulator::Wait::Block, 1, 0);
+}
+
+inline int __syncthreads_and(int predicate) {
+  return static_cast<int>(::cuda_emulator::Scheduler::instance().wait_at(
+      ::cuda_emulator::Wait::Block, predicate != 0, 0));
+}
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  ::cuda_emulator::require_full_warp(mask, "__syncwarp");
+  ::cuda_emulator::Scheduler::instance().wait_at(::cuda_emulator::Wait::Warp, 0, 0);
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  ::cuda_emulator::require_full_warp(mask, "__shfl_xor_sync");
+  const int lane = static_cast<int>(threadIdx.x) % ::cuda_emulator::kWarpSize;
+  return ::cuda_emulator::from_bits<T>(::cuda_emulator::Scheduler::instance().wait_at(
+      ::cuda_emulator::Wait::Warp, ::cuda_emulator::to_bits(value), lane ^ lane_mask));
+}
+
+// CUDA's min and max of two values of one type.
+template <typename T>
+T min(T a, T b) {
+  return b < a ? b : a;
+}
+
+template <typename T>
+T max(T a, T b) {
+  return a < b ? b : a;
+}

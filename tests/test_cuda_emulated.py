@@ -1,0 +1,228 @@
+"""The CUDA kernels, run on the CPU by an emulation of the CUDA thread model.
+
+tests/cuda_emulation compiles csrc/cuda/supcon_kernels.cuh -- the very kernels and launch code
+the CUDA op runs -- with g++ against a fiber-based emulator of threads, barriers, warp
+shuffles and WMMA (see tests/cuda_emulation/include). This checks on a machine without a GPU
+what test_cuda.py checks on one, as far as the emulation reaches:
+
+* every multiply path (float64 FMA, float32 FMA, float32 TF32, fp16 and bf16 WMMA) against the
+  float64 reference, forward and gradient, over segment layouts with empty, one-row and long
+  segments, ignored rows, absent classes and D past the tile widths;
+* barrier placement: every kernel gives bitwise the same results when the threads between two
+  barriers run in ascending or in descending order (a missing barrier changes them), and no
+  barrier is reached by only part of a block or warp (the emulator raises);
+* WMMA alignment rules (the emulator raises on a misaligned load or store).
+
+It does not check what only hardware shows: the memory model, fragment register layouts,
+shared-memory and register limits, speed. Those are test_cuda.py's, on a GPU.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from mcsc.ops import backend
+from supcon_cases import (CASES, IGNORE, TEMPERATURE, assert_within_twice_eager_error,
+                          make_inputs, reference_loss_and_grad, scaled_atol)
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION = ROOT / "tests" / "cuda_emulation"
+
+# name: (features dtype, allow_tf32); the dtype and TF32 setting pick the kernel's path.
+PATHS = {
+    "float64-fma": (torch.float64, False),
+    "float32-fma": (torch.float32, False),
+    "float32-tf32": (torch.float32, True),
+    "float16-wmma": (torch.float16, False),
+    "bfloat16-wmma": (torch.bfloat16, False),
+}
+# Relative tolerance against the float64 reference per exact path.
+TOLERANCE = {"float64-fma": 1e-10, "float32-fma": 1e-4, "float32-tf32": 1e-2}
+
+
+def cuda_header_dirs() -> list[str]:
+    """Directories with cuda_fp16.h: the toolkit's, or those of torch's nvidia wheels."""
+    site = Path(torch.__file__).resolve().parent.parent
+    candidates = [os.path.join(home, "include") for home in
+                  (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda")
+                  if home]
+    candidates += sorted(glob.glob(str(site / "nvidia" / "cu*" / "include")))
+    return [d for d in candidates if os.path.exists(os.path.join(d, "cuda_fp16.h"))][:1]
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    headers = cuda_header_dirs()
+    if not headers:
+        pytest.skip("needs the CUDA headers (cuda_fp16.h): the CUDA toolkit or torch's CUDA "
+                    "wheels")
+    return cpp_extension.load(
+        name="mcsc_cuda_emulation",
+        sources=[str(EMULATION / "emulated_kernels.cpp")],
+        extra_include_paths=[str(EMULATION / "include"), str(ROOT / "csrc"), *headers],
+        extra_cflags=["-O2"],
+    )
+
+
+def run(emulated, features, labels, offsets, prevalence, upstream, allow_tf32, descending,
+        temperature=TEMPERATURE):
+    """(loss, lse, positives, d(sum upstream * loss)/dz) from the emulated kernels."""
+    loss, lse, positives = emulated.forward(features, labels, offsets, temperature, prevalence,
+                                            IGNORE, allow_tf32, descending)
+    grad = emulated.backward(upstream, features, labels, offsets, lse, positives, temperature,
+                             prevalence, allow_tf32, descending)
+    return loss, lse, positives, grad
+
+
+def run_both_orders(emulated, *args, **options):
+    """The results of run() with ascending thread order, checked bitwise equal to descending."""
+    ascending = run(emulated, *args, descending=False, **options)
+    descending = run(emulated, *args, descending=True, **options)
+    for name, first, second in zip(("loss", "lse", "positives", "grad"), ascending, descending):
+        assert torch.equal(first, second), (
+            f"{name} depends on the order threads run between barriers: a barrier is missing")
+    return ascending
+
+
+@pytest.mark.parametrize("prevalence", [True, False], ids=["prevalence", "none"])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(emulated, case, path, prevalence):
+    dtype, allow_tf32 = PATHS[path]
+    features, labels, offsets = make_inputs(*CASES[case], dtype=dtype)
+    upstream = torch.rand(features.shape[0], dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(1))
+    loss, lse, positives, grad = run_both_orders(emulated, features, labels, offsets,
+                                                 prevalence, upstream, allow_tf32)
+    ref_loss, ref_positives, ref_grad = reference_loss_and_grad(features, labels, offsets,
+                                                                prevalence, upstream)
+    assert loss.dtype == dtype and grad.dtype == dtype and positives.dtype == torch.int32
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(positives.long(), ref_positives)
+    anchors = positives > 0
+    assert bool(torch.isfinite(lse[anchors]).all())
+    if path in TOLERANCE:
+        relative = TOLERANCE[path]
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=relative,
+                                   atol=scaled_atol(ref_loss, relative))
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=relative,
+                                   atol=scaled_atol(ref_grad, relative))
+    else:
+        assert_within_twice_eager_error(loss, grad, features, labels, offsets,
+                                        upstream.to(dtype), prevalence)
+
+
+@pytest.mark.parametrize("case", ["one-segment", "varlen-empty-segments", "deep"])
+def test_matches_cpu_op(emulated, case):
+    if backend("cpu") != "compiled-cpu":
+        pytest.skip("the compiled CPU op is not available")
+    features, labels, offsets = make_inputs(*CASES[case])
+    upstream = torch.rand(features.shape[0], generator=torch.Generator().manual_seed(2))
+    loss, lse, positives, grad = run(emulated, features, labels, offsets, True, upstream,
+                                     allow_tf32=False, descending=False)
+    z = features.clone().requires_grad_(True)
+    cpu_loss, cpu_lse, cpu_positives = torch.ops.mcsc.supcon_forward(z, labels, offsets,
+                                                                     TEMPERATURE, True, IGNORE)
+    (cpu_loss * upstream).sum().backward()
+    cpu_loss = cpu_loss.detach()
+    assert torch.equal(positives, cpu_positives)
+    torch.testing.assert_close(loss, cpu_loss, rtol=1e-4,
+                               atol=scaled_atol(cpu_loss, 1e-4))
+    anchors = cpu_positives > 0
+    torch.testing.assert_close(lse[anchors], cpu_lse[anchors], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad, z.grad, rtol=1e-4, atol=scaled_atol(z.grad, 1e-4))
+
+
+@pytest.mark.parametrize("path", ["float64-fma", "float32-fma"])
+def test_large_similarities(emulated, path):
+    """Norm-10 features at t = 0.01: similarities up to 1e4, far past exp's range."""
+    dtype, _ = PATHS[path]
+    features, labels, offsets = make_inputs([90, 40], 12, 3, 0.1, dtype=dtype)
+    features = features * 10
+    upstream = torch.rand(features.shape[0], dtype=torch.float64)
+    loss, _, _, grad = run_both_orders(emulated, features, labels, offsets, True, upstream,
+                                       False, temperature=0.01)
+    ref_loss, _, ref_grad = reference_loss_and_grad(features, labels, offsets, True, upstream,
+                                                    temperature=0.01)
+    relative = 1e-10 if dtype == torch.float64 else 1e-3
+    assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=relative,
+                               atol=scaled_atol(ref_loss, relative))
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=relative,
+                               atol=scaled_atol(ref_grad, relative))
+
+
+def test_label_types_and_values(emulated):
+    """int32 labels, huge int64 label values and another ignore value give the same result."""
+    features, labels, offsets = make_inputs([130, 70], 24, 3, 0.2)
+    upstream = torch.rand(features.shape[0])
+
+    def outputs(these_labels, ignore_index=IGNORE):
+        loss, lse, positives = emulated.forward(features, these_labels, offsets, TEMPERATURE,
+                                                True, ignore_index, False, False)
+        grad = emulated.backward(upstream, features, these_labels, offsets, lse, positives,
+                                 TEMPERATURE, True, False, False)
+        return loss, positives, grad
+
+    expected = outputs(labels)
+    huge = torch.where(labels == IGNORE, labels, labels * (1 << 40) + 7)
+    other_ignore = torch.where(labels == IGNORE, torch.full_like(labels, 255), labels)
+    for result in (outputs(labels.int()), outputs(huge), outputs(other_ignore, 255)):
+        for value, expected_value in zip(result, expected):
+            assert torch.equal(value, expected_value)
+
+
+def test_empty_input(emulated):
+    features = torch.empty(0, 8)
+    labels = torch.empty(0, dtype=torch.int64)
+    offsets = torch.zeros(3, dtype=torch.int64)
+    loss, lse, positives, grad = run(emulated, features, labels, offsets, True, torch.empty(0),
+                                     False, False)
+    assert loss.shape == lse.shape == positives.shape == (0,)
+    assert grad.shape == (0, 8)
+
+
+def test_no_anchor_anywhere(emulated):
+    """All rows ignored or alone in their class: zero loss, zero gradient, nothing NaN."""
+    features, _, offsets = make_inputs([5, 5], 8, 1, 0.0)
+    labels = torch.tensor([IGNORE, 0, 1, 2, IGNORE, 0, 1, 2, 3, 4])
+    loss, _, positives, grad = run_both_orders(emulated, features, labels, offsets, True,
+                                               torch.ones(10), False)
+    assert not bool((positives > 0).any())
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+# ---- The emulator's own checks: each would catch a real mistake in a kernel ----------------
+
+
+@pytest.mark.parametrize("kernel, message", [
+    ("divergent_barrier", "divergent __syncthreads in block (0, 0): 128 threads wait at it, "
+                          "128 have exited"),
+    ("divergent_shuffle", "divergent warp barrier"),
+    ("misaligned_wmma", "wmma::load_matrix_sync: the pointer is not 256-bit aligned"),
+])
+def test_emulator_reports_misuse(emulated, kernel, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        emulated.misuse(kernel, 1.0, False)
+
+
+@pytest.mark.parametrize("kernel, correct", [
+    ("neighbour", lambda base: base + (torch.arange(256) + 1) % 256),
+    ("wmma_store", lambda base: torch.full((256,), 8.0 * base)),
+])
+def test_emulator_exposes_missing_barriers(emulated, kernel, correct):
+    """With the barrier (or __syncwarp) both thread orders give the right values; without it
+    each order leaves some thread reading a value another thread has not written yet."""
+    for base, descending in ((1.0, False), (2.0, True), (3.0, False), (4.0, True)):
+        synchronised = emulated.misuse(f"{kernel}_synchronised", base, descending)
+        assert torch.equal(synchronised, correct(base).float())
+        racy = emulated.misuse(f"{kernel}_racy", base + 0.5, descending)
+        assert not torch.equal(racy, correct(base + 0.5).float())
