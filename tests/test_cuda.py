@@ -233,3 +233,38 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.mcsc.supcon_backward.default,
                           (grad_loss, features.detach(), labels, offsets, lse, positives,
                            TEMPERATURE, False))
+
+
+def test_gradcheck_float64():
+    features, labels, offsets = make_inputs([1, 11, 0, 8], 5, 3, 0.1, dtype=torch.float64)
+    features.requires_grad_(True)
+    for weighting in ("prevalence", "none"):
+        assert torch.autograd.gradcheck(
+            lambda z: supcon_loss(z, labels, segments=offsets, weighting=weighting,
+                                  temperature=TEMPERATURE, reduction="none"),
+            (features,))
+
+
+@pytest.mark.parametrize("backend_name", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend_name):
+    features, labels, offsets = make_inputs([300, 90], 16, 4, 0.05)
+
+    def step(z):
+        return supcon_loss(torch.nn.functional.normalize(z, dim=1), labels, segments=offsets,
+                           temperature=TEMPERATURE)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend_name)
+    eager_z = features.clone().requires_grad_(True)
+    compiled_z = features.clone().requires_grad_(True)
+    eager = step(eager_z)
+    eager.backward()
+    result = compiled(compiled_z)
+    result.backward()
+    torch.testing.assert_close(result, eager)
+    torch.testing.assert_close(compiled_z.grad, eager_z.grad)
+
+
+def test_inputs_on_different_devices_are_rejected():
+    features, labels, offsets = make_inputs([50], 8, 3, 0.0)
+    with pytest.raises(ValueError, match="labels"):
+        supcon_loss(features, labels.cpu(), segments=offsets)

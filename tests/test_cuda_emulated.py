@@ -63,11 +63,16 @@ def emulated():
     if not headers:
         pytest.skip("needs the CUDA headers (cuda_fp16.h): the CUDA toolkit or torch's CUDA "
                     "wheels")
+    # Built in this checkout's build/ (ignored by git), so that two checkouts do not keep
+    # rebuilding one shared cache entry; ninja rebuilds it when a source or header changes.
+    build_directory = ROOT / "build" / "cuda_emulation"
+    build_directory.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name="mcsc_cuda_emulation",
         sources=[str(EMULATION / "emulated_kernels.cpp")],
         extra_include_paths=[str(EMULATION / "include"), str(ROOT / "csrc"), *headers],
         extra_cflags=["-O2"],
+        build_directory=str(build_directory),
     )
 
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU validation of the CUDA kernels (issue #3), as one script for a machine with an NVIDIA
+# GPU, nvcc and a CUDA build of torch already installed. About 8 minutes on an H100; each step
+# has its own time limit so that one hang cannot eat the rest.
+#
+#   bash .ci/gpu_check.sh OUT_DIR
+#
+# Steps, each logged to OUT_DIR/<step>.log and summarised in OUT_DIR/summary.txt:
+#   build       the extension, in place, for this GPU's architecture only (fast)
+#   registered  .ci/check_cuda_build.py for that architecture
+#   tests       tests/test_cuda.py (reference, CPU op, fp16/bf16 rule, 262144 rows, N*D > 2^31,
+#               determinism, TF32 switch, opcheck)
+#   memcheck, racecheck, synccheck, initcheck
+#               compute-sanitizer on one small reference case each
+#   bench       benchmarks/run.py --device cuda --quick (results.csv and table.md in OUT_DIR/bench)
+# The exit status is the number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: bash .ci/gpu_check.sh OUT_DIR}"
+mkdir -p "$out"
+python="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+failures=0
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 seconds=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$seconds" "$@" >"$out/$name.log" 2>&1
+  local status=$?
+  local line="$name: $([ $status -eq 0 ] && echo ok || echo "FAILED (exit $status)") in $((SECONDS - start)) s"
+  echo "$line" | tee -a "$out/summary.txt"
+  [ $status -eq 0 ] || { failures=$((failures + 1)); tail -n 25 "$out/$name.log"; }
+  return $status
+}
+
+: >"$out/summary.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$out/summary.txt"
+arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
+echo "torch $("$python" -c 'import torch; print(torch.__version__)'), sm_${arch/./}" | tee -a "$out/summary.txt"
+
+if ! step build 400 env MCSC_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+    "$python" setup.py build_ext --inplace; then
+  exit "$failures"
+fi
+step registered 60 "$python" .ci/check_cuda_build.py --arch "${arch/./}"
+step tests 420 "$python" -m pytest tests/test_cuda.py -q -rs -x
+for tool in memcheck racecheck synccheck initcheck; do
+  step "$tool" 180 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+    "$python" -m pytest tests/test_cuda.py -q -x -k "test_matches_reference and varlen and float32 and prevalence"
+done
+step bench 420 "$python" benchmarks/run.py --device cuda --quick --exclude pml --out "$out/bench"
+exit "$failures"
