@@ -11,69 +11,42 @@ what test_cuda.py checks on one, as far as the emulation reaches:
 * barrier placement: every kernel gives bitwise the same results when the threads between two
   barriers run in ascending or in descending order (a missing barrier changes them), and no
   barrier is reached by only part of a block or warp (the emulator raises);
-* WMMA alignment rules (the emulator raises on a misaligned load or store).
+* WMMA alignment rules (the emulator raises on a misaligned load or store);
+* memory bounds: every case and path again, built with AddressSanitizer (asan_check.py).
 
 It does not check what only hardware shows: the memory model, fragment register layouts,
-shared-memory and register limits, speed. Those are test_cuda.py's, on a GPU.
+shared-memory and register limits, speed; nor reads of uninitialised shared memory (the
+emulator's __shared__ variables are statics that keep the previous block's values). Those are
+test_cuda.py's and compute-sanitizer's, on a GPU.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
+from cuda_emulation import emulation
+from cuda_emulation.emulation import PATHS
 from mcsc.ops import backend
 from supcon_cases import (CASES, IGNORE, TEMPERATURE, assert_within_twice_eager_error,
                           make_inputs, reference_loss_and_grad, scaled_atol)
 
-ROOT = Path(__file__).resolve().parent.parent
-EMULATION = ROOT / "tests" / "cuda_emulation"
-
-# name: (features dtype, allow_tf32); the dtype and TF32 setting pick the kernel's path.
-PATHS = {
-    "float64-fma": (torch.float64, False),
-    "float32-fma": (torch.float32, False),
-    "float32-tf32": (torch.float32, True),
-    "float16-wmma": (torch.float16, False),
-    "bfloat16-wmma": (torch.bfloat16, False),
-}
 # Relative tolerance against the float64 reference per exact path.
 TOLERANCE = {"float64-fma": 1e-10, "float32-fma": 1e-4, "float32-tf32": 1e-2}
 
 
-def cuda_header_dirs() -> list[str]:
-    """Directories with cuda_fp16.h: the toolkit's, or those of torch's nvidia wheels."""
-    site = Path(torch.__file__).resolve().parent.parent
-    candidates = [os.path.join(home, "include") for home in
-                  (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda")
-                  if home]
-    candidates += sorted(glob.glob(str(site / "nvidia" / "cu*" / "include")))
-    return [d for d in candidates if os.path.exists(os.path.join(d, "cuda_fp16.h"))][:1]
-
-
 @pytest.fixture(scope="module")
 def emulated():
-    headers = cuda_header_dirs()
-    if not headers:
+    if not emulation.cuda_header_dirs():
         pytest.skip("needs the CUDA headers (cuda_fp16.h): the CUDA toolkit or torch's CUDA "
                     "wheels")
-    # Built in this checkout's build/ (ignored by git), so that two checkouts do not keep
-    # rebuilding one shared cache entry; ninja rebuilds it when a source or header changes.
-    build_directory = ROOT / "build" / "cuda_emulation"
-    build_directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name="mcsc_cuda_emulation",
-        sources=[str(EMULATION / "emulated_kernels.cpp")],
-        extra_include_paths=[str(EMULATION / "include"), str(ROOT / "csrc"), *headers],
-        extra_cflags=["-O2"],
-        build_directory=str(build_directory),
-    )
+    return emulation.load()
 
 
 def run(emulated, features, labels, offsets, prevalence, upstream, allow_tf32, descending,
@@ -231,3 +204,23 @@ def test_emulator_exposes_missing_barriers(emulated, kernel, correct):
         assert torch.equal(synchronised, correct(base).float())
         racy = emulated.misuse(f"{kernel}_racy", base + 0.5, descending)
         assert not torch.equal(racy, correct(base + 0.5).float())
+
+
+def test_no_out_of_bounds_access_under_address_sanitizer():
+    """Every case and multiply path once more, built with -fsanitize=address (a CPU memcheck:
+    reads past a segment's last row or the last feature column would be caught here even
+    where they leave the results unchanged)."""
+    if not emulation.cuda_header_dirs():
+        pytest.skip("needs the CUDA headers (cuda_fp16.h)")
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip("needs gcc's AddressSanitizer runtime (libasan)")
+    environment = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
+                       PYTHONPATH=os.pathsep.join(sys.path))
+    script = Path(emulation.HERE) / "asan_check.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=environment, timeout=1800)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "ERROR: AddressSanitizer" not in output, output[-6000:]
+    assert "all cases ran" in result.stdout

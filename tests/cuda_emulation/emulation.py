@@ -1,0 +1,58 @@
+"""Builds the CPU emulation of mcsc's CUDA kernels (emulated_kernels.cpp) as a Python module."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+# The kernels' multiply paths, named: (features dtype, allow_tf32), the two things that pick one.
+PATHS = {
+    "float64-fma": (torch.float64, False),
+    "float32-fma": (torch.float32, False),
+    "float32-tf32": (torch.float32, True),
+    "float16-wmma": (torch.float16, False),
+    "bfloat16-wmma": (torch.bfloat16, False),
+}
+
+
+def cuda_header_dirs() -> list[str]:
+    """A directory with cuda_fp16.h: the toolkit's, or that of torch's nvidia wheels."""
+    site = Path(torch.__file__).resolve().parent.parent
+    candidates = [os.path.join(home, "include") for home in
+                  (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda")
+                  if home]
+    candidates += sorted(glob.glob(str(site / "nvidia" / "cu*" / "include")))
+    return [d for d in candidates if os.path.exists(os.path.join(d, "cuda_fp16.h"))][:1]
+
+
+def load(address_sanitizer: bool = False):
+    """Compile (or reuse) and import the emulation module.
+
+    With ``address_sanitizer`` the module is built with -fsanitize=address; it can only be
+    imported by a process started with libasan preloaded (see asan_check.py).
+    """
+    headers = cuda_header_dirs()
+    if not headers:
+        raise FileNotFoundError("cuda_fp16.h not found: install the CUDA toolkit or a CUDA "
+                                "build of torch (its nvidia wheels carry the headers)")
+    name = "mcsc_cuda_emulation" + ("_asan" if address_sanitizer else "")
+    # Built in this checkout's build/ (ignored by git), so that two checkouts do not keep
+    # rebuilding one shared cache entry; ninja rebuilds it when a source or header changes.
+    build_directory = ROOT / "build" / name
+    build_directory.mkdir(parents=True, exist_ok=True)
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+    return cpp_extension.load(
+        name=name,
+        sources=[str(HERE / "emulated_kernels.cpp")],
+        extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc"), *headers],
+        extra_cflags=["-O1", *sanitize] if address_sanitizer else ["-O2"],
+        extra_ldflags=sanitize if address_sanitizer else [],
+        build_directory=str(build_directory),
+    )
