@@ -11,13 +11,14 @@ what test_cuda.py checks on one, as far as the emulation reaches:
 * barrier placement: every kernel gives bitwise the same results when the threads between two
   barriers run in ascending or in descending order (a missing barrier changes them), and no
   barrier is reached by only part of a block or warp (the emulator raises);
+* no read of shared memory the block has not written: the kernels' __shared__ variables are
+  filled before every block with a pattern that differs between the two orders (NaN in one);
 * WMMA alignment rules (the emulator raises on a misaligned load or store);
 * memory bounds: every case and path again, built with AddressSanitizer (asan_check.py).
 
 It does not check what only hardware shows: the memory model, fragment register layouts,
-shared-memory and register limits, speed; nor reads of uninitialised shared memory (the
-emulator's __shared__ variables are statics that keep the previous block's values). Those are
-test_cuda.py's and compute-sanitizer's, on a GPU.
+shared-memory and register limits, speed. Those are test_cuda.py's and compute-sanitizer's, on
+a GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def emulated():
     if not emulation.cuda_header_dirs():
         pytest.skip("needs the CUDA headers (cuda_fp16.h): the CUDA toolkit or torch's CUDA "
                     "wheels")
-    return emulation.load()
+    kernels = emulation.load()
+    assert kernels.poison_shared_memory() > 0, "found no __shared__ variable to poison"
+    return kernels
 
 
 def run(emulated, features, labels, offsets, prevalence, upstream, allow_tf32, descending,
@@ -65,7 +68,8 @@ def run_both_orders(emulated, *args, **options):
     descending = run(emulated, *args, descending=True, **options)
     for name, first, second in zip(("loss", "lse", "positives", "grad"), ascending, descending):
         assert torch.equal(first, second), (
-            f"{name} depends on the order threads run between barriers: a barrier is missing")
+            f"{name} depends on the order threads run between barriers: a barrier is missing, "
+            f"or shared memory is read before the block writes it")
     return ascending
 
 

@@ -22,6 +22,7 @@ from supcon_cases import CASES, IGNORE, TEMPERATURE, make_inputs  # noqa: E402
 
 def main() -> None:
     kernels = emulation.load(address_sanitizer=True)
+    kernels.poison_shared_memory()
     for name, case in CASES.items():
         for dtype, allow_tf32 in emulation.PATHS.values():
             features, labels, offsets = make_inputs(*case, dtype=dtype)

@@ -15,15 +15,20 @@
 // limits of shared memory and registers (nvcc checks those when CI compiles the kernels).
 #pragma once
 
+#include <dlfcn.h>
+#include <elf.h>
 #include <ucontext.h>
 
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // CUDA's qualifiers. __shared__ variables become function statics: one copy per kernel
@@ -97,6 +102,12 @@ class Scheduler {
     }
   }
 
+  // Before each block, fill these byte ranges (the kernels' __shared__ variables, see
+  // kernel_shared_memory) with 0xff when threads run in ascending order, 0x7f in descending.
+  void poison_shared_memory(std::vector<std::pair<char*, size_t>> ranges) {
+    shared_ranges_ = std::move(ranges);
+  }
+
   // Called by the fibers: wait at a barrier of `kind` offering `value`, reading lane `source`.
   uint64_t wait_at(Wait kind, uint64_t value, int source) {
     Fiber& fiber = current();
@@ -130,6 +141,9 @@ class Scheduler {
 
   void run_block(bool descending) {
     ++block_serial_;
+    for (const auto& [begin, size] : shared_ranges_) {
+      std::memset(begin, descending ? 0x7f : 0xff, size);
+    }
     const int threads = static_cast<int>(fibers_.size());
     for (int t = 0; t < threads; ++t) {
       Fiber& fiber = fibers_[t];
@@ -211,9 +225,47 @@ class Scheduler {
   ucontext_t host_;
   Index3 block_index_;
   uint64_t block_serial_ = 0;
+  std::vector<std::pair<char*, size_t>> shared_ranges_;
   const std::function<void()>* body_ = nullptr;
   std::string error_;
 };
+
+// The __shared__ variables of the kernels in the shared library that holds `anchor`: the
+// writable function-local statics whose mangled names start with `prefix` (a namespace, e.g.
+// "_ZZN4mcsc4cuda") and contain "_kernel", read from the library's ELF symbol table.
+inline std::vector<std::pair<char*, size_t>> kernel_shared_memory(const void* anchor,
+                                                                  const std::string& prefix) {
+  Dl_info library;
+  if (dladdr(anchor, &library) == 0 || library.dli_fname == nullptr) {
+    throw KernelError("cuda_emulator: cannot find the library that holds the kernels");
+  }
+  std::ifstream file(library.dli_fname, std::ios::binary);
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)),
+                                std::istreambuf_iterator<char>());
+  if (bytes.size() < sizeof(Elf64_Ehdr) || std::memcmp(bytes.data(), ELFMAG, SELFMAG) != 0) {
+    throw KernelError(std::string("cuda_emulator: not an ELF file: ") + library.dli_fname);
+  }
+  const auto* header = reinterpret_cast<const Elf64_Ehdr*>(bytes.data());
+  const auto* sections = reinterpret_cast<const Elf64_Shdr*>(bytes.data() + header->e_shoff);
+  std::vector<std::pair<char*, size_t>> ranges;
+  for (int index = 0; index < header->e_shnum; ++index) {
+    const Elf64_Shdr& table = sections[index];
+    if (table.sh_type != SHT_SYMTAB) continue;
+    const char* names = bytes.data() + sections[table.sh_link].sh_offset;
+    const auto* symbols = reinterpret_cast<const Elf64_Sym*>(bytes.data() + table.sh_offset);
+    for (size_t i = 0; i < table.sh_size / sizeof(Elf64_Sym); ++i) {
+      const Elf64_Sym& symbol = symbols[i];
+      if (ELF64_ST_TYPE(symbol.st_info) != STT_OBJECT || symbol.st_size == 0) continue;
+      if (symbol.st_shndx == SHN_UNDEF || symbol.st_shndx >= header->e_shnum) continue;
+      if ((sections[symbol.st_shndx].sh_flags & SHF_WRITE) == 0) continue;
+      const std::string name = names + symbol.st_name;
+      if (name.rfind(prefix, 0) != 0 || name.find("_kernel") == std::string::npos) continue;
+      ranges.emplace_back(static_cast<char*>(library.dli_fbase) + symbol.st_value,
+                          symbol.st_size);
+    }
+  }
+  return ranges;
+}
 
 // Runs kernel(args...) over a grid_x x grid_y grid of blocks of `threads` threads.
 template <typename... Params, typename... Args>
