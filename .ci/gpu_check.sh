@@ -11,7 +11,8 @@
 #   tests       tests/test_cuda.py (reference, CPU op, fp16/bf16 rule, 262144 rows, N*D > 2^31,
 #               determinism, TF32 switch, opcheck)
 #   memcheck, racecheck, synccheck, initcheck
-#               compute-sanitizer on one small reference case each
+#               compute-sanitizer on .ci/sanitizer_case.py: one small varlen forward and
+#               backward per multiply path, checked against the reference
 #   bench       benchmarks/run.py --device cuda --quick (results.csv and table.md in OUT_DIR/bench)
 # The exit status is the number of failed steps.
 set -uo pipefail
@@ -48,7 +49,7 @@ step registered 60 "$python" .ci/check_cuda_build.py --arch "${arch/./}"
 step tests 420 "$python" -m pytest tests/test_cuda.py -q -rs -x
 for tool in memcheck racecheck synccheck initcheck; do
   step "$tool" 180 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-    "$python" -m pytest tests/test_cuda.py -q -x -k "test_matches_reference and varlen and float32 and prevalence"
+    "$python" .ci/sanitizer_case.py
 done
 step bench 420 "$python" benchmarks/run.py --device cuda --quick --exclude pml --out "$out/bench"
 exit "$failures"

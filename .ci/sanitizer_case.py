@@ -1,0 +1,70 @@
+"""One small forward and backward of the fused op per multiply path, for compute-sanitizer.
+
+A pytest session under compute-sanitizer spends minutes in torch's import and collection; this
+runs just the kernels (about ten launches) on a varlen batch with empty, one-row and partial
+segments and ignored rows, checks the results against the float64 reference, and prints OK.
+
+    compute-sanitizer --tool racecheck python .ci/sanitizer_case.py
+    python .ci/sanitizer_case.py --device cpu      # the same on the CPU op (float32/float64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from mcsc.reference import supcon_per_anchor_reference
+
+LENGTHS = [0, 70, 1, 129, 0, 40]
+DIM = 40
+TEMPERATURE = 0.1
+IGNORE = -1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    device = parser.parse_args().device
+
+    generator = torch.Generator().manual_seed(0)
+    n = sum(LENGTHS)
+    features = torch.nn.functional.normalize(torch.randn(n, DIM, generator=generator,
+                                                         dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 4, (n,), generator=generator)
+    labels[torch.rand(n, generator=generator) < 0.1] = IGNORE
+    offsets = torch.tensor([0] + LENGTHS).cumsum(0)
+    upstream = torch.rand(n, generator=generator, dtype=torch.float64)
+
+    z = features.clone().requires_grad_(True)
+    reference, _ = supcon_per_anchor_reference(z, labels, offsets, TEMPERATURE, True, IGNORE)
+    (reference * upstream).sum().backward()
+    reference = reference.detach()
+
+    # (dtype, TF32 on, tolerance relative to the largest reference value)
+    paths = [(torch.float64, False, 1e-9), (torch.float32, False, 1e-4)]
+    if device == "cuda":
+        paths += [(torch.float32, True, 2e-2), (torch.float16, False, 3e-2),
+                  (torch.bfloat16, False, 1e-1)]
+    failures = 0
+    for dtype, tf32, tolerance in paths:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        inputs = features.to(device, dtype, copy=True).requires_grad_(True)
+        loss, _, _ = torch.ops.mcsc.supcon_forward(inputs, labels.to(device), offsets.to(device),
+                                                   TEMPERATURE, True, IGNORE)
+        (loss * upstream.to(device, dtype)).sum().backward()
+        loss_error = float((loss.detach().double().cpu() - reference).abs().max())
+        grad_error = float((inputs.grad.double().cpu() - z.grad).abs().max())
+        scale = max(1.0, float(reference.abs().max()), float(z.grad.abs().max()))
+        ok = max(loss_error, grad_error) <= tolerance * scale
+        failures += not ok
+        print(f"{dtype} tf32={tf32}: loss error {loss_error:.2e}, grad error {grad_error:.2e} "
+              f"{'ok' if ok else 'TOO LARGE'}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print("OK" if failures == 0 else f"{failures} paths failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
