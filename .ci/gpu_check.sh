@@ -13,7 +13,7 @@
 #   tests       tests/test_cuda.py (reference, CPU op, fp16/bf16 rule, 262144 rows, N*D > 2^31,
 #               determinism, TF32 switch, gradcheck, torch.compile, opcheck)
 #   memcheck, racecheck, synccheck, initcheck
-#               compute-sanitizer on .ci/sanitizer_case.py: one small varlen forward and
+#               compute-sanitizer on tests/sanitizer_case.py: one small varlen forward and
 #               backward per multiply path, checked against the reference
 #   bench       benchmarks/run.py --device cuda --quick (results.csv and table.md in OUT_DIR/bench)
 # The exit status is the number of failed or skipped steps.
@@ -57,7 +57,7 @@ if ! step build 300 env MCSC_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=
 fi
 step registered 60 "$python" .ci/check_cuda_build.py --arch "${arch/./}"
 step tests 240 "$python" -m pytest tests/test_cuda.py -q -rs
-case=(--error-exitcode 1 "$python" .ci/sanitizer_case.py)
+case=(--error-exitcode 1 "$python" tests/sanitizer_case.py)
 step memcheck 90 compute-sanitizer --tool memcheck "${case[@]}"
 step racecheck 120 compute-sanitizer --tool racecheck "${case[@]}"
 step bench 180 "$python" benchmarks/run.py --device cuda --quick --exclude pml --out "$out/bench"

@@ -1,10 +1,12 @@
-"""Inputs and expected values shared by the tests of the CUDA kernels (on a GPU, test_cuda.py;
-emulated on the CPU, test_cuda_emulated.py)."""
+"""Inputs and expected values shared by the tests of the fused op: its CUDA kernels on a GPU
+(test_cuda.py) and emulated on the CPU (test_cuda_emulated.py), the CPU op (test_supcon_op.py)
+and the compute-sanitizer case (sanitizer_case.py)."""
 
 from __future__ import annotations
 
 import torch
 
+from mcsc import supcon_loss
 from mcsc.reference import supcon_per_anchor_reference
 
 TEMPERATURE = 0.1
@@ -68,3 +70,21 @@ def assert_within_twice_eager_error(loss, grad, features, labels, offsets, upstr
 
     assert error(loss, truth_loss) <= 2 * error(eager_loss, truth_loss) + 1e-6
     assert error(grad, truth_grad) <= 2 * error(z.grad, truth_grad) + 1e-6
+
+
+def assert_compiled_matches_eager(features, labels, segments=None, backend="aot_eager"):
+    """torch.compile(fullgraph=True) of normalise + supcon_loss gives eager's loss and gradient."""
+
+    def step(z):
+        return supcon_loss(torch.nn.functional.normalize(z, dim=1), labels, segments=segments,
+                           temperature=TEMPERATURE)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    eager_z = features.clone().requires_grad_(True)
+    compiled_z = features.clone().requires_grad_(True)
+    eager = step(eager_z)
+    eager.backward()
+    result = compiled(compiled_z)
+    result.backward()
+    torch.testing.assert_close(result, eager)
+    torch.testing.assert_close(compiled_z.grad, eager_z.grad)

@@ -15,8 +15,8 @@ import torch
 import supcon_cases
 from mcsc import supcon_loss
 from mcsc.ops import backend
-from supcon_cases import (CASES, IGNORE, TEMPERATURE, assert_within_twice_eager_error,
-                          reference_loss_and_grad, scaled_atol)
+from supcon_cases import (CASES, IGNORE, TEMPERATURE, assert_compiled_matches_eager,
+                          assert_within_twice_eager_error, reference_loss_and_grad, scaled_atol)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -248,20 +248,7 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("backend_name", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph_matches_eager(backend_name):
     features, labels, offsets = make_inputs([300, 90], 16, 4, 0.05)
-
-    def step(z):
-        return supcon_loss(torch.nn.functional.normalize(z, dim=1), labels, segments=offsets,
-                           temperature=TEMPERATURE)
-
-    compiled = torch.compile(step, fullgraph=True, backend=backend_name)
-    eager_z = features.clone().requires_grad_(True)
-    compiled_z = features.clone().requires_grad_(True)
-    eager = step(eager_z)
-    eager.backward()
-    result = compiled(compiled_z)
-    result.backward()
-    torch.testing.assert_close(result, eager)
-    torch.testing.assert_close(compiled_z.grad, eager_z.grad)
+    assert_compiled_matches_eager(features, labels, offsets, backend_name)
 
 
 def test_inputs_on_different_devices_are_rejected():

@@ -27,7 +27,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -222,7 +221,7 @@ def test_no_out_of_bounds_access_under_address_sanitizer():
         pytest.skip("needs gcc's AddressSanitizer runtime (libasan)")
     environment = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
                        PYTHONPATH=os.pathsep.join(sys.path))
-    script = Path(emulation.HERE) / "asan_check.py"
+    script = emulation.HERE / "asan_check.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                             env=environment, timeout=1800)
     output = result.stdout + result.stderr

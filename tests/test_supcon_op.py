@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import mcsc
 from mcsc.reference import supcon_per_anchor_reference
+from supcon_cases import assert_compiled_matches_eager
 
 def make_inputs(n, d, num_classes, *, dtype=torch.float64, max_norm=1.0, ignored=0.1, seed=0):
     generator = torch.Generator().manual_seed(seed)
@@ -226,20 +227,7 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph_matches_eager():
     features, labels = make_inputs(300, 16, 4, seed=12)
-    features = features.float()
-
-    def step(z):
-        return mcsc.supcon_loss(F.normalize(z, dim=1), labels, temperature=0.1)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_z = features.clone().requires_grad_()
-    compiled_z = features.clone().requires_grad_()
-    eager = step(eager_z)
-    eager.backward()
-    result = compiled(compiled_z)
-    result.backward()
-    torch.testing.assert_close(result, eager)
-    torch.testing.assert_close(compiled_z.grad, eager_z.grad)
+    assert_compiled_matches_eager(features.float(), labels)
 
 
 def test_none_weighting_equals_pytorch_metric_learning_supcon():

@@ -47,12 +47,13 @@ def load(address_sanitizer: bool = False):
     # rebuilding one shared cache entry; ninja rebuilds it when a source or header changes.
     build_directory = ROOT / "build" / name
     build_directory.mkdir(parents=True, exist_ok=True)
-    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+    asan = ["-fsanitize=address"]
     return cpp_extension.load(
         name=name,
         sources=[str(HERE / "emulated_kernels.cpp")],
         extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc"), *headers],
-        extra_cflags=["-O1", *sanitize] if address_sanitizer else ["-O2"],
-        extra_ldflags=sanitize if address_sanitizer else [],
+        extra_cflags=([*asan, "-O1", "-g", "-fno-omit-frame-pointer"] if address_sanitizer
+                      else ["-O2"]),
+        extra_ldflags=asan if address_sanitizer else [],
         build_directory=str(build_directory),
     )

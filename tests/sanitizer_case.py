@@ -4,8 +4,8 @@ A pytest session under compute-sanitizer spends minutes in torch's import and co
 runs just the kernels (about ten launches) on a varlen batch with empty, one-row and partial
 segments and ignored rows, checks the results against the float64 reference, and prints OK.
 
-    compute-sanitizer --tool racecheck python .ci/sanitizer_case.py
-    python .ci/sanitizer_case.py --device cpu      # the same on the CPU op (float32/float64)
+    compute-sanitizer --tool racecheck python tests/sanitizer_case.py
+    python tests/sanitizer_case.py --device cpu      # the same on the CPU op (float32/float64)
 """
 
 from __future__ import annotations
@@ -15,12 +15,7 @@ import sys
 
 import torch
 
-from mcsc.reference import supcon_per_anchor_reference
-
-LENGTHS = [0, 70, 1, 129, 0, 40]
-DIM = 40
-TEMPERATURE = 0.1
-IGNORE = -1
+from supcon_cases import CASES, IGNORE, TEMPERATURE, make_inputs, reference_loss_and_grad
 
 
 def main() -> int:
@@ -28,25 +23,18 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     device = parser.parse_args().device
 
-    generator = torch.Generator().manual_seed(0)
-    n = sum(LENGTHS)
-    features = torch.nn.functional.normalize(torch.randn(n, DIM, generator=generator,
-                                                         dtype=torch.float64), dim=1)
-    labels = torch.randint(0, 4, (n,), generator=generator)
-    labels[torch.rand(n, generator=generator) < 0.1] = IGNORE
-    offsets = torch.tensor([0] + LENGTHS).cumsum(0)
-    upstream = torch.rand(n, generator=generator, dtype=torch.float64)
-
-    z = features.clone().requires_grad_(True)
-    reference, _ = supcon_per_anchor_reference(z, labels, offsets, TEMPERATURE, True, IGNORE)
-    (reference * upstream).sum().backward()
-    reference = reference.detach()
+    features, labels, offsets = make_inputs(*CASES["varlen-empty-segments"], dtype=torch.float64)
+    upstream = torch.rand(features.shape[0], generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)
+    reference, _, reference_grad = reference_loss_and_grad(features, labels, offsets, True,
+                                                           upstream)
 
     # (dtype, TF32 on, tolerance relative to the largest reference value)
     paths = [(torch.float64, False, 1e-9), (torch.float32, False, 1e-4)]
     if device == "cuda":
         paths += [(torch.float32, True, 2e-2), (torch.float16, False, 3e-2),
                   (torch.bfloat16, False, 1e-1)]
+    scale = max(1.0, float(reference.abs().max()), float(reference_grad.abs().max()))
     failures = 0
     for dtype, tf32, tolerance in paths:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -55,8 +43,7 @@ def main() -> int:
                                                    TEMPERATURE, True, IGNORE)
         (loss * upstream.to(device, dtype)).sum().backward()
         loss_error = float((loss.detach().double().cpu() - reference).abs().max())
-        grad_error = float((inputs.grad.double().cpu() - z.grad).abs().max())
-        scale = max(1.0, float(reference.abs().max()), float(z.grad.abs().max()))
+        grad_error = float((inputs.grad.double().cpu() - reference_grad).abs().max())
         ok = max(loss_error, grad_error) <= tolerance * scale
         failures += not ok
         print(f"{dtype} tf32={tf32}: loss error {loss_error:.2e}, grad error {grad_error:.2e} "
