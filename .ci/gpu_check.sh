@@ -12,10 +12,12 @@
 #   registered  .ci/check_cuda_build.py for that architecture
 #   tests       tests/test_cuda.py (reference, CPU op, fp16/bf16 rule, 262144 rows, N*D > 2^31,
 #               determinism, TF32 switch, gradcheck, torch.compile, opcheck)
-#   memcheck, racecheck, synccheck, initcheck
-#               compute-sanitizer on tests/sanitizer_case.py: one small varlen forward and
+#   memcheck    compute-sanitizer on tests/sanitizer_case.py: one small varlen forward and
 #               backward per multiply path, checked against the reference
-#   bench       benchmarks/run.py --device cuda --quick (results.csv and table.md in OUT_DIR/bench)
+#   bench       benchmarks/run.py --device cuda --targets: the issue-3 targets (targets.csv,
+#               targets.json and table.md in OUT_DIR/bench)
+#   racecheck, synccheck, initcheck
+#               compute-sanitizer's other tools on the same case
 # The exit status is the number of failed or skipped steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,11 +58,12 @@ if ! step build 300 env MCSC_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=
   exit "$failures"
 fi
 step registered 60 "$python" .ci/check_cuda_build.py --arch "${arch/./}"
-step tests 240 "$python" -m pytest tests/test_cuda.py -q -rs
+step tests 240 "$python" -m pytest tests/test_cuda.py -q -rs --tb=short --durations=8 \
+    -p no:cacheprovider
 case=(--error-exitcode 1 "$python" tests/sanitizer_case.py)
 step memcheck 90 compute-sanitizer --tool memcheck "${case[@]}"
-step racecheck 120 compute-sanitizer --tool racecheck "${case[@]}"
-step bench 180 "$python" benchmarks/run.py --device cuda --quick --exclude pml --out "$out/bench"
+step bench 150 "$python" benchmarks/run.py --device cuda --targets --out "$out/bench"
+step racecheck 150 compute-sanitizer --tool racecheck "${case[@]}"
 step synccheck 90 compute-sanitizer --tool synccheck "${case[@]}"
 step initcheck 90 compute-sanitizer --tool initcheck "${case[@]}"
 exit "$failures"

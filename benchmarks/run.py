@@ -1,7 +1,7 @@
 """Benchmark the fused supervised contrastive loss against dense PyTorch and peer libraries.
 
     PYTHONPATH=. python benchmarks/run.py [--quick] [--device cpu|cuda] --out DIR
-    PYTHONPATH=. python benchmarks/run.py --targets --out DIR     # the issue-2 CPU targets
+    PYTHONPATH=. python benchmarks/run.py --targets [--device cuda] --out DIR   # issue targets
 
 Writes ``DIR/results.csv`` (one row per implementation, mode and size), one PNG per workload
 (``DIR/<workload>.png``: fwd+bwd time and peak memory against N, log scales) and prints a
@@ -529,54 +529,94 @@ def plot_workload(rows: list[dict], workload: str, path: str, title: str) -> boo
 # issue-2 CPU targets
 # ----------------------------------------------------------------------------------------------
 
-def run_targets(args, common: dict) -> list[dict]:
-    import copy
-    targs = copy.copy(args)
-    targs.min_reps = max(args.min_reps, 7)
-    targs.max_reps = max(targs.min_reps, args.max_reps)
-    rows = run_workload(Workload("target_N8192", [[8192]], 128, 4, "prevalence",
-                                 ("gemm", "fused", "dense", "tiled")), targs, common)
-    targs.min_reps, targs.max_reps = 3, 3
-    targs.point_budget_s = 0
+def target_workloads(args) -> list[tuple[Workload, int, int, float]]:
+    """The issue targets as (workload, min reps, max reps, point budget s), most important first.
+
+    CPU (issue 2): N=8192 against one GEMM and dense, and the training step. CUDA (issue 3):
+    N=16384 float32 against dense, bfloat16 against one bfloat16 GEMM, and N=262144 float32 for
+    the peak extra memory.
+    """
+    reps = max(args.min_reps, 7)
+    timed = (reps, max(reps, args.max_reps), args.point_budget_s)
+    once = (1, 1, 0.0)
+    if args.device == "cuda":
+        four = ("gemm", "fused", "dense", "tiled")
+        return [
+            (Workload("target_N16384", [[16384]], 128, 4, "prevalence", four), *timed),
+            (Workload("target_N16384_bf16", [[16384]], 128, 4, "prevalence", four,
+                      dtype="bfloat16"), *timed),
+            (Workload("target_N65536_bf16", [[65536]], 128, 4, "prevalence",
+                      ("gemm", "fused", "tiled"), dtype="bfloat16"), 3, 3, 0.0),
+            (Workload("target_N262144", [[262144]], 128, 4, "prevalence", ("gemm", "fused")),
+             *once),
+        ]
     blocks = 10 if args.quick else 100
-    rows += run_workload(Workload("target_training_step",
-                                  [impls.training_step_sizes(blocks)], 128, 4, "prevalence",
-                                  ("gemm", "fused", "dense")), targs, common)
-    return rows
+    return [
+        (Workload("target_N8192", [[8192]], 128, 4, "prevalence",
+                  ("gemm", "fused", "dense", "tiled")), *timed),
+        (Workload("target_training_step", [impls.training_step_sizes(blocks)], 128, 4,
+                  "prevalence", ("gemm", "fused", "dense")), 3, 3, 0.0),
+    ]
 
 
-def summarize_targets(rows: list[dict]) -> list[tuple[str, float | None, str, bool | None]]:
-    def get(workload, impl, mode, key="median_ms"):
+def summarize_targets(rows: list[dict], device: str = "cpu"
+                      ) -> list[tuple[str, float | None, str, bool | None]]:
+    """(title, value, target, met) for each issue target; ``met`` is None for context lines."""
+    def get(workload, impl, mode="fwd+bwd", key="median_ms"):
         for r in rows:
             if r["workload"] == workload and r["impl"] == impl and r["mode"] == mode:
                 return r.get(key)
         return None
 
-    out = []
-    fused = get("target_N8192", "fused", "fwd+bwd")
-    gemm = get("target_N8192", "gemm", "fwd")
-    dense = get("target_N8192", "dense", "fwd+bwd")
-    tiled = get("target_N8192", "tiled", "fwd+bwd")
-    mem = get("target_N8192", "fused", "fwd+bwd", "peak_mem_mb")
-    dense_mem = get("target_N8192", "dense", "fwd+bwd", "peak_mem_mb")
-    step_fused = get("target_training_step", "fused", "fwd+bwd")
-    step_dense = get("target_training_step", "dense", "fwd+bwd")
-
     def ratio(a, b):
         return a / b if a and b else None
 
-    r = ratio(fused, gemm)
-    out.append(("fused fwd+bwd / GEMM (N=8192, C=4)", r, "<= 2.0", None if r is None else r <= 2.0))
-    r = ratio(dense, fused)
-    out.append(("dense fwd+bwd / fused fwd+bwd", r, ">= 5", None if r is None else r >= 5.0))
-    out.append(("fused fwd+bwd peak extra MiB", mem, "<= 64", None if mem is None else mem <= 64))
-    out.append(("dense fwd+bwd peak extra MiB (context)", dense_mem, "~2048", None))
-    out.append(("tiled fwd+bwd / GEMM (context)", ratio(tiled, gemm), "~2.9", None))
-    out.append(("dense fwd+bwd / GEMM (context)", ratio(dense, gemm), "~12", None))
-    r = ratio(step_dense, step_fused)
-    out.append(("training step: dense block loop / fused", r, ">= 5",
-                None if r is None else r >= 5.0))
-    return out
+    def line(title, value, target, at_most=None, at_least=None):
+        met = None
+        if value is not None and at_most is not None:
+            met = value <= at_most
+        if value is not None and at_least is not None:
+            met = value >= at_least
+        return title, value, target, met
+
+    if device == "cuda":
+        bf16 = "target_N16384_bf16"
+        return [
+            line("dense fwd+bwd / fused fwd+bwd (N=16384, fp32)",
+                 ratio(get("target_N16384", "dense"), get("target_N16384", "fused")), ">= 5",
+                 at_least=5.0),
+            line("fused fwd+bwd / bf16 GEMM (N=16384, bf16)",
+                 ratio(get(bf16, "fused"), get(bf16, "gemm", "fwd")), "<= 3", at_most=3.0),
+            line("fused fwd+bwd peak extra MiB (N=262144, fp32)",
+                 get("target_N262144", "fused", key="peak_mem_mb"), "< 1024", at_most=1024),
+            line("fused fwd+bwd / bf16 GEMM (N=65536, context)",
+                 ratio(get("target_N65536_bf16", "fused"),
+                       get("target_N65536_bf16", "gemm", "fwd")), "", None),
+            line("fused fwd+bwd / fp32 GEMM (N=16384, context)",
+                 ratio(get("target_N16384", "fused"), get("target_N16384", "gemm", "fwd")), ""),
+            line("tiled fwd+bwd / fused fwd+bwd (N=16384, fp32, context)",
+                 ratio(get("target_N16384", "tiled"), get("target_N16384", "fused")), ""),
+            line("fused fwd+bwd ms (N=262144, fp32, context)",
+                 get("target_N262144", "fused"), ""),
+        ]
+    cpu = "target_N8192"
+    return [
+        line("fused fwd+bwd / GEMM (N=8192, C=4)",
+             ratio(get(cpu, "fused"), get(cpu, "gemm", "fwd")), "<= 2.0", at_most=2.0),
+        line("dense fwd+bwd / fused fwd+bwd", ratio(get(cpu, "dense"), get(cpu, "fused")),
+             ">= 5", at_least=5.0),
+        line("fused fwd+bwd peak extra MiB", get(cpu, "fused", key="peak_mem_mb"), "<= 64",
+             at_most=64),
+        line("dense fwd+bwd peak extra MiB (context)", get(cpu, "dense", key="peak_mem_mb"),
+             "~2048"),
+        line("tiled fwd+bwd / GEMM (context)", ratio(get(cpu, "tiled"), get(cpu, "gemm", "fwd")),
+             "~2.9"),
+        line("dense fwd+bwd / GEMM (context)", ratio(get(cpu, "dense"), get(cpu, "gemm", "fwd")),
+             "~12"),
+        line("training step: dense block loop / fused",
+             ratio(get("target_training_step", "dense"), get("target_training_step", "fused")),
+             ">= 5", at_least=5.0),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,7 +630,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and a 10-block training step (< 3 min on 2 cores)")
     parser.add_argument("--targets", action="store_true",
-                        help="only the issue-2 CPU targets (N=8192 and the training step)")
+                        help="only the issue targets: CPU (issue 2) N=8192 and the training step; "
+                             "CUDA (issue 3) N=16384 fp32 and bf16, N=262144 memory")
     parser.add_argument("--min-reps", type=int, default=None)
     parser.add_argument("--max-reps", type=int, default=None)
     parser.add_argument("--point-budget-s", type=float, default=None,
@@ -642,25 +683,30 @@ def main(argv=None) -> int:
     for line in check_agreement(args.device, names):
         print(line)
 
+    csv_name = "targets.csv" if args.targets else "results.csv"
+    rows = []
     if args.targets:
-        rows = run_targets(args, common)
+        for wl, min_reps, max_reps, point_budget_s in target_workloads(args):
+            reps = argparse.Namespace(**{**vars(args), "min_reps": min_reps,
+                                         "max_reps": max_reps, "point_budget_s": point_budget_s})
+            rows += run_workload(wl, reps, common)
+            write_csv(rows, os.path.join(args.out, csv_name))  # partial results survive a kill
     else:
-        rows = []
         selected = {s for s in args.workloads.split(",") if s}
         for wl in build_workloads(args.device, args.quick):
             if selected and wl.name not in selected:
                 continue
             rows += run_workload(wl, args, common)
-            write_csv(rows, os.path.join(args.out, "results.csv"))
-    csv_name = "targets.csv" if args.targets else "results.csv"
+            write_csv(rows, os.path.join(args.out, csv_name))
     write_csv(rows, os.path.join(args.out, csv_name))
     print()
     print(format_table(rows))
     with open(os.path.join(args.out, "table.md"), "w") as handle:
         handle.write(markdown_table(rows) + "\n")
     if args.targets:
-        print("\nissue-2 CPU targets (ratios from medians of this run):")
-        summary = summarize_targets(rows)
+        issue = "issue-3 CUDA" if args.device == "cuda" else "issue-2 CPU"
+        print(f"\n{issue} targets (ratios from medians of this run):")
+        summary = summarize_targets(rows, args.device)
         for title, value, target, ok in summary:
             verdict = "" if ok is None else ("PASS" if ok else "FAIL")
             print(f"  {title:42s} {_fmt(value, '8.2f'):>8s}   target {target:7s} {verdict}")
