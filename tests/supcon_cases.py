@@ -40,6 +40,15 @@ def make_inputs(lengths, dim, num_classes, ignored, *, dtype=torch.float32, seed
     return (features.to(device=device, dtype=dtype), labels.to(device), offsets.to(device))
 
 
+def misaligned_copy(features):
+    """The same values, contiguous, starting one element past a 16-byte boundary (the CUDA
+    kernels then read rows with scalar instead of vector loads)."""
+    storage = torch.zeros(features.numel() + 1, dtype=features.dtype, device=features.device)
+    shifted = storage[1:].view(features.shape).copy_(features)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    return shifted
+
+
 def reference_loss_and_grad(features, labels, offsets, prevalence, upstream,
                             temperature=TEMPERATURE):
     """float64 CPU reference: per-anchor loss, positives and d(sum upstream * loss)/dz."""

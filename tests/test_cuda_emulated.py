@@ -35,7 +35,7 @@ from cuda_emulation import emulation
 from cuda_emulation.emulation import PATHS
 from mcsc.ops import backend
 from supcon_cases import (CASES, IGNORE, TEMPERATURE, assert_within_twice_eager_error,
-                          make_inputs, reference_loss_and_grad, scaled_atol)
+                          make_inputs, misaligned_copy, reference_loss_and_grad, scaled_atol)
 
 # Relative tolerance against the float64 reference per exact path.
 TOLERANCE = {"float64-fma": 1e-10, "float32-fma": 1e-4, "float32-tf32": 1e-2}
@@ -98,6 +98,42 @@ def test_matches_reference(emulated, case, path, prevalence):
     else:
         assert_within_twice_eager_error(loss, grad, features, labels, offsets,
                                         upstream.to(dtype), prevalence)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_unaligned_rows_match_vector_loads(emulated, path):
+    """Rows that do not start on 16-byte boundaries take the scalar loads: same bits."""
+    dtype, allow_tf32 = PATHS[path]
+    features, labels, offsets = make_inputs([70, 0, 129], 16, 4, 0.1, dtype=dtype)
+    upstream = torch.rand(features.shape[0], dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(3))
+    aligned = run(emulated, features, labels, offsets, True, upstream, allow_tf32,
+                  descending=False)
+    unaligned = run_both_orders(emulated, misaligned_copy(features), labels, offsets, True,
+                                upstream, allow_tf32)
+    for name, first, second in zip(("loss", "lse", "positives", "grad"), aligned, unaligned):
+        assert torch.equal(first, second), f"{name} differs between vector and scalar loads"
+
+
+@pytest.mark.parametrize("path", ["float64-fma", "float32-fma", "bfloat16-wmma"])
+def test_forward_column_splits_merge_to_one_split(emulated, path):
+    """A small batch splits the forward's columns over up to 16 blocks per row block; the
+    merged partial results match one block per row block."""
+    dtype, allow_tf32 = PATHS[path]
+    features, labels, offsets = make_inputs(*CASES["long-segment"], dtype=dtype)
+    outputs = {
+        target: emulated.forward(features, labels, offsets, TEMPERATURE, True, IGNORE,
+                                 allow_tf32, False, resident_blocks=target)
+        for target in (1, 4096)}
+    (one_loss, one_lse, one_positives), (loss, lse, positives) = outputs[1], outputs[4096]
+    assert torch.equal(positives, one_positives)
+    anchors = positives > 0
+    relative = TOLERANCE.get(path, 1e-2)  # the loss is rounded to bfloat16
+    lse_relative = min(relative, 1e-5)  # lse is float32 or float64
+    torch.testing.assert_close(lse[anchors], one_lse[anchors], rtol=lse_relative,
+                               atol=lse_relative)
+    torch.testing.assert_close(loss.double(), one_loss.double(), rtol=relative,
+                               atol=scaled_atol(one_loss.double(), relative))
 
 
 @pytest.mark.parametrize("case", ["one-segment", "varlen-empty-segments", "deep"])

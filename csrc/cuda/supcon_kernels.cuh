@@ -6,9 +6,13 @@
 //   classify_rows     per row: |P(i)| (-1 for ignored rows) and a class id, the index of the
 //                     first row of the segment with the same label. Ids are int32 whatever the
 //                     label type, so the pairwise kernels compare them exactly and cheaply.
-//   forward           per row block, over the column tiles of its segment: the score tile
-//                     z_I . z_J (tensor cores for fp16/bf16/TF32), then per row an online
-//                     log-sum-exp of w_i(y_j) exp(s_ij) and the sum of s_ip over positives.
+//   forward           per (row block, column split), over the split's column tiles of the
+//                     segment: the score tile z_I . z_J (tensor cores for fp16/bf16/TF32),
+//                     then per row an online log-sum-exp of w_i(y_j) exp(s_ij) and the sum of
+//                     s_ip over positives, written as the split's partial result.
+//   forward_combine   per row: the splits' partial results merged in split order, then lse
+//                     and the loss. Splitting the columns gives a small batch enough blocks
+//                     to fill the GPU (flash-decoding's split-KV).
 //   backward          per (row block, 128 feature columns): the same score tiles, turned into
 //                     P_ij = G_ij + G_ji - [j in P(i)] (b_i + b_j) in shared memory, then
 //                     dz_I += P z_J (TF32 tensor cores whenever the scores use tensor cores);
@@ -30,6 +34,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+
+#include <algorithm>
 
 #include <cmath>
 #include <cstdint>
@@ -124,15 +130,26 @@ __device__ __forceinline__ AnchorRow anchor_row(const RowBlock& block,
   return anchor;
 }
 
+// Partial results of the forward per column split: for split s and row i, element s * rows + i
+// of each array.
+template <typename acc_t>
+struct ForwardPartials {
+  acc_t* running_max;   // max_j s_ij over the split's contrasts (-inf if none)
+  acc_t* running_sum;   // sum_j w_i(y_j) exp(s_ij - running_max)
+  acc_t* positive_sum;  // sum of s_ip over the split's positives
+};
+
+// Four resident blocks per SM (64 registers per thread): the float32 FMA instantiation would
+// otherwise take 80 and fit three.
 template <typename scalar_t, Mma kind>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     supcon_forward_kernel(const scalar_t* __restrict__ z, int64_t dim,
                           const int32_t* __restrict__ classes,
                           const int32_t* __restrict__ positives,
                           const int64_t* __restrict__ offsets,
                           const int64_t* __restrict__ block_offsets, int64_t num_segments,
-                          acc_type<scalar_t> inv_temperature, bool prevalence,
-                          scalar_t* __restrict__ loss, acc_type<scalar_t>* __restrict__ lse) {
+                          acc_type<scalar_t> inv_temperature, bool prevalence, int64_t rows,
+                          int64_t num_splits, ForwardPartials<acc_type<scalar_t>> partials) {
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   // Each row of the score tile is reduced by kRowThreads adjacent lanes of one warp.
@@ -148,6 +165,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, T::kRows, block)) {
     return;
   }
+  const bool vectorized = rows_are_vector_aligned(z, dim);
   const AnchorRow anchor = anchor_row<kRowThreads>(block, classes, positives);
   const acc_t* const score_row = scores + anchor.tile_row * T::kScoreLd;
   const acc_t same_weight = same_class_weight<acc_t>(anchor.positives, prevalence);
@@ -156,7 +174,12 @@ __global__ void __launch_bounds__(kThreads)
   acc_t running_max = kMinusInf;
   acc_t running_sum = 0;
   acc_t positive_sum = 0;
-  for (int64_t col0 = block.segment_begin; col0 < block.segment_end; col0 += T::kCols) {
+  // The column tiles of this split: a contiguous share of the segment's tiles (maybe none).
+  const int64_t column_tiles = (block.segment_end - block.segment_begin + T::kCols - 1) / T::kCols;
+  const int64_t tiles_per_split = (column_tiles + num_splits - 1) / num_splits;
+  const int64_t split_begin = block.segment_begin + blockIdx.y * tiles_per_split * T::kCols;
+  const int64_t split_end = min(block.segment_end, split_begin + tiles_per_split * T::kCols);
+  for (int64_t col0 = split_begin; col0 < split_end; col0 += T::kCols) {
     __syncthreads();
     for (int j = threadIdx.x; j < T::kCols; j += kThreads) {
       const int64_t col = col0 + j;
@@ -165,7 +188,7 @@ __global__ void __launch_bounds__(kThreads)
       col_contrast_weight[j] = inside ? contrast_weight<acc_t>(positives[col], prevalence) : 0;
     }
     compute_score_tile<scalar_t, kind>(scores, staging, z, dim, block.row_begin,
-                                       block.row_end, col0, block.segment_end);
+                                       block.row_end, col0, block.segment_end, vectorized);
     __syncthreads();
     // Ignored rows and rows past the block's end (class < 0) have no contrasts; a valid row
     // gives every valid column j != i a positive weight.
@@ -200,10 +223,35 @@ __global__ void __launch_bounds__(kThreads)
     if (other_max != kMinusInf) merge_log_sum_exp(running_max, running_sum, other_max, other_sum);
   }
   if (!anchor.exists || anchor.part != 0) return;
+  const int64_t index = blockIdx.y * rows + anchor.row;
+  partials.running_max[index] = running_max;
+  partials.running_sum[index] = running_sum;
+  partials.positive_sum[index] = positive_sum;
+}
+
+// One thread per row: the splits merged in split order (deterministic), then lse and loss.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    supcon_forward_combine_kernel(ForwardPartials<acc_type<scalar_t>> partials,
+                                  const int32_t* __restrict__ positives, int64_t rows,
+                                  int64_t num_splits, scalar_t* __restrict__ loss,
+                                  acc_type<scalar_t>* __restrict__ lse) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (row >= rows) return;
+  acc_t running_max = -std::numeric_limits<acc_t>::infinity();
+  acc_t running_sum = 0;
+  acc_t positive_sum = 0;
+  for (int64_t split = 0; split < num_splits; ++split) {
+    const int64_t index = split * rows + row;
+    merge_log_sum_exp(running_max, running_sum, partials.running_max[index],
+                      partials.running_sum[index]);
+    positive_sum += partials.positive_sum[index];
+  }
   // -inf (log 0) for ignored rows and rows without any contrast; neither is an anchor.
   const acc_t row_lse = running_max + std::log(running_sum);
-  lse[anchor.row] = row_lse;
-  loss[anchor.row] = static_cast<scalar_t>(anchor_loss(row_lse, positive_sum, anchor.positives));
+  lse[row] = row_lse;
+  loss[row] = static_cast<scalar_t>(anchor_loss(row_lse, positive_sum, positives[row]));
 }
 
 // Two resident blocks per SM at least (128 registers per thread): without the bound the TF32
@@ -248,6 +296,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   const int64_t out_col0 = static_cast<int64_t>(blockIdx.y) * T::kOutCols;
 
+  const bool vectorized = rows_are_vector_aligned(z, dim);
   const AnchorRow anchor = anchor_row<kRowThreads>(block, classes, positives);
   acc_t* const p_row = scores + anchor.tile_row * T::kScoreLd;
   const acc_t row_grad = anchor.exists ? grad_loss[anchor.row] : acc_t(0);
@@ -274,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       col_lse[j] = col_anchor[j] != 0 ? lse[col] : acc_t(0);
     }
     compute_score_tile<scalar_t, kind>(scores, staging, z, dim, block.row_begin,
-                                       block.row_end, col0, block.segment_end);
+                                       block.row_end, col0, block.segment_end, vectorized);
     __syncthreads();
 
     // Scores become P_ij in place; each element is read and written by the same thread.
@@ -297,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int k0 = 0; k0 < T::kCols && col0 + k0 < block.segment_end; k0 += kValueRows) {
       __syncthreads();
       stage_window<kValueRows, T::kOutCols, T::kOutLd>(values, z, dim, col0 + k0,
-                                                       block.segment_end, out_col0);
+                                                       block.segment_end, out_col0, vectorized);
       __syncthreads();
       gradient.accumulate(scores, values, k0);
     }
@@ -361,17 +410,38 @@ void with_mma_kind(bool allow_tf32, const Body& body) {
   }
 }
 
+// Most column splits of the forward: their partial results take 3 * splits floats per row.
+constexpr int64_t kMaxColumnSplits = 16;
+
+// Column splits of the forward when the device holds `resident_blocks` blocks at once: the
+// number that minimises the run time, taken as proportional to waves / splits (each split
+// does 1/splits of a row block's work; the last wave costs as much as a full one). Ties go to
+// fewer splits; never more splits than a segment can have column tiles.
+inline int64_t forward_column_splits(int64_t row_blocks, int64_t rows, int64_t tile_columns,
+                                     int64_t resident_blocks) {
+  const int64_t most = std::min(kMaxColumnSplits, (rows + tile_columns - 1) / tile_columns);
+  const auto waves = [&](int64_t splits) {
+    return (row_blocks * splits + resident_blocks - 1) / resident_blocks;
+  };
+  int64_t best = 1;
+  for (int64_t splits = 2; splits <= most; ++splits) {
+    if (waves(splits) * best < waves(best) * splits) best = splits;
+  }
+  return best;
+}
+
 // The forward of contiguous, checked inputs on the kernels' device: (loss, lse, positives).
+// resident_blocks: how many forward blocks the device runs at once (forward_column_splits).
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
     const Launch& launch, const at::Tensor& features, const at::Tensor& labels,
     const at::Tensor& segments, double temperature, bool prevalence, int64_t ignore_index,
-    bool allow_tf32) {
+    bool allow_tf32, int64_t resident_blocks) {
   const int64_t rows = features.size(0);
   const int64_t dim = features.size(1);
   const int64_t num_segments = segments.numel() - 1;
 
-  at::Tensor loss = at::zeros({rows}, features.options());
+  at::Tensor loss = at::empty({rows}, features.options());
   at::Tensor lse = at::empty({rows}, features.options().dtype(accumulation_dtype(features)));
   at::Tensor positives = at::empty({rows}, features.options().dtype(at::kInt));
   if (rows == 0) return {loss, lse, positives};
@@ -386,15 +456,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
     constexpr int64_t kRows = Tiles<acc_t>::kRows;
     const at::Tensor block_offsets = row_block_offsets(segments, kRows);
     const int64_t grid = row_block_bound(rows, num_segments, kRows);
+    const int64_t splits =
+        forward_column_splits(grid, rows, Tiles<acc_t>::kCols, resident_blocks);
+    at::Tensor partial = at::empty({3, splits, rows}, lse.options());
+    const ForwardPartials<acc_t> partials{partial[0].mutable_data_ptr<acc_t>(),
+                                          partial[1].mutable_data_ptr<acc_t>(),
+                                          partial[2].mutable_data_ptr<acc_t>()};
     with_mma_kind<scalar_t>(allow_tf32, [&](auto tag) {
       constexpr Mma kind = decltype(tag)::value;
-      launch(&supcon_forward_kernel<scalar_t, kind>, grid, 1,
+      launch(&supcon_forward_kernel<scalar_t, kind>, grid, splits,
              features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
              positives.const_data_ptr<int32_t>(), segments.const_data_ptr<int64_t>(),
              block_offsets.const_data_ptr<int64_t>(), num_segments,
-             static_cast<acc_t>(1.0 / temperature), prevalence,
-             loss.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
+             static_cast<acc_t>(1.0 / temperature), prevalence, rows, splits, partials);
     });
+    launch(&supcon_forward_combine_kernel<scalar_t>, (rows + kThreads - 1) / kThreads, 1,
+           partials, positives.const_data_ptr<int32_t>(), rows, splits,
+           loss.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
   });
   return {loss, lse, positives};
 }

@@ -142,13 +142,54 @@ __device__ __forceinline__ bool locate_row_block(const int64_t* __restrict__ off
   return true;
 }
 
+// Sixteen bytes of consecutive features, loaded with one vector instruction.
+template <typename scalar_t>
+struct alignas(16) Vector16 {
+  static constexpr int kWidth = 16 / sizeof(scalar_t);
+  scalar_t values[kWidth];
+};
+
+// Whether every row of z (row-major, `dim` columns) starts on a 16-byte boundary, so windows
+// whose first column is a multiple of Vector16's width can be read in vectors. Features are
+// contiguous, but a view that starts mid-row (z[1:] of a wider tensor, say) need not be aligned.
+template <typename scalar_t>
+__device__ __forceinline__ bool rows_are_vector_aligned(const scalar_t* z, int64_t dim) {
+  return reinterpret_cast<uintptr_t>(z) % 16 == 0 && dim % Vector16<scalar_t>::kWidth == 0;
+}
+
 // Copies the window rows [row0, row_end) x columns [col0, col0 + COLS) of z (row-major, `dim`
 // columns) into a ROWS x COLS shared tile of pitch LD, converted to Stage. Outside the rows or
-// columns it writes zeros, so partial tiles add nothing to the products they feed.
+// columns it writes zeros, so partial tiles add nothing to the products they feed. With
+// `vectorized` (rows_are_vector_aligned, and col0 a multiple of the vector width) each thread
+// reads 16 bytes at a time: a vector then lies wholly inside or wholly outside the columns.
 template <int ROWS, int COLS, int LD, typename Stage, typename scalar_t>
 __device__ __forceinline__ void stage_window(Stage* __restrict__ tile,
                                              const scalar_t* __restrict__ z, int64_t dim,
-                                             int64_t row0, int64_t row_end, int64_t col0) {
+                                             int64_t row0, int64_t row_end, int64_t col0,
+                                             bool vectorized) {
+  using Vector = Vector16<scalar_t>;
+  constexpr int kWidth = Vector::kWidth;
+  if constexpr (COLS % kWidth == 0) {
+    if (vectorized) {
+      constexpr int kVectorsPerRow = COLS / kWidth;
+      for (int index = threadIdx.x; index < ROWS * kVectorsPerRow; index += kThreads) {
+        const int r = index / kVectorsPerRow;
+        const int c = index % kVectorsPerRow * kWidth;
+        const int64_t row = row0 + r;
+        const int64_t column = col0 + c;
+        Stage* const out = tile + r * LD + c;
+        if (row < row_end && column < dim) {
+          const Vector vector = *reinterpret_cast<const Vector*>(z + row * dim + column);
+#pragma unroll
+          for (int e = 0; e < kWidth; ++e) out[e] = to_stage<Stage>(vector.values[e]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kWidth; ++e) out[e] = to_stage<Stage>(0.0f);
+        }
+      }
+      return;
+    }
+  }
   for (int index = threadIdx.x; index < ROWS * COLS; index += kThreads) {
     const int r = index / COLS;
     const int c = index % COLS;
@@ -179,7 +220,8 @@ template <typename scalar_t, Mma kind>
 __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
                                    ScoreStaging<scalar_t, kind>& staging,
                                    const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
-                                   int64_t row_end, int64_t col0, int64_t col_end) {
+                                   int64_t row_end, int64_t col0, int64_t col_end,
+                                   bool vectorized) {
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   using Buffers = ScoreStaging<scalar_t, kind>;
@@ -207,8 +249,10 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
     wmma::fill_fragment(accumulators[1], 0.0f);
     for (int64_t k0 = 0; k0 < dim; k0 += T::kDepth) {
       __syncthreads();
-      stage_window<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0);
-      stage_window<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0);
+      stage_window<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0,
+                                             vectorized);
+      stage_window<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0,
+                                             vectorized);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < T::kDepth; kk += kFragK) {
@@ -248,8 +292,8 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
   acc_t sums[kRowsPerThread][kColsPerThread] = {};
   for (int64_t k0 = 0; k0 < dim; k0 += T::kDepth) {
     __syncthreads();
-    stage_window<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0);
-    stage_window<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0);
+    stage_window<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0, vectorized);
+    stage_window<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0, vectorized);
     __syncthreads();
 #pragma unroll 4
     for (int k = 0; k < T::kDepth; ++k) {

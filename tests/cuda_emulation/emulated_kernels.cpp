@@ -34,10 +34,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& feature
                                                        const at::Tensor& segments,
                                                        double temperature, bool prevalence,
                                                        int64_t ignore_index, bool allow_tf32,
-                                                       bool descending) {
+                                                       bool descending, int64_t resident_blocks) {
   return mcsc::cuda::launch_supcon_forward(EmulatedLaunch{descending}, features.contiguous(),
                                            labels.contiguous(), segments.contiguous(),
-                                           temperature, prevalence, ignore_index, allow_tf32);
+                                           temperature, prevalence, ignore_index, allow_tf32,
+                                           resident_blocks);
 }
 
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& features,
@@ -142,7 +143,12 @@ int64_t poison_shared_memory() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "mcsc::supcon_forward's CUDA kernels, emulated on the CPU");
+  // resident_blocks: 4 x 132 multiprocessors, as on an H100 or H200.
+  m.def("forward", &forward, "mcsc::supcon_forward's CUDA kernels, emulated on the CPU",
+        pybind11::arg("features"), pybind11::arg("labels"), pybind11::arg("segments"),
+        pybind11::arg("temperature"), pybind11::arg("prevalence"),
+        pybind11::arg("ignore_index"), pybind11::arg("allow_tf32"),
+        pybind11::arg("descending"), pybind11::arg("resident_blocks") = 528);
   m.def("backward", &backward, "mcsc::supcon_backward's CUDA kernels, emulated on the CPU");
   m.def("misuse", &misuse, "a kernel with a deliberate barrier or alignment mistake");
   m.def("poison_shared_memory", &poison_shared_memory,
