@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       if (col_class[j] < 0 || col0 + j == anchor.row) continue;
       const acc_t weight =
           pair_weight(anchor.class_id, col_class[j], same_weight, col_contrast_weight[j]);
-      tile_sum += weight * std::exp(score_row[j] * inv_temperature - tile_max);
+      tile_sum += weight * pair_exp(score_row[j] * inv_temperature - tile_max);
     }
     merge_log_sum_exp(running_max, running_sum, tile_max, tile_sum);
   }

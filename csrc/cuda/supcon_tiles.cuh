@@ -34,7 +34,8 @@ template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Tile sizes per accumulation type. float: 64 x 64 score tiles (16 WMMA fragments, two per
-// warp), D staged 32 columns at a time, backward output 128 feature columns per block (D = 128,
+// warp), D staged 32 columns at a time (64 for fp16/bf16, see Staging), backward output 128
+// feature columns per block (D = 128,
 // the usual projection size, then needs one pass). double: 32 x 32 tiles so that every kernel
 // stays within the 48 KiB of static shared memory.
 template <typename acc_t>
@@ -60,29 +61,35 @@ struct Tiles<double> {
   static constexpr int kOutLd = kOutCols + 1;
 };
 
-// The element type features are staged in and the row pitch of a staged slice. FMA stages in
-// the accumulation type with one column of padding (conflict-free column reads); WMMA stages
-// in the input type (or float for TF32) with the padding its loads allow (pitch a multiple of
-// 8 halves / 4 floats, so every fragment starts 32-byte aligned).
+// The element type features are staged in, the row pitch of a staged slice and its depth (the
+// feature columns staged at a time). FMA stages in the accumulation type with one column of
+// padding (conflict-free column reads); WMMA stages in the input type (or float for TF32) with
+// the padding its loads allow (pitch a multiple of 8 halves / 4 floats, so every fragment
+// starts 32-byte aligned). Half-precision slices are 64 deep: half the barriers per score tile
+// of D = 128, within the 48 KiB of static shared memory.
 template <typename scalar_t, Mma kind>
 struct Staging {
   using type = acc_type<scalar_t>;
   static constexpr int kPad = 1;
+  static constexpr int kDepth = Tiles<acc_type<scalar_t>>::kDepth;
 };
 template <>
 struct Staging<c10::Half, Mma::Wmma> {
   using type = __half;
   static constexpr int kPad = 8;
+  static constexpr int kDepth = 64;
 };
 template <>
 struct Staging<c10::BFloat16, Mma::Wmma> {
   using type = __nv_bfloat16;
   static constexpr int kPad = 8;
+  static constexpr int kDepth = 64;
 };
 template <>
 struct Staging<float, Mma::Tf32> {
   using type = float;
   static constexpr int kPad = 4;
+  static constexpr int kDepth = Tiles<float>::kDepth;
 };
 
 template <typename Stage, typename T>
@@ -207,7 +214,8 @@ struct ScoreStaging {
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   using Stage = typename Staging<scalar_t, kind>::type;
-  static constexpr int kLd = T::kDepth + Staging<scalar_t, kind>::kPad;
+  static constexpr int kDepth = Staging<scalar_t, kind>::kDepth;
+  static constexpr int kLd = kDepth + Staging<scalar_t, kind>::kPad;
   alignas(32) Stage rows[T::kRows * kLd];
   alignas(32) Stage cols[T::kCols * kLd];
 };
@@ -226,6 +234,7 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
   using T = Tiles<acc_t>;
   using Buffers = ScoreStaging<scalar_t, kind>;
   constexpr int kLd = Buffers::kLd;
+  constexpr int kDepth = Buffers::kDepth;
 
 #if defined(MCSC_AMPERE_TENSOR_CORES)
   if constexpr (kind != Mma::Fma) {
@@ -247,15 +256,15 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
     FragC accumulators[2];
     wmma::fill_fragment(accumulators[0], 0.0f);
     wmma::fill_fragment(accumulators[1], 0.0f);
-    for (int64_t k0 = 0; k0 < dim; k0 += T::kDepth) {
+    for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
       __syncthreads();
-      stage_window<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0,
+      stage_window<T::kRows, kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0,
                                              vectorized);
-      stage_window<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0,
+      stage_window<T::kCols, kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0,
                                              vectorized);
       __syncthreads();
 #pragma unroll
-      for (int kk = 0; kk < T::kDepth; kk += kFragK) {
+      for (int kk = 0; kk < kDepth; kk += kFragK) {
         FragA a;
         wmma::load_matrix_sync(a, staging.rows + strip * 16 * kLd + kk, kLd);
         if constexpr (kind == Mma::Tf32) {
@@ -290,13 +299,13 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
   const int ty = threadIdx.x / 16;
   const int tx = threadIdx.x % 16;
   acc_t sums[kRowsPerThread][kColsPerThread] = {};
-  for (int64_t k0 = 0; k0 < dim; k0 += T::kDepth) {
+  for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
     __syncthreads();
-    stage_window<T::kRows, T::kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0, vectorized);
-    stage_window<T::kCols, T::kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0, vectorized);
+    stage_window<T::kRows, kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0, vectorized);
+    stage_window<T::kCols, kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0, vectorized);
     __syncthreads();
 #pragma unroll 4
-    for (int k = 0; k < T::kDepth; ++k) {
+    for (int k = 0; k < kDepth; ++k) {
       acc_t a[kRowsPerThread];
       acc_t b[kColsPerThread];
 #pragma unroll
