@@ -591,7 +591,7 @@ def summarize_targets(rows: list[dict], device: str = "cpu"
                  get("target_N262144", "fused", key="peak_mem_mb"), "< 1024", at_most=1024),
             line("fused fwd+bwd / bf16 GEMM (N=65536, context)",
                  ratio(get("target_N65536_bf16", "fused"),
-                       get("target_N65536_bf16", "gemm", "fwd")), "", None),
+                       get("target_N65536_bf16", "gemm", "fwd")), ""),
             line("fused fwd+bwd / fp32 GEMM (N=16384, context)",
                  ratio(get("target_N16384", "fused"), get("target_N16384", "gemm", "fwd")), ""),
             line("tiled fwd+bwd / fused fwd+bwd (N=16384, fp32, context)",

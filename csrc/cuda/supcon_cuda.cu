@@ -50,9 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     double temperature, bool prevalence, int64_t ignore_index) {
   check_op_inputs(features, labels, segments, c10::DeviceType::CUDA, kFeatureDtypes);
   const c10::cuda::CUDAGuard guard(features.device());
-  // The forward kernel's launch bounds make four blocks resident per multiprocessor.
   const int64_t resident_blocks =
-      4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+      kForwardBlocksPerSM *
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   return launch_supcon_forward(StreamLaunch{at::cuda::getCurrentCUDAStream()},
                                features.contiguous(), labels.contiguous(),
                                segments.contiguous(), temperature, prevalence, ignore_index,

@@ -36,7 +36,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -139,10 +138,13 @@ struct ForwardPartials {
   acc_t* positive_sum;  // sum of s_ip over the split's positives
 };
 
-// Four resident blocks per SM (64 registers per thread): the float32 FMA instantiation would
-// otherwise take 80 and fit three.
+// Resident forward blocks per SM that the launch bounds ask for (64 registers per thread): the
+// float32 FMA instantiation would otherwise take 80 and fit three. The host sizes the column
+// splits by it.
+constexpr int kForwardBlocksPerSM = 4;
+
 template <typename scalar_t, Mma kind>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
     supcon_forward_kernel(const scalar_t* __restrict__ z, int64_t dim,
                           const int32_t* __restrict__ classes,
                           const int32_t* __restrict__ positives,

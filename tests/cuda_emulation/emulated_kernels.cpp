@@ -12,6 +12,7 @@
 #include "cuda/supcon_kernels.cuh"
 #include "mma.h"
 
+#include <map>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -104,28 +105,21 @@ __global__ void wmma_store_kernel(float* out, float base) {
 }
 
 at::Tensor misuse(const std::string& name, double base, bool descending) {
-  at::Tensor out = at::zeros({mcsc::cuda::kThreads}, at::kFloat);
-  const auto run = [&](void (*kernel)(float*, float)) {
-    cuda_emulator::launch(kernel, 1, 1, mcsc::cuda::kThreads, descending,
-                          out.mutable_data_ptr<float>(), static_cast<float>(base));
+  using Kernel = void (*)(float*, float);
+  static const std::map<std::string, Kernel> kKernels = {
+      {"divergent_barrier", &divergent_barrier_kernel},
+      {"divergent_shuffle", &divergent_shuffle_kernel},
+      {"neighbour_synchronised", &neighbour_kernel<true>},
+      {"neighbour_racy", &neighbour_kernel<false>},
+      {"misaligned_wmma", &misaligned_wmma_kernel},
+      {"wmma_store_synchronised", &wmma_store_kernel<true>},
+      {"wmma_store_racy", &wmma_store_kernel<false>},
   };
-  if (name == "divergent_barrier") {
-    run(&divergent_barrier_kernel);
-  } else if (name == "divergent_shuffle") {
-    run(&divergent_shuffle_kernel);
-  } else if (name == "neighbour_synchronised") {
-    run(&neighbour_kernel<true>);
-  } else if (name == "neighbour_racy") {
-    run(&neighbour_kernel<false>);
-  } else if (name == "misaligned_wmma") {
-    run(&misaligned_wmma_kernel);
-  } else if (name == "wmma_store_synchronised") {
-    run(&wmma_store_kernel<true>);
-  } else if (name == "wmma_store_racy") {
-    run(&wmma_store_kernel<false>);
-  } else {
-    TORCH_CHECK(false, "unknown misuse kernel ", name);
-  }
+  const auto found = kKernels.find(name);
+  TORCH_CHECK(found != kKernels.end(), "unknown misuse kernel ", name);
+  at::Tensor out = at::zeros({mcsc::cuda::kThreads}, at::kFloat);
+  cuda_emulator::launch(found->second, 1, 1, mcsc::cuda::kThreads, descending,
+                        out.mutable_data_ptr<float>(), static_cast<float>(base));
   return out;
 }
 
@@ -143,12 +137,12 @@ int64_t poison_shared_memory() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // resident_blocks: 4 x 132 multiprocessors, as on an H100 or H200.
+  // resident_blocks: the forward's blocks per SM x 132 SMs, as on an H100 or H200.
   m.def("forward", &forward, "mcsc::supcon_forward's CUDA kernels, emulated on the CPU",
         pybind11::arg("features"), pybind11::arg("labels"), pybind11::arg("segments"),
         pybind11::arg("temperature"), pybind11::arg("prevalence"),
         pybind11::arg("ignore_index"), pybind11::arg("allow_tf32"),
-        pybind11::arg("descending"), pybind11::arg("resident_blocks") = 528);
+        pybind11::arg("descending"), pybind11::arg("resident_blocks") = mcsc::cuda::kForwardBlocksPerSM * 132);
   m.def("backward", &backward, "mcsc::supcon_backward's CUDA kernels, emulated on the CPU");
   m.def("misuse", &misuse, "a kernel with a deliberate barrier or alignment mistake");
   m.def("poison_shared_memory", &poison_shared_memory,
