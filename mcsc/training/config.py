@@ -16,13 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from mcsc.data.synapse import CLASS_NAMES as SYNAPSE_CLASSES
+
 DATASETS = ("synthetic", "acdc", "synapse", "nifti")
 METHODS = ("mcsc", "cross-teaching", "supervised")
-
-SYNAPSE_CLASSES = [
-    "background", "aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas",
-    "spleen", "stomach",
-]
 
 
 @dataclass

@@ -237,6 +237,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.data = build_data(cfg.data)
         if self.dist.is_main:
+            print(self.data.describe())
             save_yaml(cfg, self.out / "config.yaml")
             if self.data.split:
                 (self.out / "split.json").write_text(json.dumps(self.data.split, indent=1))
