@@ -186,11 +186,14 @@ def seeded_split(
 
 
 def image_array(values, where: str) -> np.ndarray:
-    """``values`` as a float32 image; a dtype that is not real numbers raises :class:`DataError`
-    naming ``where`` (a complex image would silently lose its imaginary part)."""
+    """``values`` as a float32 image; an empty array or a dtype that is not real numbers raises
+    :class:`DataError` naming ``where`` (a complex image would silently lose its imaginary
+    part)."""
     values = np.asarray(values)
     if values.dtype.kind not in "biuf":
         raise DataError(f"{where}: image has dtype {values.dtype}, expected real numbers")
+    if values.size == 0:
+        raise DataError(f"{where}: empty image of shape {values.shape}")
     return values.astype(np.float32, copy=False)
 
 
@@ -225,8 +228,6 @@ def check_pair(
         raise DataError(f"{where}: expected {ndim}D arrays, got shape {image.shape}")
     if image.shape != label.shape:
         raise DataError(f"{where}: image shape {image.shape} != label shape {label.shape}")
-    if image.size == 0:
-        raise DataError(f"{where}: empty image of shape {image.shape}")
     if label.min() < 0:
         raise DataError(f"{where}: negative label value {int(label.min())}")
     if num_classes is not None and label.max() >= num_classes:
