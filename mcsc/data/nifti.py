@@ -197,6 +197,8 @@ def dataset_lists(document: dict, root: Path) -> list[tuple[Path, Path | None]]:
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                 raise DataError(f"{path}: {key!r} entry {entry!r} has no image path")
             label = entry.get("label") if key == "training" else None
+            if label is not None and not isinstance(label, str):
+                raise DataError(f"{path}: {key!r} entry {entry!r}: the label must be a path")
             files = [root / entry["image"]] + ([root / label] if label else [])
             for file in files:
                 if not file.is_file():
