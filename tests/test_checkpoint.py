@@ -121,7 +121,8 @@ def test_a_write_failing_midway_keeps_the_previous_checkpoint(saved, monkeypatch
         return FailingFile(real_fdopen(handle, mode, *args, **kwargs), budget)
 
     monkeypatch.setattr(checkpoint.os, "fdopen", failing_fdopen)
-    with pytest.raises(OSError, match=f"{saved}: cannot write the checkpoint .No space left") as caught:
+    reason = f"{saved}: cannot write the checkpoint .No space left"
+    with pytest.raises(OSError, match=reason) as caught:
         save_checkpoint(small_state(2.0), saved)
     assert caught.value.errno == errno.ENOSPC and written  # the failing writer was used
     monkeypatch.undo()

@@ -7,9 +7,9 @@ slices. Images are float32, labels int64 with values in [0, num_classes). Spacin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

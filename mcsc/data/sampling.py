@@ -8,7 +8,7 @@ have drawn, whatever the number of DataLoader workers or how far they prefetched
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

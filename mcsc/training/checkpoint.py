@@ -107,7 +107,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             f"{path}: not a valid mcsc checkpoint: it holds Python objects other than tensors "
             f"and plain containers (another kind of file; not loaded, as that could run code)"
         ) from None
-    except Exception as error:  # a sound archive that is not a PyTorch file
+    except Exception as error:  # noqa: BLE001 (a sound archive that is not a PyTorch file)
+        # not chained either: the first line of the reason is all that is shown of torch's text
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
             f"{path}: not a valid mcsc checkpoint: another kind of file (a zip archive that "
@@ -142,7 +143,7 @@ def _check_archive(path: Path) -> None:
     except Exception as error:  # BadZipFile, OSError or EOFError from a cut or damaged file
         raise CheckpointError(
             f"{path}: not a valid mcsc checkpoint: truncated or corrupt ({error})"
-        ) from None
+        ) from error
     if damaged is not None:
         raise CheckpointError(
             f"{path}: not a valid mcsc checkpoint: corrupt (record {damaged} fails its checksum)"
