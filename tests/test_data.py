@@ -351,6 +351,18 @@ def test_shape_mismatch_is_named(tmp_path):
         build_acdc(root, labelled=1)
 
 
+def test_bad_spacing_is_named(tmp_path):
+    root = make_acdc(tmp_path / "acdc")
+    path = root / "data" / "patient004_frame01.h5"
+    for spacing in ([1.0, 2.0], [1.0, -1.0, 1.0], [np.nan, 1.0, 1.0]):
+        with h5py.File(path, "a") as f:
+            if "spacing" in f:
+                del f["spacing"]
+            f["spacing"] = np.array(spacing)
+        with pytest.raises(DataError, match="patient004_frame01.h5: spacing must be"):
+            build_acdc(root, labelled=1)
+
+
 def test_label_above_num_classes_is_named(tmp_path):
     root = make_acdc(tmp_path / "acdc")
     path = root / "data" / "patient003_frame01.h5"
