@@ -1,7 +1,8 @@
 """Datasets: ACDC (SSL4MIS), Synapse (TransUNet), NIfTI (Decathlon) folders, synthetic phantoms.
 
-:func:`build_data` turns a :class:`mcsc.training.config.DataConfig` into a
-:class:`DataBundle`; :func:`infer_dataset` guesses the format of a folder.
+:func:`build_data` turns a data configuration (any object with the fields of the trainer's
+``DataConfig``: dataset, path, labeled, split, ...) into a :class:`DataBundle`;
+:func:`infer_dataset` guesses the format of a folder.
 """
 
 from __future__ import annotations
