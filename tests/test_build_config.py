@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 SETUP = Path(__file__).resolve().parents[1] / "setup.py"
+RECENT_TORCH = "2.14.1+cu130"  # passed explicitly: the running torch may be an old one
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def setup_module():
 
 
 def test_default_builds_cuda_with_cuda_torch_and_nvcc(setup_module):
-    assert setup_module.cuda_decision(None, "13.0", "/usr/local/cuda") == (
+    assert setup_module.cuda_decision(None, "13.0", "/usr/local/cuda", RECENT_TORCH) == (
         True, "CUDA torch and nvcc present")
 
 
@@ -29,16 +30,16 @@ def test_default_builds_cuda_with_cuda_torch_and_nvcc(setup_module):
     ("13.0", None, "nvcc"),
 ])
 def test_default_skips_cuda_and_says_why(setup_module, torch_cuda, cuda_home, missing):
-    build, why = setup_module.cuda_decision(None, torch_cuda, cuda_home)
+    build, why = setup_module.cuda_decision(None, torch_cuda, cuda_home, RECENT_TORCH)
     assert not build and missing in why
 
 
 def test_force_zero_never_builds(setup_module):
-    assert setup_module.cuda_decision("0", "13.0", "/usr/local/cuda") == (False, "MCSC_FORCE_CUDA=0")
+    assert setup_module.cuda_decision("0", "13.0", "/usr/local/cuda", RECENT_TORCH) == (False, "MCSC_FORCE_CUDA=0")
 
 
 def test_force_one_builds_when_possible(setup_module):
-    assert setup_module.cuda_decision("1", "13.0", "/usr/local/cuda")[0]
+    assert setup_module.cuda_decision("1", "13.0", "/usr/local/cuda", RECENT_TORCH)[0]
 
 
 @pytest.mark.parametrize("torch_cuda, cuda_home, missing", [
@@ -48,12 +49,12 @@ def test_force_one_builds_when_possible(setup_module):
 ])
 def test_force_one_fails_naming_what_is_missing(setup_module, torch_cuda, cuda_home, missing):
     with pytest.raises(SystemExit, match=missing):
-        setup_module.cuda_decision("1", torch_cuda, cuda_home)
+        setup_module.cuda_decision("1", torch_cuda, cuda_home, RECENT_TORCH)
 
 
 def test_force_rejects_other_values(setup_module):
     with pytest.raises(SystemExit, match="MCSC_FORCE_CUDA must be 1 or 0"):
-        setup_module.cuda_decision("yes", "13.0", "/usr/local/cuda")
+        setup_module.cuda_decision("yes", "13.0", "/usr/local/cuda", RECENT_TORCH)
 
 
 def test_forced_install_without_nvcc_fails_before_compiling(tmp_path):
