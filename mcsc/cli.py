@@ -223,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     Bad data, configuration or paths print ``mcsc: error: <message naming the file>`` and
     return 2.
     """
+    from mcsc.dependencies import training_packages_problem
+
+    problem = training_packages_problem()
+    if problem:
+        print(f"mcsc: error: {problem}", file=sys.stderr)
+        return 2
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
