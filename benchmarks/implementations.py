@@ -23,6 +23,12 @@ positive, over all segments); ``bounds`` is the Python list of segment offsets `
   ours and its gradient equals ours projected on the tangent space of the unit sphere).
 * ``compiled`` -- ``torch.compile`` (default settings, Inductor) of the dense per-block function,
   where it compiles.
+* ``flex``     -- the loss through FlexAttention (``torch.compile(flex_attention)``), the strongest
+  thing a GPU user can write in plain PyTorch: ``score_mod`` adds log w_i(y_j), the block mask
+  removes the diagonal, ignored rows and other segments, the returned log-sum-exp is the
+  log-denominator (differentiable), and the positive term comes from class sums as in the op.
+  GPU only: torch has no FlexAttention backward on the CPU (its CPU forward, uncompiled, serves
+  the value tests).
 * ``gemm``     -- not a loss: one ``z_s @ z_s.T`` per segment, the physical reference.
 """
 
@@ -37,7 +43,8 @@ import torch.nn.functional as F
 from mcsc import supcon_loss
 
 IGNORE_INDEX = -1
-LOSS_IMPLS = ("fused", "dense", "tiled", "pml", "compiled")
+LOSS_IMPLS = ("fused", "dense", "tiled", "pml", "compiled", "flex")
+COMPILED_IMPLS = ("compiled", "flex")  # torch.compile: the first call at a shape compiles
 ALL_IMPLS = ("gemm",) + LOSS_IMPLS
 
 
@@ -72,6 +79,15 @@ def segment_bounds(sizes: list[int]) -> list[int]:
     for size in sizes:
         bounds.append(bounds[-1] + size)
     return bounds
+
+
+def warmup_sizes(sizes: list[int]) -> list[int]:
+    """The segments an untimed first call runs: all of them when there are at most 2, else the
+    first two and the last if it differs (enough to initialise libraries, thread pools and
+    compiled code for every block shape of the workload)."""
+    if len(sizes) <= 2:
+        return list(sizes)
+    return [sizes[0], sizes[1]] + ([sizes[-1]] if sizes[-1] != sizes[0] else [])
 
 
 def training_step_sizes(blocks: int = 100) -> list[int]:
@@ -151,17 +167,30 @@ def dense(z, y, bounds, temperature, weighting):
     return _block_loop(dense_block, z, y, bounds, temperature, weighting)
 
 
-_COMPILED_BLOCK = None
+_COMPILE_BACKEND = {"name": "inductor"}
+_COMPILED = {}
 
 
-def compiled(z, y, bounds, temperature, weighting):
-    global _COMPILED_BLOCK
-    if _COMPILED_BLOCK is None:
+def set_compile_backend(backend: str) -> None:
+    """The ``torch.compile`` backend of ``compiled`` and ``flex``: ``"inductor"`` (what users
+    run, the default) or ``"eager"`` (Dynamo traces the code but generates none: a dry run checks
+    every code path in seconds instead of minutes of code generation)."""
+    _COMPILE_BACKEND["name"] = backend
+    _COMPILED.clear()
+
+
+def compiled_function(function):
+    """``torch.compile(function)`` with the current backend, compiled once per process."""
+    if function not in _COMPILED:
         # default settings, as a user writes it: static shapes first, automatic dynamic shapes
         # after the first recompilation for a new size
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED_BLOCK = torch.compile(dense_block)
-    return _block_loop(_COMPILED_BLOCK, z, y, bounds, temperature, weighting)
+        _COMPILED[function] = torch.compile(function, backend=_COMPILE_BACKEND["name"])
+    return _COMPILED[function]
+
+
+def compiled(z, y, bounds, temperature, weighting):
+    return _block_loop(compiled_function(dense_block), z, y, bounds, temperature, weighting)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +346,91 @@ def tiled(z, y, bounds, temperature, weighting):
 
 
 # ----------------------------------------------------------------------------------------------
+# flex: FlexAttention, the GPU user's peer
+# ----------------------------------------------------------------------------------------------
+
+def flex_loss(z, y, bounds, temperature, weighting, *, attention, build_block_mask):
+    """The loss through FlexAttention: ``attention`` is ``flex_attention`` (or a compiled
+    version), ``build_block_mask`` is ``create_block_mask`` (or a compiled version).
+
+    One (1, 1, N, D) "query" that is also the "key"; the log-sum-exp FlexAttention returns for
+    every row is the log-denominator log sum_j w_i(y_j) exp(s_ij). Everything that depends on
+    the labels (tables, block mask) is rebuilt on every call, as a training step must.
+    """
+    from torch.nn.attention import flex_attention as flex_module
+
+    n, d = z.shape
+    device = z.device
+    sizes = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=device)
+    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes,
+                                      output_size=n)
+    num_classes = int(y.max()) + 1 if y.numel() else 1
+    valid = y != IGNORE_INDEX
+    group = segment * num_classes + y.clamp(min=0)  # (segment, class) of every row
+    counts = torch.zeros(len(sizes) * num_classes, device=device).index_add_(
+        0, group, valid.float())
+    row_counts = counts[group]  # n_{y_i} in the row's segment
+    positives = row_counts - 1
+    anchor = valid & (positives > 0)
+
+    def mask_mod(batch, head, row, column):
+        # Rows that are not anchors keep only their diagonal: their log-sum-exp is never used,
+        # and a row with no entry at all gives -inf, which backward would have to survive.
+        pair = valid[column] & (segment[row] == segment[column]) & (row != column)
+        return (anchor[row] & pair) | (~anchor[row] & (row == column))
+
+    score_mod = None
+    if weighting == "prevalence":
+        # log w_i(y_j) = -log(n_{y_j} - [y_j == y_i]); the clamp only guards masked pairs
+        log_other = torch.log(row_counts.clamp(min=1))
+        log_same = torch.log(positives.clamp(min=1))
+
+        def score_mod(score, batch, head, row, column):
+            same = y[row] == y[column]
+            return score - torch.where(same, log_same[column], log_other[column])
+
+    block_mask = build_block_mask(mask_mod, None, None, n, n, device=device)
+    query = z.view(1, 1, n, d)
+    # FlexAttention's GPU kernels need head dimensions >= 16, the values' too: the output is
+    # never used, so the values are 16 columns of zeros
+    values = z.new_zeros(1, 1, n, 16)
+    options = dict(score_mod=score_mod, block_mask=block_mask, scale=1.0 / temperature)
+    if hasattr(flex_module, "AuxRequest"):
+        _, aux = attention(query, query, values, **options,
+                           return_aux=flex_module.AuxRequest(lse=True))
+        lse = aux.lse.view(n)
+    else:  # torch < 2.9 returns the log-sum-exp through the older flag
+        _, lse = attention(query, query, values, **options, return_lse=True)
+        lse = lse.view(n)
+    # positive term from class sums: sum_{p in P(i)} s_ip = z_i . (S_{y_i} - z_i) / t
+    features = z.float()
+    class_sums = torch.zeros(len(sizes) * num_classes, d, device=device).index_add_(
+        0, group, features * valid.unsqueeze(1))
+    positive_sum = (features * (class_sums[group] - features)).sum(1) / temperature
+    per_anchor = torch.where(anchor, lse - positive_sum / positives.clamp(min=1),
+                             torch.zeros_like(lse))
+    return (per_anchor.sum() / anchor.sum().clamp(min=1)).to(z.dtype)
+
+
+def flex(z, y, bounds, temperature, weighting):
+    """``flex_loss`` as a GPU user runs it: ``torch.compile`` of ``flex_attention`` and of
+    ``create_block_mask`` (which otherwise materialises the N x N mask). On the CPU both run
+    uncompiled, forward only: torch's compiled CPU FlexAttention returns no log-sum-exp."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if z.device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without")
+            return flex_loss(z, y, bounds, temperature, weighting, attention=flex_attention,
+                             build_block_mask=create_block_mask)
+    return flex_loss(z, y, bounds, temperature, weighting,
+                     attention=compiled_function(flex_attention),
+                     build_block_mask=compiled_function(create_block_mask))
+
+
+# ----------------------------------------------------------------------------------------------
 # pytorch-metric-learning
 # ----------------------------------------------------------------------------------------------
 
@@ -362,6 +476,7 @@ IMPLEMENTATIONS = {
     "tiled": tiled,
     "pml": pml,
     "compiled": compiled,
+    "flex": flex,
 }
 
 
@@ -369,6 +484,13 @@ def supports(impl: str, weighting: str, has_ignored: bool) -> bool:
     if impl == "pml":
         return weighting == "none" and not has_ignored
     return True
+
+
+def unavailable(impl: str, device: str) -> str:
+    """Why ``impl`` cannot run forward and backward on ``device`` ('' when it can)."""
+    if impl == "flex" and torch.device(device).type == "cpu":
+        return "FlexAttention has no backward on the CPU"
+    return ""
 
 
 # (saved per block until backward, transient at the peak) in units of n_block^2 elements,
@@ -391,6 +513,9 @@ def estimated_extra_bytes(impl: str, sizes: list[int], d: int, itemsize: int,
         return (saved * others + peak * n_max * n_max) * itemsize + 4 * linear
     if impl == "tiled":
         return 4 * (1 << 22) * itemsize + 6 * linear
+    if impl == "flex":  # float32 copies of the features, and the block mask's indices
+        blocks = -(-sum(sizes) // 128)
+        return 6 * linear + 3 * sum(sizes) * d * 4 + 16 * blocks * blocks
     return 6 * linear  # fused: O(N D)
 
 

@@ -1,33 +1,23 @@
 """pytest-benchmark cases for the main comparisons (not part of the unit tests).
 
-    PYTHONPATH=. pytest benchmarks/ [--benchmark-only] [--benchmark-compare]
+    pytest benchmarks/ [--benchmark-only] [--benchmark-compare] [--allow-reference]
 
 ``pytest`` alone runs ``tests/`` only (``testpaths`` in pyproject.toml); these cases run when
 ``benchmarks/`` is named. Each case times one forward+backward of the loss (or one GEMM) on the
 CPU; ``benchmarks/run.py`` is the full harness (interleaved rounds, ratios, peak memory, plots).
-Timings are never asserted; only value agreement is.
+Timings are never asserted; only value agreement is. They time the installed ``mcsc`` (pytest
+puts only this folder on ``sys.path``; ``python -m pytest`` would add the current directory),
+and ``conftest.py`` refuses the dense fallback unless ``--allow-reference`` is given.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-import warnings
 
 import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-for path in (HERE, os.path.dirname(HERE)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-warnings.filterwarnings("ignore", message="mcsc: ")
-
-import torch  # noqa: E402
-
 import implementations as impls  # noqa: E402
+import torch  # noqa: E402
 
 N, D, C = 2048, 128, 4
 TEMPERATURE = 0.1
