@@ -14,7 +14,8 @@ table of the targets (measure, measured, goal, pass/fail), also written to ``tar
 ``targets.json``.
 
 Implementations: ``implementations.py``; before timing, every one's loss and gradient are
-checked against ``fused`` on small inputs (``agreement.py``; the script stops if one disagrees).
+checked against ``fused`` on small inputs (``agreement.py``): one that disagrees is not timed, and
+the script exits with status 1.
 Timing and memory: ``timing.py`` and ``memory.py``; the target sets: ``targets.py``; output:
 ``reporting.py``.
 
@@ -173,16 +174,17 @@ def selected_workloads(args) -> tuple[list[Workload], list]:
     return workloads, measures
 
 
-def time_workloads(workloads, settings, args, csv_path) -> tuple[list[dict], str]:
-    """Run the workloads in order, rewriting the CSV after each; returns the rows and why the
-    run stopped early ('' when it did not)."""
+def time_workloads(workloads, settings, time_budget_s, started, csv_path
+                   ) -> tuple[list[dict], str]:
+    """Run the workloads in order, rewriting the CSV after each, starting none once
+    ``time_budget_s`` seconds have passed since ``started`` (``time.perf_counter()``); returns
+    the rows and why the run stopped early ('' when it did not)."""
     rows = []
-    started = time.perf_counter()
     for index, workload in enumerate(workloads):
         elapsed = time.perf_counter() - started
-        if args.time_budget_s is not None and elapsed > args.time_budget_s:
+        if time_budget_s is not None and elapsed > time_budget_s:
             left = ", ".join(wl.name for wl in workloads[index:])
-            return rows, f"time budget of {args.time_budget_s:.0f}s spent: {left} not run"
+            return rows, f"time budget of {time_budget_s:.0f}s spent: {left} not run"
         try:
             rows += timing.run_workload(workload, settings)
         except (Interrupted, KeyboardInterrupt):
@@ -191,7 +193,37 @@ def time_workloads(workloads, settings, args, csv_path) -> tuple[list[dict], str
     return rows, ""
 
 
+def write_plots(rows, args, common, backend) -> None:
+    for wl in sorted({r["workload"] for r in rows}):
+        sample = next(r for r in rows if r["workload"] == wl)
+        title = (f"{wl}: D={sample['D']}, C={sample['C']}, {sample['weighting']}, "
+                 f"{sample['dtype']}, {args.device}, {common['threads']} threads, "
+                 f"fused={backend}")
+        reporting.plot_workload(rows, wl, os.path.join(args.out, f"{args.device}_{wl}.png"),
+                                title)
+
+
+def report_targets(rows, measures, args, common, backend, stopped) -> None:
+    """targets.md and targets.json, and the targets table, printed last."""
+    results = [measure.evaluate(rows) for measure in measures]
+    title = (f"{args.target_set} targets on {common['machine']} (mcsc {backend}; ratios from "
+             f"medians of this run)")
+    if args.dry_run:
+        title += "; DRY RUN: tiny sizes, the verdicts mean nothing"
+    with open(os.path.join(args.out, "targets.md"), "w") as handle:
+        handle.write(f"{title}\n\n{reporting.markdown_targets(results)}\n")
+    with open(os.path.join(args.out, "targets.json"), "w") as handle:
+        json.dump({"backend": backend + kernel_description(backend),
+                   "machine": common["machine"], "threads": common["threads"], "dry_run": args.dry_run, "stopped": stopped,
+                   "targets": results}, handle, indent=1)
+    print()
+    print(reporting.format_targets(results, title))
+
+
 def main(argv=None) -> int:
+    """Exit status: 0, 1 when an implementation disagrees with fused (it is not timed), 2
+    without CUDA, 3 when interrupted (SIGTERM)."""
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available", file=sys.stderr)
@@ -205,30 +237,30 @@ def main(argv=None) -> int:
     common = {"device": args.device, "threads": torch.get_num_threads(),
               "torch": torch.__version__,
               "machine": reporting.machine_description(args.device, args.machine_note)}
-    kernel = kernel_description(backend)
-    print(f"mcsc backend: {backend}{kernel} from {installed.package_directory()}; torch "
-          f"{torch.__version__}; threads {common['threads']}; machine: {common['machine']}")
+    print(f"mcsc backend: {backend}{kernel_description(backend)} from "
+          f"{installed.package_directory()}; torch {torch.__version__}; threads "
+          f"{common['threads']}; machine: {common['machine']}")
     if backend == "reference":
         print(f"WARNING (--allow-reference): {installed.refusal(args.device)}")
-    wall = time.perf_counter()
     workloads, measures = selected_workloads(args)
     names = []
     for wl in workloads:
         names += [name for name in wl.impls if name not in names and name not in args.exclude]
     print("value agreement with fused (loss, gradient):")
-    for line in agreement.check_agreement(args.device, names):
-        print(line)
+    lines, rejected, disagrees = agreement.check_agreement(args.device, names)
+    print("\n".join(lines))
 
     settings = timing.Settings(
         device=args.device, rounds=Rounds(args.min_reps, args.max_reps, args.point_budget_s),
         memory_budget_bytes=timing.memory_budget_bytes(args.device, args.mem_budget_gb),
         common=common, backend=backend, package=installed.package_directory(),
-        exclude=args.exclude, cpu_memory=not args.no_memory,
+        exclude=args.exclude, rejected=rejected, cpu_memory=not args.no_memory,
         one_memory_worker=args.quick or args.dry_run)
     csv_path = os.path.join(args.out, "targets.csv" if args.targets else "results.csv")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        rows, stopped = time_workloads(workloads, settings, args, csv_path)
+        rows, stopped = time_workloads(workloads, settings, args.time_budget_s, started,
+                                       csv_path)
     finally:
         signal.signal(signal.SIGTERM, previous)
     reporting.write_csv(rows, csv_path)
@@ -237,31 +269,17 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "table.md"), "w") as handle:
         handle.write(reporting.markdown_table(rows) + "\n")
     if not args.targets:
-        for wl in sorted({r["workload"] for r in rows}):
-            sample = next(r for r in rows if r["workload"] == wl)
-            title = (f"{wl}: D={sample['D']}, C={sample['C']}, {sample['weighting']}, "
-                     f"{sample['dtype']}, {args.device}, {common['threads']} threads, "
-                     f"fused={backend}")
-            reporting.plot_workload(rows, wl, os.path.join(args.out, f"{args.device}_{wl}.png"),
-                                    title)
-    print(f"\nwrote {csv_path} ({len(rows)} rows) in {time.perf_counter() - wall:.0f}s")
+        write_plots(rows, args, common, backend)
+    print(f"\nwrote {csv_path} ({len(rows)} rows) in {time.perf_counter() - started:.0f}s")
+    for name, reason in rejected.items():
+        print(f"not timed: {name} {reason}")
     if stopped:
         print(f"stopped early: {stopped}")
     if args.targets:
-        results = [measure.evaluate(rows) for measure in measures]
-        title = (f"{args.target_set} targets on {common['machine']} (mcsc {backend}; ratios "
-                 f"from medians of this run)")
-        if args.dry_run:
-            title += "; DRY RUN: tiny sizes, the verdicts mean nothing"
-        with open(os.path.join(args.out, "targets.md"), "w") as handle:
-            handle.write(f"{title}\n\n{reporting.markdown_targets(results)}\n")
-        with open(os.path.join(args.out, "targets.json"), "w") as handle:
-            json.dump({"backend": backend + kernel, "machine": common["machine"],
-                       "threads": common["threads"], "dry_run": args.dry_run,
-                       "stopped": stopped, "targets": results}, handle, indent=1)
-        print()
-        print(reporting.format_targets(results, title))
-    return 3 if stopped.startswith("interrupted") else 0
+        report_targets(rows, measures, args, common, backend, stopped)
+    if stopped.startswith("interrupted"):
+        return 3
+    return 1 if disagrees else 0
 
 
 if __name__ == "__main__":

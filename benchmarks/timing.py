@@ -72,6 +72,7 @@ class Settings:
     backend: str  # mcsc.backend(device) of the process
     package: str  # the mcsc package directory the process imported (memory workers import it)
     exclude: frozenset = frozenset()
+    rejected: dict = dataclasses.field(default_factory=dict)  # impl -> why it is not timed
     cpu_memory: bool = True  # peak memory in worker processes (CPU)
     one_memory_worker: bool = False  # one worker for the whole workload (quick runs)
 
@@ -265,6 +266,9 @@ def plan_point(workload: Workload, sizes: list[int], settings: Settings) -> Plan
         if name != "gemm" and not impls.supports(name, workload.weighting, False):
             continue
         if name in settings.exclude:
+            continue
+        if name in settings.rejected:
+            plan.skipped[name] = f"skipped: {settings.rejected[name]}"
             continue
         if impls.unavailable(name, settings.device):
             plan.skipped[name] = f"skipped: {impls.unavailable(name, settings.device)}"

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
+import agreement  # noqa: E402
 import implementations as impls  # noqa: E402
 import installed  # noqa: E402
 import memory  # noqa: E402
@@ -76,7 +77,7 @@ def test_every_script_refuses_the_fallback(unbuilt_package, tmp_path):
 
 def test_allow_reference_times_the_fallback_and_says_so(unbuilt_package, tmp_path):
     command = [sys.executable, "benchmarks/run.py", "--dry-run", "--allow-reference",
-               "--no-memory", "--workloads", "sweep_C4_none", "--exclude", "pml,tiled",
+               "--no-memory", "--workloads", "sweep_C4_none", "--exclude", "dense,pml,tiled",
                "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, env=_environment(unbuilt_package),
                             capture_output=True, text=True, timeout=300)
@@ -178,6 +179,28 @@ def test_gpu_targets_dry_run_covers_every_workload(tmp_path, capsys):
     assert verdicts[measures[1].title] == "not measured"  # flex / fused: flex did not run
     assert all(verdicts[m.title] in ("PASS", "FAIL") for m in measures
                if m.is_goal() and "flex" not in m.title and "MiB" not in m.title)
+
+
+def test_agreement_rejects_a_peer_that_disagrees_or_does_not_run(monkeypatch):
+    def off_by_one_percent(z, y, bounds, temperature, weighting):
+        return impls.fused(z, y, bounds, temperature, weighting) * 1.01
+
+    def does_not_compile(z, y, bounds, temperature, weighting):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setitem(impls.IMPLEMENTATIONS, "dense", off_by_one_percent)
+    monkeypatch.setitem(impls.IMPLEMENTATIONS, "compiled", does_not_compile)
+    lines, rejected, disagrees = agreement.check_agreement("cpu", ["fused", "dense", "compiled"])
+    assert disagrees
+    assert rejected["dense"].startswith("disagrees with fused on 'prevalence, 3 segments")
+    assert rejected["compiled"] == "does not run (RuntimeError: no compiler)"
+    assert sum("MISMATCH" in line for line in lines) == 1  # not checked again after that
+    settings = timing.Settings(device="cpu", rounds=targets.ONCE, memory_budget_bytes=2**30,
+                               common={}, backend="compiled-cpu", package="", rejected=rejected)
+    workload = timing.Workload("w", [[64]], 16, 2, "prevalence", ("fused", "dense", "compiled"))
+    plan = timing.plan_point(workload, [64], settings)
+    assert plan.names == ["fused"]
+    assert plan.skipped == {name: f"skipped: {reason}" for name, reason in rejected.items()}
 
 
 def test_target_verdicts():
