@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import implementations as impls
 import torch
-from timing import TEMPERATURE
+from timing import TEMPERATURE, error_summary
 
 # (title, segment sizes, classes, weighting, fraction of ignored rows)
 CASES = [
@@ -64,8 +64,7 @@ def check_agreement(device: str, impl_names, dtype_name: str = "float32"
             except Exception as error:
                 if name not in impls.COMPILED_IMPLS:
                     raise
-                first_line = (str(error).splitlines() or [""])[0][:120]
-                rejected[name] = f"does not run ({type(error).__name__}: {first_line})"
+                rejected[name] = f"does not run ({error_summary(error, 120)})"
                 lines.append(f"  {name}: {rejected[name]}; not timed")
                 continue
             expected_grad = reference_grad

@@ -134,22 +134,25 @@ def warmup_bounds(bounds: list[int]) -> list[int]:
     return impls.segment_bounds(impls.warmup_sizes(sizes))
 
 
+class _NoPeaks:
+    """The CPU's stand-in for :class:`memory.CudaPeaks`: worker processes measure CPU memory."""
+
+    def __init__(self):
+        self.peaks = {}
+
+    def end(self, mode: str) -> None:
+        pass
+
+
 def make_runner(name, z, y, weighting, device, blockwise=False):
     """``runner(bounds) -> ({mode: seconds}, {mode: peak MiB})`` doing one call of ``name``
     on the first ``bounds[-1]`` rows; the peaks are measured on the GPU only."""
     sync = _sync(device)
-    peaks = memory.CudaPeaks if device == "cuda" else None
+    peaks = memory.CudaPeaks if device == "cuda" else _NoPeaks
 
     def start():
         sync()
-        return peaks() if peaks else None
-
-    def end(tracker, mode):
-        if tracker:
-            tracker.end(mode)
-
-    def measured(tracker):
-        return tracker.peaks if tracker else {}
+        return peaks()
 
     if name == "gemm":
         def run_gemm(bounds):
@@ -158,9 +161,9 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
             out = impls.gemm(z, bounds)
             sync()
             seconds = time.perf_counter() - started
-            end(tracker, "fwd")
+            tracker.end("fwd")
             del out
-            return {"fwd": seconds}, measured(tracker)
+            return {"fwd": seconds}, tracker.peaks
         return run_gemm
 
     if blockwise:
@@ -169,8 +172,8 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
             tracker = start()
             _, fwd, bwd = impls.blockwise_fwd_bwd(name, z, y, bounds, TEMPERATURE, weighting,
                                                   sync)
-            end(tracker, "fwd+bwd")
-            return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}, measured(tracker)
+            tracker.end("fwd+bwd")
+            return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}, tracker.peaks
         return run_blockwise
 
     function = impls.IMPLEMENTATIONS[name]
@@ -183,19 +186,20 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
         loss = function(rows, y[:bounds[-1]], bounds, TEMPERATURE, weighting)
         sync()
         forward = time.perf_counter() - started
-        end(tracker, "fwd")
+        tracker.end("fwd")
         started = time.perf_counter()
         loss.backward()
         sync()
         backward = time.perf_counter() - started
-        end(tracker, "bwd")
-        return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, measured(tracker)
+        tracker.end("bwd")
+        return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, tracker.peaks
     return run_loss
 
 
-def _failure(error: Exception) -> str:
+def error_summary(error: Exception, limit: int = 80) -> str:
+    """``"Type: first line of the message"``, the line cut to ``limit`` characters."""
     first_line = (str(error).splitlines() or [""])[0]
-    return f"failed: {type(error).__name__}: {first_line[:80]}"
+    return f"{type(error).__name__}: {first_line[:limit]}"
 
 
 def time_point(names, z, y, bounds, weighting, device, rounds: Rounds, blockwise=frozenset(),
@@ -214,7 +218,7 @@ def time_point(names, z, y, bounds, weighting, device, rounds: Rounds, blockwise
             try:
                 runners[name](warmup_bounds(bounds))
             except Exception as error:
-                notes[name] = _failure(error)
+                notes[name] = f"failed: {error_summary(error)}"
                 del runners[name]
                 continue
             if name in impls.COMPILED_IMPLS:
@@ -233,7 +237,7 @@ def time_point(names, z, y, bounds, weighting, device, rounds: Rounds, blockwise
             try:
                 seconds, peak = runners[name](bounds)
             except Exception as error:
-                notes[name] = _failure(error)
+                notes[name] = f"failed: {error_summary(error)}"
                 del runners[name]
                 continue
             for mode, value in seconds.items():
