@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -179,17 +180,21 @@ def set_compile_backend(backend: str) -> None:
     _COMPILED.clear()
 
 
-def compiled_function(function):
-    """``torch.compile(function)`` with the current backend, compiled once per process."""
-    if function not in _COMPILED:
-        # default settings, as a user writes it: static shapes first, automatic dynamic shapes
-        # after the first recompilation for a new size
+def compiled_function(function, dynamic: bool | None = None):
+    """``torch.compile(function, dynamic=dynamic)`` with the current backend, once per process.
+
+    ``dynamic=None`` (torch's default): static shapes first, automatic dynamic shapes after the
+    first recompilation for a new size; ``False``: a static compilation for every shape.
+    """
+    if (function, dynamic) not in _COMPILED:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED[function] = torch.compile(function, backend=_COMPILE_BACKEND["name"])
-    return _COMPILED[function]
+        _COMPILED[(function, dynamic)] = torch.compile(function, dynamic=dynamic,
+                                                       backend=_COMPILE_BACKEND["name"])
+    return _COMPILED[(function, dynamic)]
 
 
 def compiled(z, y, bounds, temperature, weighting):
+    # default settings, as a user writes it
     return _block_loop(compiled_function(dense_block), z, y, bounds, temperature, weighting)
 
 
@@ -412,22 +417,29 @@ def flex_loss(z, y, bounds, temperature, weighting, *, attention, build_block_ma
     return (per_anchor.sum() / anchor.sum().clamp(min=1)).to(z.dtype)
 
 
-def flex(z, y, bounds, temperature, weighting):
-    """``flex_loss`` as a GPU user runs it: ``torch.compile`` of ``flex_attention`` and of
-    ``create_block_mask`` (which otherwise materialises the N x N mask). On the CPU both run
-    uncompiled, forward only: torch's compiled CPU FlexAttention returns no log-sum-exp."""
-    import warnings
+def flex_functions(device_type: str):
+    """``(attention, build_block_mask)`` as ``flex`` runs them on ``device_type``.
 
+    On the GPU, as a user runs them: ``torch.compile`` of ``flex_attention`` and of
+    ``create_block_mask`` (which otherwise materialises the N x N mask), with static shapes as
+    FlexAttention's examples compile them (kernels specialised to the size, one compilation per
+    size). On the CPU both uncompiled, forward only: torch's compiled CPU FlexAttention returns
+    no log-sum-exp.
+    """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if z.device.type == "cpu":
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="flex_attention called without")
-            return flex_loss(z, y, bounds, temperature, weighting, attention=flex_attention,
-                             build_block_mask=create_block_mask)
-    return flex_loss(z, y, bounds, temperature, weighting,
-                     attention=compiled_function(flex_attention),
-                     build_block_mask=compiled_function(create_block_mask))
+    if device_type == "cpu":
+        return flex_attention, create_block_mask
+    return (compiled_function(flex_attention, dynamic=False),
+            compiled_function(create_block_mask, dynamic=False))
+
+
+def flex(z, y, bounds, temperature, weighting):
+    attention, build_block_mask = flex_functions(z.device.type)
+    with warnings.catch_warnings():  # uncompiled on the CPU on purpose
+        warnings.filterwarnings("ignore", message="flex_attention called without")
+        return flex_loss(z, y, bounds, temperature, weighting, attention=attention,
+                         build_block_mask=build_block_mask)
 
 
 # ----------------------------------------------------------------------------------------------

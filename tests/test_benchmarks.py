@@ -118,20 +118,22 @@ def _reference_loss(z, y, bounds, weighting):
     ([50, 30], 3, "none"),
 ])
 def test_flex_forward_matches_the_reference(sizes, classes, weighting):
-    """The CPU runs FlexAttention's forward only: the loss value, uncompiled and traced by
-    Dynamo (as torch.compile does on the GPU, without generating code)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
+    """The CPU runs FlexAttention's forward only: the loss value, uncompiled, and through the
+    GPU's compiled functions traced by Dynamo without generating code."""
     bounds = impls.segment_bounds(sizes)
     z, y = impls.make_inputs(sum(sizes), 16, classes, seed=3, ignore_fraction=0.15)
     expected = _reference_loss(z, y, bounds, weighting)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without")
-        eager = float(impls.flex(z, y, bounds, timing.TEMPERATURE, weighting))
-        traced = float(impls.flex_loss(
-            z, y, bounds, timing.TEMPERATURE, weighting,
-            attention=torch.compile(flex_attention, backend="eager"),
-            build_block_mask=torch.compile(create_block_mask, backend="eager")))
+    impls.set_compile_backend("eager")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without")
+            eager = float(impls.flex(z, y, bounds, timing.TEMPERATURE, weighting))
+            attention, build_block_mask = impls.flex_functions("cuda")
+            traced = float(impls.flex_loss(z, y, bounds, timing.TEMPERATURE, weighting,
+                                           attention=attention,
+                                           build_block_mask=build_block_mask))
+    finally:
+        impls.set_compile_backend("inductor")
     assert eager == pytest.approx(expected, rel=1e-5)
     assert traced == pytest.approx(expected, rel=1e-5)
 
