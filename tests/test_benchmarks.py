@@ -41,7 +41,9 @@ def unbuilt_package(tmp_path_factory):
 
 
 def _environment(pythonpath: str) -> dict:
-    return dict(os.environ, PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore")
+    environment = dict(os.environ, PYTHONPATH=pythonpath)
+    environment.pop("PYTHONWARNINGS", None)  # the package's own warning must not show
+    return environment
 
 
 # ----------------------------------------------------------------------------------------------
