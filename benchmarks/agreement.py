@@ -33,8 +33,9 @@ def loss_and_gradient(name, z0, y, bounds, weighting):
     return loss.detach(), z.grad.detach()
 
 
-def check_agreement(device: str, impl_names, dtype_name: str = "float32"
-                    ) -> tuple[list[str], dict[str, str], bool]:
+def check_agreement(
+    device: str, impl_names, dtype_name: str = "float32"
+) -> tuple[list[str], dict[str, str], bool]:
     """Loss and gradient of every implementation against ``fused``.
 
     Returns the report lines, the implementations not to time with the reason (one that
@@ -51,8 +52,9 @@ def check_agreement(device: str, impl_names, dtype_name: str = "float32"
     names = [name for name in names if not impls.unavailable(name, device)]
     for title, sizes, classes, weighting, ignore in CASES:
         bounds = impls.segment_bounds(sizes)
-        z0, y = impls.make_inputs(sum(sizes), 32, classes, seed=7, dtype=dtype, device=device,
-                                  ignore_fraction=ignore)
+        z0, y = impls.make_inputs(
+            sum(sizes), 32, classes, seed=7, dtype=dtype, device=device, ignore_fraction=ignore
+        )
         reference_loss, reference_grad = loss_and_gradient("fused", z0, y, bounds, weighting)
         for name in names:
             if name in rejected or not impls.supports(name, weighting, ignore > 0):
@@ -71,14 +73,20 @@ def check_agreement(device: str, impl_names, dtype_name: str = "float32"
             if name == "pml":  # pml normalises inside: compare on the sphere's tangent space
                 expected_grad = reference_grad - (reference_grad * z0).sum(1, keepdim=True) * z0
             loss_err = abs(float(loss) - float(reference_loss)) / max(
-                abs(float(reference_loss)), 1e-12)
-            grad_err = float((grad - expected_grad).abs().max()
-                             / expected_grad.abs().max().clamp(min=1e-30))
+                abs(float(reference_loss)), 1e-12
+            )
+            grad_err = float(
+                (grad - expected_grad).abs().max() / expected_grad.abs().max().clamp(min=1e-30)
+            )
             ok = loss_err <= tol and grad_err <= tol
-            lines.append(f"  {title:38s} {name:9s} loss rel err {loss_err:.1e}  "
-                         f"grad max rel err {grad_err:.1e}  {'ok' if ok else 'MISMATCH'}")
+            lines.append(
+                f"  {title:38s} {name:9s} loss rel err {loss_err:.1e}  "
+                f"grad max rel err {grad_err:.1e}  {'ok' if ok else 'MISMATCH'}"
+            )
             if not ok:
-                rejected[name] = (f"disagrees with fused on '{title}': loss rel err "
-                                  f"{loss_err:.2e}, grad rel err {grad_err:.2e} (tol {tol})")
+                rejected[name] = (
+                    f"disagrees with fused on '{title}': loss rel err "
+                    f"{loss_err:.2e}, grad rel err {grad_err:.2e} (tol {tol})"
+                )
                 disagrees = True
     return lines, rejected, disagrees

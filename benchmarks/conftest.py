@@ -14,8 +14,11 @@ import installed  # noqa: E402
 
 
 def pytest_addoption(parser):
-    parser.addoption(installed.ALLOW_FLAG, action="store_true",
-                     help="time mcsc even when it runs the dense pure-PyTorch fallback")
+    parser.addoption(
+        installed.ALLOW_FLAG,
+        action="store_true",
+        help="time mcsc even when it runs the dense pure-PyTorch fallback",
+    )
 
 
 def pytest_sessionstart(session):

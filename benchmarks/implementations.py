@@ -53,6 +53,7 @@ ALL_IMPLS = ("gemm",) + LOSS_IMPLS
 # inputs
 # ----------------------------------------------------------------------------------------------
 
+
 def class_probabilities(num_classes: int) -> torch.Tensor:
     """Segmentation-like imbalance: background holds 60 %, the rest decays like 1/k."""
     if num_classes == 1:
@@ -62,13 +63,22 @@ def class_probabilities(num_classes: int) -> torch.Tensor:
     return torch.cat([torch.tensor([0.6], dtype=torch.float64), rest])
 
 
-def make_inputs(n: int, d: int, num_classes: int, *, seed: int = 0, dtype=torch.float32,
-                device="cpu", ignore_fraction: float = 0.0):
+def make_inputs(
+    n: int,
+    d: int,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    dtype=torch.float32,
+    device="cpu",
+    ignore_fraction: float = 0.0,
+):
     """L2-normalised random embeddings (N, D) and imbalanced int64 labels (N,)."""
     generator = torch.Generator().manual_seed(seed)
     z = F.normalize(torch.randn(n, d, generator=generator, dtype=torch.float64), dim=1)
-    y = torch.multinomial(class_probabilities(num_classes), n, replacement=True,
-                          generator=generator)
+    y = torch.multinomial(
+        class_probabilities(num_classes), n, replacement=True, generator=generator
+    )
     if ignore_fraction > 0:
         ignored = torch.rand(n, generator=generator) < ignore_fraction
         y = torch.where(ignored, torch.full_like(y, IGNORE_INDEX), y)
@@ -101,20 +111,27 @@ def training_step_sizes(blocks: int = 100) -> list[int]:
 # fused
 # ----------------------------------------------------------------------------------------------
 
+
 def fused(z, y, bounds, temperature, weighting):
     segments = None
     if len(bounds) > 2:
         segments = torch.tensor(bounds, dtype=torch.int64, device=z.device)
-    return supcon_loss(z, y, temperature=temperature, segments=segments, weighting=weighting,
-                       ignore_index=IGNORE_INDEX)
+    return supcon_loss(
+        z,
+        y,
+        temperature=temperature,
+        segments=segments,
+        weighting=weighting,
+        ignore_index=IGNORE_INDEX,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # dense: the public formula, N x N tensors
 # ----------------------------------------------------------------------------------------------
 
-def dense_block(z, y, temperature: float, prevalence: bool, num_classes: int,
-                has_ignored: bool):
+
+def dense_block(z, y, temperature: float, prevalence: bool, num_classes: int, has_ignored: bool):
     """Sum of per-anchor losses and number of anchors of one block, public-code style.
 
     Python-level arguments only (no data-dependent control flow), so ``torch.compile`` can
@@ -155,8 +172,9 @@ def _block_loop(block_fn, z, y, bounds, temperature, weighting):
     for start, stop in zip(bounds[:-1], bounds[1:]):
         if stop <= start:
             continue
-        block_sum, block_anchors = block_fn(z[start:stop], y[start:stop], temperature,
-                                            prevalence, num_classes, has_ignored)
+        block_sum, block_anchors = block_fn(
+            z[start:stop], y[start:stop], temperature, prevalence, num_classes, has_ignored
+        )
         total = total + block_sum
         anchors = anchors + block_anchors
     if isinstance(anchors, int):
@@ -188,8 +206,9 @@ def compiled_function(function, dynamic: bool | None = None):
     """
     if (function, dynamic) not in _COMPILED:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED[(function, dynamic)] = torch.compile(function, dynamic=dynamic,
-                                                       backend=_COMPILE_BACKEND["name"])
+        _COMPILED[(function, dynamic)] = torch.compile(
+            function, dynamic=dynamic, backend=_COMPILE_BACKEND["name"]
+        )
     return _COMPILED[(function, dynamic)]
 
 
@@ -201,6 +220,7 @@ def compiled(z, y, bounds, temperature, weighting):
 # ----------------------------------------------------------------------------------------------
 # tiled: chunked, memory-lean, unfused
 # ----------------------------------------------------------------------------------------------
+
 
 def tile_rows(n: int, budget_elements: int = 1 << 22) -> int:
     """Rows per chunk so that one (B x n) buffer holds about 4 Mi elements (16 MiB in fp32)."""
@@ -229,8 +249,9 @@ class _Segment:
         n = self.z.shape[0]
         if prevalence:
             weights = (1.0 / counts.clamp(min=1)).expand(n, num_classes).clone()
-            weights[torch.arange(n, device=z.device), classes] = 1.0 / (
-                counts[classes] - 1).clamp(min=1)
+            weights[torch.arange(n, device=z.device), classes] = 1.0 / (counts[classes] - 1).clamp(
+                min=1
+            )
         else:
             weights = torch.ones(n, num_classes, dtype=z.dtype, device=z.device)
         self.weights = weights
@@ -305,8 +326,7 @@ class TiledSupCon(torch.autograd.Function):
         for start, stop in zip(ctx.bounds[:-1], ctx.bounds[1:]):
             if stop <= start:
                 continue
-            seg = _Segment(z, y, start, stop, ctx.num_classes, ctx.prevalence,
-                           ctx.temperature)
+            seg = _Segment(z, y, start, stop, ctx.num_classes, ctx.prevalence, ctx.temperature)
             n = seg.z.shape[0]
             if n == 0:
                 continue
@@ -331,28 +351,33 @@ class TiledSupCon(torch.autograd.Function):
                         dz[r0:r1].addmm_(block, seg.z[c0:c1], alpha=inv_t)
                         dz[c0:c1].addmm_(block.T, zr)
                     else:
-                        w = seg.weights[r0:r1, c:c + 1]
+                        w = seg.weights[r0:r1, c : c + 1]
                         dz[r0:r1].addcmul_(w, block @ seg.z[c0:c1], value=inv_t)
                         dz[c0:c1].addmm_(block.T, zr * w)
             b = (a / seg.positives.clamp(min=1)).unsqueeze(1)
             weighted_class_sums = torch.zeros_like(seg.class_sums).index_add_(
-                0, seg.classes, b * seg.z)
-            dz.sub_((b * (seg.class_sums[seg.classes] - 2.0 * seg.z)
-                     + weighted_class_sums[seg.classes]) * inv_t)
+                0, seg.classes, b * seg.z
+            )
+            dz.sub_(
+                (b * (seg.class_sums[seg.classes] - 2.0 * seg.z) + weighted_class_sums[seg.classes])
+                * inv_t
+            )
             grad_z[seg.rows] = dz
         return grad_z, None, None, None, None, None
 
 
 def tiled(z, y, bounds, temperature, weighting):
     num_classes = int(y.max()) + 1 if y.numel() else 1
-    losses, anchor = TiledSupCon.apply(z, y, bounds, temperature, weighting == "prevalence",
-                                       num_classes)
+    losses, anchor = TiledSupCon.apply(
+        z, y, bounds, temperature, weighting == "prevalence", num_classes
+    )
     return losses.sum() / anchor.sum().clamp(min=1).to(z.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # flex: FlexAttention, the GPU user's peer
 # ----------------------------------------------------------------------------------------------
+
 
 def flex_loss(z, y, bounds, temperature, weighting, *, attention, build_block_mask):
     """The loss through FlexAttention: ``attention`` is ``flex_attention`` (or a compiled
@@ -367,13 +392,13 @@ def flex_loss(z, y, bounds, temperature, weighting, *, attention, build_block_ma
     n, d = z.shape
     device = z.device
     sizes = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=device)
-    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes,
-                                      output_size=n)
+    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes, output_size=n)
     num_classes = int(y.max()) + 1 if y.numel() else 1
     valid = y != IGNORE_INDEX
     group = segment * num_classes + y.clamp(min=0)  # (segment, class) of every row
     counts = torch.zeros(len(sizes) * num_classes, device=device).index_add_(
-        0, group, valid.float())
+        0, group, valid.float()
+    )
     row_counts = counts[group]  # n_{y_i} in the row's segment
     positives = row_counts - 1
     anchor = valid & (positives > 0)
@@ -401,8 +426,9 @@ def flex_loss(z, y, bounds, temperature, weighting, *, attention, build_block_ma
     values = z.new_zeros(1, 1, n, 16)
     options = dict(score_mod=score_mod, block_mask=block_mask, scale=1.0 / temperature)
     if hasattr(flex_module, "AuxRequest"):
-        _, aux = attention(query, query, values, **options,
-                           return_aux=flex_module.AuxRequest(lse=True))
+        _, aux = attention(
+            query, query, values, **options, return_aux=flex_module.AuxRequest(lse=True)
+        )
         lse = aux.lse.view(n)
     else:  # torch < 2.9 returns the log-sum-exp through the older flag
         _, lse = attention(query, query, values, **options, return_lse=True)
@@ -410,10 +436,12 @@ def flex_loss(z, y, bounds, temperature, weighting, *, attention, build_block_ma
     # positive term from class sums: sum_{p in P(i)} s_ip = z_i . (S_{y_i} - z_i) / t
     features = z.float()
     class_sums = torch.zeros(len(sizes) * num_classes, d, device=device).index_add_(
-        0, group, features * valid.unsqueeze(1))
+        0, group, features * valid.unsqueeze(1)
+    )
     positive_sum = (features * (class_sums[group] - features)).sum(1) / temperature
-    per_anchor = torch.where(anchor, lse - positive_sum / positives.clamp(min=1),
-                             torch.zeros_like(lse))
+    per_anchor = torch.where(
+        anchor, lse - positive_sum / positives.clamp(min=1), torch.zeros_like(lse)
+    )
     return (per_anchor.sum() / anchor.sum().clamp(min=1)).to(z.dtype)
 
 
@@ -430,16 +458,25 @@ def flex_functions(device_type: str):
 
     if device_type == "cpu":
         return flex_attention, create_block_mask
-    return (compiled_function(flex_attention, dynamic=False),
-            compiled_function(create_block_mask, dynamic=False))
+    return (
+        compiled_function(flex_attention, dynamic=False),
+        compiled_function(create_block_mask, dynamic=False),
+    )
 
 
 def flex(z, y, bounds, temperature, weighting):
     attention, build_block_mask = flex_functions(z.device.type)
     with warnings.catch_warnings():  # uncompiled on the CPU on purpose
         warnings.filterwarnings("ignore", message="flex_attention called without")
-        return flex_loss(z, y, bounds, temperature, weighting, attention=attention,
-                         build_block_mask=build_block_mask)
+        return flex_loss(
+            z,
+            y,
+            bounds,
+            temperature,
+            weighting,
+            attention=attention,
+            build_block_mask=build_block_mask,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,6 +491,7 @@ def pml(z, y, bounds, temperature, weighting):
         raise ValueError("pytorch-metric-learning's SupConLoss has no prevalence weighting")
     if temperature not in _PML_LOSS:
         from pytorch_metric_learning.losses import SupConLoss
+
         _PML_LOSS[temperature] = SupConLoss(temperature=temperature)
     loss_fn = _PML_LOSS[temperature]
     if len(bounds) == 2:
@@ -473,6 +511,7 @@ def pml(z, y, bounds, temperature, weighting):
 # ----------------------------------------------------------------------------------------------
 # gemm reference
 # ----------------------------------------------------------------------------------------------
+
 
 def gemm(z, bounds):
     out = None
@@ -510,8 +549,9 @@ def unavailable(impl: str, device: str) -> str:
 _SQUARE_FACTORS = {"dense": (5, 10), "pml": (8, 12), "compiled": (2, 6), "gemm": (0, 1)}
 
 
-def estimated_extra_bytes(impl: str, sizes: list[int], d: int, itemsize: int,
-                          blockwise: bool = False) -> int:
+def estimated_extra_bytes(
+    impl: str, sizes: list[int], d: int, itemsize: int, blockwise: bool = False
+) -> int:
     """Rough peak extra memory of a fwd+bwd call, used to skip sizes that cannot fit.
 
     ``blockwise``: the N x N implementations run backward after every block (gradient
@@ -549,8 +589,9 @@ def blockwise_fwd_bwd(impl: str, z, y, bounds, temperature, weighting, sync=lamb
     block gets its own leaf (``z[a:b].detach().requires_grad_()``) so autograd does not build a
     full-size gradient per block."""
     anchors = max(count_anchors(y, bounds), 1)
-    block_share = [count_anchors(y[a:b], [0, b - a]) / anchors
-                   for a, b in zip(bounds[:-1], bounds[1:])]
+    block_share = [
+        count_anchors(y[a:b], [0, b - a]) / anchors for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     fn = IMPLEMENTATIONS[impl]
     grad = torch.zeros_like(z)
     total = 0.0

@@ -109,6 +109,7 @@ class CudaPeaks:
 
     def __init__(self):
         import torch
+
         self._cuda = torch.cuda
         self._base = self._phase_start = self._cuda.memory_allocated()
         self._highest = self._base
@@ -125,8 +126,7 @@ class CudaPeaks:
         self._cuda.reset_peak_memory_stats()
 
 
-def make_phase_functions(impl: str, z, y, bounds, temperature, weighting,
-                         blockwise: bool = False):
+def make_phase_functions(impl: str, z, y, bounds, temperature, weighting, blockwise: bool = False):
     """(run_forward, run_backward, single_phase) closures for one implementation;
     ``single_phase`` names the mode of a call measured as one phase ("fwd" for gemm)."""
     import implementations as impls
@@ -134,9 +134,11 @@ def make_phase_functions(impl: str, z, y, bounds, temperature, weighting,
     if impl == "gemm":
         return (lambda: impls.gemm(z, bounds)), None, "fwd"
     if blockwise:  # forward and backward interleave: one phase, reported as fwd+bwd
+
         def run_all():
             z.grad = None
             impls.blockwise_fwd_bwd(impl, z, y, bounds, temperature, weighting)
+
         return run_all, None, "fwd+bwd"
     fn = impls.IMPLEMENTATIONS[impl]
 
@@ -158,19 +160,25 @@ def run_job(job: dict) -> dict:
     dtype = getattr(torch, job["dtype"])
     sizes = job["sizes"]
     bounds = impls.segment_bounds(sizes)
-    z, y = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype,
-                             seed=job.get("seed", 0))
+    z, y = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype, seed=job.get("seed", 0))
     z.requires_grad_(True)
     blockwise = job.get("blockwise", False)
     run_forward, run_backward, single = make_phase_functions(
-        job["impl"], z, y, bounds, job["temperature"], job["weighting"], blockwise)
+        job["impl"], z, y, bounds, job["temperature"], job["weighting"], blockwise
+    )
     if len(bounds) > 3:  # warm up on the first blocks (and the last, odd-sized one)
         sizes = impls.warmup_sizes(sizes)
         wz, wy = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype, seed=1)
         wz.requires_grad_(True)
         warm_fwd, warm_bwd, _ = make_phase_functions(
-            job["impl"], wz, wy, impls.segment_bounds(sizes), job["temperature"],
-            job["weighting"], blockwise)
+            job["impl"],
+            wz,
+            wy,
+            impls.segment_bounds(sizes),
+            job["temperature"],
+            job["weighting"],
+            blockwise,
+        )
     else:
         warm_fwd, warm_bwd = run_forward, run_backward
     warm = warm_fwd()
@@ -195,8 +203,7 @@ def child_pythonpath(package_parent: str) -> str:
     return os.pathsep.join(paths)
 
 
-def measure_cpu_jobs(jobs: list[dict], package_parent: str, timeout: float = 1800.0
-                     ) -> list[dict]:
+def measure_cpu_jobs(jobs: list[dict], package_parent: str, timeout: float = 1800.0) -> list[dict]:
     """Run ``jobs`` in one fresh worker process that imports the ``mcsc`` package found in
     ``package_parent``; returns one dict (or {"error": ...}) per job, each with the ``package``
     directory and ``backend`` the worker ran."""
@@ -205,18 +212,24 @@ def measure_cpu_jobs(jobs: list[dict], package_parent: str, timeout: float = 180
     env["PYTHONWARNINGS"] = "ignore"
     env["PYTHONPATH"] = child_pythonpath(package_parent)
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(jobs)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), json.dumps(jobs)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return [{"error": "memory worker timed out"} for _ in jobs]
     results = []
     for line in proc.stdout.splitlines():
         if line.startswith("MEMJSON "):
-            results.append(json.loads(line[len("MEMJSON "):]))
+            results.append(json.loads(line[len("MEMJSON ") :]))
     if len(results) < len(jobs):
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-        results += [{"error": f"memory worker failed: {tail[0]}"}
-                    for _ in range(len(jobs) - len(results))]
+        results += [
+            {"error": f"memory worker failed: {tail[0]}"} for _ in range(len(jobs) - len(results))
+        ]
     return results
 
 
@@ -224,9 +237,12 @@ def _worker(jobs: list[dict]) -> None:
     import torch
 
     import mcsc
+
     torch.set_num_threads(jobs[0].get("threads", torch.get_num_threads()))
-    imported = {"package": os.path.dirname(os.path.abspath(mcsc.__file__)),
-                "backend": mcsc.backend("cpu")}
+    imported = {
+        "package": os.path.dirname(os.path.abspath(mcsc.__file__)),
+        "backend": mcsc.backend("cpu"),
+    }
     for job in jobs:
         started = time.perf_counter()
         try:

@@ -29,12 +29,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16384, help="rows (one segment)")
     parser.add_argument("--d", type=int, default=128, help="feature dimension")
     parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--dtype", default="bfloat16",
-                        choices=("float32", "float16", "bfloat16", "float64"))
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16", "float64")
+    )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32")
     parser.add_argument("--repeat", type=int, default=1, help="timed calls (median printed)")
-    parser.add_argument("--allow-reference", action="store_true",
-                        help="run even when mcsc has no CUDA kernel (the dense fallback)")
+    parser.add_argument(
+        "--allow-reference",
+        action="store_true",
+        help="run even when mcsc has no CUDA kernel (the dense fallback)",
+    )
     args = parser.parse_args()
     installed.require_compiled("cuda", args.allow_reference)
     if not torch.cuda.is_available():
@@ -42,7 +46,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     generator = torch.Generator(device="cuda").manual_seed(0)
     features = torch.nn.functional.normalize(
-        torch.randn(args.n, args.d, device="cuda", generator=generator), dim=1)
+        torch.randn(args.n, args.d, device="cuda", generator=generator), dim=1
+    )
     features = features.to(getattr(torch, args.dtype)).requires_grad_(True)
     labels = torch.randint(0, args.classes, (args.n,), device="cuda", generator=generator)
 
@@ -59,9 +64,11 @@ def main() -> None:
         torch.cuda.synchronize()
         forward_ms.append(start.elapsed_time(middle))
         backward_ms.append(middle.elapsed_time(end))
-    print(f"N={args.n} D={args.d} {args.dtype}{' tf32' if args.tf32 else ''}: forward "
-          f"{statistics.median(forward_ms):.2f} ms, backward {statistics.median(backward_ms):.2f} "
-          f"ms (median of {args.repeat})")
+    print(
+        f"N={args.n} D={args.d} {args.dtype}{' tf32' if args.tf32 else ''}: forward "
+        f"{statistics.median(forward_ms):.2f} ms, backward {statistics.median(backward_ms):.2f} "
+        f"ms (median of {args.repeat})"
+    )
 
 
 if __name__ == "__main__":

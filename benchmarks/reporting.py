@@ -15,11 +15,32 @@ import memory
 import torch
 from timing import MODES
 
-COLUMNS = ["impl", "mode", "N", "D", "C", "segments", "dtype", "device", "median_ms", "p20_ms",
-           "p80_ms", "peak_mem_mb", "threads", "torch", "machine",
-           # extra columns (after the required ones)
-           "weighting", "workload", "reps", "x_gemm", "dense_over_impl", "backend", "note",
-           "tf32"]
+COLUMNS = [
+    "impl",
+    "mode",
+    "N",
+    "D",
+    "C",
+    "segments",
+    "dtype",
+    "device",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_mem_mb",
+    "threads",
+    "torch",
+    "machine",
+    # extra columns (after the required ones)
+    "weighting",
+    "workload",
+    "reps",
+    "x_gemm",
+    "dense_over_impl",
+    "backend",
+    "note",
+    "tf32",
+]
 
 
 def machine_description(device: str, note: str = "") -> str:
@@ -56,8 +77,10 @@ def _ms(value) -> str:
 
 def format_table(rows: list[dict], modes=MODES) -> str:
     """The console table of result rows (those of ``modes``)."""
-    header = (f"{'workload':22s} {'impl':9s} {'mode':8s} {'N':>7s} {'C':>3s} {'median ms':>10s} "
-              f"{'p20-p80 ms':>17s} {'x GEMM':>7s} {'dense/impl':>10s} {'peak MiB':>9s}  note")
+    header = (
+        f"{'workload':22s} {'impl':9s} {'mode':8s} {'N':>7s} {'C':>3s} {'median ms':>10s} "
+        f"{'p20-p80 ms':>17s} {'x GEMM':>7s} {'dense/impl':>10s} {'peak MiB':>9s}  note"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         if r["mode"] not in modes:
@@ -69,27 +92,32 @@ def format_table(rows: list[dict], modes=MODES) -> str:
             f"{r['workload']:22s} {r['impl']:9s} {r['mode']:8s} {r['N']:7d} {r['C']:3d} "
             f"{_ms(r.get('median_ms')):>10s} {spread:>17s} "
             f"{_fmt(r.get('x_gemm'), '7.2f'):>7s} {_fmt(r.get('dense_over_impl'), '10.2f'):>10s} "
-            f"{_fmt(r.get('peak_mem_mb'), '9.1f'):>9s}  {r.get('note', '')}")
+            f"{_fmt(r.get('peak_mem_mb'), '9.1f'):>9s}  {r.get('note', '')}"
+        )
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict], mode: str = "fwd+bwd") -> str:
     """README table: median ms, ratios to GEMM and dense, peak MiB (one mode + GEMM rows)."""
-    out = ["| workload | N | impl | mode | median ms (p20-p80) | x GEMM | dense / impl | "
-           "peak MiB |",
-           "|---|---:|---|---|---:|---:|---:|---:|"]
+    out = [
+        "| workload | N | impl | mode | median ms (p20-p80) | x GEMM | dense / impl | peak MiB |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if r["impl"] != "gemm" and r["mode"] != mode:
             continue
         if r.get("median_ms") is None:
-            out.append(f"| {r['workload']} | {r['N']} | {r['impl']} | {r['mode']} | "
-                       f"{r.get('note', '')} | | | |")
+            out.append(
+                f"| {r['workload']} | {r['N']} | {r['impl']} | {r['mode']} | "
+                f"{r.get('note', '')} | | | |"
+            )
             continue
         out.append(
             f"| {r['workload']} | {r['N']} | {r['impl']} | {r['mode']} | "
             f"{_ms(r['median_ms'])} ({_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}) | "
             f"{_fmt(r.get('x_gemm'), '.2f')} | {_fmt(r.get('dense_over_impl'), '.2f')} | "
-            f"{_fmt(r.get('peak_mem_mb'), '.1f')} |")
+            f"{_fmt(r.get('peak_mem_mb'), '.1f')} |"
+        )
     return "\n".join(out)
 
 
@@ -99,15 +127,23 @@ def write_csv(rows: list[dict], path: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else
-                                 (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r[k]))
-                             for k in COLUMNS})
+            writer.writerow(
+                {
+                    k: (
+                        ""
+                        if r.get(k) is None
+                        else (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r[k])
+                    )
+                    for k in COLUMNS
+                }
+            )
 
 
 def plot_workload(rows: list[dict], workload: str, path: str, title: str) -> bool:
     """fwd+bwd time and peak memory against N (log scales; bars for one size) as a PNG;
     False when ``rows`` has nothing of ``workload``."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -161,11 +197,16 @@ def plot_workload(rows: list[dict], workload: str, path: str, title: str) -> boo
 def format_targets(results: list[dict], title: str) -> str:
     """The targets as one console table: measure, measured, goal, pass/fail."""
     width = max([len("measure")] + [len(r["measure"]) for r in results])
-    lines = [title, f"{'measure':{width}s} {'measured':>10s}  {'goal':10s} pass/fail",
-             "-" * (width + 34)]
+    lines = [
+        title,
+        f"{'measure':{width}s} {'measured':>10s}  {'goal':10s} pass/fail",
+        "-" * (width + 34),
+    ]
     for r in results:
-        lines.append(f"{r['measure']:{width}s} {_fmt(r['value'], '10.2f') or '-':>10s}  "
-                     f"{r['goal']:10s} {r['verdict']}")
+        lines.append(
+            f"{r['measure']:{width}s} {_fmt(r['value'], '10.2f') or '-':>10s}  "
+            f"{r['goal']:10s} {r['verdict']}"
+        )
     return "\n".join(lines)
 
 
@@ -173,6 +214,7 @@ def markdown_targets(results: list[dict]) -> str:
     """The targets as a markdown table."""
     out = ["| measure | measured | goal | pass/fail |", "|---|---:|---:|---|"]
     for r in results:
-        out.append(f"| {r['measure']} | {_fmt(r['value'], '.2f') or '-'} | {r['goal']} | "
-                   f"{r['verdict']} |")
+        out.append(
+            f"| {r['measure']} | {_fmt(r['value'], '.2f') or '-'} | {r['goal']} | {r['verdict']} |"
+        )
     return "\n".join(out)

@@ -80,16 +80,36 @@ def sweep_workloads(device: str, quick: bool) -> list[Workload]:
         step = impls.training_step_sizes()
     workloads = [
         Workload("sweep_C4_prevalence", [[n] for n in sizes], 128, 4, "prevalence", sweep_prev),
-        Workload("sweep_C14_prevalence", [[n] for n in small], 128, 14, "prevalence",
-                 sweep_prev if not quick else ("gemm", "fused", "dense", "tiled")),
+        Workload(
+            "sweep_C14_prevalence",
+            [[n] for n in small],
+            128,
+            14,
+            "prevalence",
+            sweep_prev if not quick else ("gemm", "fused", "dense", "tiled"),
+        ),
         Workload("sweep_C4_none", [[n] for n in small], 128, 4, "none", sweep_none),
-        Workload("training_step", [step], 128, 4, "prevalence",
-                 train if not quick else ("gemm", "fused", "dense", "tiled")),
+        Workload(
+            "training_step",
+            [step],
+            128,
+            4,
+            "prevalence",
+            train if not quick else ("gemm", "fused", "dense", "tiled"),
+        ),
     ]
     if device == "cuda":
-        workloads.append(Workload("sweep_C4_prevalence_bf16", [[n] for n in sizes], 128, 4,
-                                  "prevalence", ("gemm", "fused", "dense", "tiled", "flex"),
-                                  dtype="bfloat16"))
+        workloads.append(
+            Workload(
+                "sweep_C4_prevalence_bf16",
+                [[n] for n in sizes],
+                128,
+                4,
+                "prevalence",
+                ("gemm", "fused", "dense", "tiled", "flex"),
+                dtype="bfloat16",
+            )
+        )
     return workloads
 
 
@@ -97,29 +117,53 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes and a 10-block training step (< 3 min on 2 cores)")
-    parser.add_argument("--targets", action="store_true",
-                        help="only the target set (see --target-set) and its pass/fail table")
-    parser.add_argument("--target-set", choices=sorted(targets.TARGET_SETS), default=None,
-                        help="cpu: N=8192 against one GEMM and dense, peak memory, the training "
-                             "step; gpu: N=16384 bf16 time, flex/fused, dense/fused in float32, "
-                             "TF32 time, N=262144 float32 time, N=1048576 bf16 memory "
-                             "(default: the one of --device)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help=f"sizes divided by {targets.DRY_DIVISOR}, one round, torch.compile "
-                             "tracing without code generation, float32 for bf16 on the CPU: "
-                             "every code path in seconds, numbers meaningless")
-    parser.add_argument("--allow-reference", action="store_true",
-                        help="time mcsc even when it runs the dense pure-PyTorch fallback")
-    parser.add_argument("--time-budget-s", type=float, default=None,
-                        help="start no workload after this many seconds (default: "
-                             f"{GPU_TARGETS_TIME_BUDGET_S:.0f} for the gpu target set on the "
-                             "GPU, else none)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and a 10-block training step (< 3 min on 2 cores)",
+    )
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="only the target set (see --target-set) and its pass/fail table",
+    )
+    parser.add_argument(
+        "--target-set",
+        choices=sorted(targets.TARGET_SETS),
+        default=None,
+        help="cpu: N=8192 against one GEMM and dense, peak memory, the training "
+        "step; gpu: N=16384 bf16 time, flex/fused, dense/fused in float32, "
+        "TF32 time, N=262144 float32 time, N=1048576 bf16 memory "
+        "(default: the one of --device)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"sizes divided by {targets.DRY_DIVISOR}, one round, torch.compile "
+        "tracing without code generation, float32 for bf16 on the CPU: "
+        "every code path in seconds, numbers meaningless",
+    )
+    parser.add_argument(
+        "--allow-reference",
+        action="store_true",
+        help="time mcsc even when it runs the dense pure-PyTorch fallback",
+    )
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="start no workload after this many seconds (default: "
+        f"{GPU_TARGETS_TIME_BUDGET_S:.0f} for the gpu target set on the "
+        "GPU, else none)",
+    )
     parser.add_argument("--min-reps", type=int, default=None)
     parser.add_argument("--max-reps", type=int, default=None)
-    parser.add_argument("--point-budget-s", type=float, default=None,
-                        help="stop adding rounds at a size after this many seconds")
+    parser.add_argument(
+        "--point-budget-s",
+        type=float,
+        default=None,
+        help="stop adding rounds at a size after this many seconds",
+    )
     parser.add_argument("--mem-budget-gb", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory workers")
@@ -136,8 +180,13 @@ def parse_args(argv=None):
         args.point_budget_s = 2.0 if args.quick else 10.0
     if args.target_set is None:
         args.target_set = "gpu" if args.device == "cuda" else "cpu"
-    if args.time_budget_s is None and args.targets and args.target_set == "gpu" \
-            and args.device == "cuda" and not args.dry_run:
+    if (
+        args.time_budget_s is None
+        and args.targets
+        and args.target_set == "gpu"
+        and args.device == "cuda"
+        and not args.dry_run
+    ):
         args.time_budget_s = GPU_TARGETS_TIME_BUDGET_S
     return args
 
@@ -147,6 +196,7 @@ def kernel_description(backend: str) -> str:
     if not backend.startswith("compiled"):
         return ""
     from mcsc import _C
+
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(os.path.getmtime(_C.__file__)))
     return f" ({os.path.basename(_C.__file__)} built {stamp} UTC)"
 
@@ -155,17 +205,20 @@ def selected_workloads(args) -> tuple[list[Workload], list]:
     """The workloads to run and, with --targets, the measures to evaluate."""
     rounds = Rounds(args.min_reps, args.max_reps, args.point_budget_s)
     if args.targets:
-        workloads, measures = targets.target_set(args.target_set, rounds, args.quick,
-                                                 args.dry_run)
+        workloads, measures = targets.target_set(args.target_set, rounds, args.quick, args.dry_run)
     else:
         selected = {s for s in args.workloads.split(",") if s}
-        workloads = [wl for wl in sweep_workloads(args.device, args.quick)
-                     if not selected or wl.name in selected]
+        workloads = [
+            wl
+            for wl in sweep_workloads(args.device, args.quick)
+            if not selected or wl.name in selected
+        ]
         measures = []
         if args.dry_run:
             for wl in workloads:
-                wl.points = [[max(16, n // targets.DRY_DIVISOR) for n in sizes]
-                             for sizes in wl.points]
+                wl.points = [
+                    [max(16, n // targets.DRY_DIVISOR) for n in sizes] for sizes in wl.points
+                ]
                 wl.rounds = targets.ONCE
     if args.dry_run and args.device == "cpu":
         for wl in workloads:  # the CPU op takes float32 and float64 only
@@ -174,8 +227,7 @@ def selected_workloads(args) -> tuple[list[Workload], list]:
     return workloads, measures
 
 
-def time_workloads(workloads, settings, time_budget_s, started, csv_path
-                   ) -> tuple[list[dict], str]:
+def time_workloads(workloads, settings, time_budget_s, started, csv_path) -> tuple[list[dict], str]:
     """Run the workloads in order, rewriting the CSV after each, starting none once
     ``time_budget_s`` seconds have passed since ``started`` (``time.perf_counter()``); returns
     the rows and why the run stopped early ('' when it did not)."""
@@ -196,26 +248,38 @@ def time_workloads(workloads, settings, time_budget_s, started, csv_path
 def write_plots(rows, args, common, backend) -> None:
     for wl in sorted({r["workload"] for r in rows}):
         sample = next(r for r in rows if r["workload"] == wl)
-        title = (f"{wl}: D={sample['D']}, C={sample['C']}, {sample['weighting']}, "
-                 f"{sample['dtype']}, {args.device}, {common['threads']} threads, "
-                 f"fused={backend}")
-        reporting.plot_workload(rows, wl, os.path.join(args.out, f"{args.device}_{wl}.png"),
-                                title)
+        title = (
+            f"{wl}: D={sample['D']}, C={sample['C']}, {sample['weighting']}, "
+            f"{sample['dtype']}, {args.device}, {common['threads']} threads, "
+            f"fused={backend}"
+        )
+        reporting.plot_workload(rows, wl, os.path.join(args.out, f"{args.device}_{wl}.png"), title)
 
 
 def report_targets(rows, measures, args, common, backend, stopped) -> None:
     """targets.md and targets.json, and the targets table, printed last."""
     results = [measure.evaluate(rows) for measure in measures]
-    title = (f"{args.target_set} targets on {common['machine']} (mcsc {backend}; ratios from "
-             f"medians of this run)")
+    title = (
+        f"{args.target_set} targets on {common['machine']} (mcsc {backend}; ratios from "
+        f"medians of this run)"
+    )
     if args.dry_run:
         title += "; DRY RUN: tiny sizes, the verdicts mean nothing"
     with open(os.path.join(args.out, "targets.md"), "w") as handle:
         handle.write(f"{title}\n\n{reporting.markdown_targets(results)}\n")
     with open(os.path.join(args.out, "targets.json"), "w") as handle:
-        json.dump({"backend": backend + kernel_description(backend),
-                   "machine": common["machine"], "threads": common["threads"], "dry_run": args.dry_run, "stopped": stopped,
-                   "targets": results}, handle, indent=1)
+        json.dump(
+            {
+                "backend": backend + kernel_description(backend),
+                "machine": common["machine"],
+                "threads": common["threads"],
+                "dry_run": args.dry_run,
+                "stopped": stopped,
+                "targets": results,
+            },
+            handle,
+            indent=1,
+        )
     print()
     print(reporting.format_targets(results, title))
 
@@ -234,12 +298,17 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
         impls.set_compile_backend("eager")
-    common = {"device": args.device, "threads": torch.get_num_threads(),
-              "torch": torch.__version__,
-              "machine": reporting.machine_description(args.device, args.machine_note)}
-    print(f"mcsc backend: {backend}{kernel_description(backend)} from "
-          f"{installed.package_directory()}; torch {torch.__version__}; threads "
-          f"{common['threads']}; machine: {common['machine']}")
+    common = {
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": reporting.machine_description(args.device, args.machine_note),
+    }
+    print(
+        f"mcsc backend: {backend}{kernel_description(backend)} from "
+        f"{installed.package_directory()}; torch {torch.__version__}; threads "
+        f"{common['threads']}; machine: {common['machine']}"
+    )
     if backend == "reference":
         print(f"WARNING (--allow-reference): {installed.refusal(args.device)}")
     workloads, measures = selected_workloads(args)
@@ -251,16 +320,21 @@ def main(argv=None) -> int:
     print("\n".join(lines))
 
     settings = timing.Settings(
-        device=args.device, rounds=Rounds(args.min_reps, args.max_reps, args.point_budget_s),
+        device=args.device,
+        rounds=Rounds(args.min_reps, args.max_reps, args.point_budget_s),
         memory_budget_bytes=timing.memory_budget_bytes(args.device, args.mem_budget_gb),
-        common=common, backend=backend, package=installed.package_directory(),
-        exclude=args.exclude, rejected=rejected, cpu_memory=not args.no_memory,
-        one_memory_worker=args.quick or args.dry_run)
+        common=common,
+        backend=backend,
+        package=installed.package_directory(),
+        exclude=args.exclude,
+        rejected=rejected,
+        cpu_memory=not args.no_memory,
+        one_memory_worker=args.quick or args.dry_run,
+    )
     csv_path = os.path.join(args.out, "targets.csv" if args.targets else "results.csv")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        rows, stopped = time_workloads(workloads, settings, args.time_budget_s, started,
-                                       csv_path)
+        rows, stopped = time_workloads(workloads, settings, args.time_budget_s, started, csv_path)
     finally:
         signal.signal(signal.SIGTERM, previous)
     reporting.write_csv(rows, csv_path)

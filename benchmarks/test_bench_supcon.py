@@ -36,19 +36,28 @@ def _fwd_bwd(name, z, y, bounds, weighting):
     return loss
 
 
-@pytest.mark.parametrize("name,weighting", [
-    ("fused", "prevalence"), ("dense", "prevalence"), ("tiled", "prevalence"),
-    ("compiled", "prevalence"), ("fused", "none"), ("pml", "none"),
-])
+@pytest.mark.parametrize(
+    "name,weighting",
+    [
+        ("fused", "prevalence"),
+        ("dense", "prevalence"),
+        ("tiled", "prevalence"),
+        ("compiled", "prevalence"),
+        ("fused", "none"),
+        ("pml", "none"),
+    ],
+)
 def test_fwd_bwd(benchmark, inputs, name, weighting):
     z, y = inputs
     bounds = [0, N]
     benchmark.group = f"fwd+bwd N={N} D={D} C={C} {weighting}"
-    benchmark.extra_info.update(N=N, D=D, C=C, weighting=weighting, mode="fwd+bwd",
-                                threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        N=N, D=D, C=C, weighting=weighting, mode="fwd+bwd", threads=torch.get_num_threads()
+    )
     ref = float(_fwd_bwd("fused", z, y, bounds, weighting))
-    loss = benchmark.pedantic(_fwd_bwd, args=(name, z, y, bounds, weighting), rounds=5,
-                              iterations=1, warmup_rounds=1)
+    loss = benchmark.pedantic(
+        _fwd_bwd, args=(name, z, y, bounds, weighting), rounds=5, iterations=1, warmup_rounds=1
+    )
     assert abs(float(loss) - ref) <= 1e-4 * abs(ref)
 
 
@@ -56,8 +65,7 @@ def test_gemm(benchmark, inputs):
     z, _ = inputs
     benchmark.group = f"fwd+bwd N={N} D={D} C={C} prevalence"
     with torch.no_grad():
-        benchmark.pedantic(impls.gemm, args=(z, [0, N]), rounds=5, iterations=1,
-                           warmup_rounds=1)
+        benchmark.pedantic(impls.gemm, args=(z, [0, N]), rounds=5, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("name", ["fused", "dense"])
@@ -70,5 +78,6 @@ def test_training_step(benchmark, name):
     z.requires_grad_(True)
     benchmark.group = "training step 4x3610+1x1960"
     benchmark.extra_info.update(segments="4x3610+1x1960", mode="fwd+bwd")
-    benchmark.pedantic(_fwd_bwd, args=(name, z, y, bounds, "prevalence"), rounds=3,
-                       iterations=1, warmup_rounds=1)
+    benchmark.pedantic(
+        _fwd_bwd, args=(name, z, y, bounds, "prevalence"), rounds=3, iterations=1, warmup_rounds=1
+    )

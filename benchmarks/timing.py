@@ -122,6 +122,7 @@ def float32_matmul_tf32(enabled: bool):
 # one call of one implementation
 # ----------------------------------------------------------------------------------------------
 
+
 def _sync(device: str):
     if device == "cuda":
         return torch.cuda.synchronize
@@ -155,6 +156,7 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
         return peaks()
 
     if name == "gemm":
+
         def run_gemm(bounds):
             tracker = start()
             started = time.perf_counter()
@@ -164,26 +166,28 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
             tracker.end("fwd")
             del out
             return {"fwd": seconds}, tracker.peaks
+
         return run_gemm
 
     if blockwise:
+
         def run_blockwise(bounds):
             z.grad = None
             tracker = start()
-            _, fwd, bwd = impls.blockwise_fwd_bwd(name, z, y, bounds, TEMPERATURE, weighting,
-                                                  sync)
+            _, fwd, bwd = impls.blockwise_fwd_bwd(name, z, y, bounds, TEMPERATURE, weighting, sync)
             tracker.end("fwd+bwd")
             return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}, tracker.peaks
+
         return run_blockwise
 
     function = impls.IMPLEMENTATIONS[name]
 
     def run_loss(bounds):
-        rows = z if bounds[-1] == z.shape[0] else z[:bounds[-1]]
+        rows = z if bounds[-1] == z.shape[0] else z[: bounds[-1]]
         z.grad = None
         tracker = start()
         started = time.perf_counter()
-        loss = function(rows, y[:bounds[-1]], bounds, TEMPERATURE, weighting)
+        loss = function(rows, y[: bounds[-1]], bounds, TEMPERATURE, weighting)
         sync()
         forward = time.perf_counter() - started
         tracker.end("fwd")
@@ -193,6 +197,7 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
         backward = time.perf_counter() - started
         tracker.end("bwd")
         return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, tracker.peaks
+
     return run_loss
 
 
@@ -202,16 +207,18 @@ def error_summary(error: Exception, limit: int = 80) -> str:
     return f"{type(error).__name__}: {first_line[:limit]}"
 
 
-def time_point(names, z, y, bounds, weighting, device, rounds: Rounds, blockwise=frozenset(),
-               warmup=True):
+def time_point(
+    names, z, y, bounds, weighting, device, rounds: Rounds, blockwise=frozenset(), warmup=True
+):
     """Interleaved timing of one size.
 
     Returns ``({(impl, mode): [seconds]}, {(impl, mode): peak MiB}, {impl: note})``; an
     implementation that raises is dropped with its error as the note.
     """
     notes = {}
-    runners = {name: make_runner(name, z, y, weighting, device, name in blockwise)
-               for name in names}
+    runners = {
+        name: make_runner(name, z, y, weighting, device, name in blockwise) for name in names
+    }
     if warmup:  # and compilation: one untimed call each, on the first blocks only
         for name in list(runners):
             started = time.perf_counter()
@@ -251,6 +258,7 @@ def time_point(names, z, y, bounds, weighting, device, rounds: Rounds, blockwise
 # one workload
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Plan:
     """Which implementations run at one size, and how."""
@@ -282,19 +290,29 @@ def plan_point(workload: Workload, sizes: list[int], settings: Settings) -> Plan
             lean = impls.estimated_extra_bytes(name, sizes, workload.d, itemsize, blockwise=True)
             if lean <= budget:
                 plan.blockwise.add(name)
-                plan.notes[name] = (f"backward after every block (one graph of all blocks: "
-                                    f"est. {need / 2**30:.0f} GiB > budget)")
+                plan.notes[name] = (
+                    f"backward after every block (one graph of all blocks: "
+                    f"est. {need / 2**30:.0f} GiB > budget)"
+                )
                 need = lean
         if need > budget:
-            plan.skipped[name] = (f"skipped: estimated {need / 2**30:.1f} GiB > budget "
-                                  f"{budget / 2**30:.1f} GiB")
+            plan.skipped[name] = (
+                f"skipped: estimated {need / 2**30:.1f} GiB > budget {budget / 2**30:.1f} GiB"
+            )
         else:
             plan.names.append(name)
     return plan
 
 
-def point_rows(workload: Workload, sizes: list[int], plan: Plan, samples: dict, peaks: dict,
-               notes: dict, settings: Settings) -> list[dict]:
+def point_rows(
+    workload: Workload,
+    sizes: list[int],
+    plan: Plan,
+    samples: dict,
+    peaks: dict,
+    notes: dict,
+    settings: Settings,
+) -> list[dict]:
     """The result rows of one size: one per implementation and mode."""
     medians = {key: statistics.median(values) for key, values in samples.items()}
     gemm = medians.get(("gemm", "fwd"))
@@ -303,19 +321,35 @@ def point_rows(workload: Workload, sizes: list[int], plan: Plan, samples: dict, 
         if name not in plan.names and name not in plan.skipped:
             continue
         note = plan.skipped.get(name) or "; ".join(
-            text for text in (plan.notes.get(name), notes.get(name)) if text)
+            text for text in (plan.notes.get(name), notes.get(name)) if text
+        )
         for mode in ("fwd",) if name == "gemm" else MODES:
-            row = dict(settings.common, impl=name, mode=mode, N=sum(sizes), D=workload.d,
-                       C=workload.c, segments=segments_label(sizes), dtype=workload.dtype,
-                       tf32=workload.tf32, weighting=workload.weighting,
-                       workload=workload.name, note=note,
-                       backend=settings.backend if name == "fused" else "")
+            row = dict(
+                settings.common,
+                impl=name,
+                mode=mode,
+                N=sum(sizes),
+                D=workload.d,
+                C=workload.c,
+                segments=segments_label(sizes),
+                dtype=workload.dtype,
+                tf32=workload.tf32,
+                weighting=workload.weighting,
+                workload=workload.name,
+                note=note,
+                backend=settings.backend if name == "fused" else "",
+            )
             values = samples.get((name, mode))
             if values:
                 low, high = spread(values)
                 median = medians[(name, mode)]
-                row.update(median_ms=median * 1e3, p20_ms=low * 1e3, p80_ms=high * 1e3,
-                           reps=len(values), peak_mem_mb=peaks.get((name, mode)))
+                row.update(
+                    median_ms=median * 1e3,
+                    p20_ms=low * 1e3,
+                    p80_ms=high * 1e3,
+                    reps=len(values),
+                    peak_mem_mb=peaks.get((name, mode)),
+                )
                 dense = medians.get(("dense", mode))
                 if gemm:
                     row["x_gemm"] = median / gemm
@@ -328,10 +362,17 @@ def point_rows(workload: Workload, sizes: list[int], plan: Plan, samples: dict, 
 
 
 def _memory_job(workload: Workload, sizes: list[int], name: str, plan: Plan) -> dict:
-    return {"impl": name, "sizes": sizes, "D": workload.d, "C": workload.c,
-            "dtype": workload.dtype, "weighting": workload.weighting,
-            "temperature": TEMPERATURE, "threads": torch.get_num_threads(),
-            "blockwise": name in plan.blockwise}
+    return {
+        "impl": name,
+        "sizes": sizes,
+        "D": workload.d,
+        "C": workload.c,
+        "dtype": workload.dtype,
+        "weighting": workload.weighting,
+        "temperature": TEMPERATURE,
+        "threads": torch.get_num_threads(),
+        "blockwise": name in plan.blockwise,
+    }
 
 
 def add_cpu_memory(rows: list[dict], entries: list, settings: Settings, log) -> None:
@@ -343,8 +384,9 @@ def add_cpu_memory(rows: list[dict], entries: list, settings: Settings, log) -> 
         groups.setdefault(key, []).append(entry)
     for name, group in groups.items():
         started = time.perf_counter()
-        results = memory.measure_cpu_jobs([job for _, job in group],
-                                          os.path.dirname(settings.package))
+        results = memory.measure_cpu_jobs(
+            [job for _, job in group], os.path.dirname(settings.package)
+        )
         log(f"  peak memory of {name}: {time.perf_counter() - started:.1f}s")
         for (job_rows, _), result in zip(group, results):
             if "error" not in result and result["package"] != settings.package:
@@ -363,16 +405,30 @@ def run_workload(workload: Workload, settings: Settings, log=print) -> list[dict
     with float32_matmul_tf32(workload.tf32):
         for sizes in workload.points:
             plan = plan_point(workload, sizes, settings)
-            z, y = impls.make_inputs(sum(sizes), workload.d, workload.c,
-                                     dtype=getattr(torch, workload.dtype),
-                                     device=settings.device)
+            z, y = impls.make_inputs(
+                sum(sizes),
+                workload.d,
+                workload.c,
+                dtype=getattr(torch, workload.dtype),
+                device=settings.device,
+            )
             z.requires_grad_(True)
             started = time.perf_counter()
             samples, peaks, notes = time_point(
-                plan.names, z, y, impls.segment_bounds(sizes), workload.weighting,
-                settings.device, rounds, blockwise=plan.blockwise, warmup=workload.warmup)
-            log(f"  [{workload.name}] N={sum(sizes)} ({segments_label(sizes)}): timed "
-                f"{', '.join(plan.names) or 'nothing'} in {time.perf_counter() - started:.1f}s")
+                plan.names,
+                z,
+                y,
+                impls.segment_bounds(sizes),
+                workload.weighting,
+                settings.device,
+                rounds,
+                blockwise=plan.blockwise,
+                warmup=workload.warmup,
+            )
+            log(
+                f"  [{workload.name}] N={sum(sizes)} ({segments_label(sizes)}): timed "
+                f"{', '.join(plan.names) or 'nothing'} in {time.perf_counter() - started:.1f}s"
+            )
             del z, y
             new_rows = point_rows(workload, sizes, plan, samples, peaks, notes, settings)
             rows.extend(new_rows)
@@ -381,8 +437,12 @@ def run_workload(workload: Workload, settings: Settings, log=print) -> list[dict
             timed = {row["impl"] for row in new_rows if row.get("median_ms") is not None}
             for name in plan.names:
                 if name in timed:
-                    memory_entries.append(([row for row in new_rows if row["impl"] == name],
-                                           _memory_job(workload, sizes, name, plan)))
+                    memory_entries.append(
+                        (
+                            [row for row in new_rows if row["impl"] == name],
+                            _memory_job(workload, sizes, name, plan),
+                        )
+                    )
     if memory_entries:
         add_cpu_memory(rows, memory_entries, settings, log)
     return rows

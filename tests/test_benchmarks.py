@@ -35,8 +35,11 @@ def unbuilt_package(tmp_path_factory):
     """A copy of the mcsc sources without the compiled library: what a checkout that was never
     built puts on sys.path. Returns the folder that holds it."""
     parent = tmp_path_factory.mktemp("unbuilt")
-    shutil.copytree(installed.package_directory(), parent / "mcsc",
-                    ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    shutil.copytree(
+        installed.package_directory(),
+        parent / "mcsc",
+        ignore=shutil.ignore_patterns("_C.*", "__pycache__"),
+    )
     return str(parent)
 
 
@@ -50,6 +53,7 @@ def _environment(pythonpath: str) -> dict:
 # the benchmarks time what is installed
 # ----------------------------------------------------------------------------------------------
 
+
 def test_every_script_refuses_the_fallback(unbuilt_package, tmp_path):
     """Run from the repository root with an unbuilt package first on the path, none of the
     three entry points puts the repository first or times the fallback."""
@@ -59,13 +63,31 @@ def test_every_script_refuses_the_fallback(unbuilt_package, tmp_path):
     commands = {
         "run.py": ([sys.executable, "benchmarks/run.py", "--quick", "--out", str(out)], ROOT),
         "profile_step.py": ([sys.executable, "benchmarks/profile_step.py"], ROOT),
-        "pytest": ([sys.executable, "-m", "pytest", BENCHMARKS, "--collect-only", "-q",
-                    "-p", "no:cacheprovider"], str(elsewhere)),
+        "pytest": (
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                BENCHMARKS,
+                "--collect-only",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+            ],
+            str(elsewhere),
+        ),
     }
-    processes = {name: subprocess.Popen(command, cwd=cwd, env=_environment(unbuilt_package),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
-                 for name, (command, cwd) in commands.items()}
+    processes = {
+        name: subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=_environment(unbuilt_package),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, (command, cwd) in commands.items()
+    }
     for name, process in processes.items():
         output, _ = process.communicate(timeout=120)
         assert process.returncode != 0, f"{name} ran the fallback:\n{output}"
@@ -78,11 +100,27 @@ def test_every_script_refuses_the_fallback(unbuilt_package, tmp_path):
 
 
 def test_allow_reference_times_the_fallback_and_says_so(unbuilt_package, tmp_path):
-    command = [sys.executable, "benchmarks/run.py", "--dry-run", "--allow-reference",
-               "--no-memory", "--workloads", "sweep_C4_none", "--exclude", "dense,pml,tiled",
-               "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, env=_environment(unbuilt_package),
-                            capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "benchmarks/run.py",
+        "--dry-run",
+        "--allow-reference",
+        "--no-memory",
+        "--workloads",
+        "sweep_C4_none",
+        "--exclude",
+        "dense,pml,tiled",
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=_environment(unbuilt_package),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING (--allow-reference)" in result.stdout
     with open(tmp_path / "results.csv") as handle:
@@ -94,8 +132,17 @@ def test_allow_reference_times_the_fallback_and_says_so(unbuilt_package, tmp_pat
 
 def test_memory_worker_imports_the_callers_package(unbuilt_package):
     """The worker is told where the caller's mcsc is; here one that is not on its path."""
-    job = {"impl": "gemm", "sizes": [64], "D": 16, "C": 2, "dtype": "float32",
-           "weighting": "prevalence", "temperature": 0.1, "threads": 1, "blockwise": False}
+    job = {
+        "impl": "gemm",
+        "sizes": [64],
+        "D": 16,
+        "C": 2,
+        "dtype": "float32",
+        "weighting": "prevalence",
+        "temperature": 0.1,
+        "threads": 1,
+        "blockwise": False,
+    }
     (result,) = memory.measure_cpu_jobs([job], unbuilt_package, timeout=120)
     assert "error" not in result, result
     assert result["package"] == os.path.join(unbuilt_package, "mcsc")
@@ -107,18 +154,27 @@ def test_memory_worker_imports_the_callers_package(unbuilt_package):
 # the FlexAttention peer
 # ----------------------------------------------------------------------------------------------
 
+
 def _reference_loss(z, y, bounds, weighting):
     per_anchor, positives = reference.supcon_per_anchor_reference(
-        z.double(), y, torch.tensor(bounds), timing.TEMPERATURE, weighting == "prevalence",
-        impls.IGNORE_INDEX)
+        z.double(),
+        y,
+        torch.tensor(bounds),
+        timing.TEMPERATURE,
+        weighting == "prevalence",
+        impls.IGNORE_INDEX,
+    )
     anchors = (positives > 0).sum()
     return float(per_anchor.sum() / anchors)
 
 
-@pytest.mark.parametrize("sizes,classes,weighting", [
-    ([40, 0, 23, 17], 4, "prevalence"),
-    ([50, 30], 3, "none"),
-])
+@pytest.mark.parametrize(
+    "sizes,classes,weighting",
+    [
+        ([40, 0, 23, 17], 4, "prevalence"),
+        ([50, 30], 3, "none"),
+    ],
+)
 def test_flex_forward_matches_the_reference(sizes, classes, weighting):
     """The CPU runs FlexAttention's forward only: the loss value, uncompiled, and through the
     GPU's compiled functions traced by Dynamo without generating code."""
@@ -131,9 +187,17 @@ def test_flex_forward_matches_the_reference(sizes, classes, weighting):
             warnings.filterwarnings("ignore", message="flex_attention called without")
             eager = float(impls.flex(z, y, bounds, timing.TEMPERATURE, weighting))
             attention, build_block_mask = impls.flex_functions("cuda")
-            traced = float(impls.flex_loss(z, y, bounds, timing.TEMPERATURE, weighting,
-                                           attention=attention,
-                                           build_block_mask=build_block_mask))
+            traced = float(
+                impls.flex_loss(
+                    z,
+                    y,
+                    bounds,
+                    timing.TEMPERATURE,
+                    weighting,
+                    attention=attention,
+                    build_block_mask=build_block_mask,
+                )
+            )
     finally:
         impls.set_compile_backend("inductor")
     assert eager == pytest.approx(expected, rel=1e-5)
@@ -152,10 +216,12 @@ def test_flex_is_gpu_only_because_the_cpu_has_no_backward():
 # the GPU target set, dry on the CPU
 # ----------------------------------------------------------------------------------------------
 
+
 def test_gpu_targets_dry_run_covers_every_workload(tmp_path, capsys):
     try:
-        status = run.main(["--targets", "--target-set", "gpu", "--dry-run", "--no-memory",
-                           "--out", str(tmp_path)])
+        status = run.main(
+            ["--targets", "--target-set", "gpu", "--dry-run", "--no-memory", "--out", str(tmp_path)]
+        )
     finally:
         impls.set_compile_backend("inductor")
     assert status == 0
@@ -164,8 +230,9 @@ def test_gpu_targets_dry_run_covers_every_workload(tmp_path, capsys):
     with open(tmp_path / "targets.csv") as handle:
         rows = list(csv.DictReader(handle))
     for workload in workloads:
-        timed = {row["impl"] for row in rows
-                 if row["workload"] == workload.name and row["median_ms"]}
+        timed = {
+            row["impl"] for row in rows if row["workload"] == workload.name and row["median_ms"]
+        }
         # everything but FlexAttention runs on the CPU (float32 in place of bf16)
         assert timed == set(workload.impls) - {"flex"}, workload.name
     assert {row["tf32"] for row in rows if row["workload"].endswith("_tf32")} == {"True"}
@@ -177,12 +244,16 @@ def test_gpu_targets_dry_run_covers_every_workload(tmp_path, capsys):
     assert [t["measure"] for t in summary["targets"]] == [m.title for m in measures]
     # the last thing printed: one table, one line per measure
     assert printed[-len(measures) - 2].split()[-1] == "pass/fail"
-    assert [line.split("  ")[0] for line in printed[-len(measures):]] == [
-        m.title for m in measures]
+    assert [line.split("  ")[0] for line in printed[-len(measures) :]] == [
+        m.title for m in measures
+    ]
     verdicts = {t["measure"]: t["verdict"] for t in summary["targets"]}
     assert verdicts[measures[1].title] == "not measured"  # flex / fused: flex did not run
-    assert all(verdicts[m.title] in ("PASS", "FAIL") for m in measures
-               if m.is_goal() and "flex" not in m.title and "MiB" not in m.title)
+    assert all(
+        verdicts[m.title] in ("PASS", "FAIL")
+        for m in measures
+        if m.is_goal() and "flex" not in m.title and "MiB" not in m.title
+    )
 
 
 def test_agreement_rejects_a_peer_that_disagrees_or_does_not_run(monkeypatch):
@@ -199,8 +270,15 @@ def test_agreement_rejects_a_peer_that_disagrees_or_does_not_run(monkeypatch):
     assert rejected["dense"].startswith("disagrees with fused on 'prevalence, 3 segments")
     assert rejected["compiled"] == "does not run (RuntimeError: no compiler)"
     assert sum("MISMATCH" in line for line in lines) == 1  # not checked again after that
-    settings = timing.Settings(device="cpu", rounds=targets.ONCE, memory_budget_bytes=2**30,
-                               common={}, backend="compiled-cpu", package="", rejected=rejected)
+    settings = timing.Settings(
+        device="cpu",
+        rounds=targets.ONCE,
+        memory_budget_bytes=2**30,
+        common={},
+        backend="compiled-cpu",
+        package="",
+        rejected=rejected,
+    )
     workload = timing.Workload("w", [[64]], 16, 2, "prevalence", ("fused", "dense", "compiled"))
     plan = timing.plan_point(workload, [64], settings)
     assert plan.names == ["fused"]
@@ -208,17 +286,30 @@ def test_agreement_rejects_a_peer_that_disagrees_or_does_not_run(monkeypatch):
 
 
 def test_target_verdicts():
-    rows = [{"workload": "w", "impl": "fused", "mode": "fwd+bwd", "median_ms": 2.0,
-             "peak_mem_mb": 900.0},
-            {"workload": "w", "impl": "dense", "mode": "fwd+bwd", "median_ms": 9.0}]
+    rows = [
+        {
+            "workload": "w",
+            "impl": "fused",
+            "mode": "fwd+bwd",
+            "median_ms": 2.0,
+            "peak_mem_mb": 900.0,
+        },
+        {"workload": "w", "impl": "dense", "mode": "fwd+bwd", "median_ms": 9.0},
+    ]
     fused, dense = targets.Cell("w", "fused"), targets.Cell("w", "dense")
     cases = [
         (targets.Measure("t", fused, at_most=1.0), 2.0, "FAIL"),
         (targets.Measure("t", dense, fused, at_least=4.0), 4.5, "PASS"),
-        (targets.Measure("t", targets.Cell("w", "fused", key="peak_mem_mb"), below=1024),
-         900.0, "PASS"),
-        (targets.Measure("t", targets.Cell("w", "flex"), fused, at_least=1.5), None,
-         "not measured"),
+        (
+            targets.Measure("t", targets.Cell("w", "fused", key="peak_mem_mb"), below=1024),
+            900.0,
+            "PASS",
+        ),
+        (
+            targets.Measure("t", targets.Cell("w", "flex"), fused, at_least=1.5),
+            None,
+            "not measured",
+        ),
         (targets.Measure("t", dense, fused, expected="~4"), 4.5, "context"),
     ]
     for measure, value, verdict in cases:
