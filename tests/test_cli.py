@@ -134,3 +134,26 @@ def test_python_dash_m_entry_point(tmp_path):
     for flag in ("--data", "--dataset", "--labeled", "--method", "--iterations", "--config",
                  "--device", "--resume", "--out"):
         assert flag in result.stdout
+
+
+def test_recipe_flag_and_config_key_work_with_any_dataset(tmp_path):
+    from mcsc.cli import _parser, resolve_train_config
+
+    def resolve(*flags):
+        return resolve_train_config(_parser().parse_args(["train", *flags, "--out", str(tmp_path / "run")]))
+
+    demo = resolve()
+    assert demo.recipe == "small" and demo.data.dataset == "synthetic" and demo.data.patch_size == 64
+    paper = resolve("--recipe", "paper")
+    assert paper.recipe == "paper" and paper.data.dataset == "synthetic" and paper.data.patch_size == 224
+    root = make_nifti(tmp_path / "nii", cases=5)
+    small = resolve("--data", str(root), "--recipe", "small")
+    assert small.data.dataset == "nifti" and small.train.iterations == 600 and small.data.labeled is None
+    from_file = tmp_path / "paper.yaml"
+    from_file.write_text(yaml.safe_dump({"recipe": "paper", "train": {"iterations": 7}}))
+    config = resolve("--config", str(from_file))
+    assert config.recipe == "paper" and config.model.swin_embed_dim == 96 and config.train.iterations == 7
+    config = resolve("--config", str(from_file), "--recipe", "small")  # the flag wins
+    assert config.recipe == "small" and config.model.swin_embed_dim == 24 and config.train.iterations == 7
+    from_file.write_text(yaml.safe_dump({"recipe": "big"}))
+    assert main(["train", "--config", str(from_file), "--out", str(tmp_path / "bad")]) == 2
