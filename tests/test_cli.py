@@ -157,3 +157,29 @@ def test_recipe_flag_and_config_key_work_with_any_dataset(tmp_path):
     assert config.recipe == "small" and config.model.swin_embed_dim == 24 and config.train.iterations == 7
     from_file.write_text(yaml.safe_dump({"recipe": "big"}))
     assert main(["train", "--config", str(from_file), "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_the_gpu_training_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):
+    """.ci/gpu_train_check.sh as the GPU runs it, on the CPU with tiny networks: no typo can
+    fail the GPU run."""
+    import csv
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, MCSC_TRAIN_CHECK_DEVICE="cpu", MCSC_TRAIN_CHECK_ITERATIONS="2",
+               MCSC_TRAIN_CHECK_STEPS="1", MCSC_TRAIN_CHECK_CONFIG=str(tiny_yaml(tmp_path)), OMP_NUM_THREADS="1")
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(root / ".ci" / "gpu_train_check.sh"), str(out)], env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    for name in ("train", "evaluate", "predict", "step"):
+        assert f"{name}: ok" in summary, summary
+    assert "iterations/s" in summary and "| blocks-dense |" in summary
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["case_101.nii.gz", "case_102.nii.gz"]
+    with open(out / "step" / "training_step.csv") as file:
+        rows = {row["variant"]: row for row in csv.DictReader(file)}
+    assert set(rows) == {"no-contrastive", "blocks", "balanced", "all", "blocks-dense"}
+    assert rows["blocks-dense"]["loss"] == "dense" and rows["blocks"]["loss"] == "fused"
+    assert all(float(row["median_step_ms"]) > 0 for row in rows.values())
+    assert rows["no-contrastive"]["contrastive_share"] == "" and rows["all"]["contrastive_share"] != ""

@@ -391,6 +391,18 @@ class Trainer:
         if self.resume:
             self.load_state(load_checkpoint(self.checkpoint_path("latest"), self.device))
 
+    def train_loader(self) -> DataLoader:
+        """The augmented two-stream batches of the run, from the current iteration on (after
+        :meth:`setup`)."""
+        dataset = SliceDataset(self.data.train, set(self.data.labelled_indices()),
+                               self.config.data.patch_size, augment=True)
+        return DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.config.train.seed),
+            persistent_workers=False,
+        )
+
     def checkpoint_path(self, which: str) -> Path:
         return self.out / "checkpoints" / f"{which}.pt"
 
@@ -455,14 +467,7 @@ class Trainer:
 
         self.setup()
         train = self.config.train
-        dataset = SliceDataset(self.data.train, set(self.data.labelled_indices()),
-                               self.config.data.patch_size, augment=True)
-        loader = DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=self.config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(train.seed),
-            persistent_workers=False,
-        )
+        loader = self.train_loader()
         writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration or None) \
             if self.dist.is_main else NullWriter()
         for model in self.models.values():
