@@ -289,7 +289,11 @@ class Trainer:
             terms = method_losses(cnn_logits, swin_logits, global_labels, global_labelled_count,
                                   self.data.num_classes, cross_teaching_weight, contrastive,
                                   config.loss.contrastive_weight)
-        values = {name: float(term.detach()) for name, term in terms.items()}
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        # one device sync, once the backward is queued; the check comes before any update
+        values = dict(zip(terms, torch.stack([term.detach().float() for term in terms.values()]).tolist()))
         if self.dist.enabled:  # every rank sees a non-finite term of any rank and acts alike
             values = all_reduce_mean(values, self.device)
         non_finite = [name for name, value in values.items() if name != "loss" and not math.isfinite(value)]
@@ -297,10 +301,7 @@ class Trainer:
             non_finite = ["loss"]
         if non_finite:
             self.on_non_finite(non_finite, values, iteration)
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if not non_finite:
+        else:
             for optimizer in self.optimizers.values():
                 optimizer.step()
         for scheduler in self.schedulers.values():  # the schedule follows the iteration count
@@ -308,9 +309,9 @@ class Trainer:
         return values
 
     def on_non_finite(self, names: list[str], values: dict[str, float], iteration: int) -> None:
-        """A loss term is NaN or infinite: raise :class:`NonFiniteLossError`, or (``skip``)
-        report it and let :meth:`train_step` skip the update (its backward still runs, so the
-        processes of a ``torchrun`` job stay in step)."""
+        """A loss term is NaN or infinite (after the backward, before any update): raise
+        :class:`NonFiniteLossError`, or (``skip``) report it and let :meth:`train_step` skip the
+        update. Every process of a ``torchrun`` job gets here in the same iteration."""
         found = ", ".join(f"{name} = {values[name]}" for name in names)
         where = f"iteration {iteration + 1}: the loss term {found}"
         if self.config.train.non_finite == "skip":
@@ -424,8 +425,8 @@ class Trainer:
             "iteration": self.iteration,
             "config": self.config.to_dict(),
             "models": {name: model.state_dict() for name, model in self.models.items()},
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "schedulers": {name: sch.state_dict() for name, sch in self.schedulers.items()},
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+            "schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
             "sampler": {"seed": self.sampler.seed, "start": self.iteration},
             "rng": rng_state(),
             "best": dict(self.best),
@@ -492,7 +493,7 @@ class Trainer:
                 for name, value in logs.items():
                     writer.add_scalar(f"train/{name}", value, self.iteration)
                 writer.add_scalar("train/lr", self.optimizers["cnn"].param_groups[0]["lr"], self.iteration)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+                bar.set_postfix({name: f"{value:.3f}" for name, value in running.items()}, refresh=False)
             bar.update(1)
             if self.dist.is_main and self.data.val and (  # rank 0 validates alone
                     self.iteration % train.eval_every == 0 or self.iteration == train.iterations):
@@ -561,7 +562,7 @@ def _nan_to_none(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
+        return {key: _nan_to_none(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
+        return [_nan_to_none(item) for item in value]
     return value
