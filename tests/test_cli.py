@@ -183,3 +183,23 @@ def test_the_gpu_training_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):
     assert rows["blocks-dense"]["loss"] == "dense" and rows["blocks"]["loss"] == "fused"
     assert all(float(row["median_step_ms"]) > 0 for row in rows.values())
     assert rows["no-contrastive"]["contrastive_share"] == "" and rows["all"]["contrastive_share"] != ""
+
+
+def test_a_nan_loss_stops_mcsc_train_with_status_3(tmp_path, monkeypatch, capsys):
+    import math
+
+    from mcsc.training.trainer import Trainer
+
+    contrastive_loss = Trainer.contrastive_loss
+
+    def nan_from_iteration_1(self, cnn_out, swin_out, labels, iteration):
+        loss = contrastive_loss(self, cnn_out, swin_out, labels, iteration)
+        return loss * math.nan if iteration >= 1 else loss
+
+    monkeypatch.setattr(Trainer, "contrastive_loss", nan_from_iteration_1)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tiny_yaml(tmp_path)), "--device", "cpu", "--no-progress",
+                 "--out", str(out)]) == 3
+    error = capsys.readouterr().err
+    assert "mcsc: error: iteration 2: the loss term contrast = nan" in error
+    assert "no checkpoint was written yet" in error and not (out / "checkpoints" / "latest.pt").exists()
