@@ -20,9 +20,10 @@ import torch.multiprocessing as mp
 
 from mcsc.data.distributed_sampling import ShardedTwoStreamBatchSampler
 from mcsc.data.sampling import TwoStreamBatchSampler
-from mcsc.losses import MultiScaleContrastiveLoss, cross_teaching_loss, supervised_loss
+from mcsc.losses import MultiScaleContrastiveLoss
 from mcsc.models import SwinUNet, UNet, build_projection_heads, feature_index
 from mcsc.training import distributed as mdist
+from mcsc.training.trainer import method_losses
 
 WORLD = 2
 SPAWN_TIMEOUT = 240  # seconds for the whole 2-process run (a shared 2-core machine is slow)
@@ -89,21 +90,18 @@ def train_step(context: mdist.DistributedContext, sampler: str = "blocks") -> di
         layout = mdist.batch_layout(images.shape[0], lab)
         cnn_logits, swin_logits = mdist.gather_batch(cnn_logits, layout), mdist.gather_batch(swin_logits, layout)
         all_labels, all_lab = mdist.gather_batch(labels, layout), layout.total_labelled
-    sup = supervised_loss(cnn_logits[:all_lab], all_labels[:all_lab], CLASSES) \
-        + supervised_loss(swin_logits[:all_lab], all_labels[:all_lab], CLASSES)
-    ct = cross_teaching_loss(cnn_logits[all_lab:], swin_logits[all_lab:]) \
-        + cross_teaching_loss(swin_logits[all_lab:], cnn_logits[all_lab:])
     cnn_emb, swin_emb = forward["heads"](
         [cnn_out.features[feature_index(models["cnn"], s)] for s in STRIDES],
         [swin_out.features[feature_index(models["swin"], s)] for s in STRIDES])
     con, diagnostics = contrastive(cnn_emb, swin_emb, labels[:lab], cnn_out.logits, swin_out.logits, lab)
-    total = sup + 0.3 * ct + 0.5 * con
+    terms = method_losses(cnn_logits, swin_logits, all_labels, all_lab, CLASSES, cross_teaching_weight=0.3,
+                          contrastive=con, contrastive_weight=0.5)  # the trainer's composition
     optimizer.zero_grad()
-    total.backward()
+    terms["loss"].backward()
     grads = {f"{n}.{k}": p.grad.clone() for n, m in models.items() for k, p in m.named_parameters()}
     optimizer.step()
     return {
-        "losses": {name: float(v.detach()) for name, v in (("sup", sup), ("ct", ct), ("con", con), ("total", total))},
+        "losses": {name: float(v.detach()) for name, v in terms.items()},
         "rows": diagnostics["rows"],
         "grads": grads,
         "state": {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()},
@@ -226,7 +224,7 @@ def test_ranks_agree_on_the_context_and_metrics(ranks):
 
 def test_one_ddp_step_equals_one_process_on_the_global_batch(ranks):
     single = train_step(mdist.DistributedContext())
-    assert single["rows"] > 0 and single["losses"]["con"] > 0
+    assert single["rows"] > 0 and single["losses"]["contrast"] > 0
     for r in ranks:
         step = r["step"]
         assert step["rows"] == single["rows"]
@@ -272,6 +270,7 @@ def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    mdist.init_distributed("cpu", timeout_minutes=3)  # the caller owns the process group
     try:
         Trainer(tiny_config("mcsc", iterations=5), Path(out) / "straight", progress=False).fit()
         try:
