@@ -42,20 +42,12 @@ from mcsc.training.checkpoint import FORMAT, load_checkpoint, rng_state, save_ch
 from mcsc.training.config import Config, save_yaml
 from mcsc.training.distributed import (
     DistributedContrastiveLoss,
-    NullWriter,
     all_reduce_mean,
     batch_layout,
     gather_batch,
     init_distributed,
     wrap_models,
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_models(config: Config, num_classes: int) -> dict[str, torch.nn.Module]:
@@ -162,7 +154,7 @@ class Trainer:
             cnn_out = self.forward_models["cnn"](images)
             swin_out = self.forward_models["swin"](images)
             cnn_logits, swin_logits = cnn_out.logits.float(), swin_out.logits.float()
-            local_labels, local_lab = labels, lab
+            layout = None
             if self.dist.enabled:  # every rank computes the loss of the global batch
                 layout = batch_layout(images.shape[0], lab, self.device)
                 cnn_logits, swin_logits = gather_batch(cnn_logits, layout), gather_batch(swin_logits, layout)
@@ -178,7 +170,8 @@ class Trainer:
                 logs["ct_swin"] = cross_teaching_loss(swin_logits[lab:], cnn_logits[lab:])
                 total = total + weight * (logs["ct_cnn"] + logs["ct_swin"])
             if cfg.train.method == "mcsc":
-                logs["contrast"] = self.contrastive_loss(cnn_out, swin_out, local_labels[:local_lab], iteration)
+                logs["contrast"] = self.contrastive_loss(cnn_out, swin_out, labels[:lab], cnn_logits, swin_logits,
+                                                         iteration, layout)
                 total = total + cfg.loss.contrastive_weight * logs["contrast"]
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -190,20 +183,24 @@ class Trainer:
         logs["loss"] = total
         return {name: float(value.detach()) for name, value in logs.items()}
 
-    def contrastive_loss(self, cnn_out, swin_out, labels: torch.Tensor, iteration: int) -> torch.Tensor:
-        """Multi-scale cross contrastive loss (sum over scales) on the projected features."""
+    def contrastive_loss(self, cnn_out, swin_out, labels: torch.Tensor, cnn_logits: torch.Tensor,
+                         swin_logits: torch.Tensor, iteration: int, layout=None) -> torch.Tensor:
+        """Multi-scale cross contrastive loss (sum over scales) on the projected features.
+
+        ``cnn_out``/``swin_out`` are this rank's network outputs; ``labels`` (labelled images),
+        ``cnn_logits`` and ``swin_logits`` are those of the global batch (gathered under
+        several processes, with the step's ``layout``).
+        """
         cfg = self.config
         cnn, swin = self.models["cnn"], self.models["swin"]
         strides = cfg.loss.contrastive_strides
         cnn_features = [cnn_out.features[feature_index(cnn, s)].float() for s in strides]
         swin_features = [swin_out.features[feature_index(swin, s)].float() for s in strides]
         cnn_emb, swin_emb = self.forward_models["heads"](cnn_features, swin_features)
-        loss, _ = self.losses["contrastive"](
-            cnn_emb, swin_emb, labels, cnn_out.logits.float(), swin_out.logits.float(),
-            labelled_count=labels.shape[0],
-            use_unlabelled=iteration >= cfg.loss.labelled_only_until,
+        return self.losses["contrastive"](
+            cnn_emb, swin_emb, labels, cnn_logits, swin_logits, labelled_count=labels.shape[0],
+            use_unlabelled=iteration >= cfg.loss.labelled_only_until, layout=layout,
         )
-        return loss
 
     def validate(self, iteration: int) -> dict:
         """Evaluate the selected network on the validation volumes (mean Dice drives ``best``)."""
@@ -244,7 +241,7 @@ class Trainer:
         # DDP wrappers run the training forward; self.models keep the weights (save, evaluate)
         self.forward_models = wrap_models(self.models, self.dist, sync_batchnorm=cfg.train.sync_batchnorm)
         self.losses = self.build_losses()
-        if self.dist.enabled and "contrastive" in self.losses:
+        if "contrastive" in self.losses:  # the global batch's loss (the plain loss for one process)
             self.losses["contrastive"] = DistributedContrastiveLoss(self.losses["contrastive"])
         self.optimizers, self.schedulers = self.build_optimizers()
         lab = cfg.train.labeled_batch_size
@@ -392,6 +389,16 @@ class Trainer:
               f"checkpoint of iteration {state['iteration']}, distances in {summary['unit']}):")
         print(summary["table"])
         return summary
+
+
+class NullWriter:
+    """Stands in for the TensorBoard ``SummaryWriter`` on ranks > 0 (only rank 0 writes)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def write_metrics(summary: dict, out: Path) -> None:
