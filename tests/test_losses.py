@@ -65,8 +65,10 @@ def cross_targets(labels, cnn_logits, swin_logits, labelled):
     return cnn, swin
 
 
-def dense_blocks(cnn_emb, swin_emb, cnn_t, swin_t, block, temperature, order=None):
-    """Straightforward per-block loop: group k takes block order[m][k] of every map m."""
+def dense_blocks(cnn_emb, swin_emb, cnn_t, swin_t, block, temperature, order=None, published=False):
+    """Straightforward per-block loop: group k takes block order[m][k] of every map m. With
+    ``published`` the group's labels are flattened as the public code does: row y of every map,
+    then row y + 1 (height first), against features flattened map by map."""
     maps_f = torch.cat([cnn_emb, swin_emb]).detach()
     size = maps_f.shape[-1]
     maps_y = torch.cat([zoom_labels(t, size) for t in (cnn_t, swin_t)])
@@ -78,8 +80,9 @@ def dense_blocks(cnn_emb, swin_emb, cnn_t, swin_t, block, temperature, order=Non
         for m in range(maps_f.shape[0]):
             i, j = blocks[order[m][k]] if order is not None else blocks[k]
             zs.append(maps_f[m, :, i * block:(i + 1) * block, j * block:(j + 1) * block].reshape(maps_f.shape[1], -1).T)
-            ys.append(maps_y[m, i * block:(i + 1) * block, j * block:(j + 1) * block].reshape(-1))
-        z, y = torch.cat(zs), torch.cat(ys)
+            ys.append(maps_y[m, i * block:(i + 1) * block, j * block:(j + 1) * block])
+        z = torch.cat(zs)
+        y = torch.stack(ys).transpose(0, 1).reshape(-1) if published else torch.cat([v.reshape(-1) for v in ys])
         if y.sum() == 0:
             continue
         losses.append(dense_public_supcon(z, y, temperature))
@@ -112,6 +115,41 @@ def test_blocks_shuffled_equals_dense_with_the_same_block_orders():
     expected, groups = dense_blocks(cnn[0], swin[0], ct, st, 5, 0.2, order=order)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert diag.segments.tolist() == [groups] and groups == 36  # shuffling mixes foreground into every group
+
+
+@pytest.mark.parametrize("scales", [[0], [1]])
+def test_published_label_order_equals_the_public_pairing(scales):
+    cnn, swin, labels, cl, sl = make_batch(seed=2)
+    seed, block = 11, (5, 4)[scales[0]]
+    criterion = MultiScaleContrastiveLoss(scales=scales, sampler="blocks", block_sizes=block, seed=seed,
+                                          published_label_order=True)
+    loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    size = cnn[scales[0]].shape[-1]
+    per = size // block - 1
+    order = torch.argsort(torch.rand(8, per * per, generator=torch.Generator().manual_seed(seed)), dim=1).tolist()
+    ct, st = cross_targets(labels, cl, sl, 2)
+    expected, groups = dense_blocks(cnn[scales[0]], swin[scales[0]], ct, st, block, 0.1, order=order, published=True)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert criterion.diagnostics.segments.tolist() == [groups]
+    paired = MultiScaleContrastiveLoss(scales=scales, sampler="blocks", block_sizes=block, seed=seed)
+    assert paired(cnn, swin, labels, cl, sl, labelled_count=2).item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_published_label_order_mispairs_pixels_of_different_maps():
+    targets = torch.arange(2 * 12 * 12).reshape(2, 12, 12)  # every pixel its own label
+    for published in (False, True):
+        rows, labels, lengths = block_rows(targets, 3, shuffle=False, generator=torch.Generator(),
+                                           published_label_order=published)
+        own = labels == targets.reshape(-1)[rows]
+        if not published:
+            assert bool(own.all())
+        else:
+            # within a group of M = 2 maps of 3x3, position (m, y, x) carries the label of pixel
+            # (y', x) of map m' where m * 3 + y = y' * 2 + m': 2 of the 6 block rows keep their own
+            assert own.float().mean().item() == pytest.approx(2 / 6)
+            assert torch.equal(torch.sort(labels).values, torch.sort(targets.reshape(-1)[rows]).values)
+    with pytest.raises(ValueError, match="published_label_order"):
+        MultiScaleContrastiveLoss(sampler="all", published_label_order=True)
 
 
 def test_block_rows_structure():

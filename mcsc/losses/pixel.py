@@ -321,7 +321,10 @@ def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     the same mapping in torch: output index o of an axis of length n -> m takes input index
     ``floor(o * (n - 1) / (m - 1) + 0.5)`` (first and last pixels aligned, halves rounded up;
     an output axis of length 1 takes index 0). 224 -> 28 takes 0, 8, 17, 25, ..., 223, not
-    every 8th pixel. Returns ``labels`` itself when it already has the size.
+    every 8th pixel. (scipy's default ``mode="constant"`` also writes 0 into the last row or
+    column when floating-point rounding puts its coordinate just past the edge, e.g. 64 -> 28;
+    that artefact is left out: this equals ``zoom(order=0, mode="nearest")`` on every shape, and
+    the default mode at 224 -> 28.) Returns ``labels`` itself when it already has the size.
     """
     size = tuple(int(s) for s in size)
     if tuple(labels.shape[1:]) == size:

@@ -130,10 +130,12 @@ def destroy_distributed() -> None:
 
 
 def get_rank() -> int:
+    """This process's rank (0 outside a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_world_size() -> int:
+    """The number of processes (1 outside a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
