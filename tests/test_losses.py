@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-import mcsc.losses.pixel as pixel
 from mcsc.losses import (
     DiceLoss,
     MultiScaleContrastiveLoss,
     balanced_rows,
     block_rows,
     cross_teaching_loss,
+    pixel,
     sigmoid_rampup,
     supervised_loss,
 )
@@ -138,7 +138,7 @@ def test_published_label_order_equals_the_public_pairing(scales):
 def test_published_label_order_mispairs_pixels_of_different_maps():
     targets = torch.arange(2 * 12 * 12).reshape(2, 12, 12)  # every pixel its own label
     for published in (False, True):
-        rows, labels, lengths = block_rows(targets, 3, shuffle=False, generator=torch.Generator(),
+        rows, labels, _ = block_rows(targets, 3, shuffle=False, generator=torch.Generator(),
                                            published_label_order=published)
         own = labels == targets.reshape(-1)[rows]
         if not published:

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import mcsc
-from mcsc.losses import MultiScaleContrastiveLoss, PixelContrastiveLoss, SupConLoss, resize_labels
+from mcsc.losses import (
+    MultiScaleContrastiveLoss,
+    PixelContrastiveLoss,
+    SupConLoss,
+    resize_labels,
+)
 from mcsc.reference import supcon_per_anchor_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +137,7 @@ def test_one_map_equals_the_cross_loss_of_one_network():
     swin = [F.normalize(torch.randn_like(m), dim=1) for m in maps]
     logits = torch.zeros(2, 3, 24, 24)
     for sampler in ("blocks", "balanced", "all"):
-        settings = dict(sampler=sampler, block_sizes=(6, 2), pixels_per_class=9, seed=4)
+        settings = {"sampler": sampler, "block_sizes": (6, 2), "pixels_per_class": 9, "seed": 4}
         cross = MultiScaleContrastiveLoss(**settings)(maps, swin, labels, logits, logits, labelled_count=2)
         pooled = [torch.cat([m, s]) for m, s in zip(maps, swin)]
         single = PixelContrastiveLoss(**settings)(pooled, torch.cat([labels, labels]))
@@ -227,7 +232,7 @@ def test_readme_example_trains_and_the_loss_goes_down():
     namespace = {"__name__": "readme_example"}
     torch.manual_seed(0)
     for code in blocks:  # every snippet of the section, in order, in one namespace
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the README is ours)
     history = namespace["history"]
     assert len(history) >= 10 and all(math.isfinite(v) for v in history)
     assert sum(history[-3:]) / 3 < 0.9 * sum(history[:3]) / 3
