@@ -37,7 +37,7 @@ import torch
 
 import mcsc
 from mcsc import reference
-from mcsc.losses import contrastive as contrastive_module
+from mcsc.losses import pixel as pixel_loss_module
 from mcsc.training.config import Config, load_yaml, preset
 from mcsc.training.trainer import Trainer
 
@@ -75,15 +75,15 @@ def dense_supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperatu
 @contextlib.contextmanager
 def dense_contrastive_op():
     """Make the multi-scale contrastive loss call :func:`dense_supcon_loss` instead of the op."""
-    if not hasattr(contrastive_module, "supcon_loss"):
-        raise RuntimeError("mcsc.losses.contrastive no longer calls supcon_loss by that name: "
+    if not hasattr(pixel_loss_module, "supcon_loss"):
+        raise RuntimeError("mcsc.losses.pixel no longer calls supcon_loss by that name: "
                            "update benchmarks/training_step.py")
-    fused = contrastive_module.supcon_loss
-    contrastive_module.supcon_loss = dense_supcon_loss
+    fused = pixel_loss_module.supcon_loss
+    pixel_loss_module.supcon_loss = dense_supcon_loss
     try:
         yield
     finally:
-        contrastive_module.supcon_loss = fused
+        pixel_loss_module.supcon_loss = fused
 
 
 def variant_config(base: Config, method: str, sampler: str, device: str, batches: int) -> Config:

@@ -139,7 +139,8 @@ def _load_trained(checkpoint: str, device_name: str):
     """(config, models on device, device) rebuilt from a checkpoint."""
     from mcsc.training.checkpoint import load_checkpoint
     from mcsc.training.config import Config
-    from mcsc.training.trainer import build_models, resolve_device
+    from mcsc.training.distributed import resolve_device
+    from mcsc.training.trainer import build_models
 
     state = load_checkpoint(checkpoint)
     config = Config.from_dict(state["config"], checkpoint)

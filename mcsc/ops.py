@@ -23,7 +23,7 @@ import torch
 
 from mcsc import reference
 
-_WEIGHTINGS = ("prevalence", "none")
+WEIGHTINGS = ("prevalence", "none")
 _REDUCTIONS = ("mean", "sum", "none")
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -126,8 +126,8 @@ def validate_inputs(features, labels, temperature, segments, weighting, ignore_i
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if weighting not in _WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):

@@ -192,8 +192,10 @@ def test_a_nan_loss_stops_mcsc_train_with_status_3(tmp_path, monkeypatch, capsys
 
     contrastive_loss = Trainer.contrastive_loss
 
-    def nan_from_iteration_1(self, cnn_out, swin_out, labels, iteration):
-        loss = contrastive_loss(self, cnn_out, swin_out, labels, iteration)
+    def nan_from_iteration_1(self, cnn_out, swin_out, labels, cnn_logits, swin_logits, iteration,
+                             layout=None):
+        loss = contrastive_loss(self, cnn_out, swin_out, labels, cnn_logits, swin_logits,
+                                iteration, layout)
         return loss * math.nan if iteration >= 1 else loss
 
     monkeypatch.setattr(Trainer, "contrastive_loss", nan_from_iteration_1)

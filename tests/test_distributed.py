@@ -86,6 +86,7 @@ def train_step(context: mdist.DistributedContext, sampler: str = "blocks") -> di
 
     cnn_out, swin_out = forward["cnn"](images), forward["swin"](images)
     cnn_logits, swin_logits, all_labels, all_lab = cnn_out.logits, swin_out.logits, labels, lab
+    layout = None
     if context.enabled:
         layout = mdist.batch_layout(images.shape[0], lab)
         cnn_logits, swin_logits = mdist.gather_batch(cnn_logits, layout), mdist.gather_batch(swin_logits, layout)
@@ -93,7 +94,7 @@ def train_step(context: mdist.DistributedContext, sampler: str = "blocks") -> di
     cnn_emb, swin_emb = forward["heads"](
         [cnn_out.features[feature_index(models["cnn"], s)] for s in STRIDES],
         [swin_out.features[feature_index(models["swin"], s)] for s in STRIDES])
-    con, diagnostics = contrastive(cnn_emb, swin_emb, labels[:lab], cnn_out.logits, swin_out.logits, lab)
+    con = contrastive(cnn_emb, swin_emb, all_labels[:all_lab], cnn_logits, swin_logits, all_lab, layout=layout)
     terms = method_losses(cnn_logits, swin_logits, all_labels, all_lab, CLASSES, cross_teaching_weight=0.3,
                           contrastive=con, contrastive_weight=0.5)  # the trainer's composition
     optimizer.zero_grad()
@@ -102,7 +103,7 @@ def train_step(context: mdist.DistributedContext, sampler: str = "blocks") -> di
     optimizer.step()
     return {
         "losses": {name: float(v.detach()) for name, v in terms.items()},
-        "rows": diagnostics["rows"],
+        "rows": contrastive.diagnostics.rows,
         "grads": grads,
         "state": {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()},
     }
@@ -120,13 +121,16 @@ def contrastive_only(context: mdist.DistributedContext, sampler: str, use_unlabe
     mine = local_indices(context.rank, context.world_size)
     cnn = [m[mine].requires_grad_() for m in maps]
     swin = [m[mine].requires_grad_() for m in swin_maps]
-    lab = LABELLED // context.world_size
+    layout = mdist.batch_layout(len(mine), LABELLED // context.world_size)
+    # the global batch in the single-process order, as gather_batch gives it
+    everyone = [i for r in range(context.world_size) for i in local_indices(r, context.world_size)]
+    global_images = torch.tensor(everyone)[layout.global_order()]
     loss = mdist.DistributedContrastiveLoss(MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(4, 4),
                                                                       pixels_per_class=8, seed=3))
-    value, diagnostics = loss(cnn, swin, labels[mine][:lab], logits[0][mine], logits[1][mine], lab,
-                              use_unlabelled=use_unlabelled)
+    value = loss(cnn, swin, labels[global_images][:LABELLED], logits[0][global_images], logits[1][global_images],
+                 LABELLED, use_unlabelled=use_unlabelled, layout=layout)
     value.backward()
-    return {"loss": float(value.detach()), "rows": diagnostics["rows"], "indices": mine,
+    return {"loss": float(value.detach()), "rows": loss.diagnostics.rows, "indices": mine,
             "grads": [t.grad for t in cnn + swin]}
 
 

@@ -276,8 +276,10 @@ class NaNContrast(Trainer):
 
     nan_at = 3
 
-    def contrastive_loss(self, cnn_out, swin_out, labels, iteration):
-        loss = super().contrastive_loss(cnn_out, swin_out, labels, iteration)
+    def contrastive_loss(self, cnn_out, swin_out, labels, cnn_logits, swin_logits, iteration,
+                         layout=None):
+        loss = super().contrastive_loss(cnn_out, swin_out, labels, cnn_logits, swin_logits,
+                                        iteration, layout)
         return loss * math.nan if iteration == self.nan_at else loss
 
 

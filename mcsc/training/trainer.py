@@ -47,20 +47,12 @@ from mcsc.training.config import Config, save_yaml
 from mcsc.training.distributed import (
     DistributedContext,
     DistributedContrastiveLoss,
-    NullWriter,
     all_reduce_mean,
     batch_layout,
     gather_batch,
     init_distributed,
     wrap_models,
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_models(config: Config, num_classes: int) -> dict[str, torch.nn.Module]:
@@ -275,6 +267,7 @@ class Trainer:
             swin_out = self.forward_models["swin"](images)
             cnn_logits, swin_logits = cnn_out.logits.float(), swin_out.logits.float()
             global_labels, global_labelled_count = labels, labelled_count
+            layout = None
             if self.dist.enabled:  # every rank computes the loss of the global batch
                 layout = batch_layout(images.shape[0], labelled_count, self.device)
                 cnn_logits, swin_logits = gather_batch(cnn_logits, layout), gather_batch(swin_logits, layout)
@@ -285,7 +278,9 @@ class Trainer:
                     iteration, config.loss.consistency_rampup)
             contrastive = None
             if config.train.method == "mcsc":
-                contrastive = self.contrastive_loss(cnn_out, swin_out, labels[:labelled_count], iteration)
+                contrastive = self.contrastive_loss(
+                    cnn_out, swin_out, global_labels[:global_labelled_count], cnn_logits,
+                    swin_logits, iteration, layout)
             terms = method_losses(cnn_logits, swin_logits, global_labels, global_labelled_count,
                                   self.data.num_classes, cross_teaching_weight, contrastive,
                                   config.loss.contrastive_weight)
@@ -325,20 +320,25 @@ class Trainer:
         raise NonFiniteLossError(f"{where}; training stopped, the last checkpoint {kept}. Set "
                                  "train.non_finite=skip to skip such steps instead.")
 
-    def contrastive_loss(self, cnn_out, swin_out, labels: torch.Tensor, iteration: int) -> torch.Tensor:
-        """Multi-scale cross contrastive loss (sum over scales) on the projected features."""
+    def contrastive_loss(self, cnn_out, swin_out, labels: torch.Tensor, cnn_logits: torch.Tensor,
+                         swin_logits: torch.Tensor, iteration: int, layout=None) -> torch.Tensor:
+        """Multi-scale cross contrastive loss (sum over scales) on the projected features.
+
+        ``cnn_out``/``swin_out`` are this rank's network outputs; ``labels`` (labelled images),
+        ``cnn_logits`` and ``swin_logits`` are those of the global batch (gathered under
+        several processes, with the step's ``layout``).
+        """
         config = self.config
         cnn, swin = self.models["cnn"], self.models["swin"]
         strides = config.loss.contrastive_strides
         cnn_features = [cnn_out.features[feature_index(cnn, stride)].float() for stride in strides]
         swin_features = [swin_out.features[feature_index(swin, stride)].float() for stride in strides]
         cnn_embeddings, swin_embeddings = self.forward_models["heads"](cnn_features, swin_features)
-        loss, _ = self.losses["contrastive"](
-            cnn_embeddings, swin_embeddings, labels, cnn_out.logits.float(), swin_out.logits.float(),
+        return self.losses["contrastive"](
+            cnn_embeddings, swin_embeddings, labels, cnn_logits, swin_logits,
             labelled_count=labels.shape[0],
-            use_unlabelled=iteration >= config.loss.labelled_only_until,
+            use_unlabelled=iteration >= config.loss.labelled_only_until, layout=layout,
         )
-        return loss
 
     def validate(self, iteration: int) -> dict:
         """Evaluate the selected network on the validation volumes (mean Dice drives ``best``)."""
@@ -380,7 +380,7 @@ class Trainer:
         # DDP wrappers run the training forward; self.models keep the weights (save, evaluate)
         self.forward_models = wrap_models(self.models, self.dist, sync_batchnorm=config.train.sync_batchnorm)
         self.losses = self.build_losses()
-        if self.dist.enabled and "contrastive" in self.losses:
+        if "contrastive" in self.losses:  # the global batch's loss (the plain loss for one process)
             self.losses["contrastive"] = DistributedContrastiveLoss(self.losses["contrastive"])
         self.optimizers, self.schedulers = self.build_optimizers()
         labelled = config.train.labeled_batch_size
@@ -550,6 +550,16 @@ class Trainer:
               f"checkpoint of iteration {state['iteration']}, distances in {summary['unit']}):")
         print(summary["table"])
         return summary
+
+
+class NullWriter:
+    """Stands in for the TensorBoard ``SummaryWriter`` on ranks > 0 (only rank 0 writes)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def write_metrics(summary: dict, out: Path) -> None:
