@@ -89,11 +89,67 @@ def extension_problem() -> str:
     return _EXTENSION_PROBLEM
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the op's ``lse`` output and of its sums for features of ``dtype``: float64
+    for float64 features, float32 for every other dtype (as the kernels' C++ rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def similarity_limit(dtype: torch.dtype) -> float:
+    """The largest ``max_i |z_i|^2 / temperature`` the op accepts for features of ``dtype``.
+
+    Past ``1 / eps`` of the accumulation dtype (2^23 for float32 sums, 2^52 for float64) the
+    rounding of one similarity alone exceeds 1 in the exponent, so ``exp(s_ij - lse_i)`` is off
+    by more than a factor e; the kernels check the same rule in C++. For float16 the per-anchor
+    loss, up to ``2 * limit + log N``, must also fit the dtype (65504), hence a quarter of it.
+    """
+    return min(1 / torch.finfo(accumulation_dtype(dtype)).eps, torch.finfo(dtype).max / 4)
+
+
+def _largest_similarity(features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """max_i |z_i|^2 / temperature as a 0-dim float64 tensor (inf where a norm overflows)."""
+    if features.shape[0] == 0:
+        return torch.zeros((), dtype=torch.float64, device=features.device)
+    return torch.linalg.vector_norm(features, dim=1).amax().double().square() / temperature
+
+
+def _value_problems(features, labels, offsets, temperature, ignore_index, num_classes):
+    """The checks that need the data: (0-dim bool tensor, message function) per check, the tensor
+    True where the check fails. Eager calls raise on the first that fails; compiled calls, which
+    cannot branch on data, poison the result (see supcon_loss)."""
+    n = features.shape[0]
+    valid = labels != ignore_index
+    limit = similarity_limit(features.dtype)
+    largest = _largest_similarity(features, temperature)
+    problems = [
+        ((valid & (labels < 0)).any(), lambda: (
+            f"labels must be in [0, C) or equal ignore_index={ignore_index}; found "
+            f"{int(labels[valid].min())}")),
+        (~torch.isfinite(features).all(), lambda: "features contain NaN or infinite values"),
+        (largest > limit, lambda: (
+            f"features are too large: max_i |z_i|^2 / temperature = {float(largest):.4g} "
+            f"exceeds {limit:.4g} for {features.dtype}, past which rounding alone changes "
+            f"exp(similarity) by more than a factor e; normalise the features or raise the "
+            f"temperature")),
+        ((offsets[0] != 0) | (offsets[-1] != n), lambda: (
+            f"segments must start at 0 and end at N={n}, got {int(offsets[0])} ... "
+            f"{int(offsets[-1])}")),
+        ((offsets[1:] < offsets[:-1]).any(), lambda: "segments must be non-decreasing offsets"),
+    ]
+    if num_classes is not None:
+        problems.append(((valid & (labels >= num_classes)).any(), lambda: (
+            f"labels must be < num_classes={num_classes} (or ignore_index); found "
+            f"{int(labels[valid].max())}")))
+    return problems
+
+
 def validate_inputs(features, labels, temperature, segments, weighting, ignore_index, reduction,
                     num_classes) -> torch.Tensor:
     """Check every argument of ``supcon_loss``; returns the int64 segment offsets (S + 1,).
 
-    The one place input checks live: both compiled backends and the reference rely on it.
+    The one place input checks live: both compiled backends and the reference rely on it. Under
+    ``torch.compile`` the checks of values (labels, feature values and norms, segment offsets)
+    cannot run here; ``supcon_loss`` then applies the compiled-call policy instead.
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -126,6 +182,10 @@ def validate_inputs(features, labels, temperature, segments, weighting, ignore_i
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    largest_value = torch.finfo(accumulation_dtype(features.dtype)).max
+    if 1 / temperature > largest_value:
+        raise ValueError(f"temperature must be >= {1 / largest_value:.4g} so that 1 / temperature "
+                         f"is finite in {accumulation_dtype(features.dtype)}, got {temperature}")
     if weighting not in _WEIGHTINGS:
         raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
     if reduction not in _REDUCTIONS:
@@ -137,27 +197,16 @@ def validate_inputs(features, labels, temperature, segments, weighting, ignore_i
         or num_classes < 1
     ):
         raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
-
-    # Checks of values need the data; torch.compile traces without it, so they run in eager
-    # mode only (a compiled graph is checked by running it eagerly once).
-    if n > 0 and not torch.compiler.is_compiling():
-        valid = labels[labels != ignore_index]
-        if valid.numel() > 0:
-            low, high = int(valid.min()), int(valid.max())
-            if low < 0:
-                raise ValueError(
-                    f"labels must be in [0, C) or equal ignore_index={ignore_index}; found {low}"
-                )
-            if num_classes is not None and high >= num_classes:
-                raise ValueError(
-                    f"labels must be < num_classes={num_classes} (or ignore_index); found {high}"
-                )
-        if not bool(torch.isfinite(features).all()):
-            raise ValueError("features contain NaN or infinite values")
-    return _validate_segments(segments, n, features.device)
+    offsets = _segment_offsets(segments, n, features.device)
+    if not torch.compiler.is_compiling():
+        for failed, message in _value_problems(features, labels, offsets, temperature,
+                                               ignore_index, num_classes):
+            if bool(failed):
+                raise ValueError(message())
+    return offsets
 
 
-def _validate_segments(segments, n: int, device: torch.device) -> torch.Tensor:
+def _segment_offsets(segments, n: int, device: torch.device) -> torch.Tensor:
     if segments is None:
         return torch.tensor([0, n], dtype=torch.int64, device=device)
     if not isinstance(segments, torch.Tensor):
@@ -169,33 +218,24 @@ def _validate_segments(segments, n: int, device: torch.device) -> torch.Tensor:
             f"segments must be 1-D offsets [0, ..., N] of length S + 1 >= 2, "
             f"got shape {tuple(segments.shape)}"
         )
-    offsets = segments.to(device=device, dtype=torch.int64).contiguous()
-    if torch.compiler.is_compiling():
-        return offsets
-    first, last = int(offsets[0]), int(offsets[-1])
-    if first != 0 or last != n:
-        raise ValueError(f"segments must start at 0 and end at N={n}, got {first} ... {last}")
-    if bool((offsets[1:] < offsets[:-1]).any()):
-        raise ValueError("segments must be non-decreasing offsets")
-    return offsets
+    return segments.to(device=device, dtype=torch.int64).contiguous()
 
 
-def _compact_sparse_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, int]:
-    """Renumber class ids to 0..C'-1 when they are sparse and large (e.g. 10**9).
+def _compiled_call_poison(features, labels, offsets, temperature, ignore_index, num_classes):
+    """NaN (0-dim, accumulation dtype) when any value check fails, else 1: the compiled-call
+    policy multiplies the per-anchor losses by it, so that a bad input gives a NaN loss and,
+    through the upstream gradient, a NaN gradient, never a plausible number."""
+    failed = torch.stack([problem for problem, _ in _value_problems(
+        features, labels, offsets, temperature, ignore_index, num_classes)]).any()
+    one = torch.ones((), dtype=accumulation_dtype(features.dtype), device=features.device)
+    return torch.where(failed, torch.full_like(one, float("nan")), one)
 
-    The kernels keep per-class state of size max(label) + 1, so huge ids are replaced by their
-    rank among the ids present (ignored rows become -1); smaller ids are used as they are.
-    Returns the labels and the ignore_index that goes with them.
-    """
-    if torch.compiler.is_compiling():
-        return labels, ignore_index
-    valid = labels != ignore_index
-    if not bool(valid.any()) or int(labels[valid].max()) < max(labels.numel(), 65536):
-        return labels, ignore_index
-    _, ranks = torch.unique(labels[valid], return_inverse=True)
-    compact = torch.full_like(labels, -1)
-    compact[valid] = ranks.to(labels.dtype)
-    return compact, -1
+
+def _in_range_offsets(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """Offsets made valid (0 first, N last, non-decreasing), so that a kernel handed unchecked
+    ones never indexes outside the rows; the result is poisoned anyway when they were not."""
+    inner = offsets[1:-1].clamp(0, n).cummax(0).values
+    return torch.cat([offsets.new_zeros(1), inner, offsets.new_full((1,), n)])
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: float = 0.1,
@@ -232,8 +272,14 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: fl
     """
     offsets = validate_inputs(features, labels, temperature, segments, weighting, ignore_index,
                               reduction, num_classes)
-    labels, ignore_index = _compact_sparse_labels(labels, ignore_index)
     prevalence = weighting == "prevalence"
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        poison = _compiled_call_poison(features, labels, offsets, temperature, ignore_index,
+                                       num_classes)
+        if features.device.type != "cpu":
+            # The CPU kernel checks the offsets itself and raises; other kernels may not.
+            offsets = _in_range_offsets(offsets, features.shape[0])
     if _has_kernel(features.device.type):
         per_anchor, _, positives = torch.ops.mcsc.supcon_forward(
             features, labels, offsets, float(temperature), prevalence, int(ignore_index)
@@ -242,13 +288,16 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: fl
         per_anchor, positives = reference.supcon_per_anchor_reference(
             features, labels, offsets, float(temperature), prevalence, int(ignore_index)
         )
+    if compiling:
+        per_anchor = (per_anchor * poison).to(features.dtype)
     if reduction == "none":
         return per_anchor
-    total = per_anchor.sum()
+    # Summed in the accumulation dtype: float16 sums of N losses overflow long before N does.
+    total = per_anchor.sum(dtype=accumulation_dtype(features.dtype))
     if reduction == "sum":
-        return total
+        return total.to(features.dtype)
     num_anchors = (positives > 0).sum().clamp(min=1)
-    return total / num_anchors
+    return (total / num_anchors).to(features.dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -280,8 +329,7 @@ def _register_python_kernels() -> None:
     def _forward_fake(features, labels, segments, temperature, prevalence, ignore_index):
         n = features.shape[0]
         loss = features.new_empty((n,))
-        lse = features.new_empty((n,), dtype=torch.float32 if features.dtype != torch.float64
-                                 else torch.float64)
+        lse = features.new_empty((n,), dtype=accumulation_dtype(features.dtype))
         positives = features.new_empty((n,), dtype=torch.int32)
         return loss, lse, positives
 

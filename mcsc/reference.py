@@ -2,8 +2,7 @@
 
 This is the ground truth for the tests and the fallback when the compiled extension cannot be
 loaded. It materialises the (n x n) similarity matrix of every segment, so it is only meant for
-small inputs. The semantics are those of DESIGN.md section 3; ``mcsc.ops.supcon_loss`` documents
-them for users.
+small inputs. ``mcsc.ops.supcon_loss`` documents the loss it computes.
 """
 
 from __future__ import annotations
