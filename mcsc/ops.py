@@ -96,14 +96,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def similarity_limit(dtype: torch.dtype) -> float:
-    """The largest ``max_i |z_i|^2 / temperature`` the op accepts for features of ``dtype``.
+    """The largest ``max_i |z_i|^2 / temperature`` the op accepts for features of ``dtype``:
+    ``2^-10 / eps`` of the accumulation dtype, 8192 for float32 sums (float32, float16, bfloat16
+    features) and 4.4e12 for float64.
 
-    Past ``1 / eps`` of the accumulation dtype (2^23 for float32 sums, 2^52 for float64) the
-    rounding of one similarity alone exceeds 1 in the exponent, so ``exp(s_ij - lse_i)`` is off
-    by more than a factor e; the kernels check the same rule in C++. For float16 the per-anchor
-    loss, up to ``2 * limit + log N``, must also fit the dtype (65504), hence a quarter of it.
+    The kernels store ``lse_i`` rounded to the accumulation dtype, so the gradient's relative
+    error grows as about ``0.4 eps max_i |z_i|^2 / t``; within the limit it stays below 1e-3
+    and every result stays finite (the per-anchor loss, at most ``2 * limit + log N``, fits
+    even float16). The kernels' C++ checks apply the same rule (``similarity_limit`` in
+    csrc/supcon_checks.h).
     """
-    return min(1 / torch.finfo(accumulation_dtype(dtype)).eps, torch.finfo(dtype).max / 4)
+    return 2.0**-10 / torch.finfo(accumulation_dtype(dtype)).eps
 
 
 def _largest_similarity(features: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -128,9 +131,8 @@ def _value_problems(features, labels, offsets, temperature, ignore_index, num_cl
         (~torch.isfinite(features).all(), lambda: "features contain NaN or infinite values"),
         (largest > limit, lambda: (
             f"features are too large: max_i |z_i|^2 / temperature = {float(largest):.4g} "
-            f"exceeds {limit:.4g} for {features.dtype}, past which rounding alone changes "
-            f"exp(similarity) by more than a factor e; normalise the features or raise the "
-            f"temperature")),
+            f"exceeds {limit:.4g} for {features.dtype}, past which the gradient's rounding "
+            f"error exceeds 1e-3; normalise the features or raise the temperature")),
         ((offsets[0] != 0) | (offsets[-1] != n), lambda: (
             f"segments must start at 0 and end at N={n}, got {int(offsets[0])} ... "
             f"{int(offsets[-1])}")),
@@ -301,7 +303,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: fl
 
 
 def _setup_context(ctx, inputs, output):
-    features, labels, segments, temperature, prevalence, ignore_index = inputs
+    features, labels, segments, temperature, prevalence, _ = inputs
     _, lse, positives = output
     ctx.save_for_backward(features, labels, segments, lse, positives)
     ctx.temperature = temperature

@@ -7,6 +7,8 @@ small inputs. ``mcsc.ops.supcon_loss`` documents the loss it computes.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -36,7 +38,7 @@ def supcon_per_anchor_reference(
     loss = features.new_zeros(n)
     positives = torch.full((n,), -1, dtype=torch.int64, device=features.device)
     bounds = segments.tolist()
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         if stop <= start:
             continue
         loss[start:stop], positives[start:stop] = _segment_losses(

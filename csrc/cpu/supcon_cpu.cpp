@@ -446,10 +446,10 @@ void check_feature_values(const RowTable<scalar_t>& rows, const scalar_t* z, int
   const double bound = largest * largest / temperature;
   TORCH_CHECK_VALUE(bound <= static_cast<double>(similarity_limit<scalar_t>()),
                     "mcsc: features are too large: max_i |z_i|^2 / temperature = ", bound,
-                    " exceeds ", similarity_limit<scalar_t>(), " (1 / eps of ",
+                    " exceeds ", similarity_limit<scalar_t>(), " for ",
                     c10::CppTypeToScalarType<scalar_t>::value,
-                    "), past which rounding alone changes exp(similarity) by more than a factor "
-                    "e; normalise the features or raise the temperature");
+                    " sums, past which the gradient's rounding error exceeds 1e-3; normalise the "
+                    "features or raise the temperature");
 }
 
 // 1 / temperature, checked to be a finite number > 0 in scalar_t.
