@@ -271,6 +271,13 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: fl
 
     Returns:
         A scalar (or (N,) for ``reduction="none"``) of ``features.dtype``.
+
+    Raises:
+        TypeError, ValueError: naming the argument, for bad types, shapes, devices, options,
+            labels, non-finite features, features past ``similarity_limit`` or bad segments.
+            Under ``torch.compile`` the checks of values cannot run in Python: the CPU kernel
+            raises them itself (as ValueError), and wherever a kernel cannot (CUDA, and
+            ``num_classes`` everywhere) the loss and its gradient become NaN instead.
     """
     offsets = validate_inputs(features, labels, temperature, segments, weighting, ignore_index,
                               reduction, num_classes)
