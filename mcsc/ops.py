@@ -125,28 +125,47 @@ def _value_problems(features, labels, offsets, temperature, ignore_index, num_cl
     limit = similarity_limit(features.dtype)
     largest = _largest_similarity(features, temperature)
     problems = [
-        ((valid & (labels < 0)).any(), lambda: (
-            f"labels must be in [0, C) or equal ignore_index={ignore_index}; found "
-            f"{int(labels[valid].min())}")),
+        (
+            (valid & (labels < 0)).any(),
+            lambda: (
+                f"labels must be in [0, C) or equal ignore_index={ignore_index}; found "
+                f"{int(labels[valid].min())}"
+            ),
+        ),
         (~torch.isfinite(features).all(), lambda: "features contain NaN or infinite values"),
-        (largest > limit, lambda: (
-            f"features are too large: max_i |z_i|^2 / temperature = {float(largest):.4g} "
-            f"exceeds {limit:.4g} for {features.dtype}, past which the gradient's rounding "
-            f"error exceeds 1e-3; normalise the features or raise the temperature")),
-        ((offsets[0] != 0) | (offsets[-1] != n), lambda: (
-            f"segments must start at 0 and end at N={n}, got {int(offsets[0])} ... "
-            f"{int(offsets[-1])}")),
+        (
+            largest > limit,
+            lambda: (
+                f"features are too large: max_i |z_i|^2 / temperature = {float(largest):.4g} "
+                f"exceeds {limit:.4g} for {features.dtype}, past which the gradient's rounding "
+                f"error exceeds 1e-3; normalise the features or raise the temperature"
+            ),
+        ),
+        (
+            (offsets[0] != 0) | (offsets[-1] != n),
+            lambda: (
+                f"segments must start at 0 and end at N={n}, got {int(offsets[0])} ... "
+                f"{int(offsets[-1])}"
+            ),
+        ),
         ((offsets[1:] < offsets[:-1]).any(), lambda: "segments must be non-decreasing offsets"),
     ]
     if num_classes is not None:
-        problems.append(((valid & (labels >= num_classes)).any(), lambda: (
-            f"labels must be < num_classes={num_classes} (or ignore_index); found "
-            f"{int(labels[valid].max())}")))
+        problems.append(
+            (
+                (valid & (labels >= num_classes)).any(),
+                lambda: (
+                    f"labels must be < num_classes={num_classes} (or ignore_index); found "
+                    f"{int(labels[valid].max())}"
+                ),
+            )
+        )
     return problems
 
 
-def validate_inputs(features, labels, temperature, segments, weighting, ignore_index, reduction,
-                    num_classes) -> torch.Tensor:
+def validate_inputs(
+    features, labels, temperature, segments, weighting, ignore_index, reduction, num_classes
+) -> torch.Tensor:
     """Check every argument of ``supcon_loss``; returns the int64 segment offsets (S + 1,).
 
     The one place input checks live: both compiled backends and the reference rely on it. Under
@@ -186,8 +205,10 @@ def validate_inputs(features, labels, temperature, segments, weighting, ignore_i
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     largest_value = torch.finfo(accumulation_dtype(features.dtype)).max
     if 1 / temperature > largest_value:
-        raise ValueError(f"temperature must be >= {1 / largest_value:.4g} so that 1 / temperature "
-                         f"is finite in {accumulation_dtype(features.dtype)}, got {temperature}")
+        raise ValueError(
+            f"temperature must be >= {1 / largest_value:.4g} so that 1 / temperature "
+            f"is finite in {accumulation_dtype(features.dtype)}, got {temperature}"
+        )
     if weighting not in _WEIGHTINGS:
         raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
     if reduction not in _REDUCTIONS:
@@ -195,14 +216,16 @@ def validate_inputs(features, labels, temperature, segments, weighting, ignore_i
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, numbers.Integral)
         or num_classes < 1
     ):
         raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
     offsets = _segment_offsets(segments, n, features.device)
     if not torch.compiler.is_compiling():
-        for failed, message in _value_problems(features, labels, offsets, temperature,
-                                               ignore_index, num_classes):
+        for failed, message in _value_problems(
+            features, labels, offsets, temperature, ignore_index, num_classes
+        ):
             if bool(failed):
                 raise ValueError(message())
     return offsets
@@ -227,8 +250,14 @@ def _compiled_call_poison(features, labels, offsets, temperature, ignore_index, 
     """NaN (0-dim, accumulation dtype) when any value check fails, else 1: the compiled-call
     policy multiplies the per-anchor losses by it, so that a bad input gives a NaN loss and,
     through the upstream gradient, a NaN gradient, never a plausible number."""
-    failed = torch.stack([problem for problem, _ in _value_problems(
-        features, labels, offsets, temperature, ignore_index, num_classes)]).any()
+    failed = torch.stack(
+        [
+            problem
+            for problem, _ in _value_problems(
+                features, labels, offsets, temperature, ignore_index, num_classes
+            )
+        ]
+    ).any()
     one = torch.ones((), dtype=accumulation_dtype(features.dtype), device=features.device)
     return torch.where(failed, torch.full_like(one, float("nan")), one)
 
@@ -240,10 +269,17 @@ def _in_range_offsets(offsets: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([offsets.new_zeros(1), inner, offsets.new_full((1,), n)])
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: float = 0.1,
-                segments: torch.Tensor | None = None, weighting: str = "prevalence",
-                ignore_index: int = -1, reduction: str = "mean",
-                num_classes: int | None = None) -> torch.Tensor:
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 0.1,
+    segments: torch.Tensor | None = None,
+    weighting: str = "prevalence",
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    num_classes: int | None = None,
+) -> torch.Tensor:
     """Pixel supervised contrastive loss, fused: never builds the N x N similarity matrix.
 
     For a valid anchor i with positives P(i) = {p != i : y_p = y_i} in its segment,
@@ -279,13 +315,15 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: fl
             raises them itself (as ValueError), and wherever a kernel cannot (CUDA, and
             ``num_classes`` everywhere) the loss and its gradient become NaN instead.
     """
-    offsets = validate_inputs(features, labels, temperature, segments, weighting, ignore_index,
-                              reduction, num_classes)
+    offsets = validate_inputs(
+        features, labels, temperature, segments, weighting, ignore_index, reduction, num_classes
+    )
     prevalence = weighting == "prevalence"
     compiling = torch.compiler.is_compiling()
     if compiling:
-        poison = _compiled_call_poison(features, labels, offsets, temperature, ignore_index,
-                                       num_classes)
+        poison = _compiled_call_poison(
+            features, labels, offsets, temperature, ignore_index, num_classes
+        )
         if features.device.type != "cpu":
             # The CPU kernel checks the offsets itself and raises; other kernels may not.
             offsets = _in_range_offsets(offsets, features.shape[0])
@@ -323,16 +361,20 @@ def _backward(ctx, grad_loss, grad_lse, grad_positives):
     grad_features = None
     if ctx.needs_input_grad[0]:
         grad_features = torch.ops.mcsc.supcon_backward(
-            grad_loss.contiguous(), features, labels, segments, lse, positives,
-            ctx.temperature, ctx.prevalence,
+            grad_loss.contiguous(),
+            features,
+            labels,
+            segments,
+            lse,
+            positives,
+            ctx.temperature,
+            ctx.prevalence,
         )
     return grad_features, None, None, None, None, None
 
 
 def _register_python_kernels() -> None:
-    torch.library.register_autograd(
-        "mcsc::supcon_forward", _backward, setup_context=_setup_context
-    )
+    torch.library.register_autograd("mcsc::supcon_forward", _backward, setup_context=_setup_context)
 
     @torch.library.register_fake("mcsc::supcon_forward")
     def _forward_fake(features, labels, segments, temperature, prevalence, ignore_index):
@@ -343,8 +385,9 @@ def _register_python_kernels() -> None:
         return loss, lse, positives
 
     @torch.library.register_fake("mcsc::supcon_backward")
-    def _backward_fake(grad_loss, features, labels, segments, lse, positives, temperature,
-                       prevalence):
+    def _backward_fake(
+        grad_loss, features, labels, segments, lse, positives, temperature, prevalence
+    ):
         return torch.empty_like(features)
 
 

@@ -34,8 +34,11 @@ from mcsc.ops import backend as op_backend
 
 # Relative tolerance against the float64 reference of the exact multiply paths; float16 and
 # bfloat16 follow the 2x-eager rule instead.
-TOLERANCE = {(torch.float64, False): 1e-10, (torch.float32, False): 1e-4,
-             (torch.float32, True): 1e-2}
+TOLERANCE = {
+    (torch.float64, False): 1e-10,
+    (torch.float32, False): 1e-4,
+    (torch.float32, True): 1e-2,
+}
 
 
 class OpBackend:
@@ -56,17 +59,28 @@ class OpBackend:
 
     def per_anchor(self, features, labels, offsets, prevalence, temperature, ignore_index):
         """(loss, lse, positives), differentiable in features."""
-        return torch.ops.mcsc.supcon_forward(features, labels, offsets, temperature, prevalence,
-                                             ignore_index)
+        return torch.ops.mcsc.supcon_forward(
+            features, labels, offsets, temperature, prevalence, ignore_index
+        )
 
 
 class _EmulatedForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, kernels, labels, offsets, prevalence, temperature, ignore_index,
-                allow_tf32):
+    def forward(
+        ctx, features, kernels, labels, offsets, prevalence, temperature, ignore_index, allow_tf32
+    ):
         loss, lse, positives = run_both_orders(
-            lambda descending: kernels.forward(features, labels, offsets, temperature,
-                                               prevalence, ignore_index, allow_tf32, descending))
+            lambda descending: kernels.forward(
+                features,
+                labels,
+                offsets,
+                temperature,
+                prevalence,
+                ignore_index,
+                allow_tf32,
+                descending,
+            )
+        )
         ctx.save_for_backward(features, labels, offsets, lse, positives)
         ctx.options = kernels, temperature, prevalence, allow_tf32
         ctx.mark_non_differentiable(lse, positives)
@@ -76,9 +90,22 @@ class _EmulatedForward(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse, grad_positives):
         features, labels, offsets, lse, positives = ctx.saved_tensors
         kernels, temperature, prevalence, allow_tf32 = ctx.options
-        (grad,) = run_both_orders(lambda descending: (kernels.backward(
-            grad_loss.contiguous(), features, labels, offsets, lse, positives, temperature,
-            prevalence, allow_tf32, descending),))
+        (grad,) = run_both_orders(
+            lambda descending: (
+                kernels.backward(
+                    grad_loss.contiguous(),
+                    features,
+                    labels,
+                    offsets,
+                    lse,
+                    positives,
+                    temperature,
+                    prevalence,
+                    allow_tf32,
+                    descending,
+                ),
+            )
+        )
         return grad, None, None, None, None, None, None, None
 
 
@@ -88,9 +115,14 @@ def run_both_orders(kernel_call):
     ascending, descending = kernel_call(False), kernel_call(True)
     for first, second in zip(ascending, descending):
         torch.testing.assert_close(
-            first, second, rtol=0, atol=0, equal_nan=True,
+            first,
+            second,
+            rtol=0,
+            atol=0,
+            equal_nan=True,
             msg="the result depends on the order threads run between barriers: a barrier is "
-                "missing, or shared memory is read before the block writes it")
+            "missing, or shared memory is read before the block writes it",
+        )
     return ascending
 
 
@@ -112,8 +144,16 @@ class EmulatedBackend:
         return ""
 
     def per_anchor(self, features, labels, offsets, prevalence, temperature, ignore_index):
-        return _EmulatedForward.apply(features, EmulatedBackend._kernels, labels, offsets,
-                                      prevalence, temperature, ignore_index, self.allow_tf32)
+        return _EmulatedForward.apply(
+            features,
+            EmulatedBackend._kernels,
+            labels,
+            offsets,
+            prevalence,
+            temperature,
+            ignore_index,
+            self.allow_tf32,
+        )
 
 
 BACKENDS = {
@@ -153,23 +193,34 @@ def inputs(backend, *case, **options):
     return make_inputs(*case, dtype=backend.dtype, device=backend.device, **options)
 
 
-def loss_and_grad(backend, features, labels, offsets, prevalence, upstream,
-                  temperature=TEMPERATURE, ignore_index=IGNORE):
+def loss_and_grad(
+    backend,
+    features,
+    labels,
+    offsets,
+    prevalence,
+    upstream,
+    temperature=TEMPERATURE,
+    ignore_index=IGNORE,
+):
     """(loss, lse, positives, d(sum upstream * loss)/dz) from the backend."""
     z = features.detach().requires_grad_(True)  # keeps the layout (clone would not, if strided)
-    loss, lse, positives = backend.per_anchor(z, labels, offsets, prevalence, temperature,
-                                              ignore_index)
+    loss, lse, positives = backend.per_anchor(
+        z, labels, offsets, prevalence, temperature, ignore_index
+    )
     (loss * upstream.to(loss.dtype)).sum().backward()
     return loss.detach(), lse, positives, z.grad
 
 
-def assert_matches_reference(backend, features, labels, offsets, prevalence, upstream,
-                             temperature=TEMPERATURE):
-    loss, lse, positives, grad = loss_and_grad(backend, features, labels, offsets, prevalence,
-                                               upstream, temperature)
-    ref_loss, ref_positives, ref_grad = reference_loss_and_grad(features, labels, offsets,
-                                                                prevalence, upstream,
-                                                                temperature)
+def assert_matches_reference(
+    backend, features, labels, offsets, prevalence, upstream, temperature=TEMPERATURE
+):
+    loss, lse, positives, grad = loss_and_grad(
+        backend, features, labels, offsets, prevalence, upstream, temperature
+    )
+    ref_loss, ref_positives, ref_grad = reference_loss_and_grad(
+        features, labels, offsets, prevalence, upstream, temperature
+    )
     assert loss.dtype == backend.dtype and grad.dtype == backend.dtype
     assert lse.dtype == (torch.float64 if backend.dtype == torch.float64 else torch.float32)
     assert positives.dtype == torch.int32
@@ -177,13 +228,23 @@ def assert_matches_reference(backend, features, labels, offsets, prevalence, ups
     assert bool(torch.isfinite(lse[positives > 0]).all())
     relative = TOLERANCE.get((backend.dtype, backend.allow_tf32))
     if relative is None:
-        assert_within_twice_eager_error(loss, grad, features, labels, offsets,
-                                        upstream.to(backend.dtype), prevalence, temperature)
+        assert_within_twice_eager_error(
+            loss,
+            grad,
+            features,
+            labels,
+            offsets,
+            upstream.to(backend.dtype),
+            prevalence,
+            temperature,
+        )
         return
-    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=relative,
-                               atol=scaled_atol(ref_loss, relative))
-    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=relative,
-                               atol=scaled_atol(ref_grad, relative))
+    torch.testing.assert_close(
+        loss.cpu().double(), ref_loss, rtol=relative, atol=scaled_atol(ref_loss, relative)
+    )
+    torch.testing.assert_close(
+        grad.cpu().double(), ref_grad, rtol=relative, atol=scaled_atol(ref_grad, relative)
+    )
 
 
 @on_backends(list(BACKENDS))
@@ -191,8 +252,9 @@ def assert_matches_reference(backend, features, labels, offsets, prevalence, ups
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(backend, case, prevalence):
     features, labels, offsets = inputs(backend, *CASES[case])
-    upstream = torch.rand(features.shape[0], dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(1)).to(backend.device)
+    upstream = torch.rand(
+        features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    ).to(backend.device)
     assert_matches_reference(backend, features, labels, offsets, prevalence, upstream)
 
 
@@ -203,7 +265,10 @@ def test_gradcheck(backend):
     for prevalence in (True, False):
         assert torch.autograd.gradcheck(
             lambda z, prevalence=prevalence: backend.per_anchor(
-                z, labels, offsets, prevalence, TEMPERATURE, IGNORE)[0], (features,))
+                z, labels, offsets, prevalence, TEMPERATURE, IGNORE
+            )[0],
+            (features,),
+        )
 
 
 @on_backends(list(BACKENDS))
@@ -211,8 +276,9 @@ def test_empty_input(backend):
     features = torch.empty(0, 8, dtype=backend.dtype, device=backend.device)
     labels = torch.empty(0, dtype=torch.int64, device=backend.device)
     offsets = torch.zeros(3, dtype=torch.int64, device=backend.device)
-    loss, lse, positives, grad = loss_and_grad(backend, features, labels, offsets, True,
-                                               torch.empty(0, device=backend.device))
+    loss, lse, positives, grad = loss_and_grad(
+        backend, features, labels, offsets, True, torch.empty(0, device=backend.device)
+    )
     assert loss.shape == lse.shape == positives.shape == (0,)
     assert grad.shape == (0, 8) and grad.dtype == backend.dtype
 
@@ -222,8 +288,9 @@ def test_no_anchor_anywhere(backend):
     """All rows ignored or alone in their class: zero loss, zero gradient, nothing NaN."""
     features, _, offsets = inputs(backend, [5, 5], 8, 1, 0.0)
     labels = torch.tensor([IGNORE, 0, 1, 2, IGNORE, 0, 1, 2, 3, 4], device=backend.device)
-    loss, _, positives, grad = loss_and_grad(backend, features, labels, offsets, True,
-                                             torch.ones(10, device=backend.device))
+    loss, _, positives, grad = loss_and_grad(
+        backend, features, labels, offsets, True, torch.ones(10, device=backend.device)
+    )
     assert positives.tolist() == [-1, 0, 0, 0, -1, 0, 0, 0, 0, 0]
     assert torch.equal(loss, torch.zeros_like(loss))
     assert torch.equal(grad, torch.zeros_like(grad))
@@ -239,12 +306,13 @@ def test_label_types_and_values(backend):
     expected = loss_and_grad(backend, features, labels, offsets, True, upstream)
     huge = torch.where(labels == IGNORE, labels, labels * (1 << 40) + 7)
     other_ignore = torch.where(labels == IGNORE, torch.full_like(labels, 255), labels)
-    for these_labels, ignore_index in ((labels.int(), IGNORE), (huge, IGNORE),
-                                       (other_ignore, 255)):
-        result = loss_and_grad(backend, features, these_labels, offsets, True, upstream,
-                               ignore_index=ignore_index)
-        for name, value, expected_value in zip(("loss", "lse", "positives", "grad"), result,
-                                               expected):
+    for these_labels, ignore_index in ((labels.int(), IGNORE), (huge, IGNORE), (other_ignore, 255)):
+        result = loss_and_grad(
+            backend, features, these_labels, offsets, True, upstream, ignore_index=ignore_index
+        )
+        for name, value, expected_value in zip(
+            ("loss", "lse", "positives", "grad"), result, expected
+        ):
             assert torch.equal(value, expected_value), name
 
 
@@ -252,7 +320,8 @@ def scaled_to(features, largest_similarity, temperature=TEMPERATURE):
     """features rescaled so that max_i |z_i|^2 / temperature is largest_similarity."""
     norm = float(torch.linalg.vector_norm(features.double(), dim=1).max())
     return (features.double() * (math.sqrt(largest_similarity * temperature) / norm)).to(
-        features.dtype)
+        features.dtype
+    )
 
 
 @on_backends(list(BACKENDS))
@@ -263,19 +332,22 @@ def test_just_inside_the_similarity_limit_is_finite_and_accurate(backend):
     only the loss is accurate at these similarities; the gradient is finite."""
     features, labels, offsets = inputs(backend, [200, 57], 16, 3, 0.1)
     features = scaled_to(features, 0.99 * similarity_limit(backend.dtype))
-    upstream = torch.rand(features.shape[0], dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(5)).to(backend.device)
+    upstream = torch.rand(
+        features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    ).to(backend.device)
     loss, _, _, grad = loss_and_grad(backend, features, labels, offsets, True, upstream)
     assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
     ref_loss, _, ref_grad = reference_loss_and_grad(features, labels, offsets, True, upstream)
     loss_relative = TOLERANCE.get((backend.dtype, backend.allow_tf32), 1e-2)
-    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=0,
-                               atol=scaled_atol(ref_loss, loss_relative))
+    torch.testing.assert_close(
+        loss.cpu().double(), ref_loss, rtol=0, atol=scaled_atol(ref_loss, loss_relative)
+    )
     if backend.allow_tf32:
         return
     grad_relative = max(loss_relative, 1e-3)
-    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=0,
-                               atol=scaled_atol(ref_grad, grad_relative))
+    torch.testing.assert_close(
+        grad.cpu().double(), ref_grad, rtol=0, atol=scaled_atol(ref_grad, grad_relative)
+    )
 
 
 @on_backends(REGISTERED)
@@ -286,8 +358,11 @@ def test_past_the_similarity_limit_raises(backend, mode):
     if mode == "compiled" and backend.device != "cpu":
         pytest.skip("compiled CUDA calls poison the result instead (tested below)")
     features, labels, offsets = inputs(backend, [200, 57], 16, 3, 0.1)
-    loss = supcon_loss if mode == "eager" else torch.compile(supcon_loss, fullgraph=True,
-                                                             backend="aot_eager")
+    loss = (
+        supcon_loss
+        if mode == "eager"
+        else torch.compile(supcon_loss, fullgraph=True, backend="aot_eager")
+    )
     limit = similarity_limit(backend.dtype)
     inside = loss(scaled_to(features, 0.99 * limit), labels, segments=offsets)
     assert bool(torch.isfinite(inside))
@@ -300,14 +375,18 @@ def test_past_the_similarity_limit_raises(backend, mode):
 def test_opcheck(backend):
     features, labels, offsets = inputs(backend, [40, 0, 57], 20, 3, 0.1)
     features.requires_grad_(True)
-    torch.library.opcheck(torch.ops.mcsc.supcon_forward.default,
-                          (features, labels, offsets, TEMPERATURE, True, IGNORE))
-    _, lse, positives = torch.ops.mcsc.supcon_forward(features.detach(), labels, offsets,
-                                                      TEMPERATURE, True, IGNORE)
+    torch.library.opcheck(
+        torch.ops.mcsc.supcon_forward.default,
+        (features, labels, offsets, TEMPERATURE, True, IGNORE),
+    )
+    _, lse, positives = torch.ops.mcsc.supcon_forward(
+        features.detach(), labels, offsets, TEMPERATURE, True, IGNORE
+    )
     grad_loss = torch.rand(features.shape[0], device=backend.device).to(backend.dtype)
-    torch.library.opcheck(torch.ops.mcsc.supcon_backward.default,
-                          (grad_loss, features.detach(), labels, offsets, lse, positives,
-                           TEMPERATURE, False))
+    torch.library.opcheck(
+        torch.ops.mcsc.supcon_backward.default,
+        (grad_loss, features.detach(), labels, offsets, lse, positives, TEMPERATURE, False),
+    )
 
 
 @on_backends([name for name in REGISTERED if BACKENDS[name].dtype == torch.float32])
@@ -324,8 +403,9 @@ def test_non_contiguous_inputs(backend, layout):
     if layout == "transposed":
         features = dense.t().contiguous().t()
     else:
-        features = torch.zeros(dense.shape[0], 2 * dense.shape[1], dtype=dense.dtype,
-                               device=dense.device)[:, ::2]
+        features = torch.zeros(
+            dense.shape[0], 2 * dense.shape[1], dtype=dense.dtype, device=dense.device
+        )[:, ::2]
         features.copy_(dense)
     strided_labels = torch.stack([labels, labels], dim=1)[:, 0]
     assert not features.is_contiguous() and not strided_labels.is_contiguous()
@@ -338,6 +418,7 @@ def test_non_contiguous_inputs(backend, layout):
 
 
 # ---- Bad values under torch.compile, where the Python checks cannot read the data ----------
+
 
 def bad_values(features, labels):
     """(name, features, labels, supcon_loss options) per bad input eager calls reject."""
@@ -359,12 +440,24 @@ def bad_values(features, labels):
         ("negative-label", features, negative, {}),
         ("label-past-num-classes", features, labels, {"num_classes": 2}),
         ("too-large", features * 1e20, labels, {}),
-        ("segments-past-n", features, labels,
-         {"segments": torch.tensor([0, 100, n + 7], device=device)}),
-        ("segments-not-starting-at-0", features, labels,
-         {"segments": torch.tensor([5, 100, n], device=device)}),
-        ("decreasing-segments", features, labels,
-         {"segments": torch.tensor([0, 150, 100, n], device=device)}),
+        (
+            "segments-past-n",
+            features,
+            labels,
+            {"segments": torch.tensor([0, 100, n + 7], device=device)},
+        ),
+        (
+            "segments-not-starting-at-0",
+            features,
+            labels,
+            {"segments": torch.tensor([5, 100, n], device=device)},
+        ),
+        (
+            "decreasing-segments",
+            features,
+            labels,
+            {"segments": torch.tensor([0, 150, 100, n], device=device)},
+        ),
     ]
 
 
@@ -372,10 +465,14 @@ BAD_VALUE_NAMES = [name for name, *_ in bad_values(torch.zeros(6, 2), torch.zero
 # What the CPU kernel reports for each; the rest it cannot see (num_classes is not an argument
 # of the op), so the compiled-call poison makes them NaN, as on CUDA.
 CPU_KERNEL_ERRORS = {
-    "nan-feature": "NaN or infinite", "inf-feature": "NaN or infinite",
-    "nan-in-ignored-row": "NaN or infinite", "negative-label": "labels must be in",
-    "too-large": "features are too large", "segments-past-n": "end at N",
-    "segments-not-starting-at-0": "start at 0", "decreasing-segments": "non-decreasing",
+    "nan-feature": "NaN or infinite",
+    "inf-feature": "NaN or infinite",
+    "nan-in-ignored-row": "NaN or infinite",
+    "negative-label": "labels must be in",
+    "too-large": "features are too large",
+    "segments-past-n": "end at N",
+    "segments-not-starting-at-0": "start at 0",
+    "decreasing-segments": "non-decreasing",
 }
 
 
@@ -386,13 +483,15 @@ def test_compiled_call_with_bad_values_is_never_silent(backend, compiler, bad):
     """On the CPU the kernel raises the eager call's ValueError; where the kernel cannot see
     the problem (and on CUDA, for every problem) loss and gradient are NaN."""
     features, labels, _ = inputs(backend, [200], 8, 3, 0.0)
-    _, bad_features, bad_labels, options = next(case for case in bad_values(features, labels)
-                                                if case[0] == bad)
+    _, bad_features, bad_labels, options = next(
+        case for case in bad_values(features, labels) if case[0] == bad
+    )
     with pytest.raises(ValueError):
         supcon_loss(bad_features, bad_labels, **options)
 
-    compiled = torch.compile(lambda z, y: supcon_loss(z, y, **options), fullgraph=True,
-                             backend=compiler)
+    compiled = torch.compile(
+        lambda z, y: supcon_loss(z, y, **options), fullgraph=True, backend=compiler
+    )
     z = bad_features.clone().requires_grad_(True)
     if backend.device == "cpu" and bad in CPU_KERNEL_ERRORS:
         with pytest.raises(ValueError, match=CPU_KERNEL_ERRORS[bad]):
@@ -409,8 +508,9 @@ def test_compiled_call_with_good_values_is_unchanged():
     (aot_eager runs the same kernels)."""
     features, labels, offsets = make_inputs([120, 0, 80], 8, 3, 0.1)
     options = {"segments": offsets, "num_classes": 3, "reduction": "none"}
-    compiled = torch.compile(lambda z: supcon_loss(z, labels, **options), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda z: supcon_loss(z, labels, **options), fullgraph=True, backend="aot_eager"
+    )
     eager_z, compiled_z = features.clone().requires_grad_(), features.clone().requires_grad_()
     eager, result = supcon_loss(eager_z, labels, **options), compiled(compiled_z)
     eager.sum().backward()

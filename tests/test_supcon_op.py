@@ -30,8 +30,14 @@ def segment_layouts(n):
 
 def fused_loss_and_grad(features, labels, segments, temperature, weighting, upstream):
     features = features.detach().clone().requires_grad_()
-    loss = mcsc.supcon_loss(features, labels, temperature=temperature, segments=segments,
-                            weighting=weighting, reduction="none")
+    loss = mcsc.supcon_loss(
+        features,
+        labels,
+        temperature=temperature,
+        segments=segments,
+        weighting=weighting,
+        reduction="none",
+    )
     (grad,) = torch.autograd.grad((loss * upstream).sum(), features)
     return loss.detach(), grad
 
@@ -48,48 +54,58 @@ GRID = [
 @pytest.mark.parametrize("weighting", ["prevalence", "none"])
 @pytest.mark.parametrize("n,d,num_classes,temperature", GRID)
 def test_float64_matches_reference(n, d, num_classes, temperature, weighting):
-    features, labels, _ = make_inputs([n], d, num_classes, 0.1, dtype=torch.float64,
-                                      seed=n * 131 + d)
+    features, labels, _ = make_inputs(
+        [n], d, num_classes, 0.1, dtype=torch.float64, seed=n * 131 + d
+    )
     upstream = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for segments in segment_layouts(n):
-        loss, grad = fused_loss_and_grad(features, labels, segments, temperature, weighting,
-                                         upstream)
+        loss, grad = fused_loss_and_grad(
+            features, labels, segments, temperature, weighting, upstream
+        )
         expected_loss, _, expected_grad = reference_loss_and_grad(
-            features, labels, segments, weighting == "prevalence", upstream, temperature)
+            features, labels, segments, weighting == "prevalence", upstream, temperature
+        )
         torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("n,d,num_classes,temperature",
-                         [(64, 16, 4, 0.1), (1000, 128, 14, 0.1), (1000, 130, 2, 0.01),
-                          (5000, 128, 4, 0.1)])
+@pytest.mark.parametrize(
+    "n,d,num_classes,temperature",
+    [(64, 16, 4, 0.1), (1000, 128, 14, 0.1), (1000, 130, 2, 0.01), (5000, 128, 4, 0.1)],
+)
 def test_float32_error_within_twice_eager_float32(n, d, num_classes, temperature):
     features, labels, _ = make_inputs([n], d, num_classes, 0.1, seed=7)
     segments = segment_layouts(n)[-1]
     upstream = torch.ones(n)
-    loss, grad = fused_loss_and_grad(features, labels, segments, temperature, "prevalence",
-                                     upstream)
-    assert_within_twice_eager_error(loss, grad, features, labels, segments, upstream,
-                                    temperature=temperature)
+    loss, grad = fused_loss_and_grad(
+        features, labels, segments, temperature, "prevalence", upstream
+    )
+    assert_within_twice_eager_error(
+        loss, grad, features, labels, segments, upstream, temperature=temperature
+    )
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.1])
 def test_large_norms_stay_finite_and_accurate(temperature):
     # Similarities up to 9 * 9 / 0.01 = 8100 (just inside float32's limit of 8192): exp overflows
     # unless every shift is right.
-    features, labels, segments = make_inputs([300, 400], 32, 4, 0.1, dtype=torch.float64,
-                                             max_norm=9.0, seed=3)
+    features, labels, segments = make_inputs(
+        [300, 400], 32, 4, 0.1, dtype=torch.float64, max_norm=9.0, seed=3
+    )
     upstream = torch.ones(700, dtype=torch.float64)
-    loss, grad = fused_loss_and_grad(features, labels, segments, temperature, "prevalence",
-                                     upstream)
-    expected_loss, _, expected_grad = reference_loss_and_grad(features, labels, segments, True,
-                                                              upstream, temperature)
+    loss, grad = fused_loss_and_grad(
+        features, labels, segments, temperature, "prevalence", upstream
+    )
+    expected_loss, _, expected_grad = reference_loss_and_grad(
+        features, labels, segments, True, upstream, temperature
+    )
     torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-8)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-7)
     # In float32, s ~ 8e3 carries an absolute rounding error of ~1e-3 before any exp, so only a
     # relative bound is meaningful here; the 2x-eager rule is checked on normal ranges above.
-    loss32, grad32 = fused_loss_and_grad(features.float(), labels, segments, temperature,
-                                         "prevalence", upstream.float())
+    loss32, grad32 = fused_loss_and_grad(
+        features.float(), labels, segments, temperature, "prevalence", upstream.float()
+    )
     assert torch.isfinite(loss32).all() and torch.isfinite(grad32).all()
     torch.testing.assert_close(loss32.double(), expected_loss, rtol=1e-5, atol=1e-3)
     scale = expected_grad.abs().max()
@@ -100,8 +116,9 @@ def test_absent_classes_and_rows_without_positives():
     features, _, _ = make_inputs([6], 4, 2, 0.0, dtype=torch.float64, seed=2)
     labels = torch.tensor([0, 5, 5, 9, -1, 0])  # classes 1-4, 6-8 absent; 9 has one row
     loss = mcsc.supcon_loss(features, labels, reduction="none")
-    expected, positives = supcon_per_anchor_reference(features, labels, torch.tensor([0, 6]),
-                                                      0.1, True, -1)
+    expected, positives = supcon_per_anchor_reference(
+        features, labels, torch.tensor([0, 6]), 0.1, True, -1
+    )
     torch.testing.assert_close(loss, expected)
     assert loss[3] == 0 and loss[4] == 0
     assert positives.tolist() == [1, 1, 1, 0, -1, 1]
@@ -110,13 +127,14 @@ def test_absent_classes_and_rows_without_positives():
 def test_reductions():
     features, labels, _ = make_inputs([50], 8, 3, 0.1, dtype=torch.float64, seed=4)
     per_anchor = mcsc.supcon_loss(features, labels, reduction="none")
-    _, positives = supcon_per_anchor_reference(features, labels, torch.tensor([0, 50]), 0.1,
-                                               True, -1)
+    _, positives = supcon_per_anchor_reference(
+        features, labels, torch.tensor([0, 50]), 0.1, True, -1
+    )
     anchors = positives > 0
-    torch.testing.assert_close(mcsc.supcon_loss(features, labels, reduction="sum"),
-                               per_anchor.sum())
-    torch.testing.assert_close(mcsc.supcon_loss(features, labels),
-                               per_anchor[anchors].mean())
+    torch.testing.assert_close(
+        mcsc.supcon_loss(features, labels, reduction="sum"), per_anchor.sum()
+    )
+    torch.testing.assert_close(mcsc.supcon_loss(features, labels), per_anchor[anchors].mean())
     assert per_anchor[~anchors].eq(0).all()
 
 
@@ -130,11 +148,9 @@ def test_mean_without_any_anchor_is_zero_with_zero_gradient():
 def test_repeated_calls_are_bit_identical():
     features, labels, _ = make_inputs([1500], 64, 4, 0.1, seed=6)
     segments = torch.tensor([0, 700, 1500])
-    first = fused_loss_and_grad(features, labels, segments, 0.1, "prevalence",
-                                torch.ones(1500))
+    first = fused_loss_and_grad(features, labels, segments, 0.1, "prevalence", torch.ones(1500))
     for _ in range(3):
-        again = fused_loss_and_grad(features, labels, segments, 0.1, "prevalence",
-                                    torch.ones(1500))
+        again = fused_loss_and_grad(features, labels, segments, 0.1, "prevalence", torch.ones(1500))
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
@@ -161,8 +177,9 @@ def mcsc_block_loss(z, y, temperature):
     per_class = exp_logits @ one_hot  # (n, C): sum of exp-similarities per class
     own_class = (per_class * one_hot).sum(1)
     counts_seen = class_counts[None, :] - one_hot  # each anchor's own class excludes itself
-    others = torch.where(one_hot.bool(), torch.zeros_like(per_class),
-                         per_class / counts_seen.clamp(min=1)).sum(1)
+    others = torch.where(
+        one_hot.bool(), torch.zeros_like(per_class), per_class / counts_seen.clamp(min=1)
+    ).sum(1)
     denominator = own_class / (class_counts[y] - 1) + others
     log_prob = logits - torch.log(denominator)[:, None]
     mean_log_prob_positive = (positives * log_prob).sum(1) / positives.sum(1)
@@ -171,17 +188,18 @@ def mcsc_block_loss(z, y, temperature):
 
 def test_prevalence_equals_public_mcsc_block_formula():
     generator = torch.Generator().manual_seed(14)
-    blocks = [F.normalize(torch.randn(361, 16, generator=generator, dtype=torch.float64), dim=1)
-              for _ in range(3)]
+    blocks = [
+        F.normalize(torch.randn(361, 16, generator=generator, dtype=torch.float64), dim=1)
+        for _ in range(3)
+    ]
     labels = [torch.randint(0, 4, (361,), generator=generator) for _ in range(3)]
     labels[2] = torch.where(labels[2] == 3, torch.tensor(0), labels[2])  # an absent class
     features = torch.cat(blocks)
     segments = torch.tensor([0, 361, 722, 1083])
-    per_anchor = mcsc.supcon_loss(features, torch.cat(labels), segments=segments,
-                                  reduction="none")
+    per_anchor = mcsc.supcon_loss(features, torch.cat(labels), segments=segments, reduction="none")
     for k in range(3):
         expected = mcsc_block_loss(blocks[k], labels[k], 0.1)
-        torch.testing.assert_close(per_anchor[361 * k: 361 * (k + 1)].mean(), expected)
+        torch.testing.assert_close(per_anchor[361 * k : 361 * (k + 1)].mean(), expected)
 
 
 BAD_INPUTS = [
@@ -245,8 +263,9 @@ def test_missing_extension_falls_back_to_reference_with_one_warning():
         "assert mcsc.backend('cpu') == 'reference'\n"
         "print(float(loss))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) > 0
 
@@ -260,8 +279,10 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.mcsc.supcon_forward(features, labels, segments.int(), 0.1, True, -1)
     loss, lse, positives = torch.ops.mcsc.supcon_forward(features, labels, segments, 0.1, True, -1)
     with pytest.raises(RuntimeError, match="positives must be int32"):
-        torch.ops.mcsc.supcon_backward(torch.ones_like(loss), features, labels, segments, lse,
-                                       positives.long(), 0.1, True)
+        torch.ops.mcsc.supcon_backward(
+            torch.ones_like(loss), features, labels, segments, lse, positives.long(), 0.1, True
+        )
     with pytest.raises(RuntimeError, match="lse must have shape"):
-        torch.ops.mcsc.supcon_backward(torch.ones_like(loss), features, labels, segments, lse[:5],
-                                       positives, 0.1, True)
+        torch.ops.mcsc.supcon_backward(
+            torch.ones_like(loss), features, labels, segments, lse[:5], positives, 0.1, True
+        )

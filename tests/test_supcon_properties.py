@@ -24,16 +24,21 @@ from supcon_cases import (
 
 import mcsc
 
-settings.register_profile("supcon-ci", max_examples=30, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow,
-                                                 HealthCheck.data_too_large])
-settings.register_profile("supcon-explore", parent=settings.get_profile("supcon-ci"),
-                          max_examples=300, derandomize=False)
-PROFILE = settings.get_profile(
-    "supcon-" + os.environ.get("MCSC_HYPOTHESIS_PROFILE", "ci"))
+settings.register_profile(
+    "supcon-ci",
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "supcon-explore", parent=settings.get_profile("supcon-ci"), max_examples=300, derandomize=False
+)
+PROFILE = settings.get_profile("supcon-" + os.environ.get("MCSC_HYPOTHESIS_PROFILE", "ci"))
 
-pytestmark = pytest.mark.skipif(mcsc.backend("cpu") != "compiled-cpu",
-                                reason="the compiled CPU op is not available")
+pytestmark = pytest.mark.skipif(
+    mcsc.backend("cpu") != "compiled-cpu", reason="the compiled CPU op is not available"
+)
 
 LABEL_LAYOUTS = ("random", "one-class", "all-ignored", "sparse-huge-ids", "many-classes")
 
@@ -66,33 +71,43 @@ def draw_labels(n, layout, num_classes, ignored, generator):
 
 
 @PROFILE
-@given(lengths=segment_lengths(), dim=st.sampled_from([1, 2, 3, 16, 33, 128, 130]),
-       layout=st.sampled_from(LABEL_LAYOUTS), num_classes=st.integers(1, 6),
-       ignored=st.sampled_from([0.0, 0.1, 0.5]),
-       temperature=st.floats(0.02, 2.0), prevalence=st.booleans(),
-       dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 2**31))
-def test_op_matches_reference(lengths, dim, layout, num_classes, ignored, temperature,
-                              prevalence, dtype, seed):
+@given(
+    lengths=segment_lengths(),
+    dim=st.sampled_from([1, 2, 3, 16, 33, 128, 130]),
+    layout=st.sampled_from(LABEL_LAYOUTS),
+    num_classes=st.integers(1, 6),
+    ignored=st.sampled_from([0.0, 0.1, 0.5]),
+    temperature=st.floats(0.02, 2.0),
+    prevalence=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**31),
+)
+def test_op_matches_reference(
+    lengths, dim, layout, num_classes, ignored, temperature, prevalence, dtype, seed
+):
     generator = torch.Generator().manual_seed(seed)
     n = sum(lengths)
     features = torch.nn.functional.normalize(
-        torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=1).to(dtype)
+        torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=1
+    ).to(dtype)
     labels = draw_labels(n, layout, num_classes, ignored, generator)
     offsets = torch.tensor([0, *lengths]).cumsum(0)
     upstream = torch.rand(n, generator=generator, dtype=torch.float64).to(dtype)
 
     z = features.clone().requires_grad_(True)
-    loss, _, positives = torch.ops.mcsc.supcon_forward(z, labels, offsets, temperature,
-                                                       prevalence, IGNORE)
+    loss, _, positives = torch.ops.mcsc.supcon_forward(
+        z, labels, offsets, temperature, prevalence, IGNORE
+    )
     (loss * upstream).sum().backward()
-    ref_loss, ref_positives, ref_grad = reference_loss_and_grad(features, labels, offsets,
-                                                                prevalence, upstream,
-                                                                temperature)
+    ref_loss, ref_positives, ref_grad = reference_loss_and_grad(
+        features, labels, offsets, prevalence, upstream, temperature
+    )
     assert torch.equal(positives.long(), ref_positives)
     assert loss.dtype == dtype and z.grad.dtype == dtype
     if dtype == torch.float64:
         torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(z.grad, ref_grad, rtol=1e-9, atol=1e-9)
     else:
-        assert_within_twice_eager_error(loss, z.grad, features, labels, offsets, upstream,
-                                        prevalence, temperature)
+        assert_within_twice_eager_error(
+            loss, z.grad, features, labels, offsets, upstream, prevalence, temperature
+        )
