@@ -282,9 +282,9 @@ struct ForwardState {
 // Per-thread scratch of the forward's tiles.
 template <typename scalar_t>
 struct ForwardWorkspace {
-  at::Tensor similarities;          // kTileRows x kTileRows
-  TileMaxima<scalar_t> maxima;      // per row and column, for tiles of a wide range
-  std::vector<scalar_t> col_sum;    // the tile's partial sums of its columns
+  at::Tensor similarities;  // kTileRows x kTileRows
+  TileMaxima<scalar_t> maxima;  // per row and column, for tiles of a wide range
+  std::vector<scalar_t> col_sum;  // the tile's partial sums of its columns
 };
 
 // Adds the tile's partial sums of each column (shifted by shift(j)) to the column rows' states;
@@ -299,9 +299,9 @@ void merge_columns(const TilePair& tile, const std::vector<scalar_t>& col_sum, c
   }
 }
 
-// A tile whose bound is within SharedShiftRange (shared_shift_is_safe): one exponential exp(s_ij - bound) <= 1 per pair serves both its row and its column, with no
-// pass over the tile to find maxima and no masking (every weight of an ignored row or column is
-// already 0).
+// A tile whose bound is within SharedShiftRange (shared_shift_is_safe): one exponential
+// exp(s_ij - bound) <= 1 per pair serves both its row and its column, with no pass over the tile
+// to find maxima and no masking (every weight of an ignored row or column is already 0).
 template <typename scalar_t>
 void forward_tile_shared_shift(const TilePair& tile, const scalar_t* s, scalar_t bound,
                                const RowTable<scalar_t>& rows, std::vector<scalar_t>& col_sum,
