@@ -116,10 +116,11 @@ def _largest_similarity(features: torch.Tensor, temperature: float) -> torch.Ten
     return torch.linalg.vector_norm(features, dim=1).amax().double().square() / temperature
 
 
-def _value_problems(features, labels, offsets, temperature, ignore_index, num_classes):
-    """The checks that need the data: (0-dim bool tensor, message function) per check, the tensor
-    True where the check fails. Eager calls raise on the first that fails; compiled calls, which
-    cannot branch on data, poison the result (see supcon_loss)."""
+def _value_checks(features, labels, offsets, temperature, ignore_index, num_classes):
+    """The checks that need the data: a (K,) bool tensor, True where check k fails, and the K
+    functions that write each check's message. Eager calls read the flags with one device sync
+    and raise on the first that fails; compiled calls, which cannot branch on data, poison the
+    result with their any() (see supcon_loss)."""
     n = features.shape[0]
     valid = labels != ignore_index
     limit = similarity_limit(features.dtype)
@@ -160,7 +161,7 @@ def _value_problems(features, labels, offsets, temperature, ignore_index, num_cl
                 ),
             )
         )
-    return problems
+    return torch.stack([failed for failed, _ in problems]), [message for _, message in problems]
 
 
 def validate_inputs(
@@ -223,10 +224,11 @@ def validate_inputs(
         raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
     offsets = _segment_offsets(segments, n, features.device)
     if not torch.compiler.is_compiling():
-        for failed, message in _value_problems(
+        failed, messages = _value_checks(
             features, labels, offsets, temperature, ignore_index, num_classes
-        ):
-            if bool(failed):
+        )
+        for check_failed, message in zip(failed.tolist(), messages):
+            if check_failed:
                 raise ValueError(message())
     return offsets
 
@@ -250,16 +252,9 @@ def _compiled_call_poison(features, labels, offsets, temperature, ignore_index, 
     """NaN (0-dim, accumulation dtype) when any value check fails, else 1: the compiled-call
     policy multiplies the per-anchor losses by it, so that a bad input gives a NaN loss and,
     through the upstream gradient, a NaN gradient, never a plausible number."""
-    failed = torch.stack(
-        [
-            problem
-            for problem, _ in _value_problems(
-                features, labels, offsets, temperature, ignore_index, num_classes
-            )
-        ]
-    ).any()
+    failed, _ = _value_checks(features, labels, offsets, temperature, ignore_index, num_classes)
     one = torch.ones((), dtype=accumulation_dtype(features.dtype), device=features.device)
-    return torch.where(failed, torch.full_like(one, float("nan")), one)
+    return torch.where(failed.any(), torch.full_like(one, float("nan")), one)
 
 
 def _in_range_offsets(offsets: torch.Tensor, n: int) -> torch.Tensor:
