@@ -38,3 +38,21 @@ def test_cli_names_the_missing_packages_and_the_extra(monkeypatch, capsys):
     assert "pip install timm nibabel" in message
     assert '".[train]"' in message
 
+
+
+def test_an_unbuilt_package_says_how_to_build_it(tmp_path):
+    """A copy of the package without its compiled library warns once, with the rebuild command."""
+    import shutil
+    from pathlib import Path
+
+    import mcsc
+
+    source = Path(mcsc.__file__).resolve().parent
+    shutil.copytree(source, tmp_path / "mcsc", ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import mcsc; print(mcsc.backend('cpu'))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == "reference"
+    assert f"mcsc._C is not in {tmp_path / 'mcsc'}" in result.stderr
+    assert "pip install --no-build-isolation --no-deps --force-reinstall ." in result.stderr
+    assert "circular import" not in result.stderr
