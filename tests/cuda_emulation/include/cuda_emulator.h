@@ -10,6 +10,12 @@
 // that not every thread of its block (or warp) reaches is reported as an error, as
 // compute-sanitizer's synccheck would.
 //
+// Warp-collective instructions (mma.sync, ldmatrix: include/cuda/ptx.cuh) are warp barriers
+// too: the warp's 32 lanes all offer their operands, and once all have arrived one function
+// sees every lane's operands and writes every lane's results. cp.async copies are kept per
+// thread, in the groups cp.async.commit_group closes, and land when a cp.async.wait_group
+// that covers their group returns; a thread that exits with copies not waited for is an error.
+//
 // What it does not model: the memory model beyond barriers, warp-synchronous execution without
 // barriers, the real register layout of WMMA fragments (include/mma.h), performance, and the
 // limits of shared memory and registers (nvcc checks those when CI compiles the kernels).
@@ -21,6 +27,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <functional>
 #include <iterator>
@@ -58,6 +65,45 @@ struct KernelError : std::runtime_error {
 
 enum class Wait { Running, Block, Warp, Exited };
 
+// A warp-collective operation: `run` gets, for each of the 32 lanes, the operands the lane
+// offered and where its results go, once every lane of the warp has arrived. It may throw
+// KernelError (a misuse the operation detects).
+struct Collective {
+  const char* name;
+  void (*run)(const void* const (&operands)[32], void* const (&results)[32]);
+};
+
+// One thread's cp.async copies: the source bytes are read when the copy is issued (so
+// AddressSanitizer names the issuing line), the destination is written when a wait covers it.
+struct AsyncCopy {
+  void* destination;
+  unsigned char bytes[16];
+  int size;
+};
+
+struct AsyncCopies {
+  std::vector<AsyncCopy> open;                 // issued since the last commit
+  std::deque<std::vector<AsyncCopy>> committed;  // committed groups, oldest first
+
+  bool empty() const { return open.empty() && committed.empty(); }
+
+  // cp.async.commit_group: the open copies (possibly none) become the newest group.
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+
+  // cp.async.wait_group pending: every committed group but the newest `pending` lands.
+  void wait(int pending) {
+    while (static_cast<int>(committed.size()) > pending) {
+      for (const AsyncCopy& copy : committed.front()) {
+        std::memcpy(copy.destination, copy.bytes, copy.size);
+      }
+      committed.pop_front();
+    }
+  }
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
@@ -68,6 +114,12 @@ struct Fiber {
   uint64_t offered = 0;
   int source_lane = 0;
   uint64_t received = 0;
+  // At a warp-collective operation (null at a shuffle or __syncwarp): what it is, and this
+  // lane's operands and results.
+  const Collective* collective = nullptr;
+  const void* operands = nullptr;
+  void* results = nullptr;
+  AsyncCopies copies;
 };
 
 class Scheduler {
@@ -114,8 +166,21 @@ class Scheduler {
     fiber.wait = kind;
     fiber.offered = value;
     fiber.source_lane = source;
+    fiber.collective = nullptr;
     swapcontext(&fiber.context, &host_);
     return fiber.received;
+  }
+
+  // Called by the fibers: take part in the warp-collective `operation`, offering `operands`;
+  // returns once the whole warp has arrived and `results` is written.
+  void collective(const Collective& operation, const void* operands, void* results) {
+    Fiber& fiber = current();
+    fiber.wait = Wait::Warp;
+    fiber.collective = &operation;
+    fiber.operands = operands;
+    fiber.results = results;
+    swapcontext(&fiber.context, &host_);
+    fiber.collective = nullptr;
   }
 
   // A failed check inside a kernel: abandon the block and report `message` from launch().
@@ -131,7 +196,16 @@ class Scheduler {
   static void fiber_main() {
     Scheduler& scheduler = instance();
     (*scheduler.body_)();
-    scheduler.current().wait = Wait::Exited;
+    Fiber& fiber = scheduler.current();
+    if (!fiber.copies.empty()) {
+      const size_t groups = fiber.copies.committed.size();
+      scheduler.fail("cuda_emulator: thread " + std::to_string(fiber.thread_index.x) +
+                     " exits with cp.async copies that no wait covered (" +
+                     std::to_string(groups) + " committed groups not waited for, " +
+                     std::to_string(fiber.copies.open.size()) +
+                     " copies never committed): a missing cp_async_commit or cp_async_wait");
+    }
+    fiber.wait = Wait::Exited;
   }
 
   std::string block_name() const {
@@ -149,6 +223,8 @@ class Scheduler {
       Fiber& fiber = fibers_[t];
       fiber.thread_index = {static_cast<unsigned>(t), 0, 0};
       fiber.wait = Wait::Running;
+      fiber.collective = nullptr;
+      fiber.copies = AsyncCopies{};
       getcontext(&fiber.context);
       fiber.context.uc_stack.ss_sp = fiber.stack.get();
       fiber.context.uc_stack.ss_size = kStackBytes;
@@ -171,20 +247,46 @@ class Scheduler {
   }
 
   // Releases every warp whose 32 lanes all wait at a warp barrier; throws if some lanes of a
-  // warp wait there while others went elsewhere.
+  // warp wait there while others went elsewhere, or at another warp operation.
   bool release_warps() {
     bool released = false;
     for (size_t first = 0; first < fibers_.size(); first += kWarpSize) {
       int waiting = 0;
+      const Fiber* waiter = nullptr;
       for (int lane = 0; lane < kWarpSize; ++lane) {
-        waiting += fibers_[first + lane].wait == Wait::Warp;
+        if (fibers_[first + lane].wait != Wait::Warp) continue;
+        ++waiting;
+        waiter = &fibers_[first + lane];
       }
       if (waiting == 0) continue;
       if (waiting != kWarpSize) {
         throw KernelError("cuda_emulator: divergent warp barrier in " + block_name() + ": " +
                           std::to_string(waiting) + " of the 32 lanes of warp " +
-                          std::to_string(first / kWarpSize) +
-                          " wait at __syncwarp/__shfl_xor_sync, the others do not");
+                          std::to_string(first / kWarpSize) + " wait at " +
+                          warp_operation(*waiter) + ", the others do not");
+      }
+      const Collective* collective = fibers_[first].collective;
+      for (int lane = 1; lane < kWarpSize; ++lane) {
+        if (fibers_[first + lane].collective != collective) {
+          throw KernelError("cuda_emulator: divergent warp in " + block_name() + ": lane 0 of " +
+                            "warp " + std::to_string(first / kWarpSize) + " waits at " +
+                            warp_operation(fibers_[first]) + ", lane " + std::to_string(lane) +
+                            " at " + warp_operation(fibers_[first + lane]));
+        }
+      }
+      if (collective != nullptr) {
+        const void* operands[kWarpSize];
+        void* results[kWarpSize];
+        for (int lane = 0; lane < kWarpSize; ++lane) {
+          operands[lane] = fibers_[first + lane].operands;
+          results[lane] = fibers_[first + lane].results;
+        }
+        try {
+          collective->run(operands, results);
+        } catch (const KernelError& error) {
+          throw KernelError(std::string(error.what()) + " (warp " +
+                            std::to_string(first / kWarpSize) + " of " + block_name() + ")");
+        }
       }
       for (int lane = 0; lane < kWarpSize; ++lane) {
         Fiber& fiber = fibers_[first + lane];
@@ -194,6 +296,10 @@ class Scheduler {
       released = true;
     }
     return released;
+  }
+
+  static std::string warp_operation(const Fiber& fiber) {
+    return fiber.collective != nullptr ? fiber.collective->name : "__syncwarp/__shfl_xor_sync";
   }
 
   // Releases a __syncthreads that every thread reached (the AND of the offered predicates goes
@@ -287,6 +393,26 @@ template <typename T>
 T from_bits(uint64_t bits) {
   T value;
   std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// What the tensor cores read of a TF32 operand: the upper 19 bits of its float32 pattern.
+inline float tf32_operand(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits &= 0xffffe000u;
+  std::memcpy(&value, &bits, sizeof(bits));
+  return value;
+}
+
+// Round to TF32 (10 explicit significand bits), to nearest with ties away from zero, as
+// cvt.rna.tf32.f32 does; inf and NaN pass through.
+inline float round_to_tf32(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7f800000u) == 0x7f800000u) return value;
+  bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&value, &bits, sizeof(bits));
   return value;
 }
 
