@@ -257,19 +257,18 @@ at::Tensor to_tf32(const at::Tensor& values) {
   at::Tensor out = at::empty(values.sizes(), at::kInt);
   const float* in = contiguous.const_data_ptr<float>();
   int32_t* bits = out.mutable_data_ptr<int32_t>();
-  for (int64_t i = 0; i < values.numel(); ++i) bits[i] = static_cast<int32_t>(ptx::to_tf32(in[i]));
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    bits[i] = static_cast<int32_t>(ptx::to_tf32(in[i]));
+  }
   return out;
 }
 
-// Poisons the kernels' __shared__ variables before each block (see cuda_emulator.h); returns
-// the bytes that covers.
+// Poisons the test kernels' __shared__ variables before each block; returns the bytes that
+// covers. (The namespace's name must not contain "_kernel", or every static in it would
+// count as a kernel's shared memory.)
 int64_t poison_shared_memory() {
-  auto ranges = cuda_emulator::kernel_shared_memory(reinterpret_cast<const void*>(&misuse),
+  return cuda_emulator::poison_kernel_shared_memory(reinterpret_cast<const void*>(&misuse),
                                                     "_ZZN17instruction_tests");
-  int64_t bytes = 0;
-  for (const auto& range : ranges) bytes += static_cast<int64_t>(range.second);
-  cuda_emulator::Scheduler::instance().poison_shared_memory(std::move(ranges));
-  return bytes;
 }
 
 }  // namespace instruction_tests

@@ -373,6 +373,17 @@ inline std::vector<std::pair<char*, size_t>> kernel_shared_memory(const void* an
   return ranges;
 }
 
+// Fills the __shared__ variables kernel_shared_memory(anchor, prefix) finds before each block
+// from now on; returns how many bytes that covers (0 would mean the symbol table was stripped
+// and nothing is poisoned).
+inline int64_t poison_kernel_shared_memory(const void* anchor, const std::string& prefix) {
+  auto ranges = kernel_shared_memory(anchor, prefix);
+  int64_t bytes = 0;
+  for (const auto& range : ranges) bytes += static_cast<int64_t>(range.second);
+  Scheduler::instance().poison_shared_memory(std::move(ranges));
+  return bytes;
+}
+
 // Runs kernel(args...) over a grid_x x grid_y grid of blocks of `threads` threads.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int64_t grid_x, int64_t grid_y, int threads,
