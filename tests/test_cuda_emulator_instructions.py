@@ -14,6 +14,7 @@ registers by these formulas (tests/cuda_emulation/instruction_kernels.cpp):
   iota tile the table names; lanes whose address the variant does not use are ignored;
 * cp.async: a read before the covering wait sees the poisoned shared memory, after it the data;
   wait_group 1 lands the older group only; an invalid copy zero-fills without reading;
+* dynamic shared memory (MCSC_DYNAMIC_SHARED_MEMORY) is one buffer per block, poisoned too;
 * misuse is reported: a divergent mma, lanes at different warp instructions, a misaligned
   ldmatrix or cp.async, a missing wait, a missing commit.
 
@@ -293,6 +294,18 @@ def test_cp_async_invalid_zero_fills(instructions, descending):
     out = instructions.cp_async(16, False, source, descending)
     assert torch.equal(out[:, 2, :4], source.reshape(64, 8)[:, :4])
     assert torch.equal(out[:, 2, 4:], torch.zeros(64, 4))
+
+
+# ---- Dynamic shared memory ----------------------------------------------------------------
+
+
+@ORDERS
+def test_dynamic_shared_memory_is_shared_and_poisoned(instructions, descending):
+    """MCSC_DYNAMIC_SHARED_MEMORY: one buffer for the block's threads, poisoned before each of
+    the two blocks like the static __shared__ variables."""
+    out = instructions.dynamic_shared(2, descending)
+    assert torch.equal(out[:, 0], (torch.arange(64) + 1) % 64 + 0.5)
+    assert bool((out[:, 1].view(torch.int32) == POISON[descending]).all())
 
 
 # ---- Misuse -------------------------------------------------------------------------------

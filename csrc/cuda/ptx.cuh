@@ -1,5 +1,6 @@
 // The warp-level PTX instructions the tensor-core kernels are built from, as inline-PTX
-// wrappers (sm_80 and newer): mma.sync, ldmatrix, cvt to TF32 and cp.async with its groups.
+// wrappers (sm_80 and newer): mma.sync, ldmatrix, cvt to TF32 and cp.async with its groups;
+// and MCSC_DYNAMIC_SHARED_MEMORY, the declaration of dynamic shared memory.
 //
 // Register contents follow the PTX ISA's fragment tables ("Matrix Fragments for mma.m16n8k16"
 // and "... for mma.m16n8k8"): with group = lane / 4 and thread = lane % 4, f16/bf16 registers
@@ -9,6 +10,11 @@
 #pragma once
 
 #include <cstdint>
+
+// Declares the block's dynamic shared memory (the bytes of kernel<<<grid, block, bytes>>>) as
+// an array `name` of unsigned char, 16-byte aligned; a statement inside a kernel. A macro, so
+// that the emulator can give the same statement its own meaning.
+#define MCSC_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(16) unsigned char name[]
 
 namespace mcsc::cuda::ptx {
 

@@ -1,4 +1,5 @@
-// Small kernels that exercise each emulated PTX instruction of include/cuda/ptx.cuh on its own,
+// Small kernels that exercise each emulated PTX instruction of include/cuda/ptx.cuh on its own
+// (and dynamic shared memory),
 // as a Python module for tests/test_cuda_emulator_instructions.py (built by
 // emulation.load_instructions). The tests put known matrices into registers by the PTX ISA's
 // fragment tables, written out again in Python, and compare what comes back with torch.
@@ -163,6 +164,31 @@ at::Tensor cp_async(int64_t bytes, bool valid, const at::Tensor& source, bool de
   return out;
 }
 
+// ---- Dynamic shared memory ---------------------------------------------------------------
+
+// Each thread writes into the first half of the block's dynamic shared memory; after the
+// barrier it reads its neighbour's value and a float of the second half, which no thread
+// writes. out gets (neighbour, unwritten) per thread.
+__global__ void dynamic_shared_kernel(float* out) {
+  MCSC_DYNAMIC_SHARED_MEMORY(bytes);
+  float* values = reinterpret_cast<float*>(bytes);
+  const int thread = static_cast<int>(threadIdx.x);
+  values[thread] = static_cast<float>(thread) + 0.5f;
+  __syncthreads();
+  out[2 * thread] = values[(thread + 1) % kThreads];
+  out[2 * thread + 1] = values[kThreads + thread];
+}
+
+// Runs dynamic_shared_kernel over `blocks` blocks with 2 kThreads floats of dynamic shared
+// memory (every block writes the same out).
+at::Tensor dynamic_shared(int64_t blocks, bool descending) {
+  at::Tensor out = at::zeros({kThreads, 2}, at::kFloat);
+  cuda_emulator::launch_with_dynamic_shared(&dynamic_shared_kernel, blocks, 1, kThreads,
+                                            2 * kThreads * sizeof(float), descending,
+                                            out.mutable_data_ptr<float>());
+  return out;
+}
+
 // ---- Deliberate mistakes: each must be reported -----------------------------------------
 
 // Lanes 0-15 of each warp multiply, the others do not.
@@ -280,6 +306,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one emulated ldmatrix from a shared tile; returns each lane's registers");
   m.def("cp_async", &instruction_tests::cp_async,
         "two cp.async groups per thread; what each thread reads before and after the waits");
+  m.def("dynamic_shared", &instruction_tests::dynamic_shared,
+        "a kernel on dynamic shared memory; each thread's (neighbour's value, unwritten value)");
   m.def("misuse", &instruction_tests::misuse, "a kernel with a deliberate PTX misuse");
   m.def("to_tf32", &instruction_tests::to_tf32, "the emulated cvt.rna.tf32.f32");
   m.def("poison_shared_memory", &instruction_tests::poison_shared_memory,
