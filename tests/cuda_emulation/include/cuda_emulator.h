@@ -10,6 +10,12 @@
 // that not every thread of its block (or warp) reaches is reported as an error, as
 // compute-sanitizer's synccheck would.
 //
+// Warp-collective instructions (mma.sync, ldmatrix: include/cuda/ptx.cuh) are warp barriers
+// too: the warp's 32 lanes all offer their operands, and once all have arrived one function
+// sees every lane's operands and writes every lane's results. cp.async copies are kept per
+// thread, in the groups cp.async.commit_group closes, and land when a cp.async.wait_group
+// that covers their group returns; a thread that exits with copies not waited for is an error.
+//
 // What it does not model: the memory model beyond barriers, warp-synchronous execution without
 // barriers, the real register layout of WMMA fragments (include/mma.h), performance, and the
 // limits of shared memory and registers (nvcc checks those when CI compiles the kernels).
@@ -21,6 +27,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <functional>
 #include <iterator>
@@ -58,6 +65,45 @@ struct KernelError : std::runtime_error {
 
 enum class Wait { Running, Block, Warp, Exited };
 
+// A warp-collective operation: `run` gets, for each of the 32 lanes, the operands the lane
+// offered and where its results go, once every lane of the warp has arrived. It may throw
+// KernelError (a misuse the operation detects).
+struct Collective {
+  const char* name;
+  void (*run)(const void* const (&operands)[32], void* const (&results)[32]);
+};
+
+// One thread's cp.async copies: the source bytes are read when the copy is issued (so
+// AddressSanitizer names the issuing line), the destination is written when a wait covers it.
+struct AsyncCopy {
+  void* destination;
+  unsigned char bytes[16];
+  int size;
+};
+
+struct AsyncCopies {
+  std::vector<AsyncCopy> open;                 // issued since the last commit
+  std::deque<std::vector<AsyncCopy>> committed;  // committed groups, oldest first
+
+  bool empty() const { return open.empty() && committed.empty(); }
+
+  // cp.async.commit_group: the open copies (possibly none) become the newest group.
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+
+  // cp.async.wait_group pending: every committed group but the newest `pending` lands.
+  void wait(int pending) {
+    while (static_cast<int>(committed.size()) > pending) {
+      for (const AsyncCopy& copy : committed.front()) {
+        std::memcpy(copy.destination, copy.bytes, copy.size);
+      }
+      committed.pop_front();
+    }
+  }
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
@@ -68,6 +114,12 @@ struct Fiber {
   uint64_t offered = 0;
   int source_lane = 0;
   uint64_t received = 0;
+  // At a warp-collective operation (null at a shuffle or __syncwarp): what it is, and this
+  // lane's operands and results.
+  const Collective* collective = nullptr;
+  const void* operands = nullptr;
+  void* results = nullptr;
+  AsyncCopies copies;
 };
 
 class Scheduler {
@@ -84,11 +136,16 @@ class Scheduler {
 
   // Runs body() as every thread of a block of `threads` threads (a multiple of 32), one block
   // after another over the grid; `descending` runs the threads of a phase in reverse order.
+  // Each block gets `dynamic_shared_bytes` of dynamic shared memory (dynamic_shared()).
   void launch(int64_t grid_x, int64_t grid_y, int threads, bool descending,
-              const std::function<void()>& body) {
+              const std::function<void()>& body, size_t dynamic_shared_bytes = 0) {
     if (threads <= 0 || threads % kWarpSize != 0) {
       throw KernelError("cuda_emulator: block size must be a positive multiple of 32");
     }
+    // Exactly the bytes asked for, so that AddressSanitizer reports an access past them.
+    dynamic_shared_.reset(dynamic_shared_bytes == 0 ? nullptr
+                                                    : new char[dynamic_shared_bytes]);
+    dynamic_shared_bytes_ = dynamic_shared_bytes;
     fibers_.resize(threads);
     for (Fiber& fiber : fibers_) {
       if (!fiber.stack) fiber.stack.reset(new char[kStackBytes]);
@@ -104,9 +161,15 @@ class Scheduler {
 
   // Before each block, fill these byte ranges (the kernels' __shared__ variables, see
   // kernel_shared_memory) with 0xff when threads run in ascending order, 0x7f in descending.
+  // The dynamic shared memory is poisoned too.
   void poison_shared_memory(std::vector<std::pair<char*, size_t>> ranges) {
     shared_ranges_ = std::move(ranges);
+    poisoning_ = true;
   }
+
+  // The block's dynamic shared memory (extern __shared__ on a GPU; null when none was asked
+  // for); malloc's alignment, 16 bytes.
+  char* dynamic_shared() { return dynamic_shared_.get(); }
 
   // Called by the fibers: wait at a barrier of `kind` offering `value`, reading lane `source`.
   uint64_t wait_at(Wait kind, uint64_t value, int source) {
@@ -114,8 +177,21 @@ class Scheduler {
     fiber.wait = kind;
     fiber.offered = value;
     fiber.source_lane = source;
+    fiber.collective = nullptr;
     swapcontext(&fiber.context, &host_);
     return fiber.received;
+  }
+
+  // Called by the fibers: take part in the warp-collective `operation`, offering `operands`;
+  // returns once the whole warp has arrived and `results` is written.
+  void collective(const Collective& operation, const void* operands, void* results) {
+    Fiber& fiber = current();
+    fiber.wait = Wait::Warp;
+    fiber.collective = &operation;
+    fiber.operands = operands;
+    fiber.results = results;
+    swapcontext(&fiber.context, &host_);
+    fiber.collective = nullptr;
   }
 
   // A failed check inside a kernel: abandon the block and report `message` from launch().
@@ -131,7 +207,16 @@ class Scheduler {
   static void fiber_main() {
     Scheduler& scheduler = instance();
     (*scheduler.body_)();
-    scheduler.current().wait = Wait::Exited;
+    Fiber& fiber = scheduler.current();
+    if (!fiber.copies.empty()) {
+      const size_t groups = fiber.copies.committed.size();
+      scheduler.fail("cuda_emulator: thread " + std::to_string(fiber.thread_index.x) +
+                     " exits with cp.async copies that no wait covered (" +
+                     std::to_string(groups) + " committed groups not waited for, " +
+                     std::to_string(fiber.copies.open.size()) +
+                     " copies never committed): a missing cp_async_commit or cp_async_wait");
+    }
+    fiber.wait = Wait::Exited;
   }
 
   std::string block_name() const {
@@ -144,11 +229,16 @@ class Scheduler {
     for (const auto& [begin, size] : shared_ranges_) {
       std::memset(begin, descending ? 0x7f : 0xff, size);
     }
+    if (poisoning_ && dynamic_shared_) {
+      std::memset(dynamic_shared_.get(), descending ? 0x7f : 0xff, dynamic_shared_bytes_);
+    }
     const int threads = static_cast<int>(fibers_.size());
     for (int t = 0; t < threads; ++t) {
       Fiber& fiber = fibers_[t];
       fiber.thread_index = {static_cast<unsigned>(t), 0, 0};
       fiber.wait = Wait::Running;
+      fiber.collective = nullptr;
+      fiber.copies = AsyncCopies{};
       getcontext(&fiber.context);
       fiber.context.uc_stack.ss_sp = fiber.stack.get();
       fiber.context.uc_stack.ss_size = kStackBytes;
@@ -171,20 +261,46 @@ class Scheduler {
   }
 
   // Releases every warp whose 32 lanes all wait at a warp barrier; throws if some lanes of a
-  // warp wait there while others went elsewhere.
+  // warp wait there while others went elsewhere, or at another warp operation.
   bool release_warps() {
     bool released = false;
     for (size_t first = 0; first < fibers_.size(); first += kWarpSize) {
       int waiting = 0;
+      const Fiber* waiter = nullptr;
       for (int lane = 0; lane < kWarpSize; ++lane) {
-        waiting += fibers_[first + lane].wait == Wait::Warp;
+        if (fibers_[first + lane].wait != Wait::Warp) continue;
+        ++waiting;
+        waiter = &fibers_[first + lane];
       }
       if (waiting == 0) continue;
       if (waiting != kWarpSize) {
         throw KernelError("cuda_emulator: divergent warp barrier in " + block_name() + ": " +
                           std::to_string(waiting) + " of the 32 lanes of warp " +
-                          std::to_string(first / kWarpSize) +
-                          " wait at __syncwarp/__shfl_xor_sync, the others do not");
+                          std::to_string(first / kWarpSize) + " wait at " +
+                          warp_operation(*waiter) + ", the others do not");
+      }
+      const Collective* collective = fibers_[first].collective;
+      for (int lane = 1; lane < kWarpSize; ++lane) {
+        if (fibers_[first + lane].collective != collective) {
+          throw KernelError("cuda_emulator: divergent warp in " + block_name() + ": lane 0 of " +
+                            "warp " + std::to_string(first / kWarpSize) + " waits at " +
+                            warp_operation(fibers_[first]) + ", lane " + std::to_string(lane) +
+                            " at " + warp_operation(fibers_[first + lane]));
+        }
+      }
+      if (collective != nullptr) {
+        const void* operands[kWarpSize];
+        void* results[kWarpSize];
+        for (int lane = 0; lane < kWarpSize; ++lane) {
+          operands[lane] = fibers_[first + lane].operands;
+          results[lane] = fibers_[first + lane].results;
+        }
+        try {
+          collective->run(operands, results);
+        } catch (const KernelError& error) {
+          throw KernelError(std::string(error.what()) + " (warp " +
+                            std::to_string(first / kWarpSize) + " of " + block_name() + ")");
+        }
       }
       for (int lane = 0; lane < kWarpSize; ++lane) {
         Fiber& fiber = fibers_[first + lane];
@@ -194,6 +310,10 @@ class Scheduler {
       released = true;
     }
     return released;
+  }
+
+  static std::string warp_operation(const Fiber& fiber) {
+    return fiber.collective != nullptr ? fiber.collective->name : "__syncwarp/__shfl_xor_sync";
   }
 
   // Releases a __syncthreads that every thread reached (the AND of the offered predicates goes
@@ -226,6 +346,9 @@ class Scheduler {
   Index3 block_index_;
   uint64_t block_serial_ = 0;
   std::vector<std::pair<char*, size_t>> shared_ranges_;
+  bool poisoning_ = false;
+  std::unique_ptr<char[]> dynamic_shared_;
+  size_t dynamic_shared_bytes_ = 0;
   const std::function<void()>* body_ = nullptr;
   std::string error_;
 };
@@ -267,12 +390,34 @@ inline std::vector<std::pair<char*, size_t>> kernel_shared_memory(const void* an
   return ranges;
 }
 
+// Fills the __shared__ variables kernel_shared_memory(anchor, prefix) finds before each block
+// from now on; returns how many bytes that covers (0 would mean the symbol table was stripped
+// and nothing is poisoned).
+inline int64_t poison_kernel_shared_memory(const void* anchor, const std::string& prefix) {
+  auto ranges = kernel_shared_memory(anchor, prefix);
+  int64_t bytes = 0;
+  for (const auto& range : ranges) bytes += static_cast<int64_t>(range.second);
+  Scheduler::instance().poison_shared_memory(std::move(ranges));
+  return bytes;
+}
+
 // Runs kernel(args...) over a grid_x x grid_y grid of blocks of `threads` threads.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int64_t grid_x, int64_t grid_y, int threads,
             bool descending, Args&&... args) {
   const std::function<void()> body = [&] { kernel(static_cast<Params>(args)...); };
   Scheduler::instance().launch(grid_x, grid_y, threads, descending, body);
+}
+
+// The same with `dynamic_shared_bytes` of dynamic shared memory per block (the third launch
+// parameter of kernel<<<grid, block, bytes>>>), which the kernel declares with
+// MCSC_DYNAMIC_SHARED_MEMORY (include/cuda/ptx.cuh).
+template <typename... Params, typename... Args>
+void launch_with_dynamic_shared(void (*kernel)(Params...), int64_t grid_x, int64_t grid_y,
+                                int threads, size_t dynamic_shared_bytes, bool descending,
+                                Args&&... args) {
+  const std::function<void()> body = [&] { kernel(static_cast<Params>(args)...); };
+  Scheduler::instance().launch(grid_x, grid_y, threads, descending, body, dynamic_shared_bytes);
 }
 
 template <typename T>
@@ -287,6 +432,26 @@ template <typename T>
 T from_bits(uint64_t bits) {
   T value;
   std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// What the tensor cores read of a TF32 operand: the upper 19 bits of its float32 pattern.
+inline float tf32_operand(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits &= 0xffffe000u;
+  std::memcpy(&value, &bits, sizeof(bits));
+  return value;
+}
+
+// Round to TF32 (10 explicit significand bits), to nearest with ties away from zero, as
+// cvt.rna.tf32.f32 does; inf and NaN pass through.
+inline float round_to_tf32(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7f800000u) == 0x7f800000u) return value;
+  bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&value, &bits, sizeof(bits));
   return value;
 }
 

@@ -71,15 +71,6 @@ inline float to_float(float value) { return value; }
 inline float to_float(__half value) { return __half2float(value); }
 inline float to_float(__nv_bfloat16 value) { return __bfloat162float(value); }
 
-// What the tensor cores read of a TF32 operand: the upper 19 bits.
-inline float tf32_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  bits &= 0xffffe000u;
-  std::memcpy(&value, &bits, sizeof(bits));
-  return value;
-}
-
 template <typename Element>
 void check_pointer(const Element* pointer, unsigned ldm, const char* function) {
   if (reinterpret_cast<uintptr_t>(pointer) % 32 != 0) {
@@ -162,8 +153,8 @@ std::vector<float> product(const fragment<matrix_a, M, N, K, T, LayoutA>& a,
         float left = to_float(a.x[i * K + k]);
         float right = to_float(b.x[k * N + j]);
         if constexpr (kTf32) {
-          left = tf32_bits(left);
-          right = tf32_bits(right);
+          left = cuda_emulator::tf32_operand(left);
+          right = cuda_emulator::tf32_operand(right);
         }
         sum += left * right;
       }
@@ -204,16 +195,8 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d,
   }
 }
 
-// Round to TF32 (10 explicit significand bits), to nearest with ties away from zero, as
-// cvt.rna.tf32.f32 does.
-inline float __float_to_tf32(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7f800000u) == 0x7f800000u) return value;  // inf and NaN pass through
-  bits = (bits + 0x1000u) & 0xffffe000u;
-  std::memcpy(&value, &bits, sizeof(bits));
-  return value;
-}
+// cvt.rna.tf32.f32.
+inline float __float_to_tf32(float value) { return cuda_emulator::round_to_tf32(value); }
 
 }  // namespace wmma
 }  // namespace nvcuda
