@@ -64,12 +64,18 @@ def cuda_decision(forced, torch_cuda_version, cuda_home, torch_version=None):
     if torch_cuda_version is None:
         missing.append(f"a CUDA build of torch (torch {torch_version} is CPU-only)")
     if cuda_home is None:
-        missing.append("nvcc (set CUDA_HOME to the CUDA toolkit that matches torch's CUDA "
-                       f"{torch_cuda_version})" if torch_cuda_version else "nvcc")
+        missing.append(
+            "nvcc (set CUDA_HOME to the CUDA toolkit that matches torch's CUDA "
+            f"{torch_cuda_version})"
+            if torch_cuda_version
+            else "nvcc"
+        )
     if forced == "1":
         if missing:
-            raise SystemExit("MCSC_FORCE_CUDA=1 but the CUDA kernels cannot be built: missing "
-                             + " and ".join(missing))
+            raise SystemExit(
+                "MCSC_FORCE_CUDA=1 but the CUDA kernels cannot be built: missing "
+                + " and ".join(missing)
+            )
         return True, "MCSC_FORCE_CUDA=1"
     if missing:
         return False, "no " + " and no ".join(missing)
@@ -85,8 +91,9 @@ def _cpu_arch():
         return None if chosen == "none" else chosen
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo
-                          if line.startswith("flags")), [])
+            flags = next(
+                (line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []
+            )
     except OSError:
         return None
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
@@ -105,8 +112,7 @@ def _cuda_library_headers():
 def main():
     debug = os.environ.get("DEBUG") == "1"
     cuda_home = _find_cuda_home()
-    with_cuda, why = cuda_decision(os.environ.get("MCSC_FORCE_CUDA"), torch.version.cuda,
-                                   cuda_home)
+    with_cuda, why = cuda_decision(os.environ.get("MCSC_FORCE_CUDA"), torch.version.cuda, cuda_home)
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
@@ -116,8 +122,7 @@ def main():
     torch_version = f"-DMCSC_TORCH_VERSION={torch.__version__}"
     cpu_arch = _cpu_arch()
     cxx_flags = opt + ["-fopenmp", torch_version] + ([f"-march={cpu_arch}"] if cpu_arch else [])
-    nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr", torch_version,
-                        "-DMCSC_WITH_CUDA"]
+    nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr", torch_version, "-DMCSC_WITH_CUDA"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:

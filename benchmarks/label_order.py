@@ -44,8 +44,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--separations", type=float, nargs="+", default=[0.0, 1.0],
-                        help="0: the networks' embeddings as they are; > 0: pulled towards class prototypes")
+    parser.add_argument(
+        "--separations",
+        type=float,
+        nargs="+",
+        default=[0.0, 1.0],
+        help="0: the networks' embeddings as they are; > 0: pulled towards class prototypes",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -59,23 +64,49 @@ def main() -> None:
 
     criterion = MultiScaleContrastiveLoss(seed=args.seed)
     targets = criterion.targets(labels[:LABELLED], a.logits, b.logits, LABELLED)
-    print(f"batch {BATCH} ({LABELLED} labelled) at {SIZE}x{SIZE}, blocks 19 and 14, seed {args.seed}")
+    print(
+        f"batch {BATCH} ({LABELLED} labelled) at {SIZE}x{SIZE}, blocks 19 and 14, seed {args.seed}"
+    )
     # the loss's draws: one generator, scale after scale
     own_draws, published_draws = (torch.Generator().manual_seed(args.seed) for _ in range(2))
     for size, block in ((224, 19), (28, 14)):
         scale_targets = resize_labels(targets, (size, size))
         own = block_rows(scale_targets, block, True, own_draws)
-        swapped = block_rows(scale_targets, block, True, published_draws, published_label_order=True)
+        swapped = block_rows(
+            scale_targets, block, True, published_draws, published_label_order=True
+        )
         wrong = (swapped.labels != own.labels)[own.labels > 0].float().mean().item()
         print(f"scale {size}x{size}: {wrong:.1%} of the foreground rows carry a wrong label")
-    prototypes = torch.nn.functional.normalize(torch.randn(4, 128, generator=torch.Generator().manual_seed(1)), dim=1)
+    prototypes = torch.nn.functional.normalize(
+        torch.randn(4, 128, generator=torch.Generator().manual_seed(1)), dim=1
+    )
     for separation in args.separations:
-        compare(heads, cnn_features, swin_features, labels, a.logits, b.logits, targets, prototypes, separation,
-                args.seed)
+        compare(
+            heads,
+            cnn_features,
+            swin_features,
+            labels,
+            a.logits,
+            b.logits,
+            targets,
+            prototypes,
+            separation,
+            args.seed,
+        )
 
 
-def compare(heads, cnn_features, swin_features, labels, cnn_logits, swin_logits, targets, prototypes,
-            separation: float, seed: int) -> None:
+def compare(
+    heads,
+    cnn_features,
+    swin_features,
+    labels,
+    cnn_logits,
+    swin_logits,
+    targets,
+    prototypes,
+    separation: float,
+    seed: int,
+) -> None:
     """Both pairings on the same embeddings; ``separation`` > 0 pulls every pixel's embedding
     towards its class's prototype, standing in for a network that has learnt to separate them."""
     results = {}
@@ -85,15 +116,19 @@ def compare(heads, cnn_features, swin_features, labels, cnn_logits, swin_logits,
         if separation > 0:
             pulled = []
             for embedding in cnn_emb + swin_emb:
-                own = resize_labels(targets, embedding.shape[2:]).reshape(2, BATCH, *embedding.shape[2:])
+                own = resize_labels(targets, embedding.shape[2:]).reshape(
+                    2, BATCH, *embedding.shape[2:]
+                )
                 network = len(pulled) // len(cnn_emb)
                 pull = prototypes[own[network]].permute(0, 3, 1, 2)
                 pulled.append(torch.nn.functional.normalize(embedding + separation * pull, dim=1))
-            cnn_emb, swin_emb = pulled[:len(cnn_emb)], pulled[len(cnn_emb):]
+            cnn_emb, swin_emb = pulled[: len(cnn_emb)], pulled[len(cnn_emb) :]
         for embedding in cnn_emb + swin_emb:
             embedding.retain_grad()
         criterion = MultiScaleContrastiveLoss(published_label_order=published, seed=seed)
-        loss = criterion(cnn_emb, swin_emb, labels[:LABELLED], cnn_logits, swin_logits, labelled_count=LABELLED)
+        loss = criterion(
+            cnn_emb, swin_emb, labels[:LABELLED], cnn_logits, swin_logits, labelled_count=LABELLED
+        )
         loss.backward()
         results[published] = {
             "loss": loss.item(),
@@ -102,9 +137,14 @@ def compare(heads, cnn_features, swin_features, labels, cnn_logits, swin_logits,
             "head_grad": torch.cat([p.grad.reshape(-1) for p in heads.parameters()]),
         }
     paired, published = results[False], results[True]
-    scales = ", ".join(f"{own:.4f} vs {theirs:.4f}" for own, theirs in zip(paired["per_scale"], published["per_scale"]))
-    print(f"separation {separation:g}: loss {paired['loss']:.4f} (own labels) vs {published['loss']:.4f} "
-          f"(published order); per scale {scales}")
+    scales = ", ".join(
+        f"{own:.4f} vs {theirs:.4f}"
+        for own, theirs in zip(paired["per_scale"], published["per_scale"])
+    )
+    print(
+        f"separation {separation:g}: loss {paired['loss']:.4f} (own labels) vs {published['loss']:.4f} "
+        f"(published order); per scale {scales}"
+    )
     for name in ("embedding_grad", "head_grad"):
         mine, theirs = paired[name], published[name]
         relative = ((theirs - mine).norm() / mine.norm()).item()

@@ -20,33 +20,51 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
-        "train", help="train a U-Net and a Swin-UNet together, then test",
+        "train",
+        help="train a U-Net and a Swin-UNet together, then test",
         description="Train (without --data: the built-in synthetic dataset and the small recipe "
-                    "of the CPU demo), then evaluate the best checkpoint on the test split.")
+        "of the CPU demo), then evaluate the best checkpoint on the test split.",
+    )
     train.add_argument("--data", help="dataset folder (ACDC, Synapse or NIfTI layout)")
-    train.add_argument("--dataset", choices=DATASETS,
-                       help="dataset format (inferred from the folder where possible)")
-    train.add_argument("--recipe", choices=RECIPES,
-                       help="networks and schedule: paper (224x224, 40k iterations, for a GPU) or "
-                            "small (the CPU demo's); default paper for a dataset folder, small "
-                            "for the synthetic data")
+    train.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="dataset format (inferred from the folder where possible)",
+    )
+    train.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        help="networks and schedule: paper (224x224, 40k iterations, for a GPU) or "
+        "small (the CPU demo's); default paper for a dataset folder, small "
+        "for the synthetic data",
+    )
     train.add_argument("--labeled", type=int, help="number of labelled cases (patients/volumes)")
     train.add_argument("--method", choices=METHODS, help="training method (default mcsc)")
     train.add_argument("--iterations", type=int, help="training iterations")
     train.add_argument("--config", help="YAML file overriding the recipe and dataset defaults")
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     train.add_argument("--seed", type=int, help="training seed")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override any configuration value (repeatable), e.g. train.lr=1e-3")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from OUT/checkpoints/latest.pt exactly where it stopped")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any configuration value (repeatable), e.g. train.lr=1e-3",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoints/latest.pt exactly where it stopped",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--out", required=True, help="run folder")
 
     evaluate = commands.add_parser(
-        "evaluate", help="score a checkpoint on a split",
+        "evaluate",
+        help="score a checkpoint on a split",
         description="Dice, HD95 and ASD per class on the test (or val) split of the data the "
-                    "checkpoint was trained on (or of --data, in the same layout).")
+        "checkpoint was trained on (or of --data, in the same layout).",
+    )
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--data", help="dataset folder (default: the one in the checkpoint)")
     evaluate.add_argument("--split", default="test", choices=("test", "val"))
@@ -54,9 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True)
 
     predict = commands.add_parser(
-        "predict", help="segment NIfTI volumes",
+        "predict",
+        help="segment NIfTI volumes",
         description="Segment a NIfTI file or every NIfTI file of a folder; writes label maps "
-                    "OUT/<name>.nii.gz with the input's affine.")
+        "OUT/<name>.nii.gz with the input's affine.",
+    )
     predict.add_argument("--checkpoint", required=True)
     predict.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
     predict.add_argument("--device", default="auto")
@@ -97,8 +117,10 @@ def resolve_train_config(args: argparse.Namespace):
     if args.data is not None:
         config.data.path = str(Path(args.data).resolve())
     for flag, section, key in (
-        ("labeled", "data", "labeled"), ("method", "train", "method"),
-        ("iterations", "train", "iterations"), ("device", "train", "device"),
+        ("labeled", "data", "labeled"),
+        ("method", "train", "method"),
+        ("iterations", "train", "iterations"),
+        ("device", "train", "device"),
         ("seed", "train", "seed"),
     ):
         value = getattr(args, flag)
@@ -121,8 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # this command owns the process group of a torchrun job: it starts and ends it
     context = init_distributed(config.train.device)
     try:
-        summary = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress,
-                          context=context).fit()
+        summary = Trainer(
+            config, args.out, resume=args.resume, progress=not args.no_progress, context=context
+        ).fit()
     except NonFiniteLossError as error:  # the run diverged: not a usage error (status 2)
         print(f"mcsc: error: {error}", file=sys.stderr)
         return 3
@@ -130,8 +153,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         destroy_distributed()
     if not summary:  # a rank > 0 of a torchrun job: rank 0 reports
         return 0
-    print(f"mean Dice {summary['mean_dice']:.4f}, mean HD95 {summary['mean_hd95']:.3f} "
-          f"{summary['unit']}; outputs in {args.out}")
+    print(
+        f"mean Dice {summary['mean_dice']:.4f}, mean HD95 {summary['mean_hd95']:.3f} "
+        f"{summary['unit']}; outputs in {args.out}"
+    )
     return 0
 
 
@@ -166,12 +191,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"the {config.data.dataset} data has no {args.split} split")
     amp = config.train.amp and device.type == "cuda"
     summary, kept = evaluate_volumes(
-        evaluation_models(models, config.train.eval_network), volumes, data.num_classes,
-        data.class_names, config.data.patch_size, device, amp, keep_predictions=4,
+        evaluation_models(models, config.train.eval_network),
+        volumes,
+        data.num_classes,
+        data.class_names,
+        config.data.patch_size,
+        device,
+        amp,
+        keep_predictions=4,
     )
-    summary.update({"split": args.split, "method": config.train.method,
-                    "network": config.train.eval_network, "checkpoint": str(args.checkpoint),
-                    "checkpoint_iteration": int(state["iteration"])})
+    summary.update(
+        {
+            "split": args.split,
+            "method": config.train.method,
+            "network": config.train.eval_network,
+            "checkpoint": str(args.checkpoint),
+            "checkpoint_iteration": int(state["iteration"]),
+        }
+    )
     out = Path(args.out)
     write_metrics(summary, out)
     save_prediction_figure(out / "predictions.png", kept, data.num_classes)
@@ -206,7 +243,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in files:
         image, _, nii = read_image(path, config.data.channel, config.data.dataset)
         prediction = predict_volume(chosen, image, config.data.patch_size, device, amp=amp)
-        labels = to_nifti_order(prediction).astype(np.uint8 if config.data.num_classes < 256 else np.int16)
+        labels = to_nifti_order(prediction).astype(
+            np.uint8 if config.data.num_classes < 256 else np.int16
+        )
         result = nib.Nifti1Image(labels, nii.affine)
         result.set_qform(*nii.get_qform(coded=True))
         result.set_sform(*nii.get_sform(coded=True))
@@ -220,13 +259,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from mcsc.data import prepare_acdc
 
     counts = prepare_acdc(args.raw_dir, args.out_dir, seed=args.seed)
-    print(f"wrote {counts['volumes']} volumes of {counts['patients']} patients "
-          f"({counts['train_slices']} training slices) to {args.out_dir}")
+    print(
+        f"wrote {counts['volumes']} volumes of {counts['patients']} patients "
+        f"({counts['train_slices']} training slices) to {args.out_dir}"
+    )
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "prepare": cmd_prepare}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "prepare": cmd_prepare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,8 +25,11 @@ TRAINING_PACKAGES = {
 
 def missing_training_packages() -> list[str]:
     """PyPI names of the ``train`` extra's packages that cannot be imported here."""
-    return [package for module, package in TRAINING_PACKAGES.items()
-            if importlib.util.find_spec(module) is None]
+    return [
+        package
+        for module, package in TRAINING_PACKAGES.items()
+        if importlib.util.find_spec(module) is None
+    ]
 
 
 def training_packages_problem() -> str:
@@ -34,7 +37,9 @@ def training_packages_problem() -> str:
     missing = missing_training_packages()
     if not missing:
         return ""
-    return ("the trainer needs the packages of mcsc's \"train\" extra, and these are missing: "
-            f"{', '.join(missing)}. Install them with `pip install {' '.join(missing)}`, or "
-            "reinstall mcsc with the extra: `pip install --no-build-isolation \".[train]\"` in the "
-            "mcsc source folder")
+    return (
+        'the trainer needs the packages of mcsc\'s "train" extra, and these are missing: '
+        f"{', '.join(missing)}. Install them with `pip install {' '.join(missing)}`, or "
+        'reinstall mcsc with the extra: `pip install --no-build-isolation ".[train]"` in the '
+        "mcsc source folder"
+    )

@@ -53,7 +53,9 @@ def make_synapse(root: Path, cases: int = 3, depth: int = 3, size: int = 16) -> 
     for c in range(cases):
         image, label = blob_volume(rng, (depth, size, size), classes=9)
         for k in range(depth):
-            np.savez(root / "train_npz" / f"case{c:04d}_slice{k:03d}.npz", image=image[k], label=label[k])
+            np.savez(
+                root / "train_npz" / f"case{c:04d}_slice{k:03d}.npz", image=image[k], label=label[k]
+            )
     for c in range(2):
         image, label = blob_volume(rng, (depth, size, size), classes=9)
         with h5py.File(root / "test_vol_h5" / f"case{100 + c:04d}.npy.h5", "w") as f:
@@ -69,8 +71,9 @@ def write_nifti(path: Path, array: np.ndarray, spacing=(1.5, 1.5, 3.0)) -> None:
     nib.save(image, str(path))
 
 
-def make_nifti(root: Path, cases: int = 5, shape=(16, 16, 4), dataset_json: bool = True,
-               four_d: bool = False) -> Path:
+def make_nifti(
+    root: Path, cases: int = 5, shape=(16, 16, 4), dataset_json: bool = True, four_d: bool = False
+) -> Path:
     """Decathlon layout; labels 0..3; optionally 4D (2-channel) images."""
     rng = np.random.default_rng(2)
     (root / "imagesTr").mkdir(parents=True)
@@ -98,10 +101,16 @@ def make_raw_acdc(root: Path, patients: int = 5, shape=(16, 16, 3)) -> Path:
         for frame in (1, 12):
             image, label = blob_volume(rng, (shape[2], shape[0], shape[1]))
             name = f"patient{p:03d}_frame{frame:02d}"
-            write_nifti(folder / f"{name}.nii.gz", np.transpose(image, (1, 2, 0)) * 300,
-                        spacing=(1.4, 1.4, 10.0))
-            write_nifti(folder / f"{name}_gt.nii.gz",
-                        np.transpose(label, (1, 2, 0)).astype(np.uint8), spacing=(1.4, 1.4, 10.0))
+            write_nifti(
+                folder / f"{name}.nii.gz",
+                np.transpose(image, (1, 2, 0)) * 300,
+                spacing=(1.4, 1.4, 10.0),
+            )
+            write_nifti(
+                folder / f"{name}_gt.nii.gz",
+                np.transpose(label, (1, 2, 0)).astype(np.uint8),
+                spacing=(1.4, 1.4, 10.0),
+            )
     return root
 
 

@@ -17,8 +17,12 @@ from mcsc.training.checkpoint import CheckpointError, load_checkpoint, save_chec
 
 
 def small_state(value: float = 1.0) -> dict:
-    return {"format": 1, "iteration": 3, "config": {"data": {"dataset": "synthetic"}},
-            "models": {"cnn": {"weight": torch.full((64, 64), value)}}}
+    return {
+        "format": 1,
+        "iteration": 3,
+        "config": {"data": {"dataset": "synthetic"}},
+        "models": {"cnn": {"weight": torch.full((64, 64), value)}},
+    }
 
 
 @pytest.fixture
@@ -40,8 +44,9 @@ def assert_refused(path, reason: str):
 
 def test_a_sound_checkpoint_loads(saved):
     state = load_checkpoint(saved)
-    assert state["iteration"] == 3 and torch.equal(state["models"]["cnn"]["weight"],
-                                                   torch.ones(64, 64))
+    assert state["iteration"] == 3 and torch.equal(
+        state["models"]["cnn"]["weight"], torch.ones(64, 64)
+    )
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.3, 0.9, "all but 1", "all but 22"])

@@ -39,8 +39,7 @@ POISON = {False: -1, True: 0x7F7F7F7F}
 @pytest.fixture(scope="module")
 def instructions():
     if not emulation.cuda_header_dirs():
-        pytest.skip("needs the CUDA headers (cuda_fp16.h): the CUDA toolkit or torch's CUDA "
-                    "wheels")
+        pytest.skip("needs the CUDA headers (cuda_fp16.h): the CUDA toolkit or torch's CUDA wheels")
     module = emulation.load_instructions()
     assert module.poison_shared_memory() > 0, "found no __shared__ variable to poison"
     return module
@@ -111,8 +110,9 @@ def pack(matrix: torch.Tensor, coordinate, elements: int) -> torch.Tensor:
 
 
 def pack_accumulator(matrix: torch.Tensor) -> torch.Tensor:
-    return torch.stack([torch.stack([matrix[accumulator(lane, i)] for i in range(4)])
-                        for lane in range(32)])
+    return torch.stack(
+        [torch.stack([matrix[accumulator(lane, i)] for i in range(4)]) for lane in range(32)]
+    )
 
 
 def unpack_accumulator(registers: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,7 @@ def run_mma(instructions, kind, matrices, descending, lanes=32):
     b = torch.cat([pack(b_matrix.to(dtype), table_b, elements_b) for _, b_matrix, _ in matrices])
     c = torch.cat([pack_accumulator(c_matrix) for _, _, c_matrix in matrices])
     d = instructions.mma(kind, a, b, c, lanes, descending)
-    return [unpack_accumulator(d[32 * w:32 * (w + 1)]) for w in range(len(matrices))]
+    return [unpack_accumulator(d[32 * w : 32 * (w + 1)]) for w in range(len(matrices))]
 
 
 @ORDERS
@@ -148,10 +148,14 @@ def test_mma_fragment_layout(instructions, kind, descending):
     bitwise, in each of two warps with different matrices."""
     _, k, *_ = SHAPES[kind]
     generator = torch.Generator().manual_seed(len(kind))
-    matrices = [(torch.randint(-8, 9, (16, k), generator=generator).float(),
-                 torch.randint(-8, 9, (k, 8), generator=generator).float(),
-                 torch.randint(-64, 65, (16, 8), generator=generator).float())
-                for _ in range(2)]
+    matrices = [
+        (
+            torch.randint(-8, 9, (16, k), generator=generator).float(),
+            torch.randint(-8, 9, (k, 8), generator=generator).float(),
+            torch.randint(-64, 65, (16, 8), generator=generator).float(),
+        )
+        for _ in range(2)
+    ]
     for (a, b, c), d in zip(matrices, run_mma(instructions, kind, matrices, descending)):
         assert torch.equal(d, a @ b + c), f"{kind}: D differs from A @ B + C"
 
@@ -200,18 +204,36 @@ def test_to_tf32_rounds_to_nearest_ties_away(instructions):
     generator = torch.Generator().manual_seed(7)
     one = 1.0
     step = 2.0**-10  # TF32's spacing in [1, 2)
-    special = [one + step / 2, one + 3 * step / 2, -(one + step / 2), one + step / 2 - 2.0**-23,
-               2.0**-130, 3 * 2.0**-137, 2.0**-140, 3.4028234e38, -3.4028234e38, 0.0, -0.0,
-               float("inf"), float("-inf")]
-    values = torch.cat([torch.tensor(special), torch.randn(2000, generator=generator) * 1e3,
-                        torch.randn(200, generator=generator) * 1e-39])
+    special = [
+        one + step / 2,
+        one + 3 * step / 2,
+        -(one + step / 2),
+        one + step / 2 - 2.0**-23,
+        2.0**-130,
+        3 * 2.0**-137,
+        2.0**-140,
+        3.4028234e38,
+        -3.4028234e38,
+        0.0,
+        -0.0,
+        float("inf"),
+        float("-inf"),
+    ]
+    values = torch.cat(
+        [
+            torch.tensor(special),
+            torch.randn(2000, generator=generator) * 1e3,
+            torch.randn(200, generator=generator) * 1e-39,
+        ]
+    )
     bits = instructions.to_tf32(values)
     assert bool(((bits & 0x1FFF) == 0).all()), "a TF32 pattern keeps bits below the significand"
     got = bits.view(torch.float32)
     expected = torch.tensor([tf32_rounded(float(x)) for x in values], dtype=torch.float64)
     assert torch.equal(got.double(), expected.float().double())
-    assert bool(torch.isnan(instructions.to_tf32(torch.tensor([float("nan")])).view(
-        torch.float32)).all())
+    assert bool(
+        torch.isnan(instructions.to_tf32(torch.tensor([float("nan")])).view(torch.float32)).all()
+    )
 
 
 def test_tf32_mma_reads_the_upper_19_bits(instructions):
@@ -233,16 +255,16 @@ def test_tf32_mma_reads_the_upper_19_bits(instructions):
 TILE_ROWS, TILE_COLS = 64, 16  # the kernel's shared tile: 64 rows of 16 int16 (32 bytes)
 
 
-def ldmatrix_expected(tile: torch.Tensor, offsets: list[int], matrices: int,
-                      transpose: bool) -> torch.Tensor:
+def ldmatrix_expected(
+    tile: torch.Tensor, offsets: list[int], matrices: int, transpose: bool
+) -> torch.Tensor:
     """Each lane's registers (32, matrices) as (low, high) element pairs, by the ISA: lanes
     8m .. 8m+7 give the rows of matrix m; lane L's register m holds row L / 4, columns
     2 (L % 4) and 2 (L % 4) + 1 of matrix m, or of its transpose with .trans."""
     flat = tile.flatten()
     expected = torch.zeros(32, matrices, 2, dtype=torch.int64)
     for m in range(matrices):
-        matrix = torch.stack([flat[offsets[8 * m + r]:offsets[8 * m + r] + 8]
-                              for r in range(8)])
+        matrix = torch.stack([flat[offsets[8 * m + r] : offsets[8 * m + r] + 8] for r in range(8)])
         if transpose:
             matrix = matrix.T
         for lane in range(32):
@@ -262,8 +284,9 @@ def test_ldmatrix_fragment_layout(instructions, matrices, transpose, descending)
     offsets = [int(row) * TILE_COLS + 8 * int(half) for row, half in zip(rows, halves)]
     # Lanes past 8 * matrices supply no row: their (misaligned) addresses must be ignored.
     offsets = [offset if lane < 8 * matrices else 3 for lane, offset in enumerate(offsets)]
-    registers = instructions.ldmatrix(matrices, transpose, tile, torch.tensor(offsets),
-                                      descending).long()
+    registers = instructions.ldmatrix(
+        matrices, transpose, tile, torch.tensor(offsets), descending
+    ).long()
     got = torch.stack([registers & 0xFFFF, (registers >> 16) & 0xFFFF], dim=-1)
     assert torch.equal(got, ldmatrix_expected(tile, offsets, matrices, transpose))
 
@@ -283,7 +306,8 @@ def test_cp_async_lands_at_the_covering_wait(instructions, size, descending):
     assert bool((before == POISON[descending]).all()), "a copy landed before its wait"
     assert torch.equal(after_one[:, :4], expected[:, :4])
     assert bool((after_one[:, 4:].view(torch.int32) == POISON[descending]).all()), (
-        "wait_group 1 landed the newest group too")
+        "wait_group 1 landed the newest group too"
+    )
     assert torch.equal(after_all, expected)
 
 
@@ -312,18 +336,41 @@ def test_dynamic_shared_memory_is_shared_and_poisoned(instructions, descending):
 
 
 @ORDERS
-@pytest.mark.parametrize("kernel, message", [
-    ("divergent_mma", ("divergent warp barrier in block (0, 0): 16 of the 32 lanes of warp 0 "
-                       "wait at mma_m16n8k16_bf16, the others do not")),
-    ("mismatched_warp", ("divergent warp in block (0, 0): lane 0 of warp 0 waits at "
-                         "mma_m16n8k16_f16, lane 16 at ldmatrix_x1")),
-    ("misaligned_ldmatrix", "ldmatrix_x4: the row address of lane 3 is not 16-byte aligned"),
-    ("misaligned_cp_async", "cp_async<16>: an address of thread"),
-    ("missing_wait", ("exits with cp.async copies that no wait covered (1 committed groups not "
-                      "waited for, 0 copies never committed)")),
-    ("missing_commit", ("exits with cp.async copies that no wait covered (0 committed groups "
-                        "not waited for, 1 copies never committed)")),
-])
+@pytest.mark.parametrize(
+    "kernel, message",
+    [
+        (
+            "divergent_mma",
+            (
+                "divergent warp barrier in block (0, 0): 16 of the 32 lanes of warp 0 "
+                "wait at mma_m16n8k16_bf16, the others do not"
+            ),
+        ),
+        (
+            "mismatched_warp",
+            (
+                "divergent warp in block (0, 0): lane 0 of warp 0 waits at "
+                "mma_m16n8k16_f16, lane 16 at ldmatrix_x1"
+            ),
+        ),
+        ("misaligned_ldmatrix", "ldmatrix_x4: the row address of lane 3 is not 16-byte aligned"),
+        ("misaligned_cp_async", "cp_async<16>: an address of thread"),
+        (
+            "missing_wait",
+            (
+                "exits with cp.async copies that no wait covered (1 committed groups not "
+                "waited for, 0 copies never committed)"
+            ),
+        ),
+        (
+            "missing_commit",
+            (
+                "exits with cp.async copies that no wait covered (0 committed groups "
+                "not waited for, 1 copies never committed)"
+            ),
+        ),
+    ],
+)
 def test_misuse_is_reported(instructions, kernel, message, descending):
     with pytest.raises(RuntimeError, match=re.escape(message)):
         instructions.misuse(kernel, descending)

@@ -6,6 +6,14 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from mcsc_fixtures import (
+    make_acdc,
+    make_nifti,
+    make_raw_acdc,
+    make_synapse,
+    tiny_config,
+    write_nifti,
+)
 
 from mcsc.data import DataError, SliceDataset, TwoStreamBatchSampler, build_data, infer_dataset
 from mcsc.data.acdc import build_acdc, prepare_acdc
@@ -15,15 +23,6 @@ from mcsc.data.synapse import build_synapse
 from mcsc.data.synthetic import build_synthetic, make_case
 from mcsc.data.transforms import augment, normalise_volume
 from mcsc.training.config import preset
-
-from mcsc_fixtures import (
-    make_acdc,
-    make_nifti,
-    make_raw_acdc,
-    make_synapse,
-    tiny_config,
-    write_nifti,
-)
 
 
 def test_synthetic_is_deterministic_imbalanced_and_split():
@@ -35,7 +34,9 @@ def test_synthetic_is_deterministic_imbalanced_and_split():
     assert fractions[1] > 5 * fractions[3] > 0  # large organ vs small lesion
     bundle = build_synthetic(labelled=2, num_cases=10, size=32, depth=4)
     split = bundle.split
-    assert sorted(split["train"] + split["val"] + split["test"]) == [f"synth_{i:03d}" for i in range(10)]
+    assert sorted(split["train"] + split["val"] + split["test"]) == [
+        f"synth_{i:03d}" for i in range(10)
+    ]
     assert len(bundle.train) == 4 * len(split["train"])
     assert bundle.labelled_cases == split["train"][:2]
     assert len(bundle.labelled_indices()) == 8
@@ -276,8 +277,11 @@ def test_labels_without_images_and_clashing_names_are_named(tmp_path):
         build_nifti(only_images, labelled=None, seed=0)
     nii = make_nifti(tmp_path / "clash", cases=4)
     write_image(nii / "imagesUnlabelled" / "case_001.nii.gz")
-    with pytest.raises(DataError, match=r"imagesUnlabelled/case_001.nii.gz: case name case_001 is "
-                                        r"also the name of .*imagesTr/case_001.nii.gz"):
+    with pytest.raises(
+        DataError,
+        match=r"imagesUnlabelled/case_001.nii.gz: case name case_001 is "
+        r"also the name of .*imagesTr/case_001.nii.gz",
+    ):
         build_nifti(nii, labelled=1, seed=0)
 
 
@@ -290,7 +294,8 @@ def test_saved_split_keeps_its_unlabelled_cases(tmp_path):
     assert again.split == split and "extra_001" not in again.train.cases
     old = {part: names for part, names in split.items() if part != "unlabelled"}
     assert build_nifti(nii, labelled=1, seed=0, split=old).split["unlabelled"] == [
-        "extra_000", "extra_001"
+        "extra_000",
+        "extra_001",
     ]
     (nii / "labelsTr" / f"{split['test'][0]}.nii.gz").unlink()
     case = split["test"][0]
@@ -307,8 +312,10 @@ def test_training_start_prints_the_counts_and_saves_the_unlabelled_cases(tmp_pat
     config.data.dataset, config.data.path, config.data.labeled = "nifti", str(nii), 1
     trainer = Trainer(config, tmp_path / "run")
     trainer.setup()
-    assert "nifti data: 1 labelled and 3 unlabelled training cases (1 of them images without " \
-           "labels), 1 validation and 1 test cases" in capsys.readouterr().out
+    assert (
+        "nifti data: 1 labelled and 3 unlabelled training cases (1 of them images without "
+        "labels), 1 validation and 1 test cases" in capsys.readouterr().out
+    )
     saved = json.loads((tmp_path / "run" / "split.json").read_text())
     assert saved["unlabelled"] == ["extra_000"] and config.data.split == saved
     extra = set(slices_of(trainer.data, "extra_000"))

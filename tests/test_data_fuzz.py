@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mcsc_fixtures import make_nifti, write_nifti
 
 from mcsc.data.base import DataError
 from mcsc.data.files import check_files, check_volumes, volume_source
 from mcsc.data.nifti import build_nifti
 from mcsc.data.synapse import read_npz
-
-from mcsc_fixtures import make_nifti, write_nifti
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NUM_CLASSES = 4
@@ -93,7 +92,7 @@ def truncations():
 def truncate(path: Path, keep) -> None:
     raw = path.read_bytes()
     length = len(raw) + keep if isinstance(keep, int) else int(len(raw) * keep)
-    path.write_bytes(raw[:max(length, 0)])
+    path.write_bytes(raw[: max(length, 0)])
 
 
 def assert_named(path: Path, read) -> None:

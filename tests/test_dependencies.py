@@ -19,25 +19,28 @@ def test_import_mcsc_and_the_op_load_none_of_the_trainer_packages():
         f"loaded = sorted(m for m in {HEAVY!r} if m in set(sys.modules) - by_torch)\n"
         "print(','.join(loaded))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
     assert result.stdout.strip() == ""
 
 
 def test_cli_names_the_missing_packages_and_the_extra(monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(dependencies, "TRAINING_PACKAGES",
-                        {"json": "json", "timm": "timm", "nibabel": "nibabel"})
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("timm", "nibabel") else
-                        real_find_spec(name, *a))
+    monkeypatch.setattr(
+        dependencies, "TRAINING_PACKAGES", {"json": "json", "timm": "timm", "nibabel": "nibabel"}
+    )
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("timm", "nibabel") else real_find_spec(name, *a),
+    )
     assert dependencies.missing_training_packages() == ["timm", "nibabel"]
     assert cli.main(["train", "--out", "unused"]) == 2
     message = capsys.readouterr().err
     assert "timm, nibabel" in message
     assert "pip install timm nibabel" in message
     assert '".[train]"' in message
-
 
 
 def test_an_unbuilt_package_says_how_to_build_it(tmp_path):
@@ -51,7 +54,12 @@ def test_an_unbuilt_package_says_how_to_build_it(tmp_path):
     shutil.copytree(source, tmp_path / "mcsc", ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
     result = subprocess.run(
         [sys.executable, "-W", "always", "-c", "import mcsc; print(mcsc.backend('cpu'))"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=True)
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert result.stdout.strip() == "reference"
     assert f"mcsc._C is not in {tmp_path / 'mcsc'}" in result.stderr
     assert "pip install --no-build-isolation --no-deps --force-reinstall ." in result.stderr

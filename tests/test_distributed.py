@@ -50,8 +50,17 @@ def global_data():
 
 
 def samplers(rank: int, world: int):
-    args = (list(range(LABELLED)), list(range(LABELLED, LABELLED + UNLABELLED)), LABELLED, UNLABELLED, 3, 7)
-    return TwoStreamBatchSampler(*args), ShardedTwoStreamBatchSampler(*args, rank=rank, world_size=world)
+    args = (
+        list(range(LABELLED)),
+        list(range(LABELLED, LABELLED + UNLABELLED)),
+        LABELLED,
+        UNLABELLED,
+        3,
+        7,
+    )
+    return TwoStreamBatchSampler(*args), ShardedTwoStreamBatchSampler(
+        *args, rank=rank, world_size=world
+    )
 
 
 def local_indices(rank: int, world: int) -> list[int]:
@@ -63,11 +72,22 @@ def local_indices(rank: int, world: int) -> list[int]:
 def build_models():
     torch.manual_seed(0)
     cnn = UNet(1, CLASSES, channels=(4, 8, 8, 8), dropout=(0.0,) * 4)
-    swin = SwinUNet(img_size=SIZE, in_channels=1, num_classes=CLASSES, embed_dim=8, depths=(2, 2),
-                    num_heads=(1, 2), window_size=4, drop_path_rate=0.0)
-    heads = build_projection_heads([cnn.feature_channels[feature_index(cnn, s)] for s in STRIDES],
-                                   [swin.feature_channels[feature_index(swin, s)] for s in STRIDES],
-                                   hidden=16, out=8)
+    swin = SwinUNet(
+        img_size=SIZE,
+        in_channels=1,
+        num_classes=CLASSES,
+        embed_dim=8,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        window_size=4,
+        drop_path_rate=0.0,
+    )
+    heads = build_projection_heads(
+        [cnn.feature_channels[feature_index(cnn, s)] for s in STRIDES],
+        [swin.feature_channels[feature_index(swin, s)] for s in STRIDES],
+        hidden=16,
+        out=8,
+    )
     return {"cnn": cnn, "swin": swin, "heads": heads}
 
 
@@ -82,21 +102,36 @@ def train_step(context: mdist.DistributedContext, sampler: str = "blocks") -> di
     params = [p for m in models.values() for p in m.parameters()]
     optimizer = torch.optim.SGD(params, lr=0.5)
     contrastive = mdist.DistributedContrastiveLoss(
-        MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(8, 4), pixels_per_class=16, seed=5))
+        MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(8, 4), pixels_per_class=16, seed=5)
+    )
 
     cnn_out, swin_out = forward["cnn"](images), forward["swin"](images)
     cnn_logits, swin_logits, all_labels, all_lab = cnn_out.logits, swin_out.logits, labels, lab
     layout = None
     if context.enabled:
         layout = mdist.batch_layout(images.shape[0], lab)
-        cnn_logits, swin_logits = mdist.gather_batch(cnn_logits, layout), mdist.gather_batch(swin_logits, layout)
+        cnn_logits, swin_logits = (
+            mdist.gather_batch(cnn_logits, layout),
+            mdist.gather_batch(swin_logits, layout),
+        )
         all_labels, all_lab = mdist.gather_batch(labels, layout), layout.total_labelled
     cnn_emb, swin_emb = forward["heads"](
         [cnn_out.features[feature_index(models["cnn"], s)] for s in STRIDES],
-        [swin_out.features[feature_index(models["swin"], s)] for s in STRIDES])
-    con = contrastive(cnn_emb, swin_emb, all_labels[:all_lab], cnn_logits, swin_logits, all_lab, layout=layout)
-    terms = method_losses(cnn_logits, swin_logits, all_labels, all_lab, CLASSES, cross_teaching_weight=0.3,
-                          contrastive=con, contrastive_weight=0.5)  # the trainer's composition
+        [swin_out.features[feature_index(models["swin"], s)] for s in STRIDES],
+    )
+    con = contrastive(
+        cnn_emb, swin_emb, all_labels[:all_lab], cnn_logits, swin_logits, all_lab, layout=layout
+    )
+    terms = method_losses(
+        cnn_logits,
+        swin_logits,
+        all_labels,
+        all_lab,
+        CLASSES,
+        cross_teaching_weight=0.3,
+        contrastive=con,
+        contrastive_weight=0.5,
+    )  # the trainer's composition
     optimizer.zero_grad()
     terms["loss"].backward()
     grads = {f"{n}.{k}": p.grad.clone() for n, m in models.items() for k, p in m.named_parameters()}
@@ -105,7 +140,11 @@ def train_step(context: mdist.DistributedContext, sampler: str = "blocks") -> di
         "losses": {name: float(v.detach()) for name, v in terms.items()},
         "rows": contrastive.diagnostics.rows,
         "grads": grads,
-        "state": {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()},
+        "state": {
+            f"{n}.{k}": v.detach().clone()
+            for n, m in models.items()
+            for k, v in m.state_dict().items()
+        },
     }
 
 
@@ -113,8 +152,14 @@ def contrastive_only(context: mdist.DistributedContext, sampler: str, use_unlabe
     """The gathered contrastive loss on leaf embeddings; returns the loss and this rank's gradients."""
     g = torch.Generator().manual_seed(9)
     batch = LABELLED + UNLABELLED
-    maps = [torch.nn.functional.normalize(torch.randn(batch, 8, s, s, generator=g), dim=1) for s in (16, 8)]
-    swin_maps = [torch.nn.functional.normalize(torch.randn(batch, 8, s, s, generator=g), dim=1) for s in (16, 8)]
+    maps = [
+        torch.nn.functional.normalize(torch.randn(batch, 8, s, s, generator=g), dim=1)
+        for s in (16, 8)
+    ]
+    swin_maps = [
+        torch.nn.functional.normalize(torch.randn(batch, 8, s, s, generator=g), dim=1)
+        for s in (16, 8)
+    ]
     logits = torch.randn(2, batch, CLASSES, 16, 16, generator=g)
     _, labels = global_data()
     labels = labels[:, ::2, ::2].contiguous()
@@ -125,21 +170,39 @@ def contrastive_only(context: mdist.DistributedContext, sampler: str, use_unlabe
     # the global batch in the single-process order, as gather_batch gives it
     everyone = [i for r in range(context.world_size) for i in local_indices(r, context.world_size)]
     global_images = torch.tensor(everyone)[layout.global_order()]
-    loss = mdist.DistributedContrastiveLoss(MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(4, 4),
-                                                                      pixels_per_class=8, seed=3))
-    value = loss(cnn, swin, labels[global_images][:LABELLED], logits[0][global_images], logits[1][global_images],
-                 LABELLED, use_unlabelled=use_unlabelled, layout=layout)
+    loss = mdist.DistributedContrastiveLoss(
+        MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(4, 4), pixels_per_class=8, seed=3)
+    )
+    value = loss(
+        cnn,
+        swin,
+        labels[global_images][:LABELLED],
+        logits[0][global_images],
+        logits[1][global_images],
+        LABELLED,
+        use_unlabelled=use_unlabelled,
+        layout=layout,
+    )
     value.backward()
-    return {"loss": float(value.detach()), "rows": loss.diagnostics.rows, "indices": mine,
-            "grads": [t.grad for t in cnn + swin]}
+    return {
+        "loss": float(value.detach()),
+        "rows": loss.diagnostics.rows,
+        "indices": mine,
+        "grads": [t.grad for t in cnn + swin],
+    }
 
 
 CONTRASTIVE_CASES = [("blocks", True), ("balanced", True), ("all", True), ("blocks", False)]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     context = mdist.init_distributed("cpu", timeout_minutes=3)
     try:
@@ -165,7 +228,9 @@ def ranks(tmp_path_factory):
 def assert_close_dicts(a: dict, b: dict, rtol=1e-4, atol=1e-6):
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 # ----------------------------------------------------------------------------- tests
@@ -176,13 +241,15 @@ def test_sharded_sampler_splits_every_global_batch():
         parts = [samplers(r, WORLD)[1].batch(iteration) for r in range(WORLD)]
         for part in parts:  # each rank: its labelled share first, then its unlabelled share
             assert len(part) == (LABELLED + UNLABELLED) // WORLD
-            assert all(i < LABELLED for i, _ in part[:LABELLED // WORLD])
-            assert all(i >= LABELLED for i, _ in part[LABELLED // WORLD:])
-        labelled = [x for part in parts for x in part[:LABELLED // WORLD]]
-        unlabelled = [x for part in parts for x in part[LABELLED // WORLD:]]
+            assert all(i < LABELLED for i, _ in part[: LABELLED // WORLD])
+            assert all(i >= LABELLED for i, _ in part[LABELLED // WORLD :])
+        labelled = [x for part in parts for x in part[: LABELLED // WORLD]]
+        unlabelled = [x for part in parts for x in part[LABELLED // WORLD :]]
         assert labelled + unlabelled == whole  # disjoint, same items and augmentation seeds
     # an epoch of the labelled stream (4 items, 1 batch) holds no duplicates across ranks
-    assert sorted(i for r in range(WORLD) for i, _ in samplers(r, WORLD)[1].batch(0)) == list(range(8))
+    assert sorted(i for r in range(WORLD) for i, _ in samplers(r, WORLD)[1].batch(0)) == list(
+        range(8)
+    )
 
 
 def test_sharded_sampler_resumes_and_is_deterministic():
@@ -192,7 +259,9 @@ def test_sharded_sampler_resumes_and_is_deterministic():
     resumed = samplers(1, WORLD)[1]
     resumed.load_state_dict({"seed": 7, "start": 2})
     assert list(resumed) == straight[2:] and resumed.state_dict() == {"seed": 7, "start": 2}
-    other = ShardedTwoStreamBatchSampler(list(range(4)), list(range(4, 8)), 4, 4, 3, seed=8, rank=1, world_size=2)
+    other = ShardedTwoStreamBatchSampler(
+        list(range(4)), list(range(4, 8)), 4, 4, 3, seed=8, rank=1, world_size=2
+    )
     assert list(other) != straight
 
 
@@ -240,7 +309,9 @@ def test_one_ddp_step_equals_one_process_on_the_global_batch(ranks):
     assert_close_dicts(ranks[0]["step"]["state"], ranks[1]["step"]["state"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", CONTRASTIVE_CASES, ids=lambda c: f"{c[0]}-{'all' if c[1] else 'labelled'}")
+@pytest.mark.parametrize(
+    "case", CONTRASTIVE_CASES, ids=lambda c: f"{c[0]}-{'all' if c[1] else 'labelled'}"
+)
 def test_gathered_contrastive_loss_equals_one_process(ranks, case):
     single = contrastive_only(mdist.DistributedContext(), *case)
     for r in ranks:
@@ -261,18 +332,24 @@ class Interrupted(Exception):
 
 def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
     """Straight 5-iteration run; a run killed after iteration 3 and resumed from iteration 2."""
+    from mcsc_fixtures import tiny_config
+
     from mcsc.training.checkpoint import load_checkpoint
     from mcsc.training.config import Config
     from mcsc.training.trainer import Trainer
-    from mcsc_fixtures import tiny_config
 
     class Killed(Trainer):
         def on_iteration_end(self, iteration, logs):
             if iteration == 3:
                 raise Interrupted
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     mdist.init_distributed("cpu", timeout_minutes=3)  # the caller owns the process group
     try:
@@ -283,14 +360,17 @@ def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
             pass
         mdist.barrier()  # rank 0's checkpoint of iteration 2 is on disk
         partial = load_checkpoint(Path(out) / "killed" / "checkpoints" / "latest.pt")
-        Trainer(Config.from_dict(partial["config"]), Path(out) / "killed", resume=True, progress=False).fit()
+        Trainer(
+            Config.from_dict(partial["config"]), Path(out) / "killed", resume=True, progress=False
+        ).fit()
     finally:
         mdist.destroy_distributed()
 
 
 def run_processes(worker, out: Path) -> None:
-    context = mp.start_processes(worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + SPAWN_TIMEOUT
     try:
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):
@@ -319,32 +399,55 @@ def test_ddp_trainer_resumes_exactly(tmp_path):
 def test_torchrun_two_processes_train_and_resume(tmp_path):
     """``torchrun --nproc_per_node=2 -m mcsc train``: completes, rank 0 alone writes and reports."""
     import yaml
-
     from mcsc_fixtures import tiny_config
 
     values = tiny_config("mcsc", iterations=3).to_dict()
-    values["data"] = {k: v for k, v in values["data"].items() if k.startswith("synthetic")
-                      or k in ("labeled", "patch_size", "num_workers")}
+    values["data"] = {
+        k: v
+        for k, v in values["data"].items()
+        if k.startswith("synthetic") or k in ("labeled", "patch_size", "num_workers")
+    }
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(values))
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(*args):
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-                   f"--master_port={free_port()}", "-m", "mcsc", "train", *args, "--device", "cpu",
-                   "--no-progress", "--out", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={WORLD}",
+            f"--master_port={free_port()}",
+            "-m",
+            "mcsc",
+            "train",
+            *args,
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
         # not from the repository root, where `-m mcsc` would import the source tree (which may
         # lack the compiled extension) instead of the package the tests import
-        result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
-                                timeout=SPAWN_TIMEOUT)
+        result = subprocess.run(
+            command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=SPAWN_TIMEOUT
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout
 
     stdout = torchrun("--config", str(config), "--iterations", "3")
     assert stdout.count("; outputs in") == 1  # only rank 0 reports
-    for name in ("config.yaml", "split.json", "metrics.json", "metrics.txt", "predictions.png",
-                 "checkpoints/latest.pt", "checkpoints/best.pt"):
+    for name in (
+        "config.yaml",
+        "split.json",
+        "metrics.json",
+        "metrics.txt",
+        "predictions.png",
+        "checkpoints/latest.pt",
+        "checkpoints/best.pt",
+    ):
         assert (out / name).is_file(), name
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's
     assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["iteration"] == 3

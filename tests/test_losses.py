@@ -41,8 +41,14 @@ def dense_public_supcon(z, y, temperature):
 def make_batch(seed=0, batch=4, labelled=2, sizes=(36, 12), dim=8, size=36):
     """Embeddings per scale, labels and logits; the top-left quarter is background everywhere."""
     g = torch.Generator().manual_seed(seed)
-    cnn = [F.normalize(torch.randn(batch, dim, s, s, generator=g), dim=1).requires_grad_() for s in sizes]
-    swin = [F.normalize(torch.randn(batch, dim, s, s, generator=g), dim=1).requires_grad_() for s in sizes]
+    cnn = [
+        F.normalize(torch.randn(batch, dim, s, s, generator=g), dim=1).requires_grad_()
+        for s in sizes
+    ]
+    swin = [
+        F.normalize(torch.randn(batch, dim, s, s, generator=g), dim=1).requires_grad_()
+        for s in sizes
+    ]
     labels = torch.randint(0, C, (labelled, size, size), generator=g)
     cnn_logits = torch.randn(batch, C, size, size, generator=g)
     swin_logits = torch.randn(batch, C, size, size, generator=g)
@@ -79,10 +85,18 @@ def dense_blocks(cnn_emb, swin_emb, cnn_t, swin_t, block, temperature, order=Non
         zs, ys = [], []
         for m in range(maps_f.shape[0]):
             i, j = blocks[order[m][k]] if order is not None else blocks[k]
-            zs.append(maps_f[m, :, i * block:(i + 1) * block, j * block:(j + 1) * block].reshape(maps_f.shape[1], -1).T)
-            ys.append(maps_y[m, i * block:(i + 1) * block, j * block:(j + 1) * block])
+            zs.append(
+                maps_f[m, :, i * block : (i + 1) * block, j * block : (j + 1) * block]
+                .reshape(maps_f.shape[1], -1)
+                .T
+            )
+            ys.append(maps_y[m, i * block : (i + 1) * block, j * block : (j + 1) * block])
         z = torch.cat(zs)
-        y = torch.stack(ys).transpose(0, 1).reshape(-1) if published else torch.cat([v.reshape(-1) for v in ys])
+        y = (
+            torch.stack(ys).transpose(0, 1).reshape(-1)
+            if published
+            else torch.cat([v.reshape(-1) for v in ys])
+        )
         if y.sum() == 0:
             continue
         losses.append(dense_public_supcon(z, y, temperature))
@@ -91,12 +105,15 @@ def dense_blocks(cnn_emb, swin_emb, cnn_t, swin_t, block, temperature, order=Non
 
 def test_blocks_equals_dense_per_block_computation():
     cnn, swin, labels, cl, sl = make_batch()
-    criterion = MultiScaleContrastiveLoss(sampler="blocks", block_sizes=(5, 4), shuffle_blocks=False,
-                                          temperature=0.1)
+    criterion = MultiScaleContrastiveLoss(
+        sampler="blocks", block_sizes=(5, 4), shuffle_blocks=False, temperature=0.1
+    )
     loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
     diag = criterion.diagnostics
     ct, st = cross_targets(labels, cl, sl, 2)
-    expected, groups = zip(*(dense_blocks(cnn[s], swin[s], ct, st, b, 0.1) for s, b in ((0, 5), (1, 4))))
+    expected, groups = zip(
+        *(dense_blocks(cnn[s], swin[s], ct, st, b, 0.1) for s, b in ((0, 5), (1, 4)))
+    )
     torch.testing.assert_close(loss.double(), sum(expected), rtol=1e-5, atol=1e-6)
     assert diag.segments.tolist() == list(groups)
     assert groups[0] < 36  # 6x6 blocks, the all-background top-left ones are skipped
@@ -106,40 +123,56 @@ def test_blocks_equals_dense_per_block_computation():
 def test_blocks_shuffled_equals_dense_with_the_same_block_orders():
     cnn, swin, labels, cl, sl = make_batch(seed=1)
     seed = 7
-    criterion = MultiScaleContrastiveLoss(scales=[0], sampler="blocks", block_sizes=5, temperature=0.2, seed=seed)
+    criterion = MultiScaleContrastiveLoss(
+        scales=[0], sampler="blocks", block_sizes=5, temperature=0.2, seed=seed
+    )
     loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
     diag = criterion.diagnostics
     # documented scheme: one random order per map (4 CNN maps then 4 Swin maps), argsort of uniforms
-    order = torch.argsort(torch.rand(8, 36, generator=torch.Generator().manual_seed(seed)), dim=1).tolist()
+    order = torch.argsort(
+        torch.rand(8, 36, generator=torch.Generator().manual_seed(seed)), dim=1
+    ).tolist()
     ct, st = cross_targets(labels, cl, sl, 2)
     expected, groups = dense_blocks(cnn[0], swin[0], ct, st, 5, 0.2, order=order)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    assert diag.segments.tolist() == [groups] and groups == 36  # shuffling mixes foreground into every group
+    assert (
+        diag.segments.tolist() == [groups] and groups == 36
+    )  # shuffling mixes foreground into every group
 
 
 @pytest.mark.parametrize("scales", [[0], [1]])
 def test_published_label_order_equals_the_public_pairing(scales):
     cnn, swin, labels, cl, sl = make_batch(seed=2)
     seed, block = 11, (5, 4)[scales[0]]
-    criterion = MultiScaleContrastiveLoss(scales=scales, sampler="blocks", block_sizes=block, seed=seed,
-                                          published_label_order=True)
+    criterion = MultiScaleContrastiveLoss(
+        scales=scales, sampler="blocks", block_sizes=block, seed=seed, published_label_order=True
+    )
     loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
     size = cnn[scales[0]].shape[-1]
     per = size // block - 1
-    order = torch.argsort(torch.rand(8, per * per, generator=torch.Generator().manual_seed(seed)), dim=1).tolist()
+    order = torch.argsort(
+        torch.rand(8, per * per, generator=torch.Generator().manual_seed(seed)), dim=1
+    ).tolist()
     ct, st = cross_targets(labels, cl, sl, 2)
-    expected, groups = dense_blocks(cnn[scales[0]], swin[scales[0]], ct, st, block, 0.1, order=order, published=True)
+    expected, groups = dense_blocks(
+        cnn[scales[0]], swin[scales[0]], ct, st, block, 0.1, order=order, published=True
+    )
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     assert criterion.diagnostics.segments.tolist() == [groups]
-    paired = MultiScaleContrastiveLoss(scales=scales, sampler="blocks", block_sizes=block, seed=seed)
-    assert paired(cnn, swin, labels, cl, sl, labelled_count=2).item() != pytest.approx(loss.item(), rel=1e-3)
+    paired = MultiScaleContrastiveLoss(
+        scales=scales, sampler="blocks", block_sizes=block, seed=seed
+    )
+    assert paired(cnn, swin, labels, cl, sl, labelled_count=2).item() != pytest.approx(
+        loss.item(), rel=1e-3
+    )
 
 
 def test_published_label_order_mispairs_pixels_of_different_maps():
     targets = torch.arange(2 * 12 * 12).reshape(2, 12, 12)  # every pixel its own label
     for published in (False, True):
-        rows, labels, _ = block_rows(targets, 3, shuffle=False, generator=torch.Generator(),
-                                           published_label_order=published)
+        rows, labels, _ = block_rows(
+            targets, 3, shuffle=False, generator=torch.Generator(), published_label_order=published
+        )
         own = labels == targets.reshape(-1)[rows]
         if not published:
             assert bool(own.all())
@@ -147,23 +180,33 @@ def test_published_label_order_mispairs_pixels_of_different_maps():
             # within a group of M = 2 maps of 3x3, position (m, y, x) carries the label of pixel
             # (y', x) of map m' where m * 3 + y = y' * 2 + m': 2 of the 6 block rows keep their own
             assert own.float().mean().item() == pytest.approx(2 / 6)
-            assert torch.equal(torch.sort(labels).values, torch.sort(targets.reshape(-1)[rows]).values)
+            assert torch.equal(
+                torch.sort(labels).values, torch.sort(targets.reshape(-1)[rows]).values
+            )
     with pytest.raises(ValueError, match="published_label_order"):
         MultiScaleContrastiveLoss(sampler="all", published_label_order=True)
 
 
 def test_block_rows_structure():
     targets = torch.ones(3, 20, 20, dtype=torch.long)
-    rows, labels, lengths = block_rows(targets, 6, shuffle=True, generator=torch.Generator().manual_seed(0))
+    rows, labels, lengths = block_rows(
+        targets, 6, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(labels, targets.reshape(-1)[rows])
     # 20 // 6 - 1 = 2 blocks per side from the top-left corner; the rest is cropped
     assert lengths.tolist() == [3 * 36] * 4
     groups = rows.reshape(4, 3, 36)
     for m in range(3):
         taken = groups[:, m].reshape(-1)
-        assert torch.equal(taken // 400, torch.full_like(taken, m))  # one block of every map per group
+        assert torch.equal(
+            taken // 400, torch.full_like(taken, m)
+        )  # one block of every map per group
         pixels = taken % 400
-        assert pixels.unique().numel() == 4 * 36 and int((pixels // 20).max()) < 12 and int((pixels % 20).max()) < 12
+        assert (
+            pixels.unique().numel() == 4 * 36
+            and int((pixels // 20).max()) < 12
+            and int((pixels % 20).max()) < 12
+        )
     with pytest.raises(ValueError, match="leaves no block"):
         block_rows(targets, 11, shuffle=False, generator=torch.Generator())
 
@@ -181,15 +224,17 @@ def test_one_supcon_call_per_distinct_temperature(monkeypatch):
     MultiScaleContrastiveLoss(block_sizes=(5, 4))(cnn, swin, labels, cl, sl, labelled_count=2)
     assert len(calls) == 1 and calls[0][1] == 0.1 and calls[0][2] > 1
     calls.clear()
-    MultiScaleContrastiveLoss(block_sizes=(5, 4), temperature=(0.1, 0.5))(cnn, swin, labels, cl, sl, 2)
+    MultiScaleContrastiveLoss(block_sizes=(5, 4), temperature=(0.1, 0.5))(
+        cnn, swin, labels, cl, sl, 2
+    )
     assert sorted(t for _, t, _ in calls) == [0.1, 0.5]
 
 
 def test_balanced_respects_k_and_rare_classes_first():
     targets = torch.zeros(2, 10, 10, dtype=torch.long)
-    targets[:, :3, :] = 1       # 30 pixels of class 1
-    targets[:, 9, :2] = 2       # 2 pixels of class 2, 68 of class 0
-    targets[1, 5, 5] = -1       # ignored
+    targets[:, :3, :] = 1  # 30 pixels of class 1
+    targets[:, 9, :2] = 2  # 2 pixels of class 2, 68 of class 0
+    targets[1, 5, 5] = -1  # ignored
     g = torch.Generator().manual_seed(0)
     rows = balanced_rows(targets, 10, C, g)
     picked = targets.reshape(-1)[rows]
@@ -206,7 +251,9 @@ def test_balanced_respects_k_and_rare_classes_first():
 
 def test_balanced_sampler_in_the_loss():
     cnn, swin, labels, cl, sl = make_batch()
-    criterion = MultiScaleContrastiveLoss(sampler="balanced", pixels_per_class=7, block_sizes=(5, 4))
+    criterion = MultiScaleContrastiveLoss(
+        sampler="balanced", pixels_per_class=7, block_sizes=(5, 4)
+    )
     loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
     diag = criterion.diagnostics
     # 8 maps (4 images x 2 networks), at most 7 pixels per class each, all classes present at 36x36
@@ -228,7 +275,9 @@ def test_all_sampler_is_the_plain_loss_over_every_pixel():
     s = z @ z.T / 0.1
     off = ~torch.eye(len(y), dtype=torch.bool)
     positives = (y[:, None] == y[None, :]) & off
-    per_row = torch.logsumexp(s.masked_fill(~off, -math.inf), 1) - (s * positives).sum(1) / positives.sum(1)
+    per_row = torch.logsumexp(s.masked_fill(~off, -math.inf), 1) - (s * positives).sum(
+        1
+    ) / positives.sum(1)
     torch.testing.assert_close(loss.double(), per_row.mean(), rtol=1e-5, atol=1e-6)
     assert diag.rows == 2 * 4 * 144 and int(diag.pixels_per_class[0].sum()) == 2 * 4 * 144
 
@@ -252,16 +301,24 @@ def test_determinism_under_a_fixed_seed():
     for sampler in ("blocks", "balanced"):
         results = []
         for seed in (3, 3, 4):
-            criterion = MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(5, 4), pixels_per_class=5, seed=seed)
-            results.append((criterion(cnn, swin, labels, cl, sl, labelled_count=2).item(),
-                            criterion.diagnostics.pixels_per_class.tolist()))
+            criterion = MultiScaleContrastiveLoss(
+                sampler=sampler, block_sizes=(5, 4), pixels_per_class=5, seed=seed
+            )
+            results.append(
+                (
+                    criterion(cnn, swin, labels, cl, sl, labelled_count=2).item(),
+                    criterion.diagnostics.pixels_per_class.tolist(),
+                )
+            )
         assert results[0] == results[1]
         assert results[0][0] != results[2][0]
 
 
 def test_gradient_reaches_both_networks_embeddings():
     cnn, swin, labels, cl, sl = make_batch()
-    loss = MultiScaleContrastiveLoss(block_sizes=(5, 4))(cnn, swin, labels, cl, sl, labelled_count=2)
+    loss = MultiScaleContrastiveLoss(block_sizes=(5, 4))(
+        cnn, swin, labels, cl, sl, labelled_count=2
+    )
     loss.backward()
     for e in cnn + swin:
         assert e.grad is not None and e.grad.abs().sum() > 0
@@ -276,7 +333,9 @@ def test_contrastive_bad_inputs():
     with pytest.raises(ValueError, match="ignore_index"):
         MultiScaleContrastiveLoss(ignore_index=1)(cnn, swin, labels, cl, sl, labelled_count=2)
     with pytest.raises(ValueError, match="block_sizes"):
-        MultiScaleContrastiveLoss(block_sizes=(5, 4, 3))(cnn, swin, labels, cl, sl, labelled_count=2)
+        MultiScaleContrastiveLoss(block_sizes=(5, 4, 3))(
+            cnn, swin, labels, cl, sl, labelled_count=2
+        )
 
 
 def test_dice_supervised_and_cross_teaching():

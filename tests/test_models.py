@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from mcsc.losses import MultiScaleContrastiveLoss, supervised_loss
-from mcsc.models import (ContrastiveHeads, SegmentationOutput, SwinUNet, UNet, build_projection_heads,
-                         feature_index, load_swin_encoder_checkpoint)
+from mcsc.models import (
+    ContrastiveHeads,
+    SegmentationOutput,
+    SwinUNet,
+    UNet,
+    build_projection_heads,
+    feature_index,
+    load_swin_encoder_checkpoint,
+)
 
 TINY_SWIN = dict(embed_dim=12, num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0)
 
@@ -19,7 +26,11 @@ def test_unet_shapes(size):
     assert isinstance(out, SegmentationOutput)
     assert out.logits.shape == (2, 3, size, size)
     assert [tuple(f.shape) for f in out.features] == [
-        (2, 16, size, size), (2, 32, size // 2, size // 2), (2, 64, size // 4, size // 4), (2, 128, size // 8, size // 8)]
+        (2, 16, size, size),
+        (2, 32, size // 2, size // 2),
+        (2, 64, size // 4, size // 4),
+        (2, 128, size // 8, size // 8),
+    ]
     assert model.feature_channels == (16, 32, 64, 128) and model.feature_strides == (1, 2, 4, 8)
 
 
@@ -40,7 +51,11 @@ def test_swin_unet_shapes(size):
     out = model(torch.randn(2, 1, size, size))
     assert out.logits.shape == (2, 4, size, size)
     assert [tuple(f.shape) for f in out.features] == [
-        (2, 12, size, size), (2, 12, size // 4, size // 4), (2, 24, size // 8, size // 8), (2, 48, size // 16, size // 16)]
+        (2, 12, size, size),
+        (2, 12, size // 4, size // 4),
+        (2, 24, size // 8, size // 8),
+        (2, 48, size // 16, size // 16),
+    ]
     assert model.feature_channels == (12, 12, 24, 48) and model.feature_strides == (1, 4, 8, 16)
 
 
@@ -49,8 +64,17 @@ def test_swin_unet_default_is_the_paper_model():
     assert model.feature_channels == (96, 96, 192, 384)
     with torch.no_grad():
         out = model(torch.randn(1, 1, 224, 224))
-    assert [tuple(f.shape[1:]) for f in out.features] == [(96, 224, 224), (96, 56, 56), (192, 28, 28), (384, 14, 14)]
-    assert feature_index(model, 8) == 2 and feature_index(UNet(), 8) == 3 and feature_index(model, 1) == 0
+    assert [tuple(f.shape[1:]) for f in out.features] == [
+        (96, 224, 224),
+        (96, 56, 56),
+        (192, 28, 28),
+        (384, 14, 14),
+    ]
+    assert (
+        feature_index(model, 8) == 2
+        and feature_index(UNet(), 8) == 3
+        and feature_index(model, 1) == 0
+    )
 
 
 def test_swin_unet_bad_configuration():
@@ -68,14 +92,22 @@ def test_projection_heads_share_the_last_convolution():
     heads = build_projection_heads([16, 128], [96, 192], hidden=32, out=8)
     assert isinstance(heads, ContrastiveHeads)
     for scale in range(2):
-        assert heads.cnn_heads[scale].shared is heads.swin_heads[scale].shared is heads.shared[scale]
+        assert (
+            heads.cnn_heads[scale].shared is heads.swin_heads[scale].shared is heads.shared[scale]
+        )
     distinct = {id(p) for p in heads.parameters()}
     # per scale: two first convolutions (weight, bias) + one shared convolution (weight, bias),
     # plus the LayerNorm (weight, bias) of the coarse Swin head
     assert len(distinct) == len(list(heads.parameters())) == 14
-    cnn, swin = heads([torch.randn(2, 16, 8, 8), torch.randn(2, 128, 2, 2)],
-                      [torch.randn(2, 96, 8, 8), torch.randn(2, 192, 2, 2)])
-    assert [tuple(e.shape) for e in cnn] == [(2, 8, 8, 8), (2, 8, 2, 2)] == [tuple(e.shape) for e in swin]
+    cnn, swin = heads(
+        [torch.randn(2, 16, 8, 8), torch.randn(2, 128, 2, 2)],
+        [torch.randn(2, 96, 8, 8), torch.randn(2, 192, 2, 2)],
+    )
+    assert (
+        [tuple(e.shape) for e in cnn]
+        == [(2, 8, 8, 8), (2, 8, 2, 2)]
+        == [tuple(e.shape) for e in swin]
+    )
     for e in cnn + swin:
         torch.testing.assert_close(e.norm(dim=1), torch.ones(e.shape[0], *e.shape[2:]))
     with pytest.raises(ValueError, match="one per scale"):
@@ -84,7 +116,9 @@ def test_projection_heads_share_the_last_convolution():
 
 def test_the_coarse_swin_head_normalises_its_input_as_the_public_code():
     heads = build_projection_heads([16, 128], [96, 192], hidden=32, out=8)
-    assert isinstance(heads.swin_heads[1].norm, torch.nn.LayerNorm) and heads.swin_heads[1].norm.normalized_shape == (192,)
+    assert isinstance(heads.swin_heads[1].norm, torch.nn.LayerNorm) and heads.swin_heads[
+        1
+    ].norm.normalized_shape == (192,)
     for head in (heads.cnn_heads[0], heads.cnn_heads[1], heads.swin_heads[0]):
         assert isinstance(head.norm, torch.nn.Identity)
     # the norm runs over the channels: a per-pixel affine change of the input changes nothing
@@ -100,11 +134,18 @@ def test_the_coarse_swin_head_normalises_its_input_as_the_public_code():
 
 def test_swin_drop_path_is_configurable_and_0_2_by_default():
     def rates(model):
-        return [block.drop_path1.drop_prob if hasattr(block.drop_path1, "drop_prob") else 0.0
-                for stage in model.encoder.layers for block in stage.blocks]
+        return [
+            block.drop_path1.drop_prob if hasattr(block.drop_path1, "drop_prob") else 0.0
+            for stage in model.encoder.layers
+            for block in stage.blocks
+        ]
 
-    assert max(rates(SwinUNet(img_size=32, embed_dim=12, num_heads=(1, 2, 4, 8), window_size=4))) == pytest.approx(0.2)
-    assert max(rates(SwinUNet(img_size=32, **dict(TINY_SWIN, drop_path_rate=0.35)))) == pytest.approx(0.35)
+    assert max(
+        rates(SwinUNet(img_size=32, embed_dim=12, num_heads=(1, 2, 4, 8), window_size=4))
+    ) == pytest.approx(0.2)
+    assert max(
+        rates(SwinUNet(img_size=32, **dict(TINY_SWIN, drop_path_rate=0.35)))
+    ) == pytest.approx(0.35)
 
 
 def test_gradients_reach_both_networks_and_all_heads():
@@ -113,15 +154,20 @@ def test_gradients_reach_both_networks_and_all_heads():
     cnn = UNet(num_classes=3, channels=(4, 8, 16, 32, 64), dropout=(0.0,) * 5)
     swin = SwinUNet(img_size=size, num_classes=3, **TINY_SWIN)
     ci, si = feature_index(cnn, 8), feature_index(swin, 8)
-    heads = build_projection_heads([4, cnn.feature_channels[ci]], [12, swin.feature_channels[si]], hidden=16, out=8)
+    heads = build_projection_heads(
+        [4, cnn.feature_channels[ci]], [12, swin.feature_channels[si]], hidden=16, out=8
+    )
     criterion = MultiScaleContrastiveLoss(sampler="all")
     images = torch.randn(4, 1, size, size)
     labels = torch.randint(0, 3, (labelled, size, size))
     a, b = cnn(images), swin(images)
     cnn_emb, swin_emb = heads([a.features[0], a.features[ci]], [b.features[0], b.features[si]])
     contrastive = criterion(cnn_emb, swin_emb, labels, a.logits, b.logits, labelled_count=labelled)
-    loss = supervised_loss(a.logits[:labelled], labels, 3) + supervised_loss(b.logits[:labelled], labels, 3) \
+    loss = (
+        supervised_loss(a.logits[:labelled], labels, 3)
+        + supervised_loss(b.logits[:labelled], labels, 3)
         + contrastive
+    )
     loss.backward()
     for name, module in [("unet", cnn), ("swin", swin), ("heads", heads)]:
         for pname, p in module.named_parameters():
@@ -140,8 +186,12 @@ def test_gradients_reach_both_networks_and_all_heads():
 
 def _to_original_layout(state):
     """timm layout (downsample at the start of stage i) -> Microsoft layout (end of stage i - 1)."""
-    return {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
-            for k, v in state.items()}
+    return {
+        re.sub(
+            r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k
+        ): v
+        for k, v in state.items()
+    }
 
 
 def test_swin_checkpoint_round_trip(tmp_path):
@@ -153,10 +203,18 @@ def test_swin_checkpoint_round_trip(tmp_path):
     for key, value in source.encoder.state_dict().items():
         torch.testing.assert_close(target.encoder.state_dict()[key], value, rtol=0, atol=0)
     # the decoder stage of width 12 (the last one) mirrors encoder stage 0, as in Swin-UNet
-    torch.testing.assert_close(target.decoder[-1].blocks[1].mlp.fc1.weight,
-                               source.encoder.layers[0].blocks[1].mlp.fc1.weight, rtol=0, atol=0)
-    torch.testing.assert_close(target.decoder[0].blocks[0].attn.qkv.weight,
-                               source.encoder.layers[2].blocks[0].attn.qkv.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        target.decoder[-1].blocks[1].mlp.fc1.weight,
+        source.encoder.layers[0].blocks[1].mlp.fc1.weight,
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        target.decoder[0].blocks[0].attn.qkv.weight,
+        source.encoder.layers[2].blocks[0].attn.qkv.weight,
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_swin_checkpoint_original_layout_rgb_and_deeper_blocks(tmp_path):
@@ -174,10 +232,16 @@ def test_swin_checkpoint_original_layout_rgb_and_deeper_blocks(tmp_path):
     skipped = load_swin_encoder_checkpoint(target, path)
     assert "head.weight" in skipped and any(k.startswith("layers.2.blocks.5.") for k in skipped)
     # grey input: the RGB patch embedding is summed over its input channels
-    torch.testing.assert_close(target.encoder.patch_embed.proj.weight,
-                               source.encoder.patch_embed.proj.weight.sum(1, keepdim=True))
-    torch.testing.assert_close(target.encoder.layers[1].downsample.reduction.weight,
-                               source.encoder.layers[1].downsample.reduction.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        target.encoder.patch_embed.proj.weight,
+        source.encoder.patch_embed.proj.weight.sum(1, keepdim=True),
+    )
+    torch.testing.assert_close(
+        target.encoder.layers[1].downsample.reduction.weight,
+        source.encoder.layers[1].downsample.reduction.weight,
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_swin_checkpoint_errors(tmp_path):

@@ -31,7 +31,9 @@ def dense_supcon(z, y, temperature, ignore_index=-1):
     off = ~torch.eye(len(y), dtype=torch.bool)
     positives = (y[:, None] == y[None, :]) & off
     count = positives.sum(1)
-    per_row = torch.logsumexp(s.masked_fill(~off, -math.inf), 1) - (s * positives).sum(1) / count.clamp(min=1)
+    per_row = torch.logsumexp(s.masked_fill(~off, -math.inf), 1) - (s * positives).sum(
+        1
+    ) / count.clamp(min=1)
     return per_row[count > 0].mean()
 
 
@@ -68,10 +70,15 @@ def test_supcon_module_arguments():
     expected, _ = supcon_per_anchor_reference(unit, labels, segments, 0.2, True, -1)
     torch.testing.assert_close(per_row, expected)
     assert per_row[:5].abs().sum() == 0  # ignored rows
-    torch.testing.assert_close(SupConLoss(reduction="sum", temperature=0.2)(embeddings, labels, segments),
-                               expected.sum())
-    for bad, match in (({"temperature": 0}, "temperature"), ({"weighting": "balanced"}, "weighting"),
-                       ({"reduction": "max"}, "reduction"), ({"ignore_index": 1.5}, "ignore_index")):
+    torch.testing.assert_close(
+        SupConLoss(reduction="sum", temperature=0.2)(embeddings, labels, segments), expected.sum()
+    )
+    for bad, match in (
+        ({"temperature": 0}, "temperature"),
+        ({"weighting": "balanced"}, "weighting"),
+        ({"reduction": "max"}, "reduction"),
+        ({"ignore_index": 1.5}, "ignore_index"),
+    ):
         with pytest.raises((ValueError, TypeError), match=match):
             SupConLoss(**bad)
     with pytest.raises(ValueError, match="features"):
@@ -79,17 +86,32 @@ def test_supcon_module_arguments():
 
 
 # --------------------------------------------------------------------------- label resizing
-@pytest.mark.parametrize("shape, size", [((224, 224), (28, 28)), ((36, 36), (12, 12)), ((10, 10), (5, 5)),
-                                         ((30, 45), (8, 13)), ((64, 64), (28, 28)), ((256, 256), (32, 32)),
-                                         ((28, 28), (224, 224)), ((7, 9), (1, 4)), ((100, 7), (7, 100))])
+@pytest.mark.parametrize(
+    "shape, size",
+    [
+        ((224, 224), (28, 28)),
+        ((36, 36), (12, 12)),
+        ((10, 10), (5, 5)),
+        ((30, 45), (8, 13)),
+        ((64, 64), (28, 28)),
+        ((256, 256), (32, 32)),
+        ((28, 28), (224, 224)),
+        ((7, 9), (1, 4)),
+        ((100, 7), (7, 100)),
+    ],
+)
 def test_resize_labels_equals_scipy_zoom_order_0(shape, size):
-    labels = torch.randint(1, 1000, (3,) + shape, generator=torch.Generator().manual_seed(sum(shape)))
+    labels = torch.randint(
+        1, 1000, (3,) + shape, generator=torch.Generator().manual_seed(sum(shape))
+    )
     factors = (1, size[0] / shape[0], size[1] / shape[1])
     resized = resize_labels(labels, size)
     # the same pixel for every output pixel; scipy's default mode="constant" also writes its
     # cval 0 into the last row or column when rounding puts that coordinate a hair past the
     # edge (30 -> 8, 64 -> 28, 256 -> 32), which mode="nearest" does not and neither do we
-    assert torch.equal(resized, torch.from_numpy(ndimage.zoom(labels.numpy(), factors, order=0, mode="nearest")))
+    assert torch.equal(
+        resized, torch.from_numpy(ndimage.zoom(labels.numpy(), factors, order=0, mode="nearest"))
+    )
     published = torch.from_numpy(ndimage.zoom(labels.numpy(), factors, order=0))
     assert published.shape[1:] == size
     if shape == (224, 224):  # the method's coarse labels, exactly as the public code makes them
@@ -107,7 +129,10 @@ def test_resize_labels_is_not_every_eighth_pixel():
 # ---------------------------------------------------------------------- PixelContrastiveLoss
 def make_maps(seed=0, batch=3, dim=8, sizes=(24, 8), size=24, classes=3):
     g = torch.Generator().manual_seed(seed)
-    maps = [F.normalize(torch.randn(batch, dim, s, s, generator=g), dim=1).requires_grad_() for s in sizes]
+    maps = [
+        F.normalize(torch.randn(batch, dim, s, s, generator=g), dim=1).requires_grad_()
+        for s in sizes
+    ]
     labels = torch.randint(0, classes, (batch, size, size), generator=g)
     return maps, labels
 
@@ -124,7 +149,9 @@ def test_all_sampler_is_plain_supcon_over_every_pixel_of_every_scale():
         expected.append(dense_supcon(rows.detach(), scale_labels, temperature))
     torch.testing.assert_close(loss.double(), sum(expected), rtol=1e-5, atol=1e-6)
     diagnostics = criterion.diagnostics
-    assert diagnostics.loss_per_scale.tolist() == pytest.approx([float(e) for e in expected], rel=1e-5)
+    assert diagnostics.loss_per_scale.tolist() == pytest.approx(
+        [float(e) for e in expected], rel=1e-5
+    )
     assert diagnostics.ignored.tolist() == [4 * 24, int((resize_labels(labels, (8, 8)) < 0).sum())]
     assert diagnostics.rows == 3 * (24 * 24 + 8 * 8) - int(diagnostics.ignored.sum())
     loss.backward()
@@ -138,7 +165,9 @@ def test_one_map_equals_the_cross_loss_of_one_network():
     logits = torch.zeros(2, 3, 24, 24)
     for sampler in ("blocks", "balanced", "all"):
         settings = {"sampler": sampler, "block_sizes": (6, 2), "pixels_per_class": 9, "seed": 4}
-        cross = MultiScaleContrastiveLoss(**settings)(maps, swin, labels, logits, logits, labelled_count=2)
+        cross = MultiScaleContrastiveLoss(**settings)(
+            maps, swin, labels, logits, logits, labelled_count=2
+        )
         pooled = [torch.cat([m, s]) for m, s in zip(maps, swin)]
         single = PixelContrastiveLoss(**settings)(pooled, torch.cat([labels, labels]))
         torch.testing.assert_close(cross, single)
@@ -147,18 +176,25 @@ def test_one_map_equals_the_cross_loss_of_one_network():
 def test_blocks_sampler_on_one_map_and_ignore_index():
     maps, labels = make_maps(seed=5, batch=2, sizes=(24,))
     labels[:, 6:12] = 255
-    criterion = PixelContrastiveLoss(sampler="blocks", block_sizes=6, shuffle_blocks=False, ignore_index=255)
+    criterion = PixelContrastiveLoss(
+        sampler="blocks", block_sizes=6, shuffle_blocks=False, ignore_index=255
+    )
     loss = criterion(maps[0], labels)
     # 24 // 6 - 1 = 3 blocks per side; the block row y = 6..11 holds only ignored pixels
     groups = []
     for i in range(3):
         for j in range(3):
-            z = maps[0][:, :, i * 6:(i + 1) * 6, j * 6:(j + 1) * 6].permute(0, 2, 3, 1).reshape(-1, 8)
-            y = labels[:, i * 6:(i + 1) * 6, j * 6:(j + 1) * 6].reshape(-1)
+            z = (
+                maps[0][:, :, i * 6 : (i + 1) * 6, j * 6 : (j + 1) * 6]
+                .permute(0, 2, 3, 1)
+                .reshape(-1, 8)
+            )
+            y = labels[:, i * 6 : (i + 1) * 6, j * 6 : (j + 1) * 6].reshape(-1)
             if bool(((y != 255) & (y != 0)).any()):
                 valid = y != 255
-                per_row, _ = supcon_per_anchor_reference(z[valid].detach(), y[valid], torch.tensor([0, int(valid.sum())]),
-                                                         0.1, True, 255)
+                per_row, _ = supcon_per_anchor_reference(
+                    z[valid].detach(), y[valid], torch.tensor([0, int(valid.sum())]), 0.1, True, 255
+                )
                 groups.append(per_row.mean())
     assert len(groups) == 6 and criterion.diagnostics.segments.tolist() == [6]
     torch.testing.assert_close(loss, torch.stack(groups).mean())
@@ -188,8 +224,18 @@ def test_pixel_loss_bad_inputs():
 # ------------------------------------------------------------------ the package's surface
 def test_import_mcsc_needs_torch_alone():
     """``import mcsc`` and the losses must work without the trainer's dependencies."""
-    heavy = ["scipy", "timm", "skimage", "h5py", "nibabel", "matplotlib", "yaml", "tensorboard", "torchvision",
-             "pytorch_metric_learning"]
+    heavy = [
+        "scipy",
+        "timm",
+        "skimage",
+        "h5py",
+        "nibabel",
+        "matplotlib",
+        "yaml",
+        "tensorboard",
+        "torchvision",
+        "pytorch_metric_learning",
+    ]
     code = (
         "import sys\n"
         f"for name in {heavy!r}:\n"
@@ -202,7 +248,9 @@ def test_import_mcsc_needs_torch_alone():
         "assert torch.isfinite(mcsc.SupConLoss()(torch.randn(10, 4), torch.randint(0, 2, (10,))))\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
@@ -222,7 +270,7 @@ def readme_section(title: str) -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index(f"## {title}")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end >= 0 else None]
+    return text[start : end if end >= 0 else None]
 
 
 def test_readme_example_trains_and_the_loss_goes_down():

@@ -60,8 +60,13 @@ def build_data(data) -> DataBundle:
     fractions = tuple(data.split_fractions)
     if kind == "synthetic":
         bundle = build_synthetic(
-            data.labeled or 4, data.synthetic_cases, data.synthetic_size,
-            data.synthetic_depth, seed=seed, fractions=fractions, split=data.split,
+            data.labeled or 4,
+            data.synthetic_cases,
+            data.synthetic_size,
+            data.synthetic_depth,
+            seed=seed,
+            fractions=fractions,
+            split=data.split,
         )
     elif data.path is None:
         raise DataError(f"dataset {kind!r} needs a data folder, and none was given")
@@ -72,8 +77,14 @@ def build_data(data) -> DataBundle:
         bundle = build_synapse(data.path, data.labeled or 4, data.num_classes or len(names), names)
     elif kind == "nifti":
         bundle = build_nifti(
-            data.path, data.labeled, seed=seed, fractions=fractions, split=data.split,
-            num_classes=data.num_classes, class_names=data.class_names, channel=data.channel,
+            data.path,
+            data.labeled,
+            seed=seed,
+            fractions=fractions,
+            split=data.split,
+            num_classes=data.num_classes,
+            class_names=data.class_names,
+            channel=data.channel,
         )
     else:
         raise DataError(f"unknown dataset {kind!r}")
@@ -83,4 +94,3 @@ def build_data(data) -> DataBundle:
     if bundle.split:
         data.split = bundle.split
     return bundle
-

@@ -93,9 +93,7 @@ def prepare_acdc(raw_dir: str | Path, out_dir: str | Path, seed: int = 1337) -> 
     import nibabel as nib
 
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    frames = sorted(
-        p for p in raw_dir.rglob("patient*_frame[0-9][0-9].nii*") if p.is_file()
-    )
+    frames = sorted(p for p in raw_dir.rglob("patient*_frame[0-9][0-9].nii*") if p.is_file())
     if not frames:
         raise DataError(f"{raw_dir}: no patientXXX/patientXXX_frameYY.nii.gz files found")
     (out_dir / "data" / "slices").mkdir(parents=True, exist_ok=True)

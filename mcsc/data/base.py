@@ -155,8 +155,7 @@ def first_cases(cases_in_order: list[str], count: int | None, what: str) -> list
         count = len(unique)
     if count < 1 or count > len(unique):
         raise DataError(
-            f"{count} labelled cases asked for: {what} has {len(unique)} training cases "
-            f"with labels"
+            f"{count} labelled cases asked for: {what} has {len(unique)} training cases with labels"
         )
     return unique[:count]
 
@@ -231,9 +230,7 @@ def check_pair(
     if label.min() < 0:
         raise DataError(f"{where}: negative label value {int(label.min())}")
     if num_classes is not None and label.max() >= num_classes:
-        raise DataError(
-            f"{where}: label value {int(label.max())} >= num_classes {num_classes}"
-        )
+        raise DataError(f"{where}: label value {int(label.max())} >= num_classes {num_classes}")
     if not np.isfinite(image).all():
         raise DataError(f"{where}: image contains NaN or infinite values")
     return image, label

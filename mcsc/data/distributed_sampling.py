@@ -30,17 +30,31 @@ class ShardedTwoStreamBatchSampler(TwoStreamBatchSampler):
     on every rank), so one checkpoint written by rank 0 resumes every rank.
     """
 
-    def __init__(self, labelled: list[int], unlabelled: list[int], labelled_per_batch: int,
-                 unlabelled_per_batch: int, iterations: int, seed: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        labelled: list[int],
+        unlabelled: list[int],
+        labelled_per_batch: int,
+        unlabelled_per_batch: int,
+        iterations: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
+            )
         for name, count in (("labelled", labelled_per_batch), ("unlabelled", unlabelled_per_batch)):
             if count % world_size:
                 raise ValueError(
                     f"the {name} slices per batch ({count}) must be divisible by the number of processes "
-                    f"({world_size}): batch sizes are global, each rank takes an equal share")
-        super().__init__(labelled, unlabelled, labelled_per_batch, unlabelled_per_batch, iterations, seed, start)
+                    f"({world_size}): batch sizes are global, each rank takes an equal share"
+                )
+        super().__init__(
+            labelled, unlabelled, labelled_per_batch, unlabelled_per_batch, iterations, seed, start
+        )
         self.rank, self.world_size = rank, world_size
         self.local_labelled_per_batch = labelled_per_batch // world_size
         self.local_unlabelled_per_batch = unlabelled_per_batch // world_size
@@ -49,5 +63,8 @@ class ShardedTwoStreamBatchSampler(TwoStreamBatchSampler):
         """This rank's part of the global batch of ``iteration`` (labelled first)."""
         items = super().batch(iteration)
         lab, unl = self.local_labelled_per_batch, self.local_unlabelled_per_batch
-        labelled, unlabelled = items[:self.labelled_per_batch], items[self.labelled_per_batch:]
-        return labelled[self.rank * lab:(self.rank + 1) * lab] + unlabelled[self.rank * unl:(self.rank + 1) * unl]
+        labelled, unlabelled = items[: self.labelled_per_batch], items[self.labelled_per_batch :]
+        return (
+            labelled[self.rank * lab : (self.rank + 1) * lab]
+            + unlabelled[self.rank * unl : (self.rank + 1) * unl]
+        )

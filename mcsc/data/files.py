@@ -64,9 +64,7 @@ def volume_source(path: Path, num_classes: int, name: str | None = None) -> Volu
     return VolumeSource(name, load)
 
 
-def check_files(
-    paths: list[Path], num_classes: int, ndim: int, reader: Callable = read_h5
-) -> None:
+def check_files(paths: list[Path], num_classes: int, ndim: int, reader: Callable = read_h5) -> None:
     """Read every file once and raise :class:`DataError` naming the first bad one.
 
     Args:

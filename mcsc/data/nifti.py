@@ -69,7 +69,8 @@ def nifti_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.is_file() and _NII.search(p.name) and not p.name.startswith(".")
     )
 
@@ -100,8 +101,9 @@ def _voxels(nii: nib.Nifti1Image, path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read NIfTI file ({error})") from error
 
 
-def read_image(path: Path, channel: int = 0, dataset: str = "nifti"
-               ) -> tuple[np.ndarray, tuple[float, float, float], nib.Nifti1Image]:
+def read_image(
+    path: Path, channel: int = 0, dataset: str = "nifti"
+) -> tuple[np.ndarray, tuple[float, float, float], nib.Nifti1Image]:
     """Read a NIfTI image as (D, H, W) float32, normalised as ``dataset``'s training data was
     (see :func:`mcsc.data.transforms.normalise_like`), with (z, y, x) spacing.
 
@@ -244,8 +246,10 @@ def find_cases(
             f"({labels[0].name}, ...)"
         )
     names = {case_name(p) for p in training + extra}
-    suffixed = bool(names) and all(_CHANNEL_SUFFIX.search(n) for n in names) and not (
-        names & {case_name(p) for p in labels}
+    suffixed = (
+        bool(names)
+        and all(_CHANNEL_SUFFIX.search(n) for n in names)
+        and not (names & {case_name(p) for p in labels})
     )
     unpaired = _by_case(training, channel, suffixed)
     labelled: dict[str, tuple[Path, Path]] = {}
@@ -363,8 +367,12 @@ def build_nifti(
 
 
 def _resolve_split(
-    root: Path, split: dict[str, list[str]] | None, volumes: dict, unlabelled: dict,
-    fractions: tuple[float, float, float], seed: int,
+    root: Path,
+    split: dict[str, list[str]] | None,
+    volumes: dict,
+    unlabelled: dict,
+    fractions: tuple[float, float, float],
+    seed: int,
 ) -> dict[str, list[str]]:
     """A new seeded split of the cases with labels, or the saved ``split`` checked against the
     folder; "unlabelled" lists the images without labels (all of them, for a new split)."""

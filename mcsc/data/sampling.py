@@ -68,7 +68,9 @@ class TwoStreamBatchSampler:
         unl = []
         if self.unlabelled_per_batch:
             unl = self._stream(
-                self.unlabelled, 1, iteration * self.unlabelled_per_batch,
+                self.unlabelled,
+                1,
+                iteration * self.unlabelled_per_batch,
                 self.unlabelled_per_batch,
             )
         seeds = np.random.default_rng([self.seed, 2, iteration]).integers(

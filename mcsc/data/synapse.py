@@ -23,8 +23,15 @@ from mcsc.data.base import DataBundle, DataError, FileSlices, first_cases
 from mcsc.data.files import check_files, check_volumes, volume_source
 
 CLASS_NAMES = [
-    "background", "aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas",
-    "spleen", "stomach",
+    "background",
+    "aorta",
+    "gallbladder",
+    "kidney_left",
+    "kidney_right",
+    "liver",
+    "pancreas",
+    "spleen",
+    "stomach",
 ]
 
 

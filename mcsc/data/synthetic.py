@@ -85,7 +85,9 @@ def make_case(seed: int, size: int = 64, depth: int = 12) -> tuple[np.ndarray, n
     image[lesion] = 0.85
 
     zz, yy, xx = np.meshgrid(
-        np.linspace(-1, 1, depth), np.linspace(-1, 1, size), np.linspace(-1, 1, size),
+        np.linspace(-1, 1, depth),
+        np.linspace(-1, 1, size),
+        np.linspace(-1, 1, size),
         indexing="ij",
     )
     bias = 1.0 + rng.uniform(-0.2, 0.2) * yy + rng.uniform(-0.2, 0.2) * xx + 0.05 * zz

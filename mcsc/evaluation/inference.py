@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ def predict_volume(
         chunk = torch.from_numpy(np.ascontiguousarray(image[start : start + batch_size]))
         x = chunk[:, None].to(device=device, dtype=torch.float32)
         if (height, width) != (patch_size, patch_size):
-            x = F.interpolate(x, size=(patch_size, patch_size), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x, size=(patch_size, patch_size), mode="bilinear", align_corners=False
+            )
         probabilities = 0
         for model in models:
             with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
@@ -99,7 +101,9 @@ def evaluate_volumes(
 
 
 def save_prediction_figure(
-    path, kept: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], num_classes: int,
+    path,
+    kept: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    num_classes: int,
     rows: int = 4,
 ) -> None:
     """Write a PNG: for a few slices, the image, the ground truth overlay, the prediction overlay.
@@ -126,8 +130,14 @@ def save_prediction_figure(
             ax.imshow(image, cmap="gray")
             if overlay is not None:
                 masked = np.ma.masked_where(overlay == 0, overlay)
-                ax.imshow(masked, cmap=cmap, vmin=0, vmax=max(num_classes - 1, 1), alpha=0.5,
-                          interpolation="nearest")
+                ax.imshow(
+                    masked,
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=max(num_classes - 1, 1),
+                    alpha=0.5,
+                    interpolation="nearest",
+                )
             ax.set_title(f"{title}: {what}", fontsize=8)
             ax.axis("off")
     figure.tight_layout()

@@ -54,9 +54,9 @@ def _crop(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Crop both masks to the bounding box of their union plus one voxel (distances unchanged:
     every surface voxel of both masks stays inside, and no mask touches a new border)."""
     coords = np.argwhere(pred | gt)
-    lo = np.maximum(coords.min(0) - 1, 0)
-    hi = np.minimum(coords.max(0) + 2, pred.shape)
-    box = tuple(slice(l, h) for l, h in zip(lo, hi))
+    low = np.maximum(coords.min(0) - 1, 0)
+    high = np.minimum(coords.max(0) + 2, pred.shape)
+    box = tuple(slice(start, stop) for start, stop in zip(low, high))
     return pred[box], gt[box]
 
 
@@ -93,8 +93,9 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing=None) -> dict[str, 
     }
 
 
-def volume_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing=None
-                   ) -> dict[int, dict[str, float]]:
+def volume_metrics(
+    pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing=None
+) -> dict[int, dict[str, float]]:
     """Per foreground class metrics of one labelled volume.
 
     Args:
@@ -108,8 +109,7 @@ def volume_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing=N
     return {c: binary_metrics(pred == c, gt == c, spacing) for c in range(1, num_classes)}
 
 
-def summarise(per_volume: dict[str, dict[int, dict[str, float]]], class_names: list[str]
-              ) -> dict:
+def summarise(per_volume: dict[str, dict[int, dict[str, float]]], class_names: list[str]) -> dict:
     """Mean over volumes per class (NaN left out), then over classes.
 
     Args:

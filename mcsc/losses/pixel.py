@@ -88,9 +88,15 @@ class EmbeddingMaps:
             raise ValueError("EmbeddingMaps needs at least one (B, D, h, w) tensor")
         first = self.parts[0]
         for part in self.parts:
-            if not isinstance(part, torch.Tensor) or part.dim() != 4 or part.shape[1:] != first.shape[1:]:
-                raise ValueError(f"embedding maps must be (B, D, h, w) tensors of one D, h, w, got "
-                                 f"{[tuple(p.shape) for p in self.parts]}")
+            if (
+                not isinstance(part, torch.Tensor)
+                or part.dim() != 4
+                or part.shape[1:] != first.shape[1:]
+            ):
+                raise ValueError(
+                    f"embedding maps must be (B, D, h, w) tensors of one D, h, w, got "
+                    f"{[tuple(p.shape) for p in self.parts]}"
+                )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -169,10 +175,19 @@ class PixelContrastiveLoss(nn.Module):
     then holds a :class:`ContrastiveDiagnostics` of the call.
     """
 
-    def __init__(self, sampler: str = "blocks", temperature: float | Sequence[float] = 0.1,
-                 weighting: str = "prevalence", block_sizes: int | Sequence[int] = (19, 14),
-                 shuffle_blocks: bool = True, pixels_per_class: int = 256, max_pixels_per_image: int | None = None,
-                 ignore_index: int = -1, published_label_order: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        sampler: str = "blocks",
+        temperature: float | Sequence[float] = 0.1,
+        weighting: str = "prevalence",
+        block_sizes: int | Sequence[int] = (19, 14),
+        shuffle_blocks: bool = True,
+        pixels_per_class: int = 256,
+        max_pixels_per_image: int | None = None,
+        ignore_index: int = -1,
+        published_label_order: bool = False,
+        seed: int = 0,
+    ):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -187,20 +202,29 @@ class PixelContrastiveLoss(nn.Module):
         if pixels_per_class < 1:
             raise ValueError(f"pixels_per_class must be positive, got {pixels_per_class}")
         if max_pixels_per_image is not None and max_pixels_per_image < 1:
-            raise ValueError(f"max_pixels_per_image must be positive or None, got {max_pixels_per_image}")
+            raise ValueError(
+                f"max_pixels_per_image must be positive or None, got {max_pixels_per_image}"
+            )
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if published_label_order and sampler != "blocks":
-            raise ValueError(f"published_label_order applies to the 'blocks' sampler only, got sampler={sampler!r}")
+            raise ValueError(
+                f"published_label_order applies to the 'blocks' sampler only, got sampler={sampler!r}"
+            )
         self.sampler, self.weighting = sampler, weighting
         self.temperature, self.block_sizes = temperatures, sizes
         self.shuffle_blocks, self.pixels_per_class = bool(shuffle_blocks), int(pixels_per_class)
         self.max_pixels_per_image = max_pixels_per_image
-        self.ignore_index, self.published_label_order = int(ignore_index), bool(published_label_order)
+        self.ignore_index, self.published_label_order = (
+            int(ignore_index),
+            bool(published_label_order),
+        )
         self.generator = torch.Generator().manual_seed(int(seed))
         self.diagnostics: ContrastiveDiagnostics | None = None
 
-    def forward(self, embeddings: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor
+    ) -> torch.Tensor:
         """The loss of (B, D, h, w) embeddings (or a list, one per scale) against (B, H, W) labels.
 
         Returns a scalar of the embeddings' dtype (the sum over scales).
@@ -218,18 +242,28 @@ class PixelContrastiveLoss(nn.Module):
             if not isinstance(embedding, torch.Tensor) or embedding.dim() != 4:
                 raise ValueError(f"embeddings[{scale}] must be a (B, D, h, w) tensor")
             if embedding.shape[0] != labels.shape[0] or embedding.shape[1] != maps[0].shape[1]:
-                raise ValueError(f"embeddings[{scale}] has shape {tuple(embedding.shape)}; every scale needs "
-                                 f"B={labels.shape[0]} (the labels' batch) and D={maps[0].shape[1]}")
+                raise ValueError(
+                    f"embeddings[{scale}] has shape {tuple(embedding.shape)}; every scale needs "
+                    f"B={labels.shape[0]} (the labels' batch) and D={maps[0].shape[1]}"
+                )
             if embedding.device != labels.device:
-                raise ValueError(f"labels are on {labels.device} but embeddings[{scale}] on {embedding.device}")
+                raise ValueError(
+                    f"labels are on {labels.device} but embeddings[{scale}] on {embedding.device}"
+                )
         labels = labels.long()
         valid = labels[labels != self.ignore_index]
         if bool((valid < 0).any()):
-            raise ValueError(f"labels must be >= 0 or ignore_index={self.ignore_index}; found {int(valid.min())}")
+            raise ValueError(
+                f"labels must be >= 0 or ignore_index={self.ignore_index}; found {int(valid.min())}"
+            )
         num_classes = int(valid.max()) + 1 if valid.numel() else 1
-        return self.contrast(labels, [EmbeddingMaps([embedding]) for embedding in maps], num_classes)
+        return self.contrast(
+            labels, [EmbeddingMaps([embedding]) for embedding in maps], num_classes
+        )
 
-    def contrast(self, labels: torch.Tensor, maps: Sequence[EmbeddingMaps], num_classes: int) -> torch.Tensor:
+    def contrast(
+        self, labels: torch.Tensor, maps: Sequence[EmbeddingMaps], num_classes: int
+    ) -> torch.Tensor:
         """The loss of checked inputs: the step that :meth:`forward` and the method's losses share.
 
         Args:
@@ -244,21 +278,32 @@ class PixelContrastiveLoss(nn.Module):
         """
         temperatures = _align(self.temperature, len(maps), "temperature")
         # block sizes only mean something to the block sampler
-        block_sizes = _align(self.block_sizes, len(maps), "block_sizes") if self.sampler == "blocks" \
+        block_sizes = (
+            _align(self.block_sizes, len(maps), "block_sizes")
+            if self.sampler == "blocks"
             else (0,) * len(maps)
+        )
         sets, ignored = [], []
         for position, scale_maps in enumerate(maps):
             targets = resize_labels(labels, scale_maps.size)
             ignored.append((targets == self.ignore_index).sum())
             sample = self._sample(targets, block_sizes[position], num_classes)
-            sets.append(ScaleSet(scale_maps.rows(sample.rows), sample.labels, sample.lengths, temperatures[position]))
+            sets.append(
+                ScaleSet(
+                    scale_maps.rows(sample.rows),
+                    sample.labels,
+                    sample.lengths,
+                    temperatures[position],
+                )
+            )
         per_scale = self._losses(sets, num_classes)
         device = per_scale.device
         self.diagnostics = ContrastiveDiagnostics(
             sampler=self.sampler,
             loss_per_scale=per_scale.detach(),
-            pixels_per_class=torch.stack([torch.bincount(s.labels, minlength=num_classes)[:num_classes]
-                                          for s in sets]).to(device),
+            pixels_per_class=torch.stack(
+                [torch.bincount(s.labels, minlength=num_classes)[:num_classes] for s in sets]
+            ).to(device),
             segments=torch.tensor([s.lengths.numel() for s in sets], device=device),
             ignored=torch.stack(ignored).to(device),
         )
@@ -267,18 +312,32 @@ class PixelContrastiveLoss(nn.Module):
     def _sample(self, targets: torch.Tensor, block_size: int, num_classes: int) -> PixelSample:
         """The valid sampled pixels of one scale's (M, h, w) label maps."""
         if self.sampler == "blocks":
-            sample = block_rows(targets, block_size, self.shuffle_blocks, self.generator, self.ignore_index,
-                                self.published_label_order)
+            sample = block_rows(
+                targets,
+                block_size,
+                self.shuffle_blocks,
+                self.generator,
+                self.ignore_index,
+                self.published_label_order,
+            )
         else:
             if self.sampler == "balanced":
-                rows = balanced_rows(targets, self.pixels_per_class, num_classes, self.generator, self.ignore_index,
-                                     self.max_pixels_per_image)
+                rows = balanced_rows(
+                    targets,
+                    self.pixels_per_class,
+                    num_classes,
+                    self.generator,
+                    self.ignore_index,
+                    self.max_pixels_per_image,
+                )
             else:
                 rows = torch.arange(targets.numel(), device=targets.device)
             lengths = torch.tensor([rows.numel()], dtype=torch.long, device=targets.device)
             sample = PixelSample(rows, targets.reshape(-1)[rows], lengths)
         valid = sample.labels != self.ignore_index
-        segment = torch.repeat_interleave(torch.arange(sample.lengths.numel(), device=valid.device), sample.lengths)
+        segment = torch.repeat_interleave(
+            torch.arange(sample.lengths.numel(), device=valid.device), sample.lengths
+        )
         lengths = torch.zeros_like(sample.lengths).index_add(0, segment, valid.long())
         return PixelSample(sample.rows[valid], sample.labels[valid], lengths)
 
@@ -295,9 +354,18 @@ class PixelContrastiveLoss(nn.Module):
             lengths = torch.cat([sets[i].lengths for i in members])
             scale_of_segment = torch.cat([torch.full_like(sets[i].lengths, i) for i in members])
             offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-            row_loss = supcon_loss(features, labels, temperature=temperature, segments=offsets,
-                                   weighting=self.weighting, ignore_index=self.ignore_index, reduction="none")
-            segment_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+            row_loss = supcon_loss(
+                features,
+                labels,
+                temperature=temperature,
+                segments=offsets,
+                weighting=self.weighting,
+                ignore_index=self.ignore_index,
+                reduction="none",
+            )
+            segment_of_row = torch.repeat_interleave(
+                torch.arange(lengths.numel(), device=device), lengths
+            )
             segment_sum = torch.zeros(lengths.numel(), device=device, dtype=row_loss.dtype)
             segment_sum = segment_sum.index_add(0, segment_of_row, row_loss)
             if self.sampler == "blocks":
@@ -308,9 +376,13 @@ class PixelContrastiveLoss(nn.Module):
                 # mean over the anchors (rows with a positive in their segment) of the scale
                 pair = segment_of_row * num_classes + labels
                 class_counts = torch.bincount(pair, minlength=lengths.numel() * num_classes)
-                anchors = torch.zeros_like(lengths).index_add(0, segment_of_row, (class_counts[pair] > 1).long())
+                anchors = torch.zeros_like(lengths).index_add(
+                    0, segment_of_row, (class_counts[pair] > 1).long()
+                )
                 weight = 1.0 / anchors.clamp(min=1)
-            per_scale = per_scale.index_add(0, scale_of_segment, segment_sum * weight.to(segment_sum.dtype))
+            per_scale = per_scale.index_add(
+                0, scale_of_segment, segment_sum * weight.to(segment_sum.dtype)
+            )
         return per_scale
 
 
@@ -340,8 +412,14 @@ def _zoom_indices(length: int, size: int, device: torch.device) -> torch.Tensor:
     return torch.floor(positions + 0.5).long().clamp(max=length - 1).to(device)
 
 
-def block_rows(targets: torch.Tensor, block_size: int, shuffle: bool, generator: torch.Generator,
-               ignore_index: int = -1, published_label_order: bool = False) -> PixelSample:
+def block_rows(
+    targets: torch.Tensor,
+    block_size: int,
+    shuffle: bool,
+    generator: torch.Generator,
+    ignore_index: int = -1,
+    published_label_order: bool = False,
+) -> PixelSample:
     """The public code's block groups of (M, h, w) label maps.
 
     ``rows`` lists group after group, within a group map after map, within a block row-major;
@@ -353,14 +431,20 @@ def block_rows(targets: torch.Tensor, block_size: int, shuffle: bool, generator:
     maps, h, w = targets.shape
     per_h, per_w = h // block_size - 1, w // block_size - 1
     if per_h < 1 or per_w < 1:
-        raise ValueError(f"block_sizes entry {block_size} leaves no block on a {h}x{w} map (the public scheme "
-                         f"uses h // block - 1 blocks per side); use a smaller block or another sampler")
+        raise ValueError(
+            f"block_sizes entry {block_size} leaves no block on a {h}x{w} map (the public scheme "
+            f"uses h // block - 1 blocks per side); use a smaller block or another sampler"
+        )
     device = targets.device
     count = per_h * per_w
     inner = torch.arange(block_size, device=device)
-    corner = (torch.arange(per_h, device=device)[:, None] * block_size * w
-              + torch.arange(per_w, device=device)[None, :] * block_size).reshape(-1)
-    local = corner[:, None] + (inner[:, None] * w + inner[None, :]).reshape(-1)[None, :]  # (count, b*b)
+    corner = (
+        torch.arange(per_h, device=device)[:, None] * block_size * w
+        + torch.arange(per_w, device=device)[None, :] * block_size
+    ).reshape(-1)
+    local = (
+        corner[:, None] + (inner[:, None] * w + inner[None, :]).reshape(-1)[None, :]
+    )  # (count, b*b)
     if shuffle:
         order = torch.argsort(torch.rand(maps, count, generator=generator), dim=1).to(device)
     else:
@@ -369,7 +453,9 @@ def block_rows(targets: torch.Tensor, block_size: int, shuffle: bool, generator:
     rows = local[order.t()] + (torch.arange(maps, device=device) * h * w)[None, :, None]
     if published_label_order:
         # labels flattened (y, map, x) against features flattened (map, y, x)
-        label_rows = rows.reshape(count, maps, block_size, block_size).transpose(1, 2).reshape(count, -1)
+        label_rows = (
+            rows.reshape(count, maps, block_size, block_size).transpose(1, 2).reshape(count, -1)
+        )
     else:
         label_rows = rows.reshape(count, -1)
     rows = rows.reshape(count, -1)
@@ -380,8 +466,14 @@ def block_rows(targets: torch.Tensor, block_size: int, shuffle: bool, generator:
     return PixelSample(rows.reshape(-1), labels.reshape(-1), lengths)
 
 
-def balanced_rows(targets: torch.Tensor, pixels_per_class: int, num_classes: int, generator: torch.Generator,
-                  ignore_index: int = -1, max_pixels_per_image: int | None = None) -> torch.Tensor:
+def balanced_rows(
+    targets: torch.Tensor,
+    pixels_per_class: int,
+    num_classes: int,
+    generator: torch.Generator,
+    ignore_index: int = -1,
+    max_pixels_per_image: int | None = None,
+) -> torch.Tensor:
     """Rows (int64, into the flattened (M, h, w) maps) of up to K random pixels per class per map.
 
     With ``max_pixels_per_image`` each map's budget is handed out to its classes from the rarest

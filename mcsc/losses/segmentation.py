@@ -32,11 +32,17 @@ class DiceLoss(nn.Module):
     def forward(self, probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) float probabilities against a (B, H, W) integer class map -> scalar loss."""
         if probabilities.dim() != 4 or probabilities.shape[1] != self.num_classes:
-            raise ValueError(f"probabilities must be (B, {self.num_classes}, H, W), got {tuple(probabilities.shape)}")
+            raise ValueError(
+                f"probabilities must be (B, {self.num_classes}, H, W), got {tuple(probabilities.shape)}"
+            )
         if target.shape != probabilities.shape[:1] + probabilities.shape[2:]:
-            raise ValueError(f"target must be (B, H, W) = {tuple(probabilities.shape[:1] + probabilities.shape[2:])}, "
-                             f"got {tuple(target.shape)}")
-        one_hot = F.one_hot(target.long(), self.num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+            raise ValueError(
+                f"target must be (B, H, W) = {tuple(probabilities.shape[:1] + probabilities.shape[2:])}, "
+                f"got {tuple(target.shape)}"
+            )
+        one_hot = (
+            F.one_hot(target.long(), self.num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+        )
         dims = (0, 2, 3)
         intersection = (probabilities * one_hot).sum(dims)
         denominator = (probabilities * probabilities).sum(dims) + one_hot.sum(dims)
@@ -56,8 +62,10 @@ def cross_teaching_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> tor
     Both inputs are (B, C, H, W) logits of the same images; returns a scalar.
     """
     if logits.shape != other_logits.shape:
-        raise ValueError(f"logits and other_logits must have the same shape, got {tuple(logits.shape)} "
-                         f"and {tuple(other_logits.shape)}")
+        raise ValueError(
+            f"logits and other_logits must have the same shape, got {tuple(logits.shape)} "
+            f"and {tuple(other_logits.shape)}"
+        )
     pseudo = other_logits.detach().argmax(dim=1)
     return DiceLoss(logits.shape[1])(torch.softmax(logits, dim=1), pseudo)
 

@@ -35,23 +35,47 @@ class SupConLoss(nn.Module):
     ``reduction="none"``, of the embeddings' dtype.
     """
 
-    def __init__(self, temperature: float = 0.1, weighting: str = "prevalence", ignore_index: int = -1,
-                 reduction: str = "mean", normalize: bool = True):
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        weighting: str = "prevalence",
+        ignore_index: int = -1,
+        reduction: str = "mean",
+        normalize: bool = True,
+    ):
         super().__init__()
         # the op's own checks, run on an empty input, report bad settings at construction
-        validate_inputs(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), temperature, None, weighting,
-                        ignore_index, reduction, None)
+        validate_inputs(
+            torch.zeros(0, 1),
+            torch.zeros(0, dtype=torch.long),
+            temperature,
+            None,
+            weighting,
+            ignore_index,
+            reduction,
+            None,
+        )
         self.temperature, self.weighting = temperature, weighting
         self.ignore_index, self.reduction, self.normalize = ignore_index, reduction, bool(normalize)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The loss of (N, D) ``embeddings`` with (N,) ``labels`` (see the class docstring)."""
         if self.normalize and isinstance(embeddings, torch.Tensor):
             embeddings = F.normalize(embeddings, dim=-1)
-        return supcon_loss(embeddings, labels, temperature=self.temperature, segments=segments,
-                           weighting=self.weighting, ignore_index=self.ignore_index, reduction=self.reduction)
+        return supcon_loss(
+            embeddings,
+            labels,
+            temperature=self.temperature,
+            segments=segments,
+            weighting=self.weighting,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, weighting={self.weighting!r}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, normalize={self.normalize}")
+        return (
+            f"temperature={self.temperature}, weighting={self.weighting!r}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, normalize={self.normalize}"
+        )

@@ -4,7 +4,12 @@ Both backbones return a :class:`SegmentationOutput` ``(logits, features)``, ``fe
 the decoder feature maps finest first (``features[0]`` at the full input resolution).
 """
 
-from mcsc.models.heads import ClassifierHead, ContrastiveHeads, ProjectionHead, build_projection_heads
+from mcsc.models.heads import (
+    ClassifierHead,
+    ContrastiveHeads,
+    ProjectionHead,
+    build_projection_heads,
+)
 from mcsc.models.output import SegmentationOutput, feature_index
 from mcsc.models.swin_unet import SwinUNet, load_swin_encoder_checkpoint
 from mcsc.models.unet import UNet

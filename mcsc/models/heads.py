@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,9 @@ class ClassifierHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, kernel_size: int = 3):
         super().__init__()
         if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd so the output keeps its size, got {kernel_size}")
+            raise ValueError(
+                f"kernel_size must be odd so the output keeps its size, got {kernel_size}"
+            )
         self.conv = nn.Conv2d(in_channels, num_classes, kernel_size, padding=kernel_size // 2)
         nn.init.xavier_normal_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
@@ -92,27 +94,41 @@ class ContrastiveHeads(nn.Module):
         shared: ``nn.ModuleList`` of the shared final convolutions, one per scale.
     """
 
-    def __init__(self, cnn_channels: Sequence[int], swin_channels: Sequence[int], hidden: int = 256,
-                 out: int = 128, swin_layer_norm: Sequence[bool] | None = None):
+    def __init__(
+        self,
+        cnn_channels: Sequence[int],
+        swin_channels: Sequence[int],
+        hidden: int = 256,
+        out: int = 128,
+        swin_layer_norm: Sequence[bool] | None = None,
+    ):
         super().__init__()
         if len(cnn_channels) != len(swin_channels) or len(cnn_channels) == 0:
             raise ValueError(
                 f"cnn_channels and swin_channels must be non-empty and of equal length (one entry "
-                f"per scale), got {list(cnn_channels)} and {list(swin_channels)}")
+                f"per scale), got {list(cnn_channels)} and {list(swin_channels)}"
+            )
         if hidden < 1 or out < 1:
             raise ValueError(f"hidden and out must be positive, got hidden={hidden}, out={out}")
         if swin_layer_norm is None:
             swin_layer_norm = [scale > 0 for scale in range(len(swin_channels))]
         if len(swin_layer_norm) != len(swin_channels):
-            raise ValueError(f"swin_layer_norm needs one entry per scale ({len(swin_channels)}), "
-                             f"got {list(swin_layer_norm)}")
+            raise ValueError(
+                f"swin_layer_norm needs one entry per scale ({len(swin_channels)}), "
+                f"got {list(swin_layer_norm)}"
+            )
         self.shared = nn.ModuleList(nn.Conv2d(hidden, out, kernel_size=1) for _ in cnn_channels)
-        self.cnn_heads = nn.ModuleList(ProjectionHead(c, s) for c, s in zip(cnn_channels, self.shared))
-        self.swin_heads = nn.ModuleList(ProjectionHead(c, s, layer_norm=bool(norm))
-                                        for c, s, norm in zip(swin_channels, self.shared, swin_layer_norm))
+        self.cnn_heads = nn.ModuleList(
+            ProjectionHead(c, s) for c, s in zip(cnn_channels, self.shared)
+        )
+        self.swin_heads = nn.ModuleList(
+            ProjectionHead(c, s, layer_norm=bool(norm))
+            for c, s, norm in zip(swin_channels, self.shared, swin_layer_norm)
+        )
 
-    def forward(self, cnn_features: Sequence[torch.Tensor], swin_features: Sequence[torch.Tensor]
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(
+        self, cnn_features: Sequence[torch.Tensor], swin_features: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Project and L2-normalise the features of every scale.
 
         Args:
@@ -126,14 +142,20 @@ class ContrastiveHeads(nn.Module):
         if len(cnn_features) != len(self.cnn_heads) or len(swin_features) != len(self.swin_heads):
             raise ValueError(
                 f"expected {len(self.cnn_heads)} feature maps per network (one per scale), got "
-                f"{len(cnn_features)} cnn_features and {len(swin_features)} swin_features")
+                f"{len(cnn_features)} cnn_features and {len(swin_features)} swin_features"
+            )
         cnn = [F.normalize(head(x), dim=1) for head, x in zip(self.cnn_heads, cnn_features)]
         swin = [F.normalize(head(x), dim=1) for head, x in zip(self.swin_heads, swin_features)]
         return cnn, swin
 
 
-def build_projection_heads(cnn_channels: Sequence[int], swin_channels: Sequence[int], hidden: int = 256,
-                           out: int = 128, swin_layer_norm: Sequence[bool] | None = None) -> ContrastiveHeads:
+def build_projection_heads(
+    cnn_channels: Sequence[int],
+    swin_channels: Sequence[int],
+    hidden: int = 256,
+    out: int = 128,
+    swin_layer_norm: Sequence[bool] | None = None,
+) -> ContrastiveHeads:
     """The projection heads of the method for the given scales (see :class:`ContrastiveHeads`).
 
     For the paper: ``build_projection_heads([16, 128], [96, 192])`` — the full-resolution decoder
@@ -141,5 +163,6 @@ def build_projection_heads(cnn_channels: Sequence[int], swin_channels: Sequence[
     ``features[3]``, Swin-UNet ``features[2]``, after a ``LayerNorm(192)``). See
     :func:`mcsc.models.feature_index`.
     """
-    return ContrastiveHeads(cnn_channels, swin_channels, hidden=hidden, out=out,
-                            swin_layer_norm=swin_layer_norm)
+    return ContrastiveHeads(
+        cnn_channels, swin_channels, hidden=hidden, out=out, swin_layer_norm=swin_layer_norm
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
@@ -52,16 +52,33 @@ class SwinStage(nn.Module):
     With ``upsample=True`` the stage ends with a :class:`PatchExpand` instead (decoder stages).
     """
 
-    def __init__(self, in_dim: int, dim: int, resolution: int, depth: int, num_heads: int,
-                 window_size: int, drop_path: Sequence[float], downsample: bool = False,
-                 upsample: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        resolution: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        drop_path: Sequence[float],
+        downsample: bool = False,
+        upsample: bool = False,
+    ):
         super().__init__()
         self.downsample = PatchMerging(in_dim, out_dim=dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*(
-            SwinTransformerBlock(dim, input_resolution=(resolution, resolution), num_heads=num_heads,
-                                 window_size=window_size, shift_size=0 if j % 2 == 0 else window_size // 2,
-                                 drop_path=drop_path[j])
-            for j in range(depth)))
+        self.blocks = nn.Sequential(
+            *(
+                SwinTransformerBlock(
+                    dim,
+                    input_resolution=(resolution, resolution),
+                    num_heads=num_heads,
+                    window_size=window_size,
+                    shift_size=0 if j % 2 == 0 else window_size // 2,
+                    drop_path=drop_path[j],
+                )
+                for j in range(depth)
+            )
+        )
         self.upsample = PatchExpand(dim, 2) if upsample else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,17 +92,41 @@ class SwinEncoder(nn.Module):
     list of the inputs of every stage's blocks, channels-last, finest first — the skips).
     """
 
-    def __init__(self, img_size: int, in_channels: int, embed_dim: int, depths: Sequence[int],
-                 num_heads: Sequence[int], window_size: int, drop_path: Sequence[float], patch_size: int):
+    def __init__(
+        self,
+        img_size: int,
+        in_channels: int,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window_size: int,
+        drop_path: Sequence[float],
+        patch_size: int,
+    ):
         super().__init__()
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_channels,
-                                      embed_dim=embed_dim, norm_layer=nn.LayerNorm, output_fmt="NHWC")
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_channels,
+            embed_dim=embed_dim,
+            norm_layer=nn.LayerNorm,
+            output_fmt="NHWC",
+        )
         grid = img_size // patch_size
         offsets = [sum(depths[:i]) for i in range(len(depths) + 1)]
         self.layers = nn.ModuleList(
-            SwinStage(embed_dim * 2 ** max(i - 1, 0), embed_dim * 2 ** i, grid // 2 ** i, depths[i],
-                      num_heads[i], window_size, drop_path[offsets[i]:offsets[i + 1]], downsample=i > 0)
-            for i in range(len(depths)))
+            SwinStage(
+                embed_dim * 2 ** max(i - 1, 0),
+                embed_dim * 2**i,
+                grid // 2**i,
+                depths[i],
+                num_heads[i],
+                window_size,
+                drop_path[offsets[i] : offsets[i + 1]],
+                downsample=i > 0,
+            )
+            for i in range(len(depths))
+        )
         self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -132,33 +173,64 @@ class SwinUNet(nn.Module):
 
     patch_size = 4
 
-    def __init__(self, img_size: int = 224, in_channels: int = 1, num_classes: int = 4, embed_dim: int = 96,
-                 depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 window_size: int = 7, drop_path_rate: float = 0.2, pretrained: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        drop_path_rate: float = 0.2,
+        pretrained: str | os.PathLike | None = None,
+    ):
         super().__init__()
         depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
-        _check_config(img_size, in_channels, num_classes, embed_dim, depths, num_heads, window_size,
-                      drop_path_rate, self.patch_size)
+        _check_config(
+            img_size,
+            in_channels,
+            num_classes,
+            embed_dim,
+            depths,
+            num_heads,
+            window_size,
+            drop_path_rate,
+            self.patch_size,
+        )
         n = len(depths)
         self.img_size, self.in_channels, self.num_classes = img_size, in_channels, num_classes
-        self.feature_channels = (embed_dim, embed_dim) + tuple(embed_dim * 2 ** k for k in range(1, n - 1))
-        self.feature_strides = (1, 4) + tuple(4 * 2 ** k for k in range(1, n - 1))
+        self.feature_channels = (embed_dim, embed_dim) + tuple(
+            embed_dim * 2**k for k in range(1, n - 1)
+        )
+        self.feature_strides = (1, 4) + tuple(4 * 2**k for k in range(1, n - 1))
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         offsets = [sum(depths[:i]) for i in range(n + 1)]
-        self.encoder = SwinEncoder(img_size, in_channels, embed_dim, depths, num_heads, window_size, dpr,
-                                   self.patch_size)
+        self.encoder = SwinEncoder(
+            img_size, in_channels, embed_dim, depths, num_heads, window_size, dpr, self.patch_size
+        )
         grid = img_size // self.patch_size
         # decoder[0] expands the bottleneck; decoder[k] (k >= 1) fuses the skip of encoder stage
         # n-1-k and runs blocks of that stage's width, then expands (except the last one).
         self.first_expand = PatchExpand(embed_dim * 2 ** (n - 1), 2)
         self.concat_back_dim = nn.ModuleList(
-            nn.Linear(2 * embed_dim * 2 ** (n - 1 - k), embed_dim * 2 ** (n - 1 - k)) for k in range(1, n))
+            nn.Linear(2 * embed_dim * 2 ** (n - 1 - k), embed_dim * 2 ** (n - 1 - k))
+            for k in range(1, n)
+        )
         self.decoder = nn.ModuleList(
-            SwinStage(0, embed_dim * 2 ** (n - 1 - k), grid // 2 ** (n - 1 - k), depths[n - 1 - k],
-                      num_heads[n - 1 - k], window_size, dpr[offsets[n - 1 - k]:offsets[n - k]],
-                      upsample=k < n - 1)
-            for k in range(1, n))
+            SwinStage(
+                0,
+                embed_dim * 2 ** (n - 1 - k),
+                grid // 2 ** (n - 1 - k),
+                depths[n - 1 - k],
+                num_heads[n - 1 - k],
+                window_size,
+                dpr[offsets[n - 1 - k] : offsets[n - k]],
+                upsample=k < n - 1,
+            )
+            for k in range(1, n)
+        )
         self.norm_up = nn.LayerNorm(embed_dim)
         self.final_expand = PatchExpand(embed_dim, 4)
         self.classifier = ClassifierHead(embed_dim, num_classes)
@@ -169,7 +241,9 @@ class SwinUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> SegmentationOutput:
         expected = (self.in_channels, self.img_size, self.img_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must be (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
         x, skips = self.encoder(x)
         x = self.first_expand(x)
         coarse = [x]
@@ -185,34 +259,52 @@ class SwinUNet(nn.Module):
         return SegmentationOutput(self.classifier(features[0]), features)
 
 
-def _check_config(img_size, in_channels, num_classes, embed_dim, depths, num_heads, window_size,
-                  drop_path_rate, patch_size) -> None:
+def _check_config(
+    img_size,
+    in_channels,
+    num_classes,
+    embed_dim,
+    depths,
+    num_heads,
+    window_size,
+    drop_path_rate,
+    patch_size,
+) -> None:
     if len(depths) < 2 or any(d < 1 for d in depths):
         raise ValueError(f"depths must hold at least two positive values, got {depths}")
     if len(num_heads) != len(depths):
-        raise ValueError(f"num_heads must have one value per stage ({len(depths)}), got {num_heads}")
+        raise ValueError(
+            f"num_heads must have one value per stage ({len(depths)}), got {num_heads}"
+        )
     for i, heads in enumerate(num_heads):
-        if heads < 1 or (embed_dim * 2 ** i) % heads:
-            raise ValueError(f"num_heads[{i}]={heads} must divide the stage width {embed_dim * 2 ** i} "
-                             f"(embed_dim={embed_dim})")
+        if heads < 1 or (embed_dim * 2**i) % heads:
+            raise ValueError(
+                f"num_heads[{i}]={heads} must divide the stage width {embed_dim * 2**i} "
+                f"(embed_dim={embed_dim})"
+            )
     if embed_dim < 2 or embed_dim % 2:
         raise ValueError(f"embed_dim must be even and positive, got {embed_dim}")
     if in_channels < 1 or num_classes < 1:
-        raise ValueError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
+        raise ValueError(
+            f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}"
+        )
     if window_size < 1:
         raise ValueError(f"window_size must be positive, got {window_size}")
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     factor = patch_size * 2 ** (len(depths) - 1)
     if img_size < factor or img_size % factor:
-        raise ValueError(f"img_size must be a multiple of patch_size * 2**(stages-1) = {factor}, got {img_size}")
+        raise ValueError(
+            f"img_size must be a multiple of patch_size * 2**(stages-1) = {factor}, got {img_size}"
+        )
     for i in range(len(depths)):
-        side = img_size // patch_size // 2 ** i
+        side = img_size // patch_size // 2**i
         if side > window_size and side % window_size:
             raise ValueError(
                 f"window_size={window_size} does not tile stage {i} ({side}x{side} tokens at img_size="
                 f"{img_size}); img_size must be a multiple of patch_size * window_size * 2**(stages-1) = "
-                f"{factor * window_size}")
+                f"{factor * window_size}"
+            )
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -256,11 +348,15 @@ def load_swin_encoder_checkpoint(model: SwinUNet, path: str | os.PathLike) -> li
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Swin checkpoint {path!r} does not exist (mcsc never downloads weights; "
-                                f"pass a local file)")
+        raise FileNotFoundError(
+            f"Swin checkpoint {path!r} does not exist (mcsc never downloads weights; "
+            f"pass a local file)"
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"Swin checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict")
+        raise ValueError(
+            f"Swin checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict"
+        )
     state = checkpoint.get("model", checkpoint)
     state = state.get("state_dict", state)
     encoder = model.encoder
@@ -270,8 +366,9 @@ def load_swin_encoder_checkpoint(model: SwinUNet, path: str | os.PathLike) -> li
     kept = {}
     for key, value in state.items():
         match = _BLOCK_KEY.match(key)
-        deeper = match is not None and (int(match.group(1)) >= len(depths)
-                                        or int(match.group(2)) >= depths[int(match.group(1))])
+        deeper = match is not None and (
+            int(match.group(1)) >= len(depths) or int(match.group(2)) >= depths[int(match.group(1))]
+        )
         if key.startswith("head.") or deeper:
             skipped.append(key)
         else:
@@ -280,7 +377,9 @@ def load_swin_encoder_checkpoint(model: SwinUNet, path: str | os.PathLike) -> li
     if patch_key in kept and kept[patch_key].dim() == 4:
         in_ckpt = kept[patch_key].shape[1]
         if in_ckpt != model.in_channels:
-            kept[patch_key] = adapt_input_conv(model.in_channels, kept[patch_key], base_chans=in_ckpt)
+            kept[patch_key] = adapt_input_conv(
+                model.in_channels, kept[patch_key], base_chans=in_ckpt
+            )
     try:
         converted = checkpoint_filter_fn(kept, encoder)
     except (AttributeError, RuntimeError) as error:
@@ -289,13 +388,17 @@ def load_swin_encoder_checkpoint(model: SwinUNet, path: str | os.PathLike) -> li
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
-    wrong_shape = sorted(f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(expected[k].shape)}"
-                         for k in set(expected) & set(converted) if converted[k].shape != expected[k].shape)
+    wrong_shape = sorted(
+        f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(converted)
+        if converted[k].shape != expected[k].shape
+    )
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"Swin checkpoint {path!r} does not fit the encoder (embed_dim, depths, num_heads or "
             f"in_channels differ?).\n  missing keys: {missing}\n  unexpected keys: {unexpected}\n"
-            f"  wrong shapes: {wrong_shape}")
+            f"  wrong shapes: {wrong_shape}"
+        )
     encoder.load_state_dict(converted)
 
     n = len(encoder.layers)

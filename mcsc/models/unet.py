@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,26 +67,37 @@ class UNet(nn.Module):
         feature_channels: ``channels[:-1]``; feature_strides: ``(1, 2, 4, ...)``.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 4,
-                 channels: Sequence[int] = (16, 32, 64, 128, 256),
-                 dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5)):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        dropout: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5),
+    ):
         super().__init__()
         channels, dropout = tuple(int(c) for c in channels), tuple(float(p) for p in dropout)
         if len(channels) < 2 or any(c < 1 for c in channels):
             raise ValueError(f"channels must hold at least two positive values, got {channels}")
         if len(dropout) != len(channels):
-            raise ValueError(f"dropout must have one value per level ({len(channels)}), got {dropout}")
+            raise ValueError(
+                f"dropout must have one value per level ({len(channels)}), got {dropout}"
+            )
         if in_channels < 1 or num_classes < 1:
-            raise ValueError(f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}")
+            raise ValueError(
+                f"in_channels and num_classes must be positive, got {in_channels}, {num_classes}"
+            )
         self.in_channels, self.num_classes = in_channels, num_classes
         self.feature_channels = channels[:-1]
-        self.feature_strides = tuple(2 ** k for k in range(len(channels) - 1))
+        self.feature_strides = tuple(2**k for k in range(len(channels) - 1))
         self.encoder = nn.ModuleList(
             ConvBlock(in_channels if k == 0 else channels[k - 1], channels[k], dropout[k])
-            for k in range(len(channels)))
+            for k in range(len(channels))
+        )
         # decoder[0] takes the bottleneck; decoder[-1] produces the full-resolution features.
         self.decoder = nn.ModuleList(
-            UpBlock(channels[k + 1], channels[k], channels[k]) for k in reversed(range(len(channels) - 1)))
+            UpBlock(channels[k + 1], channels[k], channels[k])
+            for k in reversed(range(len(channels) - 1))
+        )
         self.classifier = ClassifierHead(channels[0], num_classes)
 
     def forward(self, x: torch.Tensor) -> SegmentationOutput:
@@ -94,7 +105,9 @@ class UNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"x's height and width must be divisible by {factor}, got {tuple(x.shape[2:])}")
+            raise ValueError(
+                f"x's height and width must be divisible by {factor}, got {tuple(x.shape[2:])}"
+            )
         skips = []
         for k, block in enumerate(self.encoder):
             x = block(x if k == 0 else F.max_pool2d(x, 2))

@@ -100,7 +100,9 @@ class TrainConfig:
     sync_batchnorm: bool = True  # torchrun: BatchNorm statistics over all ranks (SyncBatchNorm)
     amp: bool = True  # bfloat16 autocast (CUDA only)
     tf32: bool = True  # TF32 matmuls and convolutions (CUDA only)
-    non_finite: str = "stop"  # a NaN/inf loss term: "stop" (keep the last checkpoint) or "skip" the step
+    non_finite: str = (
+        "stop"  # a NaN/inf loss term: "stop" (keep the last checkpoint) or "skip" the step
+    )
     long_run_hours: float = 8.0  # warn at the start when the estimated training time is longer
     eval_every: int = 1000  # validation pass every K iterations (keeps the best checkpoint)
     checkpoint_every: int = 1000
@@ -123,7 +125,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "configuration") -> "Config":
+    def from_dict(cls, values: dict, where: str = "configuration") -> Config:
         """Build from a nested dict; unknown sections or keys raise ``ValueError`` naming them."""
         config = cls()
         config.update(values, where)
@@ -135,7 +137,9 @@ class Config:
         ``recipe`` is recorded only: the recipe's defaults are applied by :func:`preset`.
         """
         if not isinstance(values, dict):
-            raise ValueError(f"{where}: expected a mapping of sections, got {type(values).__name__}")
+            raise ValueError(
+                f"{where}: expected a mapping of sections, got {type(values).__name__}"
+            )
         for section, entries in values.items():
             if section == "recipe":
                 self.recipe = entries
@@ -168,7 +172,7 @@ class Config:
         if self.train.method not in METHODS:
             raise ValueError(f"train.method must be one of {METHODS}, got {self.train.method!r}")
         if self.train.eval_network not in ("cnn", "swin", "ensemble"):
-            raise ValueError(f"train.eval_network must be cnn, swin or ensemble")
+            raise ValueError("train.eval_network must be cnn, swin or ensemble")
         if not 0 < self.train.labeled_batch_size <= self.train.batch_size:
             raise ValueError("train.labeled_batch_size must be in 1..train.batch_size")
         if self.train.iterations < 1:
@@ -176,12 +180,18 @@ class Config:
         if len(self.loss.contrastive_block_sizes) != len(self.loss.contrastive_strides):
             raise ValueError("loss.contrastive_block_sizes needs one entry per contrastive stride")
         if not 0.0 <= self.train.warmup_fraction < 1.0:
-            raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.train.warmup_fraction}")
+            raise ValueError(
+                f"train.warmup_fraction must be in [0, 1), got {self.train.warmup_fraction}"
+            )
         if not 0.0 <= self.model.swin_drop_path < 1.0:
-            raise ValueError(f"model.swin_drop_path must be in [0, 1), got {self.model.swin_drop_path}")
+            raise ValueError(
+                f"model.swin_drop_path must be in [0, 1), got {self.model.swin_drop_path}"
+            )
         if self.train.non_finite not in NON_FINITE_POLICIES:
-            raise ValueError(f"train.non_finite must be one of {NON_FINITE_POLICIES}, "
-                             f"got {self.train.non_finite!r}")
+            raise ValueError(
+                f"train.non_finite must be one of {NON_FINITE_POLICIES}, "
+                f"got {self.train.non_finite!r}"
+            )
 
 
 _SECTIONS = {f.name for f in dataclasses.fields(Config) if f.name != "recipe"}

@@ -88,8 +88,10 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
             # one GPU per process: LOCAL_RANK picks it (an explicit index would make all
             # processes of a node share one GPU)
             if local_rank >= torch.cuda.device_count():
-                raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA "
-                                 f"devices are visible: use --nproc_per_node <= the GPUs per node")
+                raise ValueError(
+                    f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA "
+                    f"devices are visible: use --nproc_per_node <= the GPUs per node"
+                )
             device = torch.device("cuda", local_rank)
     return device
 
@@ -117,10 +119,16 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=timeout_minutes))
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved,
-                              backend=dist.get_backend())
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes)
+        )
+    return DistributedContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=resolved,
+        backend=dist.get_backend(),
+    )
 
 
 def destroy_distributed() -> None:
@@ -151,8 +159,12 @@ def barrier() -> None:
 
 
 # ----------------------------------------------------------------------------- models
-def wrap_models(models: dict[str, nn.Module], context: DistributedContext, sync_batchnorm: bool = True,
-                find_unused_parameters: bool = False) -> dict[str, nn.Module]:
+def wrap_models(
+    models: dict[str, nn.Module],
+    context: DistributedContext,
+    sync_batchnorm: bool = True,
+    find_unused_parameters: bool = False,
+) -> dict[str, nn.Module]:
     """Wrap every module of ``models`` (networks and heads) in DistributedDataParallel.
 
     With ``sync_batchnorm`` the BatchNorm layers are converted first (in place, so the modules
@@ -169,15 +181,20 @@ def wrap_models(models: dict[str, nn.Module], context: DistributedContext, sync_
         if sync_batchnorm:
             converted = convert_sync_batchnorm(model)
             if converted is not model:
-                raise ValueError(f"models[{name!r}] is itself a BatchNorm layer; wrap it in a container")
+                raise ValueError(
+                    f"models[{name!r}] is itself a BatchNorm layer; wrap it in a container"
+                )
         device_ids = [context.device.index] if context.device.type == "cuda" else None
-        wrapped[name] = DistributedDataParallel(model, device_ids=device_ids,
-                                                find_unused_parameters=find_unused_parameters)
+        wrapped[name] = DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+        )
     return wrapped
 
 
 # ---------------------------------------------------------------------------- metrics
-def all_reduce_mean(metrics: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+def all_reduce_mean(
+    metrics: dict[str, float], device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Mean over ranks of a dict of floats (every rank must pass the same keys, in any order)."""
     if get_world_size() == 1 or not metrics:
         return dict(metrics)
@@ -227,10 +244,12 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[ctx.offset:ctx.offset + ctx.count] * ctx.world, None, None
+        return grad[ctx.offset : ctx.offset + ctx.count] * ctx.world, None, None
 
 
-def gather_rows(tensor: torch.Tensor, group=None, sizes: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+def gather_rows(
+    tensor: torch.Tensor, group=None, sizes: Sequence[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
     """All ranks' ``tensor`` (variable length along dim 0) concatenated in rank order.
 
     Differentiable under the same-loss-on-every-rank rule of :class:`_GatherRows`. Returns
@@ -265,43 +284,56 @@ class BatchLayout:
         return sum(self.labelled) + sum(self.unlabelled)
 
     def sizes(self) -> list[int]:
-        return [l + u for l, u in zip(self.labelled, self.unlabelled)]
+        return [
+            labelled + unlabelled for labelled, unlabelled in zip(self.labelled, self.unlabelled)
+        ]
 
     def global_order(self) -> list[int]:
         """Positions, in the rank-order concatenation of local batches, of the global batch."""
         starts = [0]
         for size in self.sizes()[:-1]:
             starts.append(starts[-1] + size)
-        order = [s + i for s, l in zip(starts, self.labelled) for i in range(l)]
-        order += [s + l + i for s, l, u in zip(starts, self.labelled, self.unlabelled) for i in range(u)]
+        order = [
+            start + i for start, labelled in zip(starts, self.labelled) for i in range(labelled)
+        ]
+        order += [
+            start + labelled + i
+            for start, labelled, unlabelled in zip(starts, self.labelled, self.unlabelled)
+            for i in range(unlabelled)
+        ]
         return order
 
     def owners(self, use_unlabelled: bool = True) -> tuple[list[int], list[int]]:
         """For every image of the global batch (only the labelled ones when not
         ``use_unlabelled``): the rank holding it and its index in that rank's local batch."""
         ranks, local = [], []
-        for r, l in enumerate(self.labelled):
-            ranks += [r] * l
-            local += list(range(l))
+        for rank, labelled in enumerate(self.labelled):
+            ranks += [rank] * labelled
+            local += list(range(labelled))
         if use_unlabelled:
-            for r, (l, u) in enumerate(zip(self.labelled, self.unlabelled)):
-                ranks += [r] * u
-                local += list(range(l, l + u))
+            for rank, (labelled, unlabelled) in enumerate(zip(self.labelled, self.unlabelled)):
+                ranks += [rank] * unlabelled
+                local += list(range(labelled, labelled + unlabelled))
         return ranks, local
 
 
-def batch_layout(batch_size: int, labelled_count: int, device: torch.device | str = "cpu",
-                 group=None) -> BatchLayout:
+def batch_layout(
+    batch_size: int, labelled_count: int, device: torch.device | str = "cpu", group=None
+) -> BatchLayout:
     """Exchange the local (batch size, labelled count) of every rank."""
     if not 0 <= labelled_count <= batch_size:
         raise ValueError(f"labelled_count must be in [0, {batch_size}], got {labelled_count}")
     if get_world_size() == 1:
         return BatchLayout((labelled_count,), (batch_size - labelled_count,), 0)
-    mine = torch.tensor([labelled_count, batch_size - labelled_count], dtype=torch.long, device=device)
+    mine = torch.tensor(
+        [labelled_count, batch_size - labelled_count], dtype=torch.long, device=device
+    )
     parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
     counts = torch.stack(parts).tolist()
-    return BatchLayout(tuple(c[0] for c in counts), tuple(c[1] for c in counts), dist.get_rank(group))
+    return BatchLayout(
+        tuple(c[0] for c in counts), tuple(c[1] for c in counts), dist.get_rank(group)
+    )
 
 
 def gather_batch(tensor: torch.Tensor, layout: BatchLayout, group=None) -> torch.Tensor:
@@ -314,7 +346,9 @@ def gather_batch(tensor: torch.Tensor, layout: BatchLayout, group=None) -> torch
     if get_world_size() == 1:
         return tensor
     if tensor.shape[0] != layout.sizes()[layout.rank]:
-        raise ValueError(f"tensor has {tensor.shape[0]} rows but this rank's batch has {layout.sizes()[layout.rank]}")
+        raise ValueError(
+            f"tensor has {tensor.shape[0]} rows but this rank's batch has {layout.sizes()[layout.rank]}"
+        )
     gathered, _ = gather_rows(tensor, group, layout.sizes())
     return gathered[torch.tensor(layout.global_order(), device=tensor.device)]
 
@@ -330,8 +364,14 @@ class ShardedEmbeddingMaps(EmbeddingMaps):
     from all ranks (with gradient, see :class:`_GatherRows`) and returns them in global order.
     """
 
-    def __init__(self, cnn: torch.Tensor, swin: torch.Tensor, layout: BatchLayout, use_unlabelled: bool,
-                 group=None):
+    def __init__(
+        self,
+        cnn: torch.Tensor,
+        swin: torch.Tensor,
+        layout: BatchLayout,
+        use_unlabelled: bool,
+        group=None,
+    ):
         super().__init__([cnn, swin])
         owners, local_index = layout.owners(use_unlabelled)
         self.images, self.rank, self.world_size = len(owners), layout.rank, len(layout.labelled)
@@ -346,7 +386,9 @@ class ShardedEmbeddingMaps(EmbeddingMaps):
         network, image = maps // self.images, maps % self.images
         row_owner = self.owner[image]
         mine = row_owner == self.rank
-        local_rows = (network[mine] * self.local_batch + self.local_index[image[mine]]) * pixels + pixel[mine]
+        local_rows = (
+            network[mine] * self.local_batch + self.local_index[image[mine]]
+        ) * pixels + pixel[mine]
         # every rank knows every row's owner, so the gather needs no exchange of sizes
         sizes = torch.bincount(row_owner, minlength=self.world_size).tolist()
         gathered, _ = gather_rows(super().rows(local_rows), self.group, sizes)
@@ -388,9 +430,17 @@ class DistributedContrastiveLoss(nn.Module):
         """The wrapped loss's :attr:`MultiScaleContrastiveLoss.diagnostics` (global batch)."""
         return self.loss.diagnostics
 
-    def forward(self, cnn_embeddings: Sequence[torch.Tensor], swin_embeddings: Sequence[torch.Tensor],
-                labels: torch.Tensor | None, cnn_logits: torch.Tensor, swin_logits: torch.Tensor,
-                labelled_count: int, use_unlabelled: bool = True, layout: BatchLayout | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        cnn_embeddings: Sequence[torch.Tensor],
+        swin_embeddings: Sequence[torch.Tensor],
+        labels: torch.Tensor | None,
+        cnn_logits: torch.Tensor,
+        swin_logits: torch.Tensor,
+        labelled_count: int,
+        use_unlabelled: bool = True,
+        layout: BatchLayout | None = None,
+    ) -> torch.Tensor:
         """The loss of the global batch (a scalar, the same on every rank).
 
         Args:
@@ -403,16 +453,33 @@ class DistributedContrastiveLoss(nn.Module):
                 under several processes.
         """
         if get_world_size() == 1:
-            return self.loss(cnn_embeddings, swin_embeddings, labels, cnn_logits, swin_logits, labelled_count,
-                             use_unlabelled)
+            return self.loss(
+                cnn_embeddings,
+                swin_embeddings,
+                labels,
+                cnn_logits,
+                swin_logits,
+                labelled_count,
+                use_unlabelled,
+            )
         if layout is None:
-            raise ValueError("layout (the BatchLayout of the step) is required under several processes")
+            raise ValueError(
+                "layout (the BatchLayout of the step) is required under several processes"
+            )
         if cnn_logits.shape[0] != layout.total or labelled_count != layout.total_labelled:
-            raise ValueError(f"cnn_logits hold {cnn_logits.shape[0]} images and labelled_count is {labelled_count}, "
-                             f"but the global batch has {layout.total} images, {layout.total_labelled} labelled: "
-                             f"pass the gathered logits and labels")
-        scales = self.loss.select_scales(cnn_embeddings, swin_embeddings, layout.sizes()[layout.rank])
+            raise ValueError(
+                f"cnn_logits hold {cnn_logits.shape[0]} images and labelled_count is {labelled_count}, "
+                f"but the global batch has {layout.total} images, {layout.total_labelled} labelled: "
+                f"pass the gathered logits and labels"
+            )
+        scales = self.loss.select_scales(
+            cnn_embeddings, swin_embeddings, layout.sizes()[layout.rank]
+        )
         targets = self.loss.targets(labels, cnn_logits, swin_logits, labelled_count, use_unlabelled)
-        maps = [ShardedEmbeddingMaps(cnn_embeddings[s], swin_embeddings[s], layout, use_unlabelled, self.group)
-                for s in scales]
+        maps = [
+            ShardedEmbeddingMaps(
+                cnn_embeddings[s], swin_embeddings[s], layout, use_unlabelled, self.group
+            )
+            for s in scales
+        ]
         return self.loss.pixel_loss.contrast(targets, maps, cnn_logits.shape[1])

@@ -42,8 +42,15 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     mode, it is plain BatchNorm. Same parameters, buffers and state-dict keys as BatchNorm.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group = process_group
 
@@ -52,7 +59,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        group = self.process_group or (
+            dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        )
         if self.training and group is not None and dist.get_world_size(group) > 1:
             return self._sync_forward(input, group)
         return super().forward(input)
@@ -61,8 +70,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
-        count = torch.tensor(float(input.numel() // max(input.shape[1], 1)), dtype=input.dtype,
-                             device=input.device)
+        count = torch.tensor(
+            float(input.numel() // max(input.shape[1], 1)), dtype=input.dtype, device=input.device
+        )
         dist.all_reduce(count, group=group)
         mean = _all_reduce_sum(input.sum(dims), group) / count
         centred = input - mean.view(shape)
@@ -73,7 +83,11 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                factor = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
                 unbiased = var.detach() * (count / (count - 1).clamp(min=1))
                 self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
@@ -91,9 +105,17 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     first = next(module.parameters(), None)
     if first is not None and first.device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        converted = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                     module.track_running_stats, process_group)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, CPUSyncBatchNorm
+    ):
+        converted = CPUSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+        )
         if module.affine:
             converted.weight, converted.bias = module.weight, module.bias
         if module.track_running_stats:

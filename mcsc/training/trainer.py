@@ -42,7 +42,13 @@ from mcsc.losses import (
     supervised_loss,
 )
 from mcsc.models import SwinUNet, UNet, build_projection_heads, feature_index
-from mcsc.training.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mcsc.training.checkpoint import (
+    FORMAT,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mcsc.training.config import Config, save_yaml
 from mcsc.training.distributed import (
     DistributedContext,
@@ -58,13 +64,22 @@ from mcsc.training.distributed import (
 def build_models(config: Config, num_classes: int) -> dict[str, torch.nn.Module]:
     """The U-Net and the Swin-UNet (and, for ``mcsc``, the projection heads) of a config."""
     model = config.model
-    cnn = UNet(in_channels=1, num_classes=num_classes, channels=tuple(model.unet_channels),
-               dropout=tuple(model.unet_dropout))
+    cnn = UNet(
+        in_channels=1,
+        num_classes=num_classes,
+        channels=tuple(model.unet_channels),
+        dropout=tuple(model.unet_dropout),
+    )
     swin = SwinUNet(
-        img_size=config.data.patch_size, in_channels=1, num_classes=num_classes,
-        embed_dim=model.swin_embed_dim, depths=tuple(model.swin_depths),
-        num_heads=tuple(model.swin_heads), window_size=model.swin_window,
-        drop_path_rate=model.swin_drop_path, pretrained=model.swin_pretrained,
+        img_size=config.data.patch_size,
+        in_channels=1,
+        num_classes=num_classes,
+        embed_dim=model.swin_embed_dim,
+        depths=tuple(model.swin_depths),
+        num_heads=tuple(model.swin_heads),
+        window_size=model.swin_window,
+        drop_path_rate=model.swin_drop_path,
+        pretrained=model.swin_pretrained,
     )
     models = {"cnn": cnn, "swin": swin}
     if config.train.method == "mcsc":
@@ -72,17 +87,24 @@ def build_models(config: Config, num_classes: int) -> dict[str, torch.nn.Module]
         models["heads"] = build_projection_heads(
             [cnn.feature_channels[feature_index(cnn, stride)] for stride in strides],
             [swin.feature_channels[feature_index(swin, stride)] for stride in strides],
-            hidden=model.projection_hidden, out=model.projection_out,
+            hidden=model.projection_hidden,
+            out=model.projection_out,
             # the public code normalises the coarse Swin features before their head
             swin_layer_norm=[stride > 1 for stride in strides],
         )
     return models
 
 
-def method_losses(cnn_logits: torch.Tensor, swin_logits: torch.Tensor, labels: torch.Tensor,
-                  labelled_count: int, num_classes: int, cross_teaching_weight: float | None,
-                  contrastive: torch.Tensor | None = None, contrastive_weight: float = 0.0
-                  ) -> dict[str, torch.Tensor]:
+def method_losses(
+    cnn_logits: torch.Tensor,
+    swin_logits: torch.Tensor,
+    labels: torch.Tensor,
+    labelled_count: int,
+    num_classes: int,
+    cross_teaching_weight: float | None,
+    contrastive: torch.Tensor | None = None,
+    contrastive_weight: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """The method's loss terms and their weighted sum, for one (global) batch.
 
     Supervised (cross-entropy + Dice) for both networks on the labelled images; cross teaching
@@ -142,11 +164,14 @@ def running_context(device: str) -> DistributedContext:
 
     Never starts a group: under ``torchrun`` whoever starts it also ends it (``mcsc train``).
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
         raise ValueError(
             "WORLD_SIZE > 1 (torchrun) but no process group is running: start it with "
-            "mcsc.training.distributed.init_distributed(device) and pass its context to Trainer")
+            "mcsc.training.distributed.init_distributed(device) and pass its context to Trainer"
+        )
     # with a running group, or for one process, this only reads where the process sits
     return init_distributed(device)
 
@@ -180,17 +205,25 @@ class RunTimeEstimate:
         seconds = self.remaining * self.seconds_per_iteration
         if not seconds > limit_hours * 3600:
             return None
-        faster = ("--recipe small trains the demo's small networks, far faster" if recipe == "paper"
-                  else "fewer --iterations or a GPU make it shorter")
-        return (f"estimated training time {seconds / 3600:.1f} h on {device} "
-                f"({self.seconds_per_iteration:.2f} s per iteration, {self.remaining} iterations to "
-                f"go, validation not counted): long for this machine; {faster}")
+        faster = (
+            "--recipe small trains the demo's small networks, far faster"
+            if recipe == "paper"
+            else "fewer --iterations or a GPU make it shorter"
+        )
+        return (
+            f"estimated training time {seconds / 3600:.1f} h on {device} "
+            f"({self.seconds_per_iteration:.2f} s per iteration, {self.remaining} iterations to "
+            f"go, validation not counted): long for this machine; {faster}"
+        )
 
 
 def evaluation_models(models: dict, network: str) -> list[torch.nn.Module]:
     """The networks whose (averaged) softmax is evaluated: cnn, swin or both (ensemble)."""
-    return {"cnn": [models["cnn"]], "swin": [models["swin"]],
-            "ensemble": [models["cnn"], models["swin"]]}[network]
+    return {
+        "cnn": [models["cnn"]],
+        "swin": [models["swin"]],
+        "ensemble": [models["cnn"], models["swin"]],
+    }[network]
 
 
 class Trainer:
@@ -206,8 +239,14 @@ class Trainer:
             and ends it); ``None``: the group the caller started, or one process.
     """
 
-    def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
-                 progress: bool = True, context: DistributedContext | None = None):
+    def __init__(
+        self,
+        config: Config,
+        out_dir: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        context: DistributedContext | None = None,
+    ):
         config.validate()
         self.config = config
         self.out = Path(out_dir)
@@ -230,11 +269,15 @@ class Trainer:
         if self.config.train.method != "mcsc":
             return {}
         loss = self.config.loss
-        return {"contrastive": MultiScaleContrastiveLoss(
-            sampler=loss.contrastive_sampler, temperature=loss.temperature,
-            block_sizes=tuple(loss.contrastive_block_sizes),
-            pixels_per_class=loss.contrastive_pixels_per_class, seed=self.config.train.seed,
-        )}
+        return {
+            "contrastive": MultiScaleContrastiveLoss(
+                sampler=loss.contrastive_sampler,
+                temperature=loss.temperature,
+                block_sizes=tuple(loss.contrastive_block_sizes),
+                pixels_per_class=loss.contrastive_pixels_per_class,
+                seed=self.config.train.seed,
+            )
+        }
 
     def build_optimizers(self) -> tuple[dict, dict]:
         """AdamW per network (Swin at ``lr * swin_lr_ratio``); poly decay, Swin warm-up first."""
@@ -244,10 +287,14 @@ class Trainer:
         optimizers, schedulers = {}, {}
         for name, model in self.models.items():
             lr = train.lr * (train.swin_lr_ratio if name == "swin" else 1.0)
-            optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=train.weight_decay)
+            optimizers[name] = torch.optim.AdamW(
+                model.parameters(), lr=lr, weight_decay=train.weight_decay
+            )
             steps = warmup if name == "swin" else 0
             schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-                optimizers[name], lambda iteration, steps=steps: warmup_poly(iteration, total, steps))
+                optimizers[name],
+                lambda iteration, steps=steps: warmup_poly(iteration, total, steps),
+            )
         return optimizers, schedulers
 
     def train_step(self, batch: dict, iteration: int) -> dict[str, float]:
@@ -261,7 +308,9 @@ class Trainer:
         config = self.config
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
-        labelled_count = config.train.labeled_batch_size // self.dist.world_size  # this rank's share
+        labelled_count = (
+            config.train.labeled_batch_size // self.dist.world_size
+        )  # this rank's share
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             cnn_out = self.forward_models["cnn"](images)
             swin_out = self.forward_models["swin"](images)
@@ -270,28 +319,52 @@ class Trainer:
             layout = None
             if self.dist.enabled:  # every rank computes the loss of the global batch
                 layout = batch_layout(images.shape[0], labelled_count, self.device)
-                cnn_logits, swin_logits = gather_batch(cnn_logits, layout), gather_batch(swin_logits, layout)
-                global_labels, global_labelled_count = gather_batch(labels, layout), layout.total_labelled
+                cnn_logits, swin_logits = (
+                    gather_batch(cnn_logits, layout),
+                    gather_batch(swin_logits, layout),
+                )
+                global_labels, global_labelled_count = (
+                    gather_batch(labels, layout),
+                    layout.total_labelled,
+                )
             cross_teaching_weight = None
             if config.train.method != "supervised":
                 cross_teaching_weight = config.loss.consistency * sigmoid_rampup(
-                    iteration, config.loss.consistency_rampup)
+                    iteration, config.loss.consistency_rampup
+                )
             contrastive = None
             if config.train.method == "mcsc":
                 contrastive = self.contrastive_loss(
-                    cnn_out, swin_out, global_labels[:global_labelled_count], cnn_logits,
-                    swin_logits, iteration, layout)
-            terms = method_losses(cnn_logits, swin_logits, global_labels, global_labelled_count,
-                                  self.data.num_classes, cross_teaching_weight, contrastive,
-                                  config.loss.contrastive_weight)
+                    cnn_out,
+                    swin_out,
+                    global_labels[:global_labelled_count],
+                    cnn_logits,
+                    swin_logits,
+                    iteration,
+                    layout,
+                )
+            terms = method_losses(
+                cnn_logits,
+                swin_logits,
+                global_labels,
+                global_labelled_count,
+                self.data.num_classes,
+                cross_teaching_weight,
+                contrastive,
+                config.loss.contrastive_weight,
+            )
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         # one device sync, once the backward is queued; the check comes before any update
-        values = dict(zip(terms, torch.stack([term.detach().float() for term in terms.values()]).tolist()))
+        values = dict(
+            zip(terms, torch.stack([term.detach().float() for term in terms.values()]).tolist())
+        )
         if self.dist.enabled:  # every rank sees a non-finite term of any rank and acts alike
             values = all_reduce_mean(values, self.device)
-        non_finite = [name for name, value in values.items() if name != "loss" and not math.isfinite(value)]
+        non_finite = [
+            name for name, value in values.items() if name != "loss" and not math.isfinite(value)
+        ]
         if not non_finite and not math.isfinite(values["loss"]):
             non_finite = ["loss"]
         if non_finite:
@@ -315,13 +388,26 @@ class Trainer:
                 print(f"{where}; step skipped ({self.skipped_steps} so far)", flush=True)
             return
         latest = self.checkpoint_path("latest")
-        kept = (f"{latest} (iteration {load_checkpoint(latest, 'cpu')['iteration']}) is kept"
-                if latest.exists() else "no checkpoint was written yet")
-        raise NonFiniteLossError(f"{where}; training stopped, the last checkpoint {kept}. Set "
-                                 "train.non_finite=skip to skip such steps instead.")
+        kept = (
+            f"{latest} (iteration {load_checkpoint(latest, 'cpu')['iteration']}) is kept"
+            if latest.exists()
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"{where}; training stopped, the last checkpoint {kept}. Set "
+            "train.non_finite=skip to skip such steps instead."
+        )
 
-    def contrastive_loss(self, cnn_out, swin_out, labels: torch.Tensor, cnn_logits: torch.Tensor,
-                         swin_logits: torch.Tensor, iteration: int, layout=None) -> torch.Tensor:
+    def contrastive_loss(
+        self,
+        cnn_out,
+        swin_out,
+        labels: torch.Tensor,
+        cnn_logits: torch.Tensor,
+        swin_logits: torch.Tensor,
+        iteration: int,
+        layout=None,
+    ) -> torch.Tensor:
         """Multi-scale cross contrastive loss (sum over scales) on the projected features.
 
         ``cnn_out``/``swin_out`` are this rank's network outputs; ``labels`` (labelled images),
@@ -332,20 +418,31 @@ class Trainer:
         cnn, swin = self.models["cnn"], self.models["swin"]
         strides = config.loss.contrastive_strides
         cnn_features = [cnn_out.features[feature_index(cnn, stride)].float() for stride in strides]
-        swin_features = [swin_out.features[feature_index(swin, stride)].float() for stride in strides]
+        swin_features = [
+            swin_out.features[feature_index(swin, stride)].float() for stride in strides
+        ]
         cnn_embeddings, swin_embeddings = self.forward_models["heads"](cnn_features, swin_features)
         return self.losses["contrastive"](
-            cnn_embeddings, swin_embeddings, labels, cnn_logits, swin_logits,
+            cnn_embeddings,
+            swin_embeddings,
+            labels,
+            cnn_logits,
+            swin_logits,
             labelled_count=labels.shape[0],
-            use_unlabelled=iteration >= config.loss.labelled_only_until, layout=layout,
+            use_unlabelled=iteration >= config.loss.labelled_only_until,
+            layout=layout,
         )
 
     def validate(self, iteration: int) -> dict:
         """Evaluate the selected network on the validation volumes (mean Dice drives ``best``)."""
         summary, _ = evaluate_volumes(
-            evaluation_models(self.models, self.config.train.eval_network), self.data.val,
-            self.data.num_classes, self.data.class_names, self.config.data.patch_size,
-            self.device, self.amp,
+            evaluation_models(self.models, self.config.train.eval_network),
+            self.data.val,
+            self.data.num_classes,
+            self.data.class_names,
+            self.config.data.patch_size,
+            self.device,
+            self.amp,
         )
         for model in self.models.values():
             model.train()
@@ -378,16 +475,26 @@ class Trainer:
                 (self.out / "split.json").write_text(json.dumps(self.data.split, indent=1))
         self.models = self.build_networks()
         # DDP wrappers run the training forward; self.models keep the weights (save, evaluate)
-        self.forward_models = wrap_models(self.models, self.dist, sync_batchnorm=config.train.sync_batchnorm)
+        self.forward_models = wrap_models(
+            self.models, self.dist, sync_batchnorm=config.train.sync_batchnorm
+        )
         self.losses = self.build_losses()
         if "contrastive" in self.losses:  # the global batch's loss (the plain loss for one process)
             self.losses["contrastive"] = DistributedContrastiveLoss(self.losses["contrastive"])
         self.optimizers, self.schedulers = self.build_optimizers()
         labelled = config.train.labeled_batch_size
-        unlabelled = 0 if config.train.method == "supervised" else config.train.batch_size - labelled
+        unlabelled = (
+            0 if config.train.method == "supervised" else config.train.batch_size - labelled
+        )
         self.sampler = ShardedTwoStreamBatchSampler(  # this rank's share of every global batch
-            self.data.labelled_indices(), self.data.unlabelled_indices(), labelled, unlabelled,
-            config.train.iterations, seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            self.data.labelled_indices(),
+            self.data.unlabelled_indices(),
+            labelled,
+            unlabelled,
+            config.train.iterations,
+            seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         self.skipped_steps = 0
         if self.resume:
@@ -396,10 +503,16 @@ class Trainer:
     def train_loader(self) -> DataLoader:
         """The augmented two-stream batches of the run, from the current iteration on (after
         :meth:`setup`)."""
-        dataset = SliceDataset(self.data.train, set(self.data.labelled_indices()),
-                               self.config.data.patch_size, augment=True)
+        dataset = SliceDataset(
+            self.data.train,
+            set(self.data.labelled_indices()),
+            self.config.data.patch_size,
+            augment=True,
+        )
         return DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=self.config.data.num_workers,
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.config.data.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.config.train.seed),
             persistent_workers=False,
@@ -416,7 +529,8 @@ class Trainer:
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     raise NonFiniteLossError(
                         f"iteration {self.iteration}: {name}.{key} is no longer finite; training "
-                        f"stopped and {self.checkpoint_path(which)} left as it was")
+                        f"stopped and {self.checkpoint_path(which)} left as it was"
+                    )
         save_checkpoint(self.state(), self.checkpoint_path(which))
 
     def state(self) -> dict:
@@ -426,8 +540,12 @@ class Trainer:
             "iteration": self.iteration,
             "config": self.config.to_dict(),
             "models": {name: model.state_dict() for name, model in self.models.items()},
-            "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
-            "schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
+            "optimizers": {
+                name: optimizer.state_dict() for name, optimizer in self.optimizers.items()
+            },
+            "schedulers": {
+                name: scheduler.state_dict() for name, scheduler in self.schedulers.items()
+            },
             "sampler": {"seed": self.sampler.seed, "start": self.iteration},
             "rng": rng_state(),
             "best": dict(self.best),
@@ -446,8 +564,10 @@ class Trainer:
             scheduler.load_state_dict(state["schedulers"][name])
         self.sampler.load_state_dict(state["sampler"])
         self.iteration = int(state["iteration"])
-        self.best = {"metric": float(state["best"]["metric"]),
-                     "iteration": int(state["best"]["iteration"])}
+        self.best = {
+            "metric": float(state["best"]["metric"]),
+            "iteration": int(state["best"]["iteration"]),
+        }
         set_rng_state(state["rng"])
         if "contrastive" in self.losses and "contrastive" in state["rng"]:
             self.losses["contrastive"].generator.set_state(state["rng"]["contrastive"].cpu())
@@ -470,14 +590,23 @@ class Trainer:
         self.setup()
         train = self.config.train
         loader = self.train_loader()
-        writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration or None) \
-            if self.dist.is_main else NullWriter()
+        writer = (
+            SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration or None)
+            if self.dist.is_main
+            else NullWriter()
+        )
         for model in self.models.values():
             model.train()
         running: dict[str, float] = {}
         started = time.time()
-        bar = tqdm(total=train.iterations, initial=self.iteration, disable=not self.progress or not self.dist.is_main,
-                   desc=f"{train.method}", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=train.iterations,
+            initial=self.iteration,
+            disable=not self.progress or not self.dist.is_main,
+            desc=f"{train.method}",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         estimate = RunTimeEstimate(self.iteration, train.iterations)
         for batch in loader:
             if self.dist.enabled:  # own dropout masks per rank, the same again on resume
@@ -493,21 +622,33 @@ class Trainer:
             if self.iteration % train.log_every == 0 or self.iteration == train.iterations:
                 for name, value in logs.items():
                     writer.add_scalar(f"train/{name}", value, self.iteration)
-                writer.add_scalar("train/lr", self.optimizers["cnn"].param_groups[0]["lr"], self.iteration)
-                bar.set_postfix({name: f"{value:.3f}" for name, value in running.items()}, refresh=False)
+                writer.add_scalar(
+                    "train/lr", self.optimizers["cnn"].param_groups[0]["lr"], self.iteration
+                )
+                bar.set_postfix(
+                    {name: f"{value:.3f}" for name, value in running.items()}, refresh=False
+                )
             bar.update(1)
-            if self.dist.is_main and self.data.val and (  # rank 0 validates alone
-                    self.iteration % train.eval_every == 0 or self.iteration == train.iterations):
+            if (
+                self.dist.is_main
+                and self.data.val
+                and (  # rank 0 validates alone
+                    self.iteration % train.eval_every == 0 or self.iteration == train.iterations
+                )
+            ):
                 summary = self.validate(self.iteration)
                 writer.add_scalar("val/mean_dice", summary["mean_dice"], self.iteration)
                 writer.add_scalar("val/mean_hd95", summary["mean_hd95"], self.iteration)
                 if summary["mean_dice"] > self.best["metric"]:
                     self.best = {"metric": summary["mean_dice"], "iteration": self.iteration}
                     self.save("best")
-                bar.write(f"iteration {self.iteration}: val mean Dice {summary['mean_dice']:.4f} "
-                          f"(best {self.best['metric']:.4f} at {self.best['iteration']})")
-            if self.dist.is_main and (self.iteration % train.checkpoint_every == 0
-                                      or self.iteration == train.iterations):
+                bar.write(
+                    f"iteration {self.iteration}: val mean Dice {summary['mean_dice']:.4f} "
+                    f"(best {self.best['metric']:.4f} at {self.best['iteration']})"
+                )
+            if self.dist.is_main and (
+                self.iteration % train.checkpoint_every == 0 or self.iteration == train.iterations
+            ):
                 self.save("latest")
             self.on_iteration_end(self.iteration, logs)
         bar.close()
@@ -529,25 +670,34 @@ class Trainer:
         for name, model in self.models.items():
             model.load_state_dict(state["models"][name])
         summary, kept = evaluate_volumes(
-            evaluation_models(self.models, self.config.train.eval_network), self.data.test,
-            self.data.num_classes, self.data.class_names, self.config.data.patch_size,
-            self.device, self.amp, keep_predictions=4,
+            evaluation_models(self.models, self.config.train.eval_network),
+            self.data.test,
+            self.data.num_classes,
+            self.data.class_names,
+            self.config.data.patch_size,
+            self.device,
+            self.amp,
+            keep_predictions=4,
         )
-        summary.update({
-            "split": "test",
-            "method": self.config.train.method,
-            "network": self.config.train.eval_network,
-            "checkpoint_iteration": int(state["iteration"]),
-            "best_val_mean_dice": self.best["metric"],
-            "train_seconds": train_time,
-            "seed": self.config.train.seed,
-        })
+        summary.update(
+            {
+                "split": "test",
+                "method": self.config.train.method,
+                "network": self.config.train.eval_network,
+                "checkpoint_iteration": int(state["iteration"]),
+                "best_val_mean_dice": self.best["metric"],
+                "train_seconds": train_time,
+                "seed": self.config.train.seed,
+            }
+        )
         write_metrics(summary, self.out)
         save_prediction_figure(self.out / "predictions.png", kept, self.data.num_classes)
         if writer is not None:
             writer.add_scalar("test/mean_dice", summary["mean_dice"], self.iteration)
-        print(f"test split ({len(self.data.test)} volumes, {self.config.train.eval_network}, "
-              f"checkpoint of iteration {state['iteration']}, distances in {summary['unit']}):")
+        print(
+            f"test split ({len(self.data.test)} volumes, {self.config.train.eval_network}, "
+            f"checkpoint of iteration {state['iteration']}, distances in {summary['unit']}):"
+        )
         print(summary["table"])
         return summary
 
