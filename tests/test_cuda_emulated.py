@@ -52,12 +52,12 @@ def emulated():
 
 
 def run(emulated, features, labels, offsets, prevalence, upstream, allow_tf32, descending,
-        temperature=TEMPERATURE):
+        temperature=TEMPERATURE, kernels="wmma"):
     """(loss, lse, positives, d(sum upstream * loss)/dz) from the emulated kernels."""
     loss, lse, positives = emulated.forward(features, labels, offsets, temperature, prevalence,
-                                            IGNORE, allow_tf32, descending)
+                                            IGNORE, allow_tf32, descending, kernels=kernels)
     grad = emulated.backward(upstream, features, labels, offsets, lse, positives, temperature,
-                             prevalence, allow_tf32, descending)
+                             prevalence, allow_tf32, descending, kernels=kernels)
     return loss, lse, positives, grad
 
 
@@ -76,12 +76,13 @@ def run_both_orders(emulated, *args, **options):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(emulated, case, path, prevalence):
-    dtype, allow_tf32 = PATHS[path]
+    dtype, allow_tf32, kernels = PATHS[path]
     features, labels, offsets = make_inputs(*CASES[case], dtype=dtype)
     upstream = torch.rand(features.shape[0], dtype=torch.float64,
                           generator=torch.Generator().manual_seed(1))
     loss, lse, positives, grad = run_both_orders(emulated, features, labels, offsets,
-                                                 prevalence, upstream, allow_tf32)
+                                                 prevalence, upstream, allow_tf32,
+                                                 kernels=kernels)
     ref_loss, ref_positives, ref_grad = reference_loss_and_grad(features, labels, offsets,
                                                                 prevalence, upstream)
     assert loss.dtype == dtype and grad.dtype == dtype and positives.dtype == torch.int32
@@ -103,27 +104,28 @@ def test_matches_reference(emulated, case, path, prevalence):
 @pytest.mark.parametrize("path", list(PATHS))
 def test_unaligned_rows_match_vector_loads(emulated, path):
     """Rows that do not start on 16-byte boundaries take the scalar loads: same bits."""
-    dtype, allow_tf32 = PATHS[path]
+    dtype, allow_tf32, kernels = PATHS[path]
     features, labels, offsets = make_inputs([70, 0, 129], 16, 4, 0.1, dtype=dtype)
     upstream = torch.rand(features.shape[0], dtype=torch.float64,
                           generator=torch.Generator().manual_seed(3))
     aligned = run(emulated, features, labels, offsets, True, upstream, allow_tf32,
-                  descending=False)
+                  descending=False, kernels=kernels)
     unaligned = run_both_orders(emulated, misaligned_copy(features), labels, offsets, True,
-                                upstream, allow_tf32)
+                                upstream, allow_tf32, kernels=kernels)
     for name, first, second in zip(("loss", "lse", "positives", "grad"), aligned, unaligned):
         assert torch.equal(first, second), f"{name} differs between vector and scalar loads"
 
 
-@pytest.mark.parametrize("path", ["float64-fma", "float32-fma", "bfloat16-wmma"])
+@pytest.mark.parametrize("path", ["float64-fma", "float32-fma", "bfloat16-wmma",
+                                  "bfloat16-mma"])
 def test_forward_column_splits_merge_to_one_split(emulated, path):
     """A small batch splits the forward's columns over up to 16 blocks per row block; the
     merged partial results match one block per row block."""
-    dtype, allow_tf32 = PATHS[path]
+    dtype, allow_tf32, kernels = PATHS[path]
     features, labels, offsets = make_inputs(*CASES["long-segment"], dtype=dtype)
     outputs = {
         target: emulated.forward(features, labels, offsets, TEMPERATURE, True, IGNORE,
-                                 allow_tf32, False, resident_blocks=target)
+                                 allow_tf32, False, resident_blocks=target, kernels=kernels)
         for target in (1, 4096)}
     (one_loss, one_lse, one_positives), (loss, lse, positives) = outputs[1], outputs[4096]
     assert torch.equal(positives, one_positives)
@@ -160,7 +162,7 @@ def test_matches_cpu_op(emulated, case):
 @pytest.mark.parametrize("path", ["float64-fma", "float32-fma"])
 def test_large_similarities(emulated, path):
     """Norm-10 features at t = 0.01: similarities up to 1e4, far past exp's range."""
-    dtype, _ = PATHS[path]
+    dtype = PATHS[path].dtype
     features, labels, offsets = make_inputs([90, 40], 12, 3, 0.1, dtype=dtype)
     features = features * 10
     upstream = torch.rand(features.shape[0], dtype=torch.float64)

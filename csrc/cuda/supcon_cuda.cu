@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <tuple>
 #include <utility>
@@ -45,6 +46,10 @@ bool float32_matmul_allows_tf32() {
          at::Float32Precision::TF32;
 }
 
+// The fp16/bf16 kernels MCSC_CUDA_KERNELS names, read on every call so that a process can
+// switch between them (the tests run both).
+KernelFamily selected_kernels() { return kernel_family(std::getenv("MCSC_CUDA_KERNELS")); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& segments,
     double temperature, bool prevalence, int64_t ignore_index) {
@@ -56,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
   return launch_supcon_forward(StreamLaunch{at::cuda::getCurrentCUDAStream()},
                                features.contiguous(), labels.contiguous(),
                                segments.contiguous(), temperature, prevalence, ignore_index,
-                               float32_matmul_allows_tf32(), resident_blocks);
+                               float32_matmul_allows_tf32(), resident_blocks, selected_kernels());
 }
 
 at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& features,
@@ -70,7 +75,7 @@ at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& f
       StreamLaunch{at::cuda::getCurrentCUDAStream()},
       grad_loss.to(accumulation_dtype(features)).contiguous(), features.contiguous(),
       labels.contiguous(), segments.contiguous(), lse.contiguous(), positives.contiguous(),
-      temperature, prevalence, float32_matmul_allows_tf32());
+      temperature, prevalence, float32_matmul_allows_tf32(), selected_kernels());
   // Laid out like empty_like(features), as the fake kernel promises.
   if (features.is_contiguous()) return grad;
   at::Tensor grad_in_layout = at::empty_like(features);

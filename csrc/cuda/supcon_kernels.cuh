@@ -29,6 +29,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/amax.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
@@ -39,9 +41,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
+#include "cuda/supcon_mma.cuh"
 #include "cuda/supcon_tiles.cuh"
 #include "supcon_math.h"
 
@@ -50,10 +54,6 @@ namespace cuda {
 
 // Labels of a column tile staged by classify_rows; 8 KiB for int64 labels.
 constexpr int kClassifyCols = 1024;
-// Class id of rows past the end of a block and columns past the end of a segment: like the
-// ignored rows' -1, negative, and equal to no row's id.
-constexpr int32_t kNoClass = std::numeric_limits<int32_t>::min();
-
 // One row per thread. With `known_positives` (backward: the forward's output) validity comes
 // from it and only class ids are needed, so a block stops scanning once each of its rows has
 // met the first row of its class; otherwise (forward) rows equal to ignore_index are ignored
@@ -128,20 +128,6 @@ __device__ __forceinline__ AnchorRow anchor_row(const RowBlock& block,
   anchor.positives = anchor.exists ? positives[anchor.row] : -1;
   return anchor;
 }
-
-// Partial results of the forward per column split: for split s and row i, element s * rows + i
-// of each array.
-template <typename acc_t>
-struct ForwardPartials {
-  acc_t* running_max;   // max_j s_ij over the split's contrasts (-inf if none)
-  acc_t* running_sum;   // sum_j w_i(y_j) exp(s_ij - running_max)
-  acc_t* positive_sum;  // sum of s_ip over the split's positives
-};
-
-// Resident forward blocks per SM that the launch bounds ask for (64 registers per thread): the
-// float32 FMA instantiation would otherwise take 80 and fit three. The host sizes the column
-// splits by it.
-constexpr int kForwardBlocksPerSM = 4;
 
 template <typename scalar_t, Mma kind>
 __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
@@ -395,10 +381,24 @@ void classify_rows(const Launch& launch, const at::Tensor& labels, int64_t ignor
 template <Mma kind>
 using MmaTag = std::integral_constant<Mma, kind>;
 
-// Calls body(MmaTag<kind>{}) with the multiply kind for scalar_t: tensor cores for fp16/bf16,
-// TF32 for float32 when float32 matmuls may use it, FMA otherwise.
+// Which kernels run for fp16/bf16 features: the WMMA kernels above, validated on an H200, or
+// the mma.sync kernels of supcon_mma.cuh. float32 and float64 take the kernels above either way.
+enum class KernelFamily { Wmma, Mma };
+
+// The family named by MCSC_CUDA_KERNELS's value: "wmma" (also when unset or empty) or "mma".
+inline KernelFamily kernel_family(const char* name) {
+  const std::string value = name == nullptr ? "" : name;
+  if (value.empty() || value == "wmma") return KernelFamily::Wmma;
+  if (value == "mma") return KernelFamily::Mma;
+  TORCH_CHECK_VALUE(false, "mcsc: MCSC_CUDA_KERNELS must be 'wmma' or 'mma', got '", value,
+                    "'");
+}
+
+// Calls body(MmaTag<kind>{}) with the multiply kind for scalar_t: tensor cores for fp16/bf16
+// (mma.sync with the Mma family, else WMMA), TF32 for float32 when float32 matmuls may use it,
+// FMA otherwise.
 template <typename scalar_t, typename Body>
-void with_mma_kind(bool allow_tf32, const Body& body) {
+void with_mma_kind(bool allow_tf32, KernelFamily family, const Body& body) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     body(MmaTag<Mma::Fma>{});
   } else if constexpr (std::is_same_v<scalar_t, float>) {
@@ -407,10 +407,24 @@ void with_mma_kind(bool allow_tf32, const Body& body) {
     } else {
       body(MmaTag<Mma::Fma>{});
     }
+  } else if (family == KernelFamily::Mma) {
+    body(MmaTag<Mma::Sync>{});
   } else {
     body(MmaTag<Mma::Wmma>{});
   }
 }
+
+// Rows and columns of the score tiles of the kernels of one multiply kind.
+template <typename scalar_t, Mma kind>
+struct ScoreTileShape {
+  static constexpr int kRows = Tiles<acc_type<scalar_t>>::kRows;
+  static constexpr int kCols = Tiles<acc_type<scalar_t>>::kCols;
+};
+template <typename scalar_t>
+struct ScoreTileShape<scalar_t, Mma::Sync> {
+  static constexpr int kRows = MmaTiles<scalar_t>::kRows;
+  static constexpr int kCols = MmaTiles<scalar_t>::kCols;
+};
 
 // Most column splits of the forward: their partial results take 3 * splits floats per row.
 constexpr int64_t kMaxColumnSplits = 16;
@@ -432,13 +446,23 @@ inline int64_t forward_column_splits(int64_t row_blocks, int64_t rows, int64_t t
   return best;
 }
 
+// The forward kernel of one multiply kind (its partial results are the same for every kind).
+template <typename scalar_t, Mma kind>
+constexpr auto forward_kernel() {
+  if constexpr (kind == Mma::Sync) {
+    return &supcon_forward_mma_kernel<scalar_t>;
+  } else {
+    return &supcon_forward_kernel<scalar_t, kind>;
+  }
+}
+
 // The forward of contiguous, checked inputs on the kernels' device: (loss, lse, positives).
 // resident_blocks: how many forward blocks the device runs at once (forward_column_splits).
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
     const Launch& launch, const at::Tensor& features, const at::Tensor& labels,
     const at::Tensor& segments, double temperature, bool prevalence, int64_t ignore_index,
-    bool allow_tf32, int64_t resident_blocks) {
+    bool allow_tf32, int64_t resident_blocks, KernelFamily family) {
   const int64_t rows = features.size(0);
   const int64_t dim = features.size(1);
   const int64_t num_segments = segments.numel() - 1;
@@ -455,28 +479,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "mcsc_supcon_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    constexpr int64_t kRows = Tiles<acc_t>::kRows;
-    const at::Tensor block_offsets = row_block_offsets(segments, kRows);
-    const int64_t grid = row_block_bound(rows, num_segments, kRows);
-    const int64_t splits =
-        forward_column_splits(grid, rows, Tiles<acc_t>::kCols, resident_blocks);
-    at::Tensor partial = at::empty({3, splits, rows}, lse.options());
-    const ForwardPartials<acc_t> partials{partial[0].mutable_data_ptr<acc_t>(),
-                                          partial[1].mutable_data_ptr<acc_t>(),
-                                          partial[2].mutable_data_ptr<acc_t>()};
-    with_mma_kind<scalar_t>(allow_tf32, [&](auto tag) {
+    with_mma_kind<scalar_t>(allow_tf32, family, [&](auto tag) {
       constexpr Mma kind = decltype(tag)::value;
-      launch(&supcon_forward_kernel<scalar_t, kind>, grid, splits,
-             features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
-             positives.const_data_ptr<int32_t>(), segments.const_data_ptr<int64_t>(),
-             block_offsets.const_data_ptr<int64_t>(), num_segments,
-             static_cast<acc_t>(1.0 / temperature), prevalence, rows, splits, partials);
+      using Shape = ScoreTileShape<scalar_t, kind>;
+      const at::Tensor block_offsets = row_block_offsets(segments, Shape::kRows);
+      const int64_t grid = row_block_bound(rows, num_segments, Shape::kRows);
+      const int64_t splits = forward_column_splits(grid, rows, Shape::kCols, resident_blocks);
+      at::Tensor partial = at::empty({3, splits, rows}, lse.options());
+      const ForwardPartials<acc_t> partials{partial[0].mutable_data_ptr<acc_t>(),
+                                            partial[1].mutable_data_ptr<acc_t>(),
+                                            partial[2].mutable_data_ptr<acc_t>()};
+      const auto kernel = forward_kernel<scalar_t, kind>();
+      launch(kernel, grid, splits, features.const_data_ptr<scalar_t>(), dim,
+             classes.const_data_ptr<int32_t>(), positives.const_data_ptr<int32_t>(),
+             segments.const_data_ptr<int64_t>(), block_offsets.const_data_ptr<int64_t>(),
+             num_segments, static_cast<acc_t>(1.0 / temperature), prevalence, rows, splits,
+             partials);
+      launch(&supcon_forward_combine_kernel<scalar_t>, (rows + kThreads - 1) / kThreads, 1,
+             partials, positives.const_data_ptr<int32_t>(), rows, splits,
+             loss.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
     });
-    launch(&supcon_forward_combine_kernel<scalar_t>, (rows + kThreads - 1) / kThreads, 1,
-           partials, positives.const_data_ptr<int32_t>(), rows, splits,
-           loss.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
   });
   return {loss, lse, positives};
+}
+
+// The backward kernel of one multiply kind, launched over its grid.
+template <typename scalar_t, Mma kind, typename Launch>
+void backward_of_kind(const Launch& launch, const at::Tensor& grad_loss,
+                      const at::Tensor& features, const at::Tensor& classes,
+                      const at::Tensor& positives, const at::Tensor& lse,
+                      const at::Tensor& segments, double temperature, bool prevalence,
+                      at::Tensor& grad) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t rows = features.size(0);
+  const int64_t dim = features.size(1);
+  const int64_t num_segments = segments.numel() - 1;
+  if constexpr (kind == Mma::Sync) {
+    using M = MmaTiles<scalar_t>;
+    const at::Tensor block_offsets = row_block_offsets(segments, M::kRows);
+    // The largest |a_i| sets the power-of-two scale of the fp16/bf16 pair coefficients.
+    const at::Tensor largest_grad = grad_loss.abs().amax();
+    launch(&supcon_backward_mma_kernel<scalar_t>,
+           row_block_bound(rows, num_segments, M::kRows),
+           (dim + M::kOutCols - 1) / M::kOutCols, features.const_data_ptr<scalar_t>(), dim,
+           classes.const_data_ptr<int32_t>(), positives.const_data_ptr<int32_t>(),
+           lse.const_data_ptr<float>(), grad_loss.const_data_ptr<float>(),
+           largest_grad.const_data_ptr<float>(), segments.const_data_ptr<int64_t>(),
+           block_offsets.const_data_ptr<int64_t>(), num_segments,
+           static_cast<float>(1.0 / temperature), prevalence,
+           grad.mutable_data_ptr<scalar_t>());
+  } else {
+    using T = Tiles<acc_t>;
+    const at::Tensor block_offsets = row_block_offsets(segments, T::kRows);
+    const int64_t grid_rows = row_block_bound(rows, num_segments, T::kRows);
+    const int64_t grid_cols = (dim + T::kOutCols - 1) / T::kOutCols;
+    launch(&supcon_backward_kernel<scalar_t, kind>, grid_rows, grid_cols,
+           features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
+           positives.const_data_ptr<int32_t>(), lse.const_data_ptr<acc_t>(),
+           grad_loss.const_data_ptr<acc_t>(), segments.const_data_ptr<int64_t>(),
+           block_offsets.const_data_ptr<int64_t>(), num_segments,
+           static_cast<acc_t>(1.0 / temperature), prevalence,
+           grad.mutable_data_ptr<scalar_t>());
+  }
 }
 
 // The backward of contiguous, checked inputs (grad_loss in the accumulation dtype): the
@@ -486,10 +550,8 @@ at::Tensor launch_supcon_backward(const Launch& launch, const at::Tensor& grad_l
                                   const at::Tensor& features, const at::Tensor& labels,
                                   const at::Tensor& segments, const at::Tensor& lse,
                                   const at::Tensor& positives, double temperature,
-                                  bool prevalence, bool allow_tf32) {
+                                  bool prevalence, bool allow_tf32, KernelFamily family) {
   const int64_t rows = features.size(0);
-  const int64_t dim = features.size(1);
-  const int64_t num_segments = segments.numel() - 1;
   at::Tensor grad = at::empty_like(features);
   if (rows == 0) return grad;
 
@@ -499,20 +561,10 @@ at::Tensor launch_supcon_backward(const Launch& launch, const at::Tensor& grad_l
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "mcsc_supcon_backward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    using T = Tiles<acc_t>;
-    const at::Tensor block_offsets = row_block_offsets(segments, T::kRows);
-    const int64_t grid_rows = row_block_bound(rows, num_segments, T::kRows);
-    const int64_t grid_cols = (dim + T::kOutCols - 1) / T::kOutCols;
-    with_mma_kind<scalar_t>(allow_tf32, [&](auto tag) {
+    with_mma_kind<scalar_t>(allow_tf32, family, [&](auto tag) {
       constexpr Mma kind = decltype(tag)::value;
-      launch(&supcon_backward_kernel<scalar_t, kind>, grid_rows, grid_cols,
-             features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
-             positives.const_data_ptr<int32_t>(), lse.const_data_ptr<acc_t>(),
-             grad_loss.const_data_ptr<acc_t>(), segments.const_data_ptr<int64_t>(),
-             block_offsets.const_data_ptr<int64_t>(), num_segments,
-             static_cast<acc_t>(1.0 / temperature), prevalence,
-             grad.mutable_data_ptr<scalar_t>());
+      backward_of_kind<scalar_t, kind>(launch, grad_loss, features, classes, positives, lse,
+                                       segments, temperature, prevalence, grad);
     });
   });
   return grad;

@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 // The bf16 and tf32 WMMA shapes exist from sm_80 on; older targets fall back to FMA so that a
@@ -25,9 +26,10 @@ namespace cuda {
 constexpr int kThreads = 256;
 
 // How a tile of dot products is multiplied: FMA on CUDA cores (float32 without TF32, float64),
-// WMMA 16x16x16 on fp16/bf16 with float accumulation, or WMMA 16x16x8 on TF32 (float32 inputs
-// when torch.backends.cuda.matmul.allow_tf32 is on).
-enum class Mma { Fma, Wmma, Tf32 };
+// WMMA 16x16x16 on fp16/bf16 with float accumulation, WMMA 16x16x8 on TF32 (float32 inputs
+// when torch.backends.cuda.matmul.allow_tf32 is on), or mma.sync m16n8k16 on fp16/bf16 with
+// the scores kept in registers (the kernels of supcon_mma.cuh).
+enum class Mma { Fma, Wmma, Tf32, Sync };
 
 // Float accumulation for float32/float16/bfloat16 inputs, double for double.
 template <typename scalar_t>
@@ -113,6 +115,24 @@ __device__ __forceinline__ acc_t to_acc(Stage value) {
     return static_cast<acc_t>(value);
   }
 }
+
+// Class id of rows past the end of a block and columns past the end of a segment: like the
+// ignored rows' -1, negative, and equal to no row's id.
+constexpr int32_t kNoClass = std::numeric_limits<int32_t>::min();
+
+// Partial results of the forward per column split: for split s and row i, element s * rows + i
+// of each array.
+template <typename acc_t>
+struct ForwardPartials {
+  acc_t* running_max;   // max_j s_ij over the split's contrasts (-inf if none)
+  acc_t* running_sum;   // sum_j w_i(y_j) exp(s_ij - running_max)
+  acc_t* positive_sum;  // sum of s_ip over the split's positives
+};
+
+// Resident forward blocks per SM that the launch bounds ask for (64 registers per thread): the
+// float32 FMA instantiation would otherwise take 80 and fit three. The host sizes the column
+// splits by it.
+constexpr int kForwardBlocksPerSM = 4;
 
 // Rows of one segment handled by one thread block.
 struct RowBlock {

@@ -24,13 +24,14 @@ def main() -> None:
     kernels = emulation.load(address_sanitizer=True)
     kernels.poison_shared_memory()
     for name, case in CASES.items():
-        for dtype, allow_tf32 in emulation.PATHS.values():
-            features, labels, offsets = make_inputs(*case, dtype=dtype)
+        for path in emulation.PATHS.values():
+            features, labels, offsets = make_inputs(*case, dtype=path.dtype)
             loss, lse, positives = kernels.forward(features, labels, offsets, TEMPERATURE, True,
-                                                   IGNORE, allow_tf32, False)
+                                                   IGNORE, path.allow_tf32, False,
+                                                   kernels=path.kernels)
             upstream = torch.rand(features.shape[0])
             kernels.backward(upstream, features, labels, offsets, lse, positives, TEMPERATURE,
-                             True, allow_tf32, False)
+                             True, path.allow_tf32, False, kernels=path.kernels)
         print(f"{name}: ok", flush=True)
     print("all cases ran")
 

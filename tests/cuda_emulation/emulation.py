@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils import cpp_extension
@@ -12,13 +13,25 @@ from torch.utils import cpp_extension
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
-# The kernels' multiply paths, named: (features dtype, allow_tf32), the two things that pick one.
+
+class MultiplyPath(NamedTuple):
+    """What picks one multiply path of the kernels: the features dtype, whether float32 may
+    use TF32, and the MCSC_CUDA_KERNELS family ("wmma" or "mma"; only fp16/bf16 differ)."""
+
+    dtype: torch.dtype
+    allow_tf32: bool
+    kernels: str = "wmma"
+
+
+# The kernels' multiply paths, named.
 PATHS = {
-    "float64-fma": (torch.float64, False),
-    "float32-fma": (torch.float32, False),
-    "float32-tf32": (torch.float32, True),
-    "float16-wmma": (torch.float16, False),
-    "bfloat16-wmma": (torch.bfloat16, False),
+    "float64-fma": MultiplyPath(torch.float64, False),
+    "float32-fma": MultiplyPath(torch.float32, False),
+    "float32-tf32": MultiplyPath(torch.float32, True),
+    "float16-wmma": MultiplyPath(torch.float16, False),
+    "bfloat16-wmma": MultiplyPath(torch.bfloat16, False),
+    "float16-mma": MultiplyPath(torch.float16, False, "mma"),
+    "bfloat16-mma": MultiplyPath(torch.bfloat16, False, "mma"),
 }
 
 

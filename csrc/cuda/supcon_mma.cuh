@@ -1,0 +1,532 @@
+// fp16/bf16 kernels of mcsc::supcon_forward and mcsc::supcon_backward on mma.sync m16n8k16
+// (sm_80 and newer), in FlashAttention-2's style. Selected with MCSC_CUDA_KERNELS=mma.
+//
+// Block: 8 warps, 128 rows of one segment; warp w owns rows 16 w .. 16 w + 15 and computes their
+// scores against a 64-column tile as eight m16n8 accumulator fragments (32 floats per thread).
+// Scores never leave the registers: the forward applies masks, pair weights, exp2 with the
+// temperature and log2(e) folded into one scale and the online log-sum-exp to the fragments,
+// reducing each row over the 4 lanes that share it with shuffles; the backward turns the
+// fragments into the pair coefficients H_ij = G_ij + G_ji - [j in P(i)] (b_i + b_j), packs them
+// into the A operand of the next mma and accumulates dz_I += H z_J, with z_J read by
+// ldmatrix.trans.
+//
+// The feature depth D is streamed in 32-column chunks: each (column tile, chunk) step brings a
+// chunk of the block's rows and of the tile's rows from global memory with cp.async into one of
+// two shared-memory stages while the other stage feeds ldmatrix and mma, so any D runs with the
+// same code (chunks past D are zero-filled). Rows of 40 elements (80 bytes) put the eight
+// 16-byte rows of every ldmatrix in distinct banks.
+//
+// Each output element is owned by one thread and summed in a fixed order: no atomics, bitwise
+// deterministic. Class ids come from classify_rows, so label values never index memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "cuda/ptx.cuh"
+#include "cuda/supcon_tiles.cuh"
+#include "supcon_math.h"
+
+namespace mcsc {
+namespace cuda {
+
+// Tile shapes of the mma kernels per feature dtype. The same for fp16 and bf16: both take the
+// m16n8k16 shape with float accumulation.
+template <typename scalar_t>
+struct MmaTiles {
+  static_assert(std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>,
+                "the mma kernels take fp16 or bf16 features");
+  using Element = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half,
+                                     __nv_bfloat16>;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kRows = 16 * kWarps;
+  static constexpr int kCols = 64;
+  // Score fragments per warp: one m16n8 accumulator per 8 columns.
+  static constexpr int kColFragments = kCols / 8;
+  // Feature columns per pipeline step, and the row pitch of a staged chunk (8 elements of
+  // padding: 80-byte rows, so ldmatrix's eight row addresses fall in distinct bank groups).
+  static constexpr int kDepth = 32;
+  static constexpr int kPitch = kDepth + 8;
+  // Feature columns of dz per backward block (grid y), and the pitch of the staged z_J slice
+  // (144-byte rows: again distinct bank groups for ldmatrix.trans).
+  static constexpr int kOutCols = 64;
+  static constexpr int kOutPitch = kOutCols + 8;
+  static constexpr int kOutFragments = kOutCols / 8;
+  static constexpr int kStages = 2;
+};
+
+// Elements per 16-byte cp.async.
+constexpr int kMmaVector = 8;
+
+template <typename Element>
+__device__ __forceinline__ uint32_t element_bits(float value) {
+  Element element;
+  if constexpr (std::is_same_v<Element, __half>) {
+    element = __float2half_rn(value);
+  } else {
+    element = __float2bfloat16_rn(value);
+  }
+  uint16_t bits;
+  std::memcpy(&bits, &element, sizeof(bits));
+  return bits;
+}
+
+// Two values as one 32-bit fragment register: the lower column in the low half, as the mma
+// fragment layouts place them.
+template <typename Element>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  return element_bits<Element>(low) | (element_bits<Element>(high) << 16);
+}
+
+// d += a b for one m16n8k16 fragment.
+template <typename Element>
+__device__ __forceinline__ void mma_accumulate(float (&d)[4], const uint32_t (&a)[4],
+                                               uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  const float c[4] = {d[0], d[1], d[2], d[3]};
+  if constexpr (std::is_same_v<Element, __half>) {
+    ptx::mma_m16n8k16_f16(d, a, b, c);
+  } else {
+    ptx::mma_m16n8k16_bf16(d, a, b, c);
+  }
+}
+
+// Copies rows [row0, row_end) x feature columns [col0, col0 + kWidth) of z (row-major, `dim`
+// columns) into a kTileRows x kWidth shared tile of pitch kTilePitch, zero outside. With
+// `vectorized` (rows_are_vector_aligned) in 16-byte cp.async copies that land at the caller's
+// cp_async_wait; otherwise with plain loads and stores, visible after the caller's barrier.
+template <int kTileRows, int kWidth, int kTilePitch, typename Element, typename scalar_t>
+__device__ __forceinline__ void load_tile(Element* __restrict__ tile,
+                                          const scalar_t* __restrict__ z, int64_t dim,
+                                          int64_t row0, int64_t row_end, int64_t col0,
+                                          bool vectorized) {
+  static_assert(kWidth % kMmaVector == 0 && kTilePitch % kMmaVector == 0,
+                "tile rows are whole 16-byte vectors");
+  if (vectorized) {
+    constexpr int kVectorsPerRow = kWidth / kMmaVector;
+    for (int index = threadIdx.x; index < kTileRows * kVectorsPerRow; index += kThreads) {
+      const int r = index / kVectorsPerRow;
+      const int c = index % kVectorsPerRow * kMmaVector;
+      const int64_t row = row0 + r;
+      const int64_t column = col0 + c;
+      // dim is a multiple of the vector width: a vector is wholly inside or outside.
+      const bool inside = row < row_end && column < dim;
+      ptx::cp_async<16>(tile + r * kTilePitch + c, inside ? z + row * dim + column : z, inside);
+    }
+    return;
+  }
+  for (int index = threadIdx.x; index < kTileRows * kWidth; index += kThreads) {
+    const int r = index / kWidth;
+    const int c = index % kWidth;
+    const int64_t row = row0 + r;
+    const int64_t column = col0 + c;
+    tile[r * kTilePitch + c] = (row < row_end && column < dim)
+                                   ? to_stage<Element>(z[row * dim + column])
+                                   : to_stage<Element>(0.0f);
+  }
+}
+
+// The two shared-memory stages of the score pipeline.
+template <typename scalar_t>
+struct MmaStages {
+  using Tiles = MmaTiles<scalar_t>;
+  using Element = typename Tiles::Element;
+  alignas(16) Element rows[Tiles::kStages][Tiles::kRows * Tiles::kPitch];
+  alignas(16) Element cols[Tiles::kStages][Tiles::kCols * Tiles::kPitch];
+};
+
+// The score fragments of one warp: score[f][e] is the dot product of the warp's row
+// 16 w + lane / 4 + 8 (e / 2) with the tile's column 8 f + 2 (lane % 4) + e % 2 (the m16n8
+// accumulator layout).
+template <typename scalar_t>
+using ScoreFragments = float[MmaTiles<scalar_t>::kColFragments][4];
+
+// Streams the score tiles z_I z_J^T of a block: step s is column tile s / chunks and depth chunk
+// s % chunks. Called by all threads of the block with the same arguments, for the column tiles
+// [col_begin, col_begin + tiles * kCols) (clipped to col_end):
+//   begin(tile)            before the tile's first step, after every thread is done with the
+//                          previous tile; may stage per-column data and commit cp.async groups
+//                          (they are waited for before end(tile));
+//   end(tile, col0, score) the finished fragments of the tile starting at column col0.
+template <typename scalar_t, typename Begin, typename End>
+__device__ __forceinline__ void for_each_score_tile(MmaStages<scalar_t>& stages,
+                                                    const scalar_t* __restrict__ z, int64_t dim,
+                                                    const RowBlock& block, int64_t col_begin,
+                                                    int64_t col_end, int64_t tiles,
+                                                    bool vectorized, const Begin& begin,
+                                                    const End& end) {
+  using Tiles = MmaTiles<scalar_t>;
+  using Element = typename Tiles::Element;
+  const int64_t chunks = (dim + Tiles::kDepth - 1) / Tiles::kDepth;
+  const int64_t steps = tiles * chunks;
+  if (steps == 0) return;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  // ldmatrix.x4 row addresses: lanes 8m .. 8m + 7 supply the rows of matrix m.
+  const int matrix = lane / 8;
+  const int matrix_row = lane % 8;
+  // A (rows, row-major): matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15), in a[0..3] order.
+  const int a_row = 16 * warp + (matrix & 1) * 8 + matrix_row;
+  const int a_col = (matrix >> 1) * 8;
+  // B (columns, stored as rows of k): matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, ...),
+  // i.e. b[0..1] of fragment 2 p and b[0..1] of fragment 2 p + 1.
+  const int b_row = (matrix >> 1) * 8 + matrix_row;
+  const int b_col = (matrix & 1) * 8;
+
+  const auto issue = [&](int64_t step) {
+    const int stage = static_cast<int>(step % Tiles::kStages);
+    const int64_t col0 = col_begin + step / chunks * Tiles::kCols;
+    const int64_t k0 = step % chunks * Tiles::kDepth;
+    load_tile<Tiles::kRows, Tiles::kDepth, Tiles::kPitch>(
+        stages.rows[stage], z, dim, block.row_begin, block.row_end, k0, vectorized);
+    load_tile<Tiles::kCols, Tiles::kDepth, Tiles::kPitch>(stages.cols[stage], z, dim, col0,
+                                                          col_end, k0, vectorized);
+    ptx::cp_async_commit();
+  };
+
+  ScoreFragments<scalar_t> score;
+  begin(int64_t{0});
+  issue(0);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t chunk = step % chunks;
+    const int64_t tile = step / chunks;
+    if (chunk == 0) {
+#pragma unroll
+      for (int f = 0; f < Tiles::kColFragments; ++f) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) score[f][e] = 0.0f;
+      }
+    }
+    // The next step's copies overlap this step's multiplies.
+    if (step + 1 < steps) {
+      issue(step + 1);
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int stage = static_cast<int>(step % Tiles::kStages);
+    const Element* const rows = stages.rows[stage];
+    const Element* const cols = stages.cols[stage];
+#pragma unroll
+    for (int kk = 0; kk < Tiles::kDepth; kk += 16) {
+      uint32_t a[4];
+      ptx::ldmatrix_x4(a, rows + a_row * Tiles::kPitch + kk + a_col);
+#pragma unroll
+      for (int pair = 0; pair < Tiles::kColFragments / 2; ++pair) {
+        uint32_t b[4];
+        ptx::ldmatrix_x4(b, cols + (16 * pair + b_row) * Tiles::kPitch + kk + b_col);
+        mma_accumulate<Element>(score[2 * pair], a, b[0], b[1]);
+        mma_accumulate<Element>(score[2 * pair + 1], a, b[2], b[3]);
+      }
+    }
+    if (chunk == chunks - 1) end(tile, col_begin + tile * Tiles::kCols, score);
+    // Every warp is done with this stage (and the tile's staged data) before it is refilled.
+    __syncthreads();
+    if (chunk == chunks - 1 && tile + 1 < tiles) begin(tile + 1);
+  }
+}
+
+// Per-row data of the two rows a thread's fragments cover: rows 16 w + lane / 4 + 8 h.
+struct FragmentRows {
+  int64_t row[2];
+  bool exists[2];
+};
+
+__device__ __forceinline__ FragmentRows fragment_rows(const RowBlock& block) {
+  FragmentRows rows;
+  const int first = 16 * (threadIdx.x / 32) + threadIdx.x % 32 / 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    rows.row[h] = block.row_begin + first + 8 * h;
+    rows.exists[h] = rows.row[h] < block.row_end;
+  }
+  return rows;
+}
+
+// Sum over the 4 lanes that share a fragment row (a fixed butterfly: deterministic).
+__device__ __forceinline__ float quad_sum(float value) {
+  value += __shfl_xor_sync(0xffffffffu, value, 1);
+  value += __shfl_xor_sync(0xffffffffu, value, 2);
+  return value;
+}
+
+__device__ __forceinline__ float quad_max(float value) {
+  value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
+  value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
+  return value;
+}
+
+// Forward per (row block, column split); the partial results are those of
+// supcon_forward_kernel, merged by supcon_forward_combine_kernel.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
+    supcon_forward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
+                              const int32_t* __restrict__ classes,
+                              const int32_t* __restrict__ positives,
+                              const int64_t* __restrict__ offsets,
+                              const int64_t* __restrict__ block_offsets, int64_t num_segments,
+                              float inv_temperature, bool prevalence, int64_t rows,
+                              int64_t num_splits, ForwardPartials<float> partials) {
+  using Tiles = MmaTiles<scalar_t>;
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float kLn2 = 0.6931471805599453f;
+
+  __shared__ MmaStages<scalar_t> stages;
+  __shared__ int32_t col_class[Tiles::kCols];
+  __shared__ float col_contrast_weight[Tiles::kCols];
+
+  RowBlock block;
+  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, Tiles::kRows,
+                        block)) {
+    return;
+  }
+  const FragmentRows own = fragment_rows(block);
+  int32_t row_class[2];
+  float row_same_weight[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_class[h] = own.exists[h] ? classes[own.row[h]] : kNoClass;
+    row_same_weight[h] =
+        same_class_weight<float>(own.exists[h] ? positives[own.row[h]] : -1, prevalence);
+  }
+  // exp(s / t - m) = exp2(s * log2(e) / t - m log2(e)): one multiply-add per pair.
+  const float scale_log2 = inv_temperature * kLog2e;
+  // Per row, in log2 units: the running maximum (shared by the row's 4 lanes) and this lane's
+  // share of sum_j w exp2(x_j - max); the lane's share of the positives' similarities.
+  float running_max[2] = {kMinusInf, kMinusInf};
+  float running_sum[2] = {0.0f, 0.0f};
+  float positive_sum[2] = {0.0f, 0.0f};
+
+  const int64_t column_tiles =
+      (block.segment_end - block.segment_begin + Tiles::kCols - 1) / Tiles::kCols;
+  const int64_t tiles_per_split = (column_tiles + num_splits - 1) / num_splits;
+  const int64_t split_tile = min(static_cast<int64_t>(blockIdx.y) * tiles_per_split,
+                                 column_tiles);
+  const int64_t tiles = min(tiles_per_split, column_tiles - split_tile);
+  const int64_t col_begin = block.segment_begin + split_tile * Tiles::kCols;
+  const int lane_col = 2 * (threadIdx.x % 4);
+
+  const auto begin = [&](int64_t tile) {
+    for (int j = threadIdx.x; j < Tiles::kCols; j += kThreads) {
+      const int64_t col = col_begin + tile * Tiles::kCols + j;
+      const bool inside = col < block.segment_end;
+      col_class[j] = inside ? classes[col] : kNoClass;
+      col_contrast_weight[j] = inside ? contrast_weight<float>(positives[col], prevalence) : 0;
+    }
+  };
+  const auto end = [&](int64_t, int64_t col0, const ScoreFragments<scalar_t>& score) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // Masked pairs (ignored rows or columns, the diagonal, columns past the segment) are
+      // -inf: they add nothing, and a row of them leaves the running values as they were.
+      float x[Tiles::kColFragments][2];
+      float tile_max = kMinusInf;
+#pragma unroll
+      for (int f = 0; f < Tiles::kColFragments; ++f) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 8 * f + lane_col + e;
+          const bool valid = row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != own.row[h];
+          const float s = score[f][2 * h + e];
+          if (valid && col_class[j] == row_class[h]) positive_sum[h] += s * inv_temperature;
+          x[f][e] = valid ? s * scale_log2 : kMinusInf;
+          tile_max = fmaxf(tile_max, x[f][e]);
+        }
+      }
+      const float new_max = fmaxf(running_max[h], quad_max(tile_max));
+      if (new_max == kMinusInf) continue;  // the same for the row's 4 lanes
+      float sum = running_max[h] == kMinusInf ? 0.0f
+                                               : running_sum[h] * exp2f(running_max[h] - new_max);
+#pragma unroll
+      for (int f = 0; f < Tiles::kColFragments; ++f) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 8 * f + lane_col + e;
+          if (x[f][e] == kMinusInf) continue;
+          const float weight = pair_weight(row_class[h], col_class[j], row_same_weight[h],
+                                           col_contrast_weight[j]);
+          sum += weight * exp2f(x[f][e] - new_max);
+        }
+      }
+      running_max[h] = new_max;
+      running_sum[h] = sum;
+    }
+  };
+  for_each_score_tile(stages, z, dim, block, col_begin, block.segment_end, tiles,
+                      rows_are_vector_aligned(z, dim), begin, end);
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float sum = quad_sum(running_sum[h]);
+    const float positive = quad_sum(positive_sum[h]);
+    if (!own.exists[h] || threadIdx.x % 4 != 0) continue;
+    const int64_t index = blockIdx.y * rows + own.row[h];
+    partials.running_max[index] = running_max[h] * kLn2;
+    partials.running_sum[index] = sum;
+    partials.positive_sum[index] = positive;
+  }
+}
+
+// Power-of-two scale that brings the largest pair coefficient, at most 4 max|a| (G_ij <= a_i,
+// b_i <= a_i), to about 2^12: well inside fp16's range, and far from its subnormals for
+// coefficients many orders of magnitude smaller. Exact to undo.
+__device__ __forceinline__ int coefficient_exponent(float largest_grad) {
+  if (!(largest_grad > 0.0f) || !std::isfinite(largest_grad)) return 0;
+  return max(-126, min(126, 10 - ilogbf(largest_grad)));
+}
+
+// Backward per (row block, kOutCols feature columns of dz): for every column tile J of the
+// segment, the score fragments again, H_IJ in registers, then dz_I += H_IJ z_J[:, columns].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 2)
+    supcon_backward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
+                               const int32_t* __restrict__ classes,
+                               const int32_t* __restrict__ positives,
+                               const float* __restrict__ lse,
+                               const float* __restrict__ grad_loss,
+                               const float* __restrict__ largest_grad,
+                               const int64_t* __restrict__ offsets,
+                               const int64_t* __restrict__ block_offsets, int64_t num_segments,
+                               float inv_temperature, bool prevalence,
+                               scalar_t* __restrict__ grad) {
+  using Tiles = MmaTiles<scalar_t>;
+  using Element = typename Tiles::Element;
+
+  __shared__ MmaStages<scalar_t> stages;
+  __shared__ __align__(16) Element values[Tiles::kCols * Tiles::kOutPitch];
+  __shared__ int32_t col_class[Tiles::kCols];
+  __shared__ float col_same_weight[Tiles::kCols];
+  __shared__ float col_contrast_weight[Tiles::kCols];
+  __shared__ float col_anchor[Tiles::kCols];
+  __shared__ float col_positive_grad[Tiles::kCols];
+  __shared__ float col_lse[Tiles::kCols];
+
+  RowBlock block;
+  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, Tiles::kRows,
+                        block)) {
+    return;
+  }
+  const int64_t out_col0 = static_cast<int64_t>(blockIdx.y) * Tiles::kOutCols;
+  const bool vectorized = rows_are_vector_aligned(z, dim);
+  const int exponent = coefficient_exponent(*largest_grad);
+  const float coefficient_scale = ldexpf(1.0f, exponent);
+
+  const FragmentRows own = fragment_rows(block);
+  int32_t row_class[2];
+  float row_same_weight[2], row_contrast_weight[2], row_anchor[2], row_positive_grad[2],
+      row_lse[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int32_t row_positives = own.exists[h] ? positives[own.row[h]] : -1;
+    const float row_grad = own.exists[h] ? grad_loss[own.row[h]] : 0.0f;
+    row_class[h] = own.exists[h] ? classes[own.row[h]] : kNoClass;
+    row_same_weight[h] = same_class_weight<float>(row_positives, prevalence);
+    row_contrast_weight[h] = contrast_weight<float>(row_positives, prevalence);
+    row_anchor[h] = anchor_grad_weight(row_grad, row_positives);
+    row_positive_grad[h] = positive_grad_weight(row_grad, row_positives);
+    row_lse[h] = row_anchor[h] != 0 ? lse[own.row[h]] : 0.0f;
+  }
+
+  const int lane = threadIdx.x % 32;
+  const int lane_col = 2 * (lane % 4);
+  // ldmatrix.x4.trans of z_J (k = column j, n = feature d): matrices (j 0-7 | 8-15) x
+  // (d 0-7 | 8-15), giving b[0..1] of output fragment 2 p and of 2 p + 1.
+  const int v_row = (lane / 8 & 1) * 8 + lane % 8;
+  const int v_col = (lane / 8 >> 1) * 8;
+  float out[Tiles::kOutFragments][4] = {};
+
+  const auto begin = [&](int64_t tile) {
+    const int64_t col0 = block.segment_begin + tile * Tiles::kCols;
+    for (int j = threadIdx.x; j < Tiles::kCols; j += kThreads) {
+      const int64_t col = col0 + j;
+      const bool inside = col < block.segment_end;
+      const int32_t col_positives = inside ? positives[col] : -1;
+      const float col_grad = inside ? grad_loss[col] : 0.0f;
+      col_class[j] = inside ? classes[col] : kNoClass;
+      col_same_weight[j] = same_class_weight<float>(col_positives, prevalence);
+      col_contrast_weight[j] = contrast_weight<float>(col_positives, prevalence);
+      col_anchor[j] = anchor_grad_weight(col_grad, col_positives);
+      col_positive_grad[j] = positive_grad_weight(col_grad, col_positives);
+      col_lse[j] = col_anchor[j] != 0 ? lse[col] : 0.0f;
+    }
+    load_tile<Tiles::kCols, Tiles::kOutCols, Tiles::kOutPitch>(
+        values, z, dim, col0, block.segment_end, out_col0, vectorized);
+    ptx::cp_async_commit();
+  };
+  const auto end = [&](int64_t, int64_t col0, const ScoreFragments<scalar_t>& score) {
+    // H in the A-operand layout: the accumulator pair (f, h) is A's (row h, k pair) of k step
+    // f / 2, register h + 2 (f % 2).
+    uint32_t coefficients[Tiles::kColFragments / 2][4];
+#pragma unroll
+    for (int f = 0; f < Tiles::kColFragments; ++f) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float pair[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = 8 * f + lane_col + e;
+          // Pairs with an ignored row or column (class < 0) and the diagonal contribute
+          // nothing; skipping them also avoids exp overflow times a zero weight.
+          float coefficient = 0.0f;
+          if (row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != own.row[h]) {
+            coefficient = symmetric_pair_gradient(
+                score[f][2 * h + e] * inv_temperature, row_class[h], col_class[j],
+                row_anchor[h], row_lse[h], row_same_weight[h], row_contrast_weight[h],
+                col_anchor[j], col_lse[j], col_same_weight[j], col_contrast_weight[j]);
+            if (col_class[j] == row_class[h]) {
+              coefficient -= row_positive_grad[h] + col_positive_grad[j];
+            }
+          }
+          pair[e] = coefficient * coefficient_scale;
+        }
+        coefficients[f / 2][h + 2 * (f % 2)] = pack_pair<Element>(pair[0], pair[1]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < Tiles::kColFragments / 2; ++k) {
+#pragma unroll
+      for (int pair = 0; pair < Tiles::kOutFragments / 2; ++pair) {
+        uint32_t b[4];
+        ptx::ldmatrix_x4_trans(
+            b, values + (16 * k + v_row) * Tiles::kOutPitch + 16 * pair + v_col);
+        mma_accumulate<Element>(out[2 * pair], coefficients[k], b[0], b[1]);
+        mma_accumulate<Element>(out[2 * pair + 1], coefficients[k], b[2], b[3]);
+      }
+    }
+  };
+  const int64_t tiles =
+      (block.segment_end - block.segment_begin + Tiles::kCols - 1) / Tiles::kCols;
+  for_each_score_tile(stages, z, dim, block, block.segment_begin, block.segment_end, tiles,
+                      vectorized, begin, end);
+
+  // dz = (1/t) sum_j H_ij z_j, with the coefficient scale undone (a power of two: exact).
+  const float scale = ldexpf(inv_temperature, -exponent);
+#pragma unroll
+  for (int f = 0; f < Tiles::kOutFragments; ++f) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (!own.exists[h]) continue;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t col = out_col0 + 8 * f + lane_col + e;
+        if (col < dim) {
+          grad[own.row[h] * dim + col] = static_cast<scalar_t>(out[f][2 * h + e] * scale);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace mcsc
