@@ -23,6 +23,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 GIB = 1 << 30
 
+# The fp16/bf16 kernel families MCSC_CUDA_KERNELS selects; "wmma" is the default.
+KERNEL_FAMILIES = ["wmma", "mma"]
+
+
+@pytest.fixture(autouse=True, params=KERNEL_FAMILIES)
+def kernel_family(request, monkeypatch):
+    """Every test runs under each kernel family (the op reads the variable on every call)."""
+    monkeypatch.setenv("MCSC_CUDA_KERNELS", request.param)
+    return request.param
+
 
 def make_inputs(*case, **options):
     return supcon_cases.make_inputs(*case, device="cuda", **options)
@@ -81,7 +91,7 @@ def test_matches_cpu_op(case, prevalence):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", ["one-segment", "varlen-empty-segments", "ignored-rows"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_half_precision_within_twice_eager_error(case, dtype):
     features, labels, offsets = make_inputs(*CASES[case], dtype=dtype)
     upstream = torch.rand(features.shape[0], device="cuda", dtype=dtype)
@@ -268,3 +278,10 @@ def test_inputs_on_different_devices_are_rejected():
     features, labels, offsets = make_inputs([50], 8, 3, 0.0)
     with pytest.raises(ValueError, match="labels"):
         supcon_loss(features, labels.cpu(), segments=offsets)
+
+
+def test_unknown_kernel_family_is_rejected(monkeypatch):
+    features, labels, offsets = make_inputs(*CASES["one-segment"], dtype=torch.bfloat16)
+    monkeypatch.setenv("MCSC_CUDA_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="MCSC_CUDA_KERNELS must be 'wmma' or 'mma'"):
+        torch.ops.mcsc.supcon_forward(features, labels, offsets, TEMPERATURE, True, IGNORE)

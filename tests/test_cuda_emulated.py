@@ -5,20 +5,23 @@ the CUDA op runs -- with g++ against a fiber-based emulator of threads, barriers
 shuffles and WMMA (see tests/cuda_emulation/include). This checks on a machine without a GPU
 what test_cuda.py checks on one, as far as the emulation reaches:
 
-* every multiply path (float64 FMA, float32 FMA, float32 TF32, fp16 and bf16 WMMA) against the
-  float64 reference, forward and gradient, over segment layouts with empty, one-row and long
-  segments, ignored rows, absent classes and D past the tile widths;
+* every multiply path (float64 FMA, float32 FMA, float32 TF32, fp16 and bf16 WMMA, and the
+  fp16 and bf16 mma.sync kernels with ldmatrix and cp.async, MCSC_CUDA_KERNELS=mma) against
+  the float64 reference, forward and gradient, over segment layouts with empty, one-row and
+  long segments, ignored rows, absent classes and D past the tile widths;
 * barrier placement: every kernel gives bitwise the same results when the threads between two
   barriers run in ascending or in descending order (a missing barrier changes them), and no
   barrier is reached by only part of a block or warp (the emulator raises);
 * no read of shared memory the block has not written: the kernels' __shared__ variables are
   filled before every block with a pattern that differs between the two orders (NaN in one);
-* WMMA alignment rules (the emulator raises on a misaligned load or store);
+* WMMA and ldmatrix alignment rules (the emulator raises on a misaligned access), and cp.async
+  copies that land only at the wait covering their group (a missing wait reads poison);
 * memory bounds: every case and path again, built with AddressSanitizer (asan_check.py).
 
-It does not check what only hardware shows: the memory model, fragment register layouts,
-shared-memory and register limits, speed. Those are test_cuda.py's and compute-sanitizer's, on
-a GPU.
+It does not check what only hardware shows: the memory model, WMMA's fragment register
+layouts, whether mma.sync's layouts were read from the PTX ISA the same wrong way in the kernels
+and the emulator, shared-memory and register limits, speed. Those are test_cuda.py's and
+compute-sanitizer's, on a GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from supcon_cases import (CASES, IGNORE, TEMPERATURE, assert_within_twice_eager_
                           make_inputs, misaligned_copy, reference_loss_and_grad, scaled_atol)
 
 # Relative tolerance against the float64 reference per exact path.
-TOLERANCE = {"float64-fma": 1e-10, "float32-fma": 1e-4, "float32-tf32": 1e-2}
+TOLERANCE = {"float64-fma": 1e-10, "float32-fma": 1e-4, "float32-tf32": 1e-2,
+             "float32-tf32-mma": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +200,13 @@ def test_label_types_and_values(emulated):
     for result in (outputs(labels.int()), outputs(huge), outputs(other_ignore, 255)):
         for value, expected_value in zip(result, expected):
             assert torch.equal(value, expected_value)
+
+
+def test_unknown_kernel_family_is_rejected(emulated):
+    features, labels, offsets = make_inputs(*CASES["one-segment"], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="MCSC_CUDA_KERNELS must be 'wmma' or 'mma'"):
+        emulated.forward(features, labels, offsets, TEMPERATURE, True, IGNORE, False, False,
+                         kernels="fastest")
 
 
 def test_empty_input(emulated):

@@ -381,8 +381,9 @@ void classify_rows(const Launch& launch, const at::Tensor& labels, int64_t ignor
 template <Mma kind>
 using MmaTag = std::integral_constant<Mma, kind>;
 
-// Which kernels run for fp16/bf16 features: the WMMA kernels above, validated on an H200, or
-// the mma.sync kernels of supcon_mma.cuh. float32 and float64 take the kernels above either way.
+// Which tensor-core kernels run (fp16/bf16, and float32 with TF32): the WMMA kernels above,
+// validated on an H200, or the mma.sync kernels of supcon_mma.cuh. FMA paths are the same in
+// both.
 enum class KernelFamily { Wmma, Mma };
 
 // The family named by MCSC_CUDA_KERNELS's value: "wmma" (also when unset or empty) or "mma".
@@ -394,15 +395,17 @@ inline KernelFamily kernel_family(const char* name) {
                     "'");
 }
 
-// Calls body(MmaTag<kind>{}) with the multiply kind for scalar_t: tensor cores for fp16/bf16
-// (mma.sync with the Mma family, else WMMA), TF32 for float32 when float32 matmuls may use it,
-// FMA otherwise.
+// Calls body(MmaTag<kind>{}) with the multiply kind for scalar_t: tensor cores for fp16/bf16,
+// TF32 tensor cores for float32 when float32 matmuls may use it (mma.sync in the Mma family,
+// else WMMA), FMA otherwise.
 template <typename scalar_t, typename Body>
 void with_mma_kind(bool allow_tf32, KernelFamily family, const Body& body) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     body(MmaTag<Mma::Fma>{});
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (allow_tf32) {
+    if (allow_tf32 && family == KernelFamily::Mma) {
+      body(MmaTag<Mma::Sync>{});
+    } else if (allow_tf32) {
       body(MmaTag<Mma::Tf32>{});
     } else {
       body(MmaTag<Mma::Fma>{});

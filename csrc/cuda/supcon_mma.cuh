@@ -1,5 +1,6 @@
-// fp16/bf16 kernels of mcsc::supcon_forward and mcsc::supcon_backward on mma.sync m16n8k16
-// (sm_80 and newer), in FlashAttention-2's style. Selected with MCSC_CUDA_KERNELS=mma.
+// Kernels of mcsc::supcon_forward and mcsc::supcon_backward on mma.sync (sm_80 and newer), in
+// FlashAttention-2's style: m16n8k16 for fp16/bf16 features, m16n8k8 on TF32 for float32 ones
+// when float32 matmuls may use TF32. Selected with MCSC_CUDA_KERNELS=mma.
 //
 // Block: 8 warps, 128 rows of one segment; warp w owns rows 16 w .. 16 w + 15 and computes their
 // scores against a 64-column tile as eight m16n8 accumulator fragments (32 floats per thread).
@@ -10,11 +11,13 @@
 // into the A operand of the next mma and accumulates dz_I += H z_J, with z_J read by
 // ldmatrix.trans.
 //
-// The feature depth D is streamed in 32-column chunks: each (column tile, chunk) step brings a
-// chunk of the block's rows and of the tile's rows from global memory with cp.async into one of
-// two shared-memory stages while the other stage feeds ldmatrix and mma, so any D runs with the
-// same code (chunks past D are zero-filled). Rows of 40 elements (80 bytes) put the eight
-// 16-byte rows of every ldmatrix in distinct banks.
+// The feature depth D is streamed in 64-byte chunks (32 fp16/bf16 or 16 float32 columns): each
+// (column tile, chunk) step brings a chunk of the block's rows and of the tile's rows from
+// global memory with cp.async into one of two shared-memory stages while the other stage feeds
+// ldmatrix and mma, so any D runs with the same code (chunks past D are zero-filled). Rows of
+// 80 bytes put the eight 16-byte rows of every ldmatrix in distinct banks. ldmatrix serves
+// TF32 too: a 16-byte row is 4 floats, and the b16 matrices' thread layout is then exactly the
+// m16n8k8 A and B layout.
 //
 // Each output element is owned by one thread and summed in a fixed order: no atomics, bitwise
 // deterministic. Class ids come from classify_rows, so label values never index memory.
@@ -39,33 +42,40 @@
 namespace mcsc {
 namespace cuda {
 
-// Tile shapes of the mma kernels per feature dtype. The same for fp16 and bf16: both take the
-// m16n8k16 shape with float accumulation.
+// Tile shapes of the mma kernels per feature dtype: fp16 and bf16 take m16n8k16, float32 TF32
+// m16n8k8, all with float accumulation. Every shared row is a whole number of 16-byte vectors.
 template <typename scalar_t>
 struct MmaTiles {
-  static_assert(std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>,
-                "the mma kernels take fp16 or bf16 features");
-  using Element = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half,
-                                     __nv_bfloat16>;
+  static_assert(std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16> ||
+                    std::is_same_v<scalar_t, float>,
+                "the mma kernels take fp16, bf16 or float32 features");
+  using Element = std::conditional_t<
+      std::is_same_v<scalar_t, c10::Half>, __half,
+      std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, __nv_bfloat16, float>>;
+  static constexpr bool kTf32 = std::is_same_v<Element, float>;
+  // Elements per 16-byte vector (one cp.async, one ldmatrix row).
+  static constexpr int kVector = 16 / sizeof(Element);
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kRows = 16 * kWarps;
   static constexpr int kCols = 64;
   // Score fragments per warp: one m16n8 accumulator per 8 columns.
   static constexpr int kColFragments = kCols / 8;
-  // Feature columns per pipeline step, and the row pitch of a staged chunk (8 elements of
-  // padding: 80-byte rows, so ldmatrix's eight row addresses fall in distinct bank groups).
-  static constexpr int kDepth = 32;
-  static constexpr int kPitch = kDepth + 8;
-  // Feature columns of dz per backward block (grid y), and the pitch of the staged z_J slice
-  // (144-byte rows: again distinct bank groups for ldmatrix.trans).
-  static constexpr int kOutCols = 64;
-  static constexpr int kOutPitch = kOutCols + 8;
+  // The mma's k: 32 bytes of features.
+  static constexpr int kStep = 2 * kVector;
+  // Feature columns per pipeline step (64 bytes), and the row pitch of a staged chunk (one
+  // vector of padding: 80-byte rows, so ldmatrix's eight row addresses fall in distinct bank
+  // groups).
+  static constexpr int kDepth = 4 * kVector;
+  static constexpr int kPitch = kDepth + kVector;
+  // Feature columns of dz per backward block (grid y), and the pitch of the staged z_J slice:
+  // 144-byte rows for ldmatrix.trans (fp16/bf16); 36 words for TF32's scalar reads of rows
+  // 2 t and 2 t + 1, whose 32 lanes then hit 32 banks. TF32 takes half the columns to stay
+  // within 48 KiB of static shared memory.
+  static constexpr int kOutCols = kTf32 ? 32 : 64;
+  static constexpr int kOutPitch = kOutCols + kVector;
   static constexpr int kOutFragments = kOutCols / 8;
   static constexpr int kStages = 2;
 };
-
-// Elements per 16-byte cp.async.
-constexpr int kMmaVector = 8;
 
 template <typename Element>
 __device__ __forceinline__ uint32_t element_bits(float value) {
@@ -80,6 +90,13 @@ __device__ __forceinline__ uint32_t element_bits(float value) {
   return bits;
 }
 
+// A float32 register as the TF32 operand the tensor cores read (round to nearest, away).
+__device__ __forceinline__ uint32_t tf32_operand(uint32_t float_bits) {
+  float value;
+  std::memcpy(&value, &float_bits, sizeof(value));
+  return ptx::to_tf32(value);
+}
+
 // Two values as one 32-bit fragment register: the lower column in the low half, as the mma
 // fragment layouts place them.
 template <typename Element>
@@ -87,7 +104,7 @@ __device__ __forceinline__ uint32_t pack_pair(float low, float high) {
   return element_bits<Element>(low) | (element_bits<Element>(high) << 16);
 }
 
-// d += a b for one m16n8k16 fragment.
+// d += a b for one m16n8k16 fragment (m16n8k8 on TF32 operands for float).
 template <typename Element>
 __device__ __forceinline__ void mma_accumulate(float (&d)[4], const uint32_t (&a)[4],
                                                uint32_t b0, uint32_t b1) {
@@ -95,8 +112,10 @@ __device__ __forceinline__ void mma_accumulate(float (&d)[4], const uint32_t (&a
   const float c[4] = {d[0], d[1], d[2], d[3]};
   if constexpr (std::is_same_v<Element, __half>) {
     ptx::mma_m16n8k16_f16(d, a, b, c);
-  } else {
+  } else if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
     ptx::mma_m16n8k16_bf16(d, a, b, c);
+  } else {
+    ptx::mma_m16n8k8_tf32(d, a, b, c);
   }
 }
 
@@ -109,13 +128,15 @@ __device__ __forceinline__ void load_tile(Element* __restrict__ tile,
                                           const scalar_t* __restrict__ z, int64_t dim,
                                           int64_t row0, int64_t row_end, int64_t col0,
                                           bool vectorized) {
-  static_assert(kWidth % kMmaVector == 0 && kTilePitch % kMmaVector == 0,
+  constexpr int kVector = 16 / sizeof(Element);
+  static_assert(sizeof(Element) == sizeof(scalar_t), "staged in the features' own bits");
+  static_assert(kWidth % kVector == 0 && kTilePitch % kVector == 0,
                 "tile rows are whole 16-byte vectors");
   if (vectorized) {
-    constexpr int kVectorsPerRow = kWidth / kMmaVector;
+    constexpr int kVectorsPerRow = kWidth / kVector;
     for (int index = threadIdx.x; index < kTileRows * kVectorsPerRow; index += kThreads) {
       const int r = index / kVectorsPerRow;
-      const int c = index % kVectorsPerRow * kMmaVector;
+      const int c = index % kVectorsPerRow * kVector;
       const int64_t row = row0 + r;
       const int64_t column = col0 + c;
       // dim is a multiple of the vector width: a vector is wholly inside or outside.
@@ -174,13 +195,14 @@ __device__ __forceinline__ void for_each_score_tile(MmaStages<scalar_t>& stages,
   // ldmatrix.x4 row addresses: lanes 8m .. 8m + 7 supply the rows of matrix m.
   const int matrix = lane / 8;
   const int matrix_row = lane % 8;
-  // A (rows, row-major): matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15), in a[0..3] order.
+  // A (rows, row-major): matrices (rows 0-7 | 8-15) x (first | second 16 bytes of k), in
+  // a[0..3] order.
   const int a_row = 16 * warp + (matrix & 1) * 8 + matrix_row;
-  const int a_col = (matrix >> 1) * 8;
-  // B (columns, stored as rows of k): matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, ...),
-  // i.e. b[0..1] of fragment 2 p and b[0..1] of fragment 2 p + 1.
+  const int a_col = (matrix >> 1) * Tiles::kVector;
+  // B (columns, stored as rows of k): matrices (n 0-7, first 16 bytes of k), (n 0-7, second),
+  // (n 8-15, first), (n 8-15, second): b[0..1] of fragment 2 p and of fragment 2 p + 1.
   const int b_row = (matrix >> 1) * 8 + matrix_row;
-  const int b_col = (matrix & 1) * 8;
+  const int b_col = (matrix & 1) * Tiles::kVector;
 
   const auto issue = [&](int64_t step) {
     const int stage = static_cast<int>(step % Tiles::kStages);
@@ -218,13 +240,21 @@ __device__ __forceinline__ void for_each_score_tile(MmaStages<scalar_t>& stages,
     const Element* const rows = stages.rows[stage];
     const Element* const cols = stages.cols[stage];
 #pragma unroll
-    for (int kk = 0; kk < Tiles::kDepth; kk += 16) {
+    for (int kk = 0; kk < Tiles::kDepth; kk += Tiles::kStep) {
       uint32_t a[4];
       ptx::ldmatrix_x4(a, rows + a_row * Tiles::kPitch + kk + a_col);
+      if constexpr (Tiles::kTf32) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = tf32_operand(a[e]);
+      }
 #pragma unroll
       for (int pair = 0; pair < Tiles::kColFragments / 2; ++pair) {
         uint32_t b[4];
         ptx::ldmatrix_x4(b, cols + (16 * pair + b_row) * Tiles::kPitch + kk + b_col);
+        if constexpr (Tiles::kTf32) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) b[e] = tf32_operand(b[e]);
+        }
         mma_accumulate<Element>(score[2 * pair], a, b[0], b[1]);
         mma_accumulate<Element>(score[2 * pair + 1], a, b[2], b[3]);
       }
@@ -440,10 +470,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int lane = threadIdx.x % 32;
   const int lane_col = 2 * (lane % 4);
-  // ldmatrix.x4.trans of z_J (k = column j, n = feature d): matrices (j 0-7 | 8-15) x
-  // (d 0-7 | 8-15), giving b[0..1] of output fragment 2 p and of 2 p + 1.
-  const int v_row = (lane / 8 & 1) * 8 + lane % 8;
-  const int v_col = (lane / 8 >> 1) * 8;
   float out[Tiles::kOutFragments][4] = {};
 
   const auto begin = [&](int64_t tile) {
@@ -465,43 +491,66 @@ __global__ void __launch_bounds__(kThreads, 2)
     ptx::cp_async_commit();
   };
   const auto end = [&](int64_t, int64_t col0, const ScoreFragments<scalar_t>& score) {
-    // H in the A-operand layout: the accumulator pair (f, h) is A's (row h, k pair) of k step
-    // f / 2, register h + 2 (f % 2).
-    uint32_t coefficients[Tiles::kColFragments / 2][4];
+    // H_ij (scaled) in the score fragments' layout: coefficient[f][e] pairs the fragment row
+    // lane / 4 + 8 (e / 2) with the tile's column 8 f + 2 (lane % 4) + e % 2.
+    float coefficient[Tiles::kColFragments][4];
 #pragma unroll
     for (int f = 0; f < Tiles::kColFragments; ++f) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float pair[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 8 * f + lane_col + e;
-          // Pairs with an ignored row or column (class < 0) and the diagonal contribute
-          // nothing; skipping them also avoids exp overflow times a zero weight.
-          float coefficient = 0.0f;
-          if (row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != own.row[h]) {
-            coefficient = symmetric_pair_gradient(
-                score[f][2 * h + e] * inv_temperature, row_class[h], col_class[j],
-                row_anchor[h], row_lse[h], row_same_weight[h], row_contrast_weight[h],
-                col_anchor[j], col_lse[j], col_same_weight[j], col_contrast_weight[j]);
-            if (col_class[j] == row_class[h]) {
-              coefficient -= row_positive_grad[h] + col_positive_grad[j];
-            }
-          }
-          pair[e] = coefficient * coefficient_scale;
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2;
+        const int j = 8 * f + lane_col + e % 2;
+        // Pairs with an ignored row or column (class < 0) and the diagonal contribute
+        // nothing; skipping them also avoids exp overflow times a zero weight.
+        float value = 0.0f;
+        if (row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != own.row[h]) {
+          value = symmetric_pair_gradient(
+              score[f][e] * inv_temperature, row_class[h], col_class[j], row_anchor[h],
+              row_lse[h], row_same_weight[h], row_contrast_weight[h], col_anchor[j],
+              col_lse[j], col_same_weight[j], col_contrast_weight[j]);
+          if (col_class[j] == row_class[h]) value -= row_positive_grad[h] + col_positive_grad[j];
         }
-        coefficients[f / 2][h + 2 * (f % 2)] = pack_pair<Element>(pair[0], pair[1]);
+        coefficient[f][e] = value * coefficient_scale;
       }
     }
+    if constexpr (Tiles::kTf32) {
+      // m16n8k8's A holds columns t and t + 4 where the accumulators hold 2 t and 2 t + 1: k
+      // runs over the tile's columns in the order 0, 2, 4, 6, 1, 3, 5, 7, and B's rows follow
+      // (read from shared memory directly: ldmatrix.trans has no 32-bit form).
 #pragma unroll
-    for (int k = 0; k < Tiles::kColFragments / 2; ++k) {
+      for (int f = 0; f < Tiles::kColFragments; ++f) {
+        const uint32_t a[4] = {ptx::to_tf32(coefficient[f][0]), ptx::to_tf32(coefficient[f][2]),
+                               ptx::to_tf32(coefficient[f][1]), ptx::to_tf32(coefficient[f][3])};
+        const Element* const even = values + (8 * f + lane_col) * Tiles::kOutPitch + lane / 4;
 #pragma unroll
-      for (int pair = 0; pair < Tiles::kOutFragments / 2; ++pair) {
-        uint32_t b[4];
-        ptx::ldmatrix_x4_trans(
-            b, values + (16 * k + v_row) * Tiles::kOutPitch + 16 * pair + v_col);
-        mma_accumulate<Element>(out[2 * pair], coefficients[k], b[0], b[1]);
-        mma_accumulate<Element>(out[2 * pair + 1], coefficients[k], b[2], b[3]);
+        for (int n = 0; n < Tiles::kOutFragments; ++n) {
+          mma_accumulate<Element>(out[n], a, ptx::to_tf32(even[8 * n]),
+                                  ptx::to_tf32(even[Tiles::kOutPitch + 8 * n]));
+        }
+      }
+    } else {
+      // The accumulator pair (f, h) is A's (row h, k pair) of k step f / 2, register
+      // h + 2 (f % 2): FlashAttention-2's reuse of P as an operand without shared memory.
+      // ldmatrix.x4.trans of z_J (k = column j, n = feature d): matrices (j 0-7 | 8-15) x
+      // (d 0-7 | 8-15), giving b[0..1] of output fragment 2 p and of 2 p + 1.
+      const int v_row = (lane / 8 & 1) * 8 + lane % 8;
+      const int v_col = (lane / 8 >> 1) * 8;
+#pragma unroll
+      for (int k = 0; k < Tiles::kColFragments / 2; ++k) {
+        uint32_t a[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float* const pair = coefficient[2 * k + r / 2] + 2 * (r % 2);
+          a[r] = pack_pair<Element>(pair[0], pair[1]);
+        }
+#pragma unroll
+        for (int pair = 0; pair < Tiles::kOutFragments / 2; ++pair) {
+          uint32_t b[4];
+          ptx::ldmatrix_x4_trans(
+              b, values + (16 * k + v_row) * Tiles::kOutPitch + 16 * pair + v_col);
+          mma_accumulate<Element>(out[2 * pair], a, b[0], b[1]);
+          mma_accumulate<Element>(out[2 * pair + 1], a, b[2], b[3]);
+        }
       }
     }
   };
