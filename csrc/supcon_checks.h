@@ -49,8 +49,14 @@ inline void check_row_tensor(const at::Tensor& tensor, const at::Tensor& feature
               " must have shape (N,) = (", features.size(0), ",)");
 }
 
-// The backward's extra inputs: one value per row each; lse in the accumulation dtype (float64
-// for float64 features, float32 otherwise) and positives as int32, as the forward returns them.
+// The dtype the kernels accumulate in, and of lse: float64 for float64 features, float32 for
+// float32, float16 and bfloat16 ones.
+inline at::ScalarType accumulation_dtype(const at::Tensor& features) {
+  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The backward's extra inputs: one value per row each; lse in the accumulation dtype and
+// positives as int32, as the forward returns them.
 inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& features,
                                   const at::Tensor& labels, const at::Tensor& segments,
                                   const at::Tensor& lse, const at::Tensor& positives,
@@ -60,8 +66,7 @@ inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor&
   check_row_tensor(grad_loss, features, "grad_loss");
   check_row_tensor(lse, features, "lse");
   check_row_tensor(positives, features, "positives");
-  const at::ScalarType accumulation =
-      features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType accumulation = accumulation_dtype(features);
   TORCH_CHECK(lse.scalar_type() == accumulation, "mcsc: lse must be ", accumulation);
   TORCH_CHECK(positives.scalar_type() == at::kInt, "mcsc: positives must be int32");
 }

@@ -124,12 +124,12 @@ def test_unaligned_rows_match_vector_loads(emulated, path):
                                   "bfloat16-mma"])
 def test_forward_column_splits_merge_to_one_split(emulated, path):
     """A small batch splits the forward's columns over up to 16 blocks per row block; the
-    merged partial results match one block per row block."""
+    merged partial results match those of the fewest splits (a device of one SM)."""
     dtype, allow_tf32, kernels = PATHS[path]
     features, labels, offsets = make_inputs(*CASES["long-segment"], dtype=dtype)
     outputs = {
         target: emulated.forward(features, labels, offsets, TEMPERATURE, True, IGNORE,
-                                 allow_tf32, False, resident_blocks=target, kernels=kernels)
+                                 allow_tf32, False, multiprocessors=target, kernels=kernels)
         for target in (1, 4096)}
     (one_loss, one_lse, one_positives), (loss, lse, positives) = outputs[1], outputs[4096]
     assert torch.equal(positives, one_positives)

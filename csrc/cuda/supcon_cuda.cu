@@ -55,13 +55,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     double temperature, bool prevalence, int64_t ignore_index) {
   check_op_inputs(features, labels, segments, c10::DeviceType::CUDA, kFeatureDtypes);
   const c10::cuda::CUDAGuard guard(features.device());
-  const int64_t resident_blocks =
-      kForwardBlocksPerSM *
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t multiprocessors =
+      at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return launch_supcon_forward(StreamLaunch{at::cuda::getCurrentCUDAStream()},
                                features.contiguous(), labels.contiguous(),
                                segments.contiguous(), temperature, prevalence, ignore_index,
-                               float32_matmul_allows_tf32(), resident_blocks, selected_kernels());
+                               float32_matmul_allows_tf32(), multiprocessors, selected_kernels());
 }
 
 at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& features,

@@ -1,7 +1,7 @@
-// CUDA kernels of mcsc::supcon_forward and mcsc::supcon_backward (DESIGN.md section 3), and the
-// host code that sizes and launches them.
+// CUDA kernels of mcsc::supcon_forward and mcsc::supcon_backward, and the host code that sizes
+// and launches them.
 //
-// Three kernels, each over (segment, row block) pairs with a grid sized without reading the
+// Four kernels, each over (segment, row block) pairs with a grid sized without reading the
 // segment offsets on the host (supcon_tiles.cuh, locate_row_block):
 //   classify_rows     per row: |P(i)| (-1 for ignored rows) and a class id, the index of the
 //                     first row of the segment with the same label. Ids are int32 whatever the
@@ -18,6 +18,9 @@
 //                     dz_I += P z_J (TF32 tensor cores whenever the scores use tensor cores);
 //                     so dz_i = (1/t) sum_j P_ij z_j covers the pairwise and the positive terms
 //                     of the gradient without class sums.
+// With MCSC_CUDA_KERNELS=mma, the tensor-core paths (fp16/bf16, float32 with TF32) take the
+// mma.sync forward and backward of supcon_mma.cuh instead, with the same classify_rows and
+// forward_combine.
 // Every row's result is reduced by a fixed set of threads in a fixed order: no atomics, so the
 // outputs are bitwise reproducible. State kept between forward and backward is O(N): lse and
 // positives. Shared memory is O(tile^2) per block; nothing is O(N^2).
@@ -47,6 +50,7 @@
 
 #include "cuda/supcon_mma.cuh"
 #include "cuda/supcon_tiles.cuh"
+#include "supcon_checks.h"
 #include "supcon_math.h"
 
 namespace mcsc {
@@ -175,8 +179,8 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
       col_class[j] = inside ? classes[col] : kNoClass;
       col_contrast_weight[j] = inside ? contrast_weight<acc_t>(positives[col], prevalence) : 0;
     }
-    compute_score_tile<scalar_t, kind>(scores, staging, z, dim, block.row_begin,
-                                       block.row_end, col0, block.segment_end, vectorized);
+    ScoreTile<scalar_t, kind>::compute(scores, staging, z, dim, block.row_begin, block.row_end,
+                                       col0, block.segment_end, vectorized);
     __syncthreads();
     // Ignored rows and rows past the block's end (class < 0) have no contrasts; a valid row
     // gives every valid column j != i a positive weight.
@@ -310,8 +314,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       col_positive_grad[j] = positive_grad_weight(col_grad, col_positives);
       col_lse[j] = col_anchor[j] != 0 ? lse[col] : acc_t(0);
     }
-    compute_score_tile<scalar_t, kind>(scores, staging, z, dim, block.row_begin,
-                                       block.row_end, col0, block.segment_end, vectorized);
+    ScoreTile<scalar_t, kind>::compute(scores, staging, z, dim, block.row_begin, block.row_end,
+                                       col0, block.segment_end, vectorized);
     __syncthreads();
 
     // Scores become P_ij in place; each element is read and written by the same thread.
@@ -345,10 +349,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---- Host side: grid sizes and launches -------------------------------------------------------
-
-inline at::ScalarType accumulation_dtype(const at::Tensor& features) {
-  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // block_offsets[s] = sum_{s' < s} ceil(len_{s'} / rows_per_block), computed on the device.
 inline at::Tensor row_block_offsets(const at::Tensor& segments, int64_t rows_per_block) {
@@ -417,16 +417,19 @@ void with_mma_kind(bool allow_tf32, KernelFamily family, const Body& body) {
   }
 }
 
-// Rows and columns of the score tiles of the kernels of one multiply kind.
+// Rows and columns of the score tiles of the kernels of one multiply kind, and how many of the
+// forward's blocks an SM holds.
 template <typename scalar_t, Mma kind>
 struct ScoreTileShape {
   static constexpr int kRows = Tiles<acc_type<scalar_t>>::kRows;
   static constexpr int kCols = Tiles<acc_type<scalar_t>>::kCols;
+  static constexpr int kForwardBlocksPerSM = ::mcsc::cuda::kForwardBlocksPerSM;
 };
 template <typename scalar_t>
 struct ScoreTileShape<scalar_t, Mma::Sync> {
   static constexpr int kRows = MmaTiles<scalar_t>::kRows;
   static constexpr int kCols = MmaTiles<scalar_t>::kCols;
+  static constexpr int kForwardBlocksPerSM = kMmaForwardBlocksPerSM;
 };
 
 // Most column splits of the forward: their partial results take 3 * splits floats per row.
@@ -460,12 +463,13 @@ constexpr auto forward_kernel() {
 }
 
 // The forward of contiguous, checked inputs on the kernels' device: (loss, lse, positives).
-// resident_blocks: how many forward blocks the device runs at once (forward_column_splits).
+// multiprocessors: the device's SM count, which with the kernel's blocks per SM gives how many
+// forward blocks run at once (forward_column_splits).
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
     const Launch& launch, const at::Tensor& features, const at::Tensor& labels,
     const at::Tensor& segments, double temperature, bool prevalence, int64_t ignore_index,
-    bool allow_tf32, int64_t resident_blocks, KernelFamily family) {
+    bool allow_tf32, int64_t multiprocessors, KernelFamily family) {
   const int64_t rows = features.size(0);
   const int64_t dim = features.size(1);
   const int64_t num_segments = segments.numel() - 1;
@@ -487,7 +491,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
       using Shape = ScoreTileShape<scalar_t, kind>;
       const at::Tensor block_offsets = row_block_offsets(segments, Shape::kRows);
       const int64_t grid = row_block_bound(rows, num_segments, Shape::kRows);
-      const int64_t splits = forward_column_splits(grid, rows, Shape::kCols, resident_blocks);
+      const int64_t splits = forward_column_splits(grid, rows, Shape::kCols,
+                                                   Shape::kForwardBlocksPerSM * multiprocessors);
       at::Tensor partial = at::empty({3, splits, rows}, lse.options());
       const ForwardPartials<acc_t> partials{partial[0].mutable_data_ptr<acc_t>(),
                                             partial[1].mutable_data_ptr<acc_t>(),

@@ -299,7 +299,7 @@ __device__ __forceinline__ float quad_max(float value) {
 // Forward per (row block, column split); the partial results are those of
 // supcon_forward_kernel, merged by supcon_forward_combine_kernel.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
+__global__ void __launch_bounds__(kThreads, kMmaForwardBlocksPerSM)
     supcon_forward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
                               const int32_t* __restrict__ classes,
                               const int32_t* __restrict__ positives,
@@ -418,8 +418,10 @@ __device__ __forceinline__ int coefficient_exponent(float largest_grad) {
 
 // Backward per (row block, kOutCols feature columns of dz): for every column tile J of the
 // segment, the score fragments again, H_IJ in registers, then dz_I += H_IJ z_J[:, columns].
+// One block per SM (up to 255 registers per thread): the score, coefficient and dz fragments
+// (96 floats) do not fit 128 without spilling, as in FlashAttention-2's backward.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, 1)
     supcon_backward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
                                const int32_t* __restrict__ classes,
                                const int32_t* __restrict__ positives,

@@ -1,6 +1,7 @@
-// Building blocks of the CUDA kernels in supcon_cuda.cu: which rows of the varlen batch a
-// thread block owns, and the (rows x columns) tile of raw dot products z_i . z_j, staged
-// through shared memory and multiplied on tensor cores (WMMA) or with plain FMA.
+// Building blocks of the CUDA kernels (supcon_kernels.cuh, supcon_mma.cuh): which rows of the
+// varlen batch a thread block owns, and, for the WMMA kernels, the (rows x columns) tile of raw
+// dot products z_i . z_j, staged through shared memory and multiplied on tensor cores (WMMA) or
+// with plain FMA.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -133,6 +134,9 @@ struct ForwardPartials {
 // float32 FMA instantiation would otherwise take 80 and fit three. The host sizes the column
 // splits by it.
 constexpr int kForwardBlocksPerSM = 4;
+// The same for the mma.sync forward (128 registers per thread: its 32 score registers and the
+// epilogue's fit without spilling).
+constexpr int kMmaForwardBlocksPerSM = 2;
 
 // Rows of one segment handled by one thread block.
 struct RowBlock {
@@ -242,25 +246,81 @@ struct ScoreStaging {
 
 // scores[r * kScoreLd + c] = z_{row0 + r} . z_{col0 + c} (not yet divided by the temperature;
 // zero for rows or columns outside the ranges) for a kRows x kCols tile, D streamed through
-// `staging`. Called by all threads of the block; starts with a barrier, so the caller may
-// reuse `scores` and `staging` right up to the call, and must barrier before reading scores.
-template <typename scalar_t, Mma kind>
-__device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
-                                   ScoreStaging<scalar_t, kind>& staging,
-                                   const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
-                                   int64_t row_end, int64_t col0, int64_t col_end,
-                                   bool vectorized) {
+// `staging`. compute() is called by all threads of the block; it starts with a barrier, so the
+// caller may reuse `scores` and `staging` right up to the call, and must barrier before reading
+// scores. FMA version: thread (ty, tx) of a 16 x 16 grid owns rows ty + 16 r and columns
+// tx + 16 c; the strided ownership makes a half-warp read one broadcast row value and 16
+// distinct banks.
+template <typename scalar_t, Mma kind,
+          bool kTensorCores = (kind == Mma::Wmma || kind == Mma::Tf32)>
+struct ScoreTile {
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   using Buffers = ScoreStaging<scalar_t, kind>;
-  constexpr int kLd = Buffers::kLd;
-  constexpr int kDepth = Buffers::kDepth;
+
+  static __device__ void compute(acc_t* __restrict__ scores, Buffers& staging,
+                                 const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
+                                 int64_t row_end, int64_t col0, int64_t col_end,
+                                 bool vectorized) {
+    constexpr int kLd = Buffers::kLd;
+    constexpr int kDepth = Buffers::kDepth;
+    constexpr int kRowsPerThread = T::kRows / 16;
+    constexpr int kColsPerThread = T::kCols / 16;
+    const int ty = threadIdx.x / 16;
+    const int tx = threadIdx.x % 16;
+    acc_t sums[kRowsPerThread][kColsPerThread] = {};
+    for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
+      __syncthreads();
+      stage_window<T::kRows, kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0, vectorized);
+      stage_window<T::kCols, kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0, vectorized);
+      __syncthreads();
+#pragma unroll 4
+      for (int k = 0; k < kDepth; ++k) {
+        acc_t a[kRowsPerThread];
+        acc_t b[kColsPerThread];
+#pragma unroll
+        for (int r = 0; r < kRowsPerThread; ++r) {
+          a[r] = to_acc<acc_t>(staging.rows[(ty + 16 * r) * kLd + k]);
+        }
+#pragma unroll
+        for (int c = 0; c < kColsPerThread; ++c) {
+          b[c] = to_acc<acc_t>(staging.cols[(tx + 16 * c) * kLd + k]);
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerThread; ++r) {
+#pragma unroll
+          for (int c = 0; c < kColsPerThread; ++c) sums[r][c] += a[r] * b[c];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerThread; ++r) {
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        scores[(ty + 16 * r) * T::kScoreLd + tx + 16 * c] = sums[r][c];
+      }
+    }
+  }
+};
 
 #if defined(MCSC_AMPERE_TENSOR_CORES)
-  if constexpr (kind != Mma::Fma) {
+// Tensor-core version: WMMA 16x16x16 on fp16/bf16 or 16x16x8 on TF32, float accumulation,
+// stored to `scores` once the depth is done.
+template <typename scalar_t, Mma kind>
+struct ScoreTile<scalar_t, kind, true> {
+  using acc_t = acc_type<scalar_t>;
+  using T = Tiles<acc_t>;
+  using Buffers = ScoreStaging<scalar_t, kind>;
+  static_assert(T::kRows == 64 && T::kCols == 64 && kThreads == 256,
+                "the warp layout below covers a 64 x 64 tile with 8 warps");
+
+  static __device__ void compute(acc_t* __restrict__ scores, Buffers& staging,
+                                 const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
+                                 int64_t row_end, int64_t col0, int64_t col_end,
+                                 bool vectorized) {
+    constexpr int kLd = Buffers::kLd;
+    constexpr int kDepth = Buffers::kDepth;
     namespace wmma = nvcuda::wmma;
-    static_assert(T::kRows == 64 && T::kCols == 64 && kThreads == 256,
-                  "the warp layout below covers a 64 x 64 tile with 8 warps");
     using Stage = typename Buffers::Stage;
     constexpr int kFragK = kind == Mma::Tf32 ? 8 : 16;
     using FragInput = std::conditional_t<kind == Mma::Tf32, wmma::precision::tf32, Stage>;
@@ -308,49 +368,9 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
       wmma::store_matrix_sync(scores + strip * 16 * T::kScoreLd + (block0 + f) * 16,
                               accumulators[f], T::kScoreLd, wmma::mem_row_major);
     }
-    return;
   }
+};
 #endif
-
-  // FMA: thread (ty, tx) of a 16 x 16 grid owns rows ty + 16 r and columns tx + 16 c; the
-  // strided ownership makes a half-warp read one broadcast row value and 16 distinct banks.
-  constexpr int kRowsPerThread = T::kRows / 16;
-  constexpr int kColsPerThread = T::kCols / 16;
-  const int ty = threadIdx.x / 16;
-  const int tx = threadIdx.x % 16;
-  acc_t sums[kRowsPerThread][kColsPerThread] = {};
-  for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
-    __syncthreads();
-    stage_window<T::kRows, kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0, vectorized);
-    stage_window<T::kCols, kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0, vectorized);
-    __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kDepth; ++k) {
-      acc_t a[kRowsPerThread];
-      acc_t b[kColsPerThread];
-#pragma unroll
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        a[r] = to_acc<acc_t>(staging.rows[(ty + 16 * r) * kLd + k]);
-      }
-#pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) {
-        b[c] = to_acc<acc_t>(staging.cols[(tx + 16 * c) * kLd + k]);
-      }
-#pragma unroll
-      for (int r = 0; r < kRowsPerThread; ++r) {
-#pragma unroll
-        for (int c = 0; c < kColsPerThread; ++c) sums[r][c] += a[r] * b[c];
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kRowsPerThread; ++r) {
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) {
-      scores[(ty + 16 * r) * T::kScoreLd + tx + 16 * c] = sums[r][c];
-    }
-  }
-}
 
 // The block's kRows x kOutCols tile of the feature gradient, accumulated one 16-row slice of
 // z_J at a time: out += P[:, k0:k0+16] values, with P the kRows x kCols pair coefficients
