@@ -275,12 +275,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   __shared__ ScoreStaging<scalar_t, kind> staging;
   __shared__ __align__(32) acc_t scores[T::kRows * T::kScoreLd];
   __shared__ __align__(32) acc_t values[kValueRows * T::kOutLd];
-  __shared__ int32_t col_class[T::kCols];
-  __shared__ acc_t col_same_weight[T::kCols];
-  __shared__ acc_t col_contrast_weight[T::kCols];
-  __shared__ acc_t col_anchor[T::kCols];
-  __shared__ acc_t col_positive_grad[T::kCols];
-  __shared__ acc_t col_lse[T::kCols];
+  __shared__ BackwardRow<acc_t> columns[T::kCols];
 
   RowBlock block;
   if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, T::kRows, block)) {
@@ -291,28 +286,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool vectorized = rows_are_vector_aligned(z, dim);
   const AnchorRow anchor = anchor_row<kRowThreads>(block, classes, positives);
   acc_t* const p_row = scores + anchor.tile_row * T::kScoreLd;
-  const acc_t row_grad = anchor.exists ? grad_loss[anchor.row] : acc_t(0);
-  const acc_t row_same_weight = same_class_weight<acc_t>(anchor.positives, prevalence);
-  const acc_t row_contrast_weight = contrast_weight<acc_t>(anchor.positives, prevalence);
-  const acc_t row_anchor = anchor_grad_weight(row_grad, anchor.positives);
-  const acc_t row_positive_grad = positive_grad_weight(row_grad, anchor.positives);
-  const acc_t row_lse = row_anchor != 0 ? lse[anchor.row] : acc_t(0);
+  const BackwardRow<acc_t> row = backward_row(anchor.row, anchor.exists, classes, positives,
+                                              grad_loss, lse, prevalence);
 
   Gradient gradient;
 
   for (int64_t col0 = block.segment_begin; col0 < block.segment_end; col0 += T::kCols) {
     __syncthreads();
     for (int j = threadIdx.x; j < T::kCols; j += kThreads) {
-      const int64_t col = col0 + j;
-      const bool inside = col < block.segment_end;
-      const int32_t col_positives = inside ? positives[col] : -1;
-      const acc_t col_grad = inside ? grad_loss[col] : acc_t(0);
-      col_class[j] = inside ? classes[col] : kNoClass;
-      col_same_weight[j] = same_class_weight<acc_t>(col_positives, prevalence);
-      col_contrast_weight[j] = contrast_weight<acc_t>(col_positives, prevalence);
-      col_anchor[j] = anchor_grad_weight(col_grad, col_positives);
-      col_positive_grad[j] = positive_grad_weight(col_grad, col_positives);
-      col_lse[j] = col_anchor[j] != 0 ? lse[col] : acc_t(0);
+      columns[j] = backward_row(col0 + j, col0 + j < block.segment_end, classes, positives,
+                                grad_loss, lse, prevalence);
     }
     ScoreTile<scalar_t, kind>::compute(scores, staging, z, dim, block.row_begin, block.row_end,
                                        col0, block.segment_end, vectorized);
@@ -320,18 +303,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     // Scores become P_ij in place; each element is read and written by the same thread.
     for (int j = anchor.part; j < T::kCols; j += kRowThreads) {
-      // Pairs with an ignored row (or a column past the segment's end: class < 0) contribute
-      // nothing; skipping them also avoids exp overflow times a zero weight.
-      acc_t p = 0;
-      if (anchor.class_id >= 0 && col_class[j] >= 0 && col0 + j != anchor.row) {
-        const acc_t similarity = p_row[j] * inv_temperature;
-        p = symmetric_pair_gradient(similarity, anchor.class_id, col_class[j], row_anchor,
-                                    row_lse, row_same_weight, row_contrast_weight, col_anchor[j],
-                                    col_lse[j], col_same_weight[j], col_contrast_weight[j]);
-        // Positive term: -(1/t) sum_{p in P(i)} (b_i + b_p) z_p; b is 0 for ignored rows.
-        if (col_class[j] == anchor.class_id) p -= row_positive_grad + col_positive_grad[j];
-      }
-      p_row[j] = p;
+      p_row[j] = pair_coefficient(p_row[j] * inv_temperature, row, columns[j],
+                                  col0 + j == anchor.row);
     }
 
     // out += P[:, k0:k0+16] z_J[k0:k0+16, out_col0:out_col0+kOutCols], z_J in slices of rows.

@@ -437,12 +437,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   __shared__ MmaStages<scalar_t> stages;
   __shared__ __align__(16) Element values[Tiles::kCols * Tiles::kOutPitch];
-  __shared__ int32_t col_class[Tiles::kCols];
-  __shared__ float col_same_weight[Tiles::kCols];
-  __shared__ float col_contrast_weight[Tiles::kCols];
-  __shared__ float col_anchor[Tiles::kCols];
-  __shared__ float col_positive_grad[Tiles::kCols];
-  __shared__ float col_lse[Tiles::kCols];
+  __shared__ BackwardRow<float> columns[Tiles::kCols];
 
   RowBlock block;
   if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, Tiles::kRows,
@@ -455,19 +450,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float coefficient_scale = ldexpf(1.0f, exponent);
 
   const FragmentRows own = fragment_rows(block);
-  int32_t row_class[2];
-  float row_same_weight[2], row_contrast_weight[2], row_anchor[2], row_positive_grad[2],
-      row_lse[2];
+  BackwardRow<float> row_data[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int32_t row_positives = own.exists[h] ? positives[own.row[h]] : -1;
-    const float row_grad = own.exists[h] ? grad_loss[own.row[h]] : 0.0f;
-    row_class[h] = own.exists[h] ? classes[own.row[h]] : kNoClass;
-    row_same_weight[h] = same_class_weight<float>(row_positives, prevalence);
-    row_contrast_weight[h] = contrast_weight<float>(row_positives, prevalence);
-    row_anchor[h] = anchor_grad_weight(row_grad, row_positives);
-    row_positive_grad[h] = positive_grad_weight(row_grad, row_positives);
-    row_lse[h] = row_anchor[h] != 0 ? lse[own.row[h]] : 0.0f;
+    row_data[h] = backward_row(own.row[h], own.exists[h], classes, positives, grad_loss, lse,
+                               prevalence);
   }
 
   const int lane = threadIdx.x % 32;
@@ -477,16 +464,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto begin = [&](int64_t tile) {
     const int64_t col0 = block.segment_begin + tile * Tiles::kCols;
     for (int j = threadIdx.x; j < Tiles::kCols; j += kThreads) {
-      const int64_t col = col0 + j;
-      const bool inside = col < block.segment_end;
-      const int32_t col_positives = inside ? positives[col] : -1;
-      const float col_grad = inside ? grad_loss[col] : 0.0f;
-      col_class[j] = inside ? classes[col] : kNoClass;
-      col_same_weight[j] = same_class_weight<float>(col_positives, prevalence);
-      col_contrast_weight[j] = contrast_weight<float>(col_positives, prevalence);
-      col_anchor[j] = anchor_grad_weight(col_grad, col_positives);
-      col_positive_grad[j] = positive_grad_weight(col_grad, col_positives);
-      col_lse[j] = col_anchor[j] != 0 ? lse[col] : 0.0f;
+      columns[j] = backward_row(col0 + j, col0 + j < block.segment_end, classes, positives,
+                                grad_loss, lse, prevalence);
     }
     load_tile<Tiles::kCols, Tiles::kOutCols, Tiles::kOutPitch>(
         values, z, dim, col0, block.segment_end, out_col0, vectorized);
@@ -502,17 +481,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         const int h = e / 2;
         const int j = 8 * f + lane_col + e % 2;
-        // Pairs with an ignored row or column (class < 0) and the diagonal contribute
-        // nothing; skipping them also avoids exp overflow times a zero weight.
-        float value = 0.0f;
-        if (row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != own.row[h]) {
-          value = symmetric_pair_gradient(
-              score[f][e] * inv_temperature, row_class[h], col_class[j], row_anchor[h],
-              row_lse[h], row_same_weight[h], row_contrast_weight[h], col_anchor[j],
-              col_lse[j], col_same_weight[j], col_contrast_weight[j]);
-          if (col_class[j] == row_class[h]) value -= row_positive_grad[h] + col_positive_grad[j];
-        }
-        coefficient[f][e] = value * coefficient_scale;
+        coefficient[f][e] = pair_coefficient(score[f][e] * inv_temperature, row_data[h],
+                                             columns[j], col0 + j == own.row[h]) *
+                            coefficient_scale;
       }
     }
     if constexpr (Tiles::kTf32) {

@@ -15,6 +15,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "supcon_math.h"
+
 // The bf16 and tf32 WMMA shapes exist from sm_80 on; older targets fall back to FMA so that a
 // TORCH_CUDA_ARCH_LIST with them still compiles (they are not in the default list).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -137,6 +139,51 @@ constexpr int kForwardBlocksPerSM = 4;
 // The same for the mma.sync forward (128 registers per thread: its 32 score registers and the
 // epilogue's fit without spilling).
 constexpr int kMmaForwardBlocksPerSM = 2;
+
+// What the backward's pair coefficient needs of one row, as anchor and as contrast: the class
+// id (kNoClass past a block's or segment's end), the two weights, a_i, b_i and lse_i (0 where
+// the row is no anchor, so that lse is never read for it).
+template <typename acc_t>
+struct BackwardRow {
+  int32_t class_id;
+  acc_t same_weight;
+  acc_t contrast_weight;
+  acc_t anchor;
+  acc_t positive_grad;
+  acc_t lse;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ BackwardRow<acc_t> backward_row(
+    int64_t row, bool exists, const int32_t* __restrict__ classes,
+    const int32_t* __restrict__ positives, const acc_t* __restrict__ grad_loss,
+    const acc_t* __restrict__ lse, bool prevalence) {
+  const int32_t row_positives = exists ? positives[row] : -1;
+  const acc_t row_grad = exists ? grad_loss[row] : acc_t(0);
+  BackwardRow<acc_t> data;
+  data.class_id = exists ? classes[row] : kNoClass;
+  data.same_weight = same_class_weight<acc_t>(row_positives, prevalence);
+  data.contrast_weight = contrast_weight<acc_t>(row_positives, prevalence);
+  data.anchor = anchor_grad_weight(row_grad, row_positives);
+  data.positive_grad = positive_grad_weight(row_grad, row_positives);
+  data.lse = data.anchor != 0 ? lse[row] : acc_t(0);
+  return data;
+}
+
+// The backward's coefficient of z_j in dz_i (before the 1/t): G_ij + G_ji, minus b_i + b_j
+// for a positive pair (the positive term -(1/t) sum_{p in P(i)} (b_i + b_p) z_p). Pairs with an
+// ignored row or a row past the end (class < 0) and the diagonal give 0; skipping them also
+// avoids exp overflow times a zero weight.
+template <typename acc_t>
+__device__ __forceinline__ acc_t pair_coefficient(acc_t similarity, const BackwardRow<acc_t>& i,
+                                                  const BackwardRow<acc_t>& j, bool diagonal) {
+  if (i.class_id < 0 || j.class_id < 0 || diagonal) return acc_t(0);
+  acc_t coefficient = symmetric_pair_gradient(similarity, i.class_id, j.class_id, i.anchor,
+                                              i.lse, i.same_weight, i.contrast_weight, j.anchor,
+                                              j.lse, j.same_weight, j.contrast_weight);
+  if (i.class_id == j.class_id) coefficient -= i.positive_grad + j.positive_grad;
+  return coefficient;
+}
 
 // Rows of one segment handled by one thread block.
 struct RowBlock {
