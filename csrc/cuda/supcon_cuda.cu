@@ -46,9 +46,16 @@ bool float32_matmul_allows_tf32() {
          at::Float32Precision::TF32;
 }
 
-// The fp16/bf16 kernels MCSC_CUDA_KERNELS names, read on every call so that a process can
-// switch between them (the tests run both).
-KernelFamily selected_kernels() { return kernel_family(std::getenv("MCSC_CUDA_KERNELS")); }
+// The tensor-core kernels MCSC_CUDA_KERNELS names, read on every call so that a process can
+// switch between them (the tests run both). mma.sync, ldmatrix and cp.async need sm_80.
+KernelFamily selected_kernels() {
+  const KernelFamily family = kernel_family(std::getenv("MCSC_CUDA_KERNELS"));
+  TORCH_CHECK_VALUE(family != KernelFamily::Mma ||
+                        at::cuda::getCurrentDeviceProperties()->major >= 8,
+                    "mcsc: MCSC_CUDA_KERNELS=mma needs a GPU of compute capability 8.0 or "
+                    "newer; unset it to use the WMMA kernels");
+  return family;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& segments,

@@ -307,6 +307,7 @@ __global__ void __launch_bounds__(kThreads, kMmaForwardBlocksPerSM)
                               const int64_t* __restrict__ block_offsets, int64_t num_segments,
                               float inv_temperature, bool prevalence, int64_t rows,
                               int64_t num_splits, ForwardPartials<float> partials) {
+#if defined(MCSC_AMPERE_TENSOR_CORES)
   using Tiles = MmaTiles<scalar_t>;
   constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
   constexpr float kLog2e = 1.4426950408889634f;
@@ -406,6 +407,9 @@ __global__ void __launch_bounds__(kThreads, kMmaForwardBlocksPerSM)
     partials.running_sum[index] = sum;
     partials.positive_sum[index] = positive;
   }
+#else
+  __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80
+#endif
 }
 
 // Power-of-two scale that brings the largest pair coefficient, at most 4 max|a| (G_ij <= a_i,
@@ -432,6 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                const int64_t* __restrict__ block_offsets, int64_t num_segments,
                                float inv_temperature, bool prevalence,
                                scalar_t* __restrict__ grad) {
+#if defined(MCSC_AMPERE_TENSOR_CORES)
   using Tiles = MmaTiles<scalar_t>;
   using Element = typename Tiles::Element;
 
@@ -548,6 +553,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+#else
+  __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80
+#endif
 }
 
 }  // namespace cuda
