@@ -354,9 +354,9 @@ void classify_rows(const Launch& launch, const at::Tensor& labels, int64_t ignor
 template <Mma kind>
 using MmaTag = std::integral_constant<Mma, kind>;
 
-// Which tensor-core kernels run (fp16/bf16, and float32 with TF32): the WMMA kernels above,
-// validated on an H200, or the mma.sync kernels of supcon_mma.cuh. FMA paths are the same in
-// both.
+// Which kernels run for fp16/bf16 and float32: the WMMA and FMA kernels above, validated on an
+// H200, or the mma.sync kernels of supcon_mma.cuh (float32 without TF32: its register-blocked
+// FMA forward, and the FMA backward above). float64 takes the FMA kernels either way.
 enum class KernelFamily { Wmma, Mma };
 
 // The family named by MCSC_CUDA_KERNELS's value: "wmma" (also when unset or empty) or "mma".
@@ -376,8 +376,12 @@ void with_mma_kind(bool allow_tf32, KernelFamily family, const Body& body) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     body(MmaTag<Mma::Fma>{});
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (allow_tf32 && family == KernelFamily::Mma) {
-      body(MmaTag<Mma::Sync>{});
+    if (family == KernelFamily::Mma) {
+      if (allow_tf32) {
+        body(MmaTag<Mma::Sync>{});
+      } else {
+        body(MmaTag<Mma::BlockedFma>{});
+      }
     } else if (allow_tf32) {
       body(MmaTag<Mma::Tf32>{});
     } else {
@@ -402,6 +406,12 @@ template <typename scalar_t>
 struct ScoreTileShape<scalar_t, Mma::Sync> {
   static constexpr int kRows = MmaTiles<scalar_t>::kRows;
   static constexpr int kCols = MmaTiles<scalar_t>::kCols;
+  static constexpr int kForwardBlocksPerSM = kMmaForwardBlocksPerSM;
+};
+template <typename scalar_t>
+struct ScoreTileShape<scalar_t, Mma::BlockedFma> {
+  static constexpr int kRows = FmaTiles::kRows;
+  static constexpr int kCols = FmaTiles::kCols;
   static constexpr int kForwardBlocksPerSM = kMmaForwardBlocksPerSM;
 };
 
@@ -430,6 +440,8 @@ template <typename scalar_t, Mma kind>
 constexpr auto forward_kernel() {
   if constexpr (kind == Mma::Sync) {
     return &supcon_forward_mma_kernel<scalar_t>;
+  } else if constexpr (kind == Mma::BlockedFma) {
+    return &supcon_forward_fma_kernel;
   } else {
     return &supcon_forward_kernel<scalar_t, kind>;
   }
@@ -510,11 +522,13 @@ void backward_of_kind(const Launch& launch, const at::Tensor& grad_loss,
            static_cast<float>(1.0 / temperature), prevalence,
            grad.mutable_data_ptr<scalar_t>());
   } else {
+    // The register-blocked FMA forward pairs with the FMA backward.
+    constexpr Mma backward_kind = kind == Mma::BlockedFma ? Mma::Fma : kind;
     using T = Tiles<acc_t>;
     const at::Tensor block_offsets = row_block_offsets(segments, T::kRows);
     const int64_t grid_rows = row_block_bound(rows, num_segments, T::kRows);
     const int64_t grid_cols = (dim + T::kOutCols - 1) / T::kOutCols;
-    launch(&supcon_backward_kernel<scalar_t, kind>, grid_rows, grid_cols,
+    launch(&supcon_backward_kernel<scalar_t, backward_kind>, grid_rows, grid_cols,
            features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
            positives.const_data_ptr<int32_t>(), lse.const_data_ptr<acc_t>(),
            grad_loss.const_data_ptr<acc_t>(), segments.const_data_ptr<int64_t>(),

@@ -156,89 +156,72 @@ __device__ __forceinline__ void load_tile(Element* __restrict__ tile,
   }
 }
 
+// Tile shapes of the register-blocked FMA forward (float32 without TF32): 128 x 128 score
+// tiles, each of the 16 x 16 threads owning 8 x 8 of them, fed by 16-byte shared loads from
+// the same 80-byte staged rows as the TF32 path.
+struct FmaTiles {
+  using Element = float;
+  static constexpr int kVector = 4;
+  static constexpr int kRows = 128;
+  static constexpr int kCols = 128;
+  static constexpr int kDepth = 16;
+  static constexpr int kPitch = kDepth + kVector;
+  static constexpr int kStages = 2;
+};
+
 // The two shared-memory stages of the score pipeline.
-template <typename scalar_t>
-struct MmaStages {
-  using Tiles = MmaTiles<scalar_t>;
+template <typename Tiles>
+struct ScoreStages {
   using Element = typename Tiles::Element;
   alignas(16) Element rows[Tiles::kStages][Tiles::kRows * Tiles::kPitch];
   alignas(16) Element cols[Tiles::kStages][Tiles::kCols * Tiles::kPitch];
 };
 
-// The score fragments of one warp: score[f][e] is the dot product of the warp's row
-// 16 w + lane / 4 + 8 (e / 2) with the tile's column 8 f + 2 (lane % 4) + e % 2 (the m16n8
-// accumulator layout).
+// How the block multiplies a staged chunk into score registers, and which scores a thread
+// holds: at(score, h, c) pairs the tile's row row(h) with its column col(c), for
+// h < kRowsPerThread and c < kColsPerThread; the kRowLanes adjacent lanes that share a row
+// reduce it with shuffles.
+//
+// mma.sync: the warp's 16 rows as m16n8 accumulator fragments, score[f][e] pairing row
+// 16 w + lane / 4 + 8 (e / 2) with column 8 f + 2 (lane % 4) + e % 2.
 template <typename scalar_t>
-using ScoreFragments = float[MmaTiles<scalar_t>::kColFragments][4];
-
-// Streams the score tiles z_I z_J^T of a block: step s is column tile s / chunks and depth chunk
-// s % chunks. Called by all threads of the block with the same arguments, for the column tiles
-// [col_begin, col_begin + tiles * kCols) (clipped to col_end):
-//   begin(tile)            before the tile's first step, after every thread is done with the
-//                          previous tile; may stage per-column data and commit cp.async groups
-//                          (they are waited for before end(tile));
-//   end(tile, col0, score) the finished fragments of the tile starting at column col0.
-template <typename scalar_t, typename Begin, typename End>
-__device__ __forceinline__ void for_each_score_tile(MmaStages<scalar_t>& stages,
-                                                    const scalar_t* __restrict__ z, int64_t dim,
-                                                    const RowBlock& block, int64_t col_begin,
-                                                    int64_t col_end, int64_t tiles,
-                                                    bool vectorized, const Begin& begin,
-                                                    const End& end) {
+struct MmaMultiply {
   using Tiles = MmaTiles<scalar_t>;
   using Element = typename Tiles::Element;
-  const int64_t chunks = (dim + Tiles::kDepth - 1) / Tiles::kDepth;
-  const int64_t steps = tiles * chunks;
-  if (steps == 0) return;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  // ldmatrix.x4 row addresses: lanes 8m .. 8m + 7 supply the rows of matrix m.
-  const int matrix = lane / 8;
-  const int matrix_row = lane % 8;
-  // A (rows, row-major): matrices (rows 0-7 | 8-15) x (first | second 16 bytes of k), in
-  // a[0..3] order.
-  const int a_row = 16 * warp + (matrix & 1) * 8 + matrix_row;
-  const int a_col = (matrix >> 1) * Tiles::kVector;
-  // B (columns, stored as rows of k): matrices (n 0-7, first 16 bytes of k), (n 0-7, second),
-  // (n 8-15, first), (n 8-15, second): b[0..1] of fragment 2 p and of fragment 2 p + 1.
-  const int b_row = (matrix >> 1) * 8 + matrix_row;
-  const int b_col = (matrix & 1) * Tiles::kVector;
+  static constexpr int kRowsPerThread = 2;
+  static constexpr int kColsPerThread = 2 * Tiles::kColFragments;
+  static constexpr int kRowLanes = 4;
+  using Scores = float[Tiles::kColFragments][4];
 
-  const auto issue = [&](int64_t step) {
-    const int stage = static_cast<int>(step % Tiles::kStages);
-    const int64_t col0 = col_begin + step / chunks * Tiles::kCols;
-    const int64_t k0 = step % chunks * Tiles::kDepth;
-    load_tile<Tiles::kRows, Tiles::kDepth, Tiles::kPitch>(
-        stages.rows[stage], z, dim, block.row_begin, block.row_end, k0, vectorized);
-    load_tile<Tiles::kCols, Tiles::kDepth, Tiles::kPitch>(stages.cols[stage], z, dim, col0,
-                                                          col_end, k0, vectorized);
-    ptx::cp_async_commit();
-  };
+  static __device__ __forceinline__ int row(int h) {
+    return 16 * (threadIdx.x / 32) + threadIdx.x % 32 / 4 + 8 * h;
+  }
+  static __device__ __forceinline__ int col(int c) {
+    return 8 * (c / 2) + 2 * (threadIdx.x % 4) + c % 2;
+  }
+  static __device__ __forceinline__ float& at(Scores& score, int h, int c) {
+    return score[c / 2][2 * h + c % 2];
+  }
+  static __device__ __forceinline__ float at(const Scores& score, int h, int c) {
+    return score[c / 2][2 * h + c % 2];
+  }
 
-  ScoreFragments<scalar_t> score;
-  begin(int64_t{0});
-  issue(0);
-  for (int64_t step = 0; step < steps; ++step) {
-    const int64_t chunk = step % chunks;
-    const int64_t tile = step / chunks;
-    if (chunk == 0) {
-#pragma unroll
-      for (int f = 0; f < Tiles::kColFragments; ++f) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) score[f][e] = 0.0f;
-      }
-    }
-    // The next step's copies overlap this step's multiplies.
-    if (step + 1 < steps) {
-      issue(step + 1);
-      ptx::cp_async_wait<1>();
-    } else {
-      ptx::cp_async_wait<0>();
-    }
-    __syncthreads();
-    const int stage = static_cast<int>(step % Tiles::kStages);
-    const Element* const rows = stages.rows[stage];
-    const Element* const cols = stages.cols[stage];
+  // score += rows . cols over one staged chunk, with ldmatrix.x4 operands: lanes 8 m .. 8 m + 7
+  // supply the row addresses of matrix m.
+  static __device__ __forceinline__ void accumulate(Scores& score,
+                                                    const Element* __restrict__ rows,
+                                                    const Element* __restrict__ cols) {
+    const int lane = threadIdx.x % 32;
+    const int matrix = lane / 8;
+    const int matrix_row = lane % 8;
+    // A (rows, row-major): matrices (rows 0-7 | 8-15) x (first | second 16 bytes of k), in
+    // a[0..3] order.
+    const int a_row = 16 * (threadIdx.x / 32) + (matrix & 1) * 8 + matrix_row;
+    const int a_col = (matrix >> 1) * Tiles::kVector;
+    // B (columns, stored as rows of k): matrices (n 0-7, first 16 bytes of k), (n 0-7,
+    // second), (n 8-15, first), (n 8-15, second): b[0..1] of fragments 2 p and 2 p + 1.
+    const int b_row = (matrix >> 1) * 8 + matrix_row;
+    const int b_col = (matrix & 1) * Tiles::kVector;
 #pragma unroll
     for (int kk = 0; kk < Tiles::kDepth; kk += Tiles::kStep) {
       uint32_t a[4];
@@ -259,6 +242,108 @@ __device__ __forceinline__ void for_each_score_tile(MmaStages<scalar_t>& stages,
         mma_accumulate<Element>(score[2 * pair + 1], a, b[2], b[3]);
       }
     }
+  }
+};
+
+// Register-blocked FMA: thread (ty, tx) of a 16 x 16 grid owns rows ty + 16 h and columns
+// tx + 16 c. A half-warp reads one broadcast row vector and 16 column vectors whose 80-byte
+// rows put each quarter-warp's 16-byte loads in distinct banks.
+struct FmaMultiply {
+  using Tiles = FmaTiles;
+  using Element = float;
+  static constexpr int kRowsPerThread = 8;
+  static constexpr int kColsPerThread = 8;
+  static constexpr int kRowLanes = 16;
+  using Scores = float[kRowsPerThread][kColsPerThread];
+
+  static __device__ __forceinline__ int row(int h) { return threadIdx.x / 16 + 16 * h; }
+  static __device__ __forceinline__ int col(int c) { return threadIdx.x % 16 + 16 * c; }
+  static __device__ __forceinline__ float& at(Scores& score, int h, int c) {
+    return score[h][c];
+  }
+  static __device__ __forceinline__ float at(const Scores& score, int h, int c) {
+    return score[h][c];
+  }
+
+  static __device__ __forceinline__ void accumulate(Scores& score,
+                                                    const float* __restrict__ rows,
+                                                    const float* __restrict__ cols) {
+#pragma unroll
+    for (int k = 0; k < Tiles::kDepth; k += 4) {
+      float4 a[kRowsPerThread];
+      float4 b[kColsPerThread];
+#pragma unroll
+      for (int h = 0; h < kRowsPerThread; ++h) {
+        a[h] = *reinterpret_cast<const float4*>(rows + row(h) * Tiles::kPitch + k);
+      }
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        b[c] = *reinterpret_cast<const float4*>(cols + col(c) * Tiles::kPitch + k);
+      }
+#pragma unroll
+      for (int h = 0; h < kRowsPerThread; ++h) {
+#pragma unroll
+        for (int c = 0; c < kColsPerThread; ++c) {
+          score[h][c] += a[h].x * b[c].x + a[h].y * b[c].y + a[h].z * b[c].z + a[h].w * b[c].w;
+        }
+      }
+    }
+  }
+};
+
+// Streams the score tiles z_I z_J^T of a block: step s is column tile s / chunks and depth chunk
+// s % chunks. Called by all threads of the block with the same arguments, for the column tiles
+// [col_begin, col_begin + tiles * kCols) (clipped to col_end):
+//   begin(tile)            before the tile's first step, after every thread is done with the
+//                          previous tile; may stage per-column data and commit cp.async groups
+//                          (they are waited for before end(tile));
+//   end(tile, col0, score) the finished fragments of the tile starting at column col0.
+template <typename Multiply, typename scalar_t, typename Begin, typename End>
+__device__ __forceinline__ void for_each_score_tile(ScoreStages<typename Multiply::Tiles>& stages,
+                                                    const scalar_t* __restrict__ z, int64_t dim,
+                                                    const RowBlock& block, int64_t col_begin,
+                                                    int64_t col_end, int64_t tiles,
+                                                    bool vectorized, const Begin& begin,
+                                                    const End& end) {
+  using Tiles = typename Multiply::Tiles;
+  const int64_t chunks = (dim + Tiles::kDepth - 1) / Tiles::kDepth;
+  const int64_t steps = tiles * chunks;
+  if (steps == 0) return;
+
+  const auto issue = [&](int64_t step) {
+    const int stage = static_cast<int>(step % Tiles::kStages);
+    const int64_t col0 = col_begin + step / chunks * Tiles::kCols;
+    const int64_t k0 = step % chunks * Tiles::kDepth;
+    load_tile<Tiles::kRows, Tiles::kDepth, Tiles::kPitch>(
+        stages.rows[stage], z, dim, block.row_begin, block.row_end, k0, vectorized);
+    load_tile<Tiles::kCols, Tiles::kDepth, Tiles::kPitch>(stages.cols[stage], z, dim, col0,
+                                                          col_end, k0, vectorized);
+    ptx::cp_async_commit();
+  };
+
+  typename Multiply::Scores score;
+  begin(int64_t{0});
+  issue(0);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t chunk = step % chunks;
+    const int64_t tile = step / chunks;
+    if (chunk == 0) {
+#pragma unroll
+      for (int h = 0; h < Multiply::kRowsPerThread; ++h) {
+#pragma unroll
+        for (int c = 0; c < Multiply::kColsPerThread; ++c) Multiply::at(score, h, c) = 0.0f;
+      }
+    }
+    // The next step's copies overlap this step's multiplies.
+    if (step + 1 < steps) {
+      issue(step + 1);
+      ptx::cp_async_wait<1>();
+    } else {
+      ptx::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int stage = static_cast<int>(step % Tiles::kStages);
+    Multiply::accumulate(score, stages.rows[stage], stages.cols[stage]);
     if (chunk == chunks - 1) end(tile, col_begin + tile * Tiles::kCols, score);
     // Every warp is done with this stage (and the tile's staged data) before it is refilled.
     __syncthreads();
@@ -266,38 +351,150 @@ __device__ __forceinline__ void for_each_score_tile(MmaStages<scalar_t>& stages,
   }
 }
 
-// Per-row data of the two rows a thread's fragments cover: rows 16 w + lane / 4 + 8 h.
-struct FragmentRows {
-  int64_t row[2];
-  bool exists[2];
+// The rows of the block a thread's scores cover (Multiply::row), as rows of z.
+template <typename Multiply>
+struct ThreadRows {
+  int64_t row[Multiply::kRowsPerThread];
+  bool exists[Multiply::kRowsPerThread];
+
+  __device__ __forceinline__ explicit ThreadRows(const RowBlock& block) {
+#pragma unroll
+    for (int h = 0; h < Multiply::kRowsPerThread; ++h) {
+      row[h] = block.row_begin + Multiply::row(h);
+      exists[h] = row[h] < block.row_end;
+    }
+  }
 };
 
-__device__ __forceinline__ FragmentRows fragment_rows(const RowBlock& block) {
-  FragmentRows rows;
-  const int first = 16 * (threadIdx.x / 32) + threadIdx.x % 32 / 4;
+// Sum and maximum over the kLanes adjacent lanes that share a row (a fixed butterfly:
+// deterministic; every lane gets the result).
+template <int kLanes>
+__device__ __forceinline__ float row_sum(float value) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    rows.row[h] = block.row_begin + first + 8 * h;
-    rows.exists[h] = rows.row[h] < block.row_end;
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
   }
-  return rows;
-}
-
-// Sum over the 4 lanes that share a fragment row (a fixed butterfly: deterministic).
-__device__ __forceinline__ float quad_sum(float value) {
-  value += __shfl_xor_sync(0xffffffffu, value, 1);
-  value += __shfl_xor_sync(0xffffffffu, value, 2);
   return value;
 }
 
-__device__ __forceinline__ float quad_max(float value) {
-  value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
-  value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
+template <int kLanes>
+__device__ __forceinline__ float row_max(float value) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  }
   return value;
 }
 
-// Forward per (row block, column split); the partial results are those of
+// The forward of one block over the column tiles of its split: masks, pair weights, exp2 and
+// the online log-sum-exp applied to the score registers; the partial results are those of
 // supcon_forward_kernel, merged by supcon_forward_combine_kernel.
+template <typename Multiply, typename scalar_t>
+__device__ __forceinline__ void forward_block(
+    const scalar_t* __restrict__ z, int64_t dim, const int32_t* __restrict__ classes,
+    const int32_t* __restrict__ positives, const int64_t* __restrict__ offsets,
+    const int64_t* __restrict__ block_offsets, int64_t num_segments, float inv_temperature,
+    bool prevalence, int64_t rows, int64_t num_splits, ForwardPartials<float> partials) {
+  using Tiles = typename Multiply::Tiles;
+  constexpr int kRowsPerThread = Multiply::kRowsPerThread;
+  constexpr int kColsPerThread = Multiply::kColsPerThread;
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float kLn2 = 0.6931471805599453f;
+
+  __shared__ ScoreStages<Tiles> stages;
+  __shared__ int32_t col_class[Tiles::kCols];
+  __shared__ float col_contrast_weight[Tiles::kCols];
+
+  RowBlock block;
+  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, Tiles::kRows,
+                        block)) {
+    return;
+  }
+  const ThreadRows<Multiply> own(block);
+  int32_t row_class[kRowsPerThread];
+  float row_same_weight[kRowsPerThread];
+  // Per row, in log2 units: the running maximum (shared by the row's lanes) and this lane's
+  // share of sum_j w exp2(x_j - max); the lane's share of the positives' similarities.
+  float running_max[kRowsPerThread];
+  float running_sum[kRowsPerThread];
+  float positive_sum[kRowsPerThread];
+#pragma unroll
+  for (int h = 0; h < kRowsPerThread; ++h) {
+    row_class[h] = own.exists[h] ? classes[own.row[h]] : kNoClass;
+    row_same_weight[h] =
+        same_class_weight<float>(own.exists[h] ? positives[own.row[h]] : -1, prevalence);
+    running_max[h] = kMinusInf;
+    running_sum[h] = 0.0f;
+    positive_sum[h] = 0.0f;
+  }
+  // exp(s / t - m) = exp2(s * log2(e) / t - m log2(e)): one multiply-add per pair.
+  const float scale_log2 = inv_temperature * kLog2e;
+
+  const int64_t column_tiles =
+      (block.segment_end - block.segment_begin + Tiles::kCols - 1) / Tiles::kCols;
+  const int64_t tiles_per_split = (column_tiles + num_splits - 1) / num_splits;
+  const int64_t split_tile = min(static_cast<int64_t>(blockIdx.y) * tiles_per_split,
+                                 column_tiles);
+  const int64_t tiles = min(tiles_per_split, column_tiles - split_tile);
+  const int64_t col_begin = block.segment_begin + split_tile * Tiles::kCols;
+
+  const auto begin = [&](int64_t tile) {
+    for (int j = threadIdx.x; j < Tiles::kCols; j += kThreads) {
+      const int64_t col = col_begin + tile * Tiles::kCols + j;
+      const bool inside = col < block.segment_end;
+      col_class[j] = inside ? classes[col] : kNoClass;
+      col_contrast_weight[j] = inside ? contrast_weight<float>(positives[col], prevalence) : 0;
+    }
+  };
+  const auto end = [&](int64_t, int64_t col0, const typename Multiply::Scores& score) {
+#pragma unroll
+    for (int h = 0; h < kRowsPerThread; ++h) {
+      // Masked pairs (ignored rows or columns, the diagonal, columns past the segment) are
+      // -inf: they add nothing, and a row of them leaves the running values as they were.
+      float x[kColsPerThread];
+      float tile_max = kMinusInf;
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        const int j = Multiply::col(c);
+        const bool valid = row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != own.row[h];
+        const float s = Multiply::at(score, h, c);
+        if (valid && col_class[j] == row_class[h]) positive_sum[h] += s * inv_temperature;
+        x[c] = valid ? s * scale_log2 : kMinusInf;
+        tile_max = fmaxf(tile_max, x[c]);
+      }
+      const float new_max = fmaxf(running_max[h], row_max<Multiply::kRowLanes>(tile_max));
+      if (new_max == kMinusInf) continue;  // the same for all lanes of the row
+      float sum = running_max[h] == kMinusInf ? 0.0f
+                                               : running_sum[h] * exp2f(running_max[h] - new_max);
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        const int j = Multiply::col(c);
+        if (x[c] == kMinusInf) continue;
+        const float weight = pair_weight(row_class[h], col_class[j], row_same_weight[h],
+                                         col_contrast_weight[j]);
+        sum += weight * exp2f(x[c] - new_max);
+      }
+      running_max[h] = new_max;
+      running_sum[h] = sum;
+    }
+  };
+  for_each_score_tile<Multiply>(stages, z, dim, block, col_begin, block.segment_end, tiles,
+                                rows_are_vector_aligned(z, dim), begin, end);
+
+#pragma unroll
+  for (int h = 0; h < kRowsPerThread; ++h) {
+    const float sum = row_sum<Multiply::kRowLanes>(running_sum[h]);
+    const float positive = row_sum<Multiply::kRowLanes>(positive_sum[h]);
+    if (!own.exists[h] || threadIdx.x % Multiply::kRowLanes != 0) continue;
+    const int64_t index = blockIdx.y * rows + own.row[h];
+    partials.running_max[index] = running_max[h] * kLn2;
+    partials.running_sum[index] = sum;
+    partials.positive_sum[index] = positive;
+  }
+}
+
+// Forward per (row block, column split) on mma.sync.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kMmaForwardBlocksPerSM)
     supcon_forward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
@@ -308,105 +505,27 @@ __global__ void __launch_bounds__(kThreads, kMmaForwardBlocksPerSM)
                               float inv_temperature, bool prevalence, int64_t rows,
                               int64_t num_splits, ForwardPartials<float> partials) {
 #if defined(MCSC_AMPERE_TENSOR_CORES)
-  using Tiles = MmaTiles<scalar_t>;
-  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
-  constexpr float kLog2e = 1.4426950408889634f;
-  constexpr float kLn2 = 0.6931471805599453f;
+  forward_block<MmaMultiply<scalar_t>>(z, dim, classes, positives, offsets, block_offsets,
+                                       num_segments, inv_temperature, prevalence, rows,
+                                       num_splits, partials);
+#else
+  __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80
+#endif
+}
 
-  __shared__ MmaStages<scalar_t> stages;
-  __shared__ int32_t col_class[Tiles::kCols];
-  __shared__ float col_contrast_weight[Tiles::kCols];
-
-  RowBlock block;
-  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, Tiles::kRows,
-                        block)) {
-    return;
-  }
-  const FragmentRows own = fragment_rows(block);
-  int32_t row_class[2];
-  float row_same_weight[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    row_class[h] = own.exists[h] ? classes[own.row[h]] : kNoClass;
-    row_same_weight[h] =
-        same_class_weight<float>(own.exists[h] ? positives[own.row[h]] : -1, prevalence);
-  }
-  // exp(s / t - m) = exp2(s * log2(e) / t - m log2(e)): one multiply-add per pair.
-  const float scale_log2 = inv_temperature * kLog2e;
-  // Per row, in log2 units: the running maximum (shared by the row's 4 lanes) and this lane's
-  // share of sum_j w exp2(x_j - max); the lane's share of the positives' similarities.
-  float running_max[2] = {kMinusInf, kMinusInf};
-  float running_sum[2] = {0.0f, 0.0f};
-  float positive_sum[2] = {0.0f, 0.0f};
-
-  const int64_t column_tiles =
-      (block.segment_end - block.segment_begin + Tiles::kCols - 1) / Tiles::kCols;
-  const int64_t tiles_per_split = (column_tiles + num_splits - 1) / num_splits;
-  const int64_t split_tile = min(static_cast<int64_t>(blockIdx.y) * tiles_per_split,
-                                 column_tiles);
-  const int64_t tiles = min(tiles_per_split, column_tiles - split_tile);
-  const int64_t col_begin = block.segment_begin + split_tile * Tiles::kCols;
-  const int lane_col = 2 * (threadIdx.x % 4);
-
-  const auto begin = [&](int64_t tile) {
-    for (int j = threadIdx.x; j < Tiles::kCols; j += kThreads) {
-      const int64_t col = col_begin + tile * Tiles::kCols + j;
-      const bool inside = col < block.segment_end;
-      col_class[j] = inside ? classes[col] : kNoClass;
-      col_contrast_weight[j] = inside ? contrast_weight<float>(positives[col], prevalence) : 0;
-    }
-  };
-  const auto end = [&](int64_t, int64_t col0, const ScoreFragments<scalar_t>& score) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // Masked pairs (ignored rows or columns, the diagonal, columns past the segment) are
-      // -inf: they add nothing, and a row of them leaves the running values as they were.
-      float x[Tiles::kColFragments][2];
-      float tile_max = kMinusInf;
-#pragma unroll
-      for (int f = 0; f < Tiles::kColFragments; ++f) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 8 * f + lane_col + e;
-          const bool valid = row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != own.row[h];
-          const float s = score[f][2 * h + e];
-          if (valid && col_class[j] == row_class[h]) positive_sum[h] += s * inv_temperature;
-          x[f][e] = valid ? s * scale_log2 : kMinusInf;
-          tile_max = fmaxf(tile_max, x[f][e]);
-        }
-      }
-      const float new_max = fmaxf(running_max[h], quad_max(tile_max));
-      if (new_max == kMinusInf) continue;  // the same for the row's 4 lanes
-      float sum = running_max[h] == kMinusInf ? 0.0f
-                                               : running_sum[h] * exp2f(running_max[h] - new_max);
-#pragma unroll
-      for (int f = 0; f < Tiles::kColFragments; ++f) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 8 * f + lane_col + e;
-          if (x[f][e] == kMinusInf) continue;
-          const float weight = pair_weight(row_class[h], col_class[j], row_same_weight[h],
-                                           col_contrast_weight[j]);
-          sum += weight * exp2f(x[f][e] - new_max);
-        }
-      }
-      running_max[h] = new_max;
-      running_sum[h] = sum;
-    }
-  };
-  for_each_score_tile(stages, z, dim, block, col_begin, block.segment_end, tiles,
-                      rows_are_vector_aligned(z, dim), begin, end);
-
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float sum = quad_sum(running_sum[h]);
-    const float positive = quad_sum(positive_sum[h]);
-    if (!own.exists[h] || threadIdx.x % 4 != 0) continue;
-    const int64_t index = blockIdx.y * rows + own.row[h];
-    partials.running_max[index] = running_max[h] * kLn2;
-    partials.running_sum[index] = sum;
-    partials.positive_sum[index] = positive;
-  }
+// Forward per (row block, column split) for float32 without TF32: the same pipeline (cp.async
+// needs sm_80 too) with register-blocked FMA.
+__global__ void __launch_bounds__(kThreads, kMmaForwardBlocksPerSM)
+    supcon_forward_fma_kernel(const float* __restrict__ z, int64_t dim,
+                              const int32_t* __restrict__ classes,
+                              const int32_t* __restrict__ positives,
+                              const int64_t* __restrict__ offsets,
+                              const int64_t* __restrict__ block_offsets, int64_t num_segments,
+                              float inv_temperature, bool prevalence, int64_t rows,
+                              int64_t num_splits, ForwardPartials<float> partials) {
+#if defined(MCSC_AMPERE_TENSOR_CORES)
+  forward_block<FmaMultiply>(z, dim, classes, positives, offsets, block_offsets, num_segments,
+                             inv_temperature, prevalence, rows, num_splits, partials);
 #else
   __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80
 #endif
@@ -439,8 +558,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(MCSC_AMPERE_TENSOR_CORES)
   using Tiles = MmaTiles<scalar_t>;
   using Element = typename Tiles::Element;
+  using Multiply = MmaMultiply<scalar_t>;
 
-  __shared__ MmaStages<scalar_t> stages;
+  __shared__ ScoreStages<Tiles> stages;
   __shared__ __align__(16) Element values[Tiles::kCols * Tiles::kOutPitch];
   __shared__ BackwardRow<float> columns[Tiles::kCols];
 
@@ -454,7 +574,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int exponent = coefficient_exponent(*largest_grad);
   const float coefficient_scale = ldexpf(1.0f, exponent);
 
-  const FragmentRows own = fragment_rows(block);
+  const ThreadRows<Multiply> own(block);
   BackwardRow<float> row_data[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -476,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         values, z, dim, col0, block.segment_end, out_col0, vectorized);
     ptx::cp_async_commit();
   };
-  const auto end = [&](int64_t, int64_t col0, const ScoreFragments<scalar_t>& score) {
+  const auto end = [&](int64_t, int64_t col0, const typename Multiply::Scores& score) {
     // H_ij (scaled) in the score fragments' layout: coefficient[f][e] pairs the fragment row
     // lane / 4 + 8 (e / 2) with the tile's column 8 f + 2 (lane % 4) + e % 2.
     float coefficient[Tiles::kColFragments][4];
@@ -534,8 +654,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   const int64_t tiles =
       (block.segment_end - block.segment_begin + Tiles::kCols - 1) / Tiles::kCols;
-  for_each_score_tile(stages, z, dim, block, block.segment_begin, block.segment_end, tiles,
-                      vectorized, begin, end);
+  for_each_score_tile<Multiply>(stages, z, dim, block, block.segment_begin, block.segment_end,
+                                tiles, vectorized, begin, end);
 
   // dz = (1/t) sum_j H_ij z_j, with the coefficient scale undone (a power of two: exact).
   const float scale = ldexpf(inv_temperature, -exponent);

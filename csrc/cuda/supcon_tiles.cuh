@@ -30,9 +30,10 @@ constexpr int kThreads = 256;
 
 // How a tile of dot products is multiplied: FMA on CUDA cores (float32 without TF32, float64),
 // WMMA 16x16x16 on fp16/bf16 with float accumulation, WMMA 16x16x8 on TF32 (float32 inputs
-// when torch.backends.cuda.matmul.allow_tf32 is on), or mma.sync m16n8k16 on fp16/bf16 with
-// the scores kept in registers (the kernels of supcon_mma.cuh).
-enum class Mma { Fma, Wmma, Tf32, Sync };
+// when torch.backends.cuda.matmul.allow_tf32 is on), mma.sync (m16n8k16 on fp16/bf16, m16n8k8
+// on TF32) with the scores kept in registers, or, for float32 without TF32, the same pipeline
+// with 8 x 8 register-blocked FMA in the forward (the last two: supcon_mma.cuh).
+enum class Mma { Fma, Wmma, Tf32, Sync, BlockedFma };
 
 // Float accumulation for float32/float16/bfloat16 inputs, double for double.
 template <typename scalar_t>

@@ -16,7 +16,7 @@ ROOT = HERE.parent.parent
 
 class MultiplyPath(NamedTuple):
     """What picks one multiply path of the kernels: the features dtype, whether float32 may
-    use TF32, and the MCSC_CUDA_KERNELS family ("wmma" or "mma": the tensor-core paths)."""
+    use TF32, and the MCSC_CUDA_KERNELS family ("wmma" or "mma"; float64 is the same in both)."""
 
     dtype: torch.dtype
     allow_tf32: bool
@@ -30,6 +30,7 @@ PATHS = {
     "float32-tf32": MultiplyPath(torch.float32, True),
     "float16-wmma": MultiplyPath(torch.float16, False),
     "bfloat16-wmma": MultiplyPath(torch.bfloat16, False),
+    "float32-fma-mma": MultiplyPath(torch.float32, False, "mma"),
     "float32-tf32-mma": MultiplyPath(torch.float32, True, "mma"),
     "float16-mma": MultiplyPath(torch.float16, False, "mma"),
     "bfloat16-mma": MultiplyPath(torch.bfloat16, False, "mma"),
