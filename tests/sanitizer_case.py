@@ -34,7 +34,8 @@ def main() -> int:
     paths = [(torch.float64, False, 1e-9, "wmma"), (torch.float32, False, 1e-4, "wmma")]
     if device == "cuda":
         paths += [(torch.float32, True, 2e-2, "wmma"), (torch.float16, False, 3e-2, "wmma"),
-                  (torch.bfloat16, False, 1e-1, "wmma"), (torch.float16, False, 3e-2, "mma"),
+                  (torch.bfloat16, False, 1e-1, "wmma"), (torch.float32, False, 1e-4, "mma"),
+                  (torch.float32, True, 2e-2, "mma"), (torch.float16, False, 3e-2, "mma"),
                   (torch.bfloat16, False, 1e-1, "mma")]
     scale = max(1.0, float(reference.abs().max()), float(reference_grad.abs().max()))
     failures = 0
