@@ -97,39 +97,20 @@ def cuobjdump_cubin_archs(tool: str, path: str) -> set[int]:
 
 
 # Kernels that must keep everything in registers, by a fragment of their mangled names: the
-# mma.sync kernels, every instantiation (fp16, bf16, float32 TF32).
-MMA_KERNELS = ("supcon_forward_mma_kernel", "supcon_backward_mma_kernel")
+# mma.sync kernels, every instantiation (fp16, bf16, float32 TF32); the forward's is the tiled
+# kernel with the MmaMultiply policy (its FmaMultiply instantiation has no HMMA and is not
+# checked).
+MMA_KERNELS = ("supcon_forward_tiled_kernelINS0_11MmaMultiply", "supcon_backward_mma_kernel")
 # Instructions every mma.sync kernel's SASS must contain: tensor-core multiply, ldmatrix, and
 # cp.async (LDGSTS: global to shared without registers).
 MMA_INSTRUCTIONS = ("HMMA", "LDSM", "LDGSTS")
 
 
-def resource_usage(tool: str, path: str) -> list[tuple[str, str, dict[str, int]]]:
-    """(arch, mangled function, {REG, STACK, SHARED, LOCAL, ...}) for every kernel of every
-    cubin, from cuobjdump --dump-resource-usage."""
-    text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
-                          text=True, check=True).stdout
-    usage = []
-    arch = "?"
-    function = None
-    for line in text.splitlines():
-        found = re.match(r"\s*arch = (sm_\w+)", line)
-        if found:
-            arch = found.group(1)
-        found = re.match(r"\s*Function (\S+?):?\s*$", line)
-        if found:
-            function = found.group(1)
-            continue
-        if function and "REG:" in line:
-            fields = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
-            usage.append((arch, function, fields))
-            function = None
-    return usage
-
-
-def sass_functions(tool: str, path: str) -> dict[tuple[str, str], str]:
-    """{(arch, mangled function): its SASS} from cuobjdump -sass."""
-    text = subprocess.run([tool, "-sass", path], capture_output=True, text=True,
+def cuobjdump_functions(tool: str, path: str, option: str) -> dict[tuple[str, str], str]:
+    """{(arch, mangled function): its text} from `cuobjdump <option>`, whose output names each
+    cubin's arch ("arch = sm_90") and starts each function with "Function NAME:"
+    (--dump-resource-usage) or "Function : NAME" (-sass)."""
+    text = subprocess.run([tool, option, path], capture_output=True, text=True,
                           check=True).stdout
     functions: dict[tuple[str, str], str] = {}
     arch = "?"
@@ -140,14 +121,21 @@ def sass_functions(tool: str, path: str) -> dict[tuple[str, str], str]:
             arch = found.group(1)
             current = None
             continue
-        found = re.match(r"\s*Function : (\S+)", line)
+        found = re.match(r"\s*Function\s*:?\s*(\S+?):?\s*$", line)
         if found:
             current = (arch, found.group(1))
             functions[current] = ""
-            continue
-        if current is not None:
+        elif current is not None:
             functions[current] += line + "\n"
     return functions
+
+
+def resource_usage(tool: str, path: str) -> list[tuple[str, str, dict[str, int]]]:
+    """(arch, mangled function, {REG, STACK, SHARED, LOCAL, ...}) for every kernel of every
+    cubin, from cuobjdump --dump-resource-usage."""
+    return [(arch, name, {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", text)})
+            for (arch, name), text in cuobjdump_functions(tool, path,
+                                                          "--dump-resource-usage").items()]
 
 
 def register_kernel_failures(tool: str, path: str) -> list[str]:
@@ -156,7 +144,8 @@ def register_kernel_failures(tool: str, path: str) -> list[str]:
     usage = [(arch, name, fields) for arch, name, fields in resource_usage(tool, path)
              if "supcon_" in name]
     if not any(any(kernel in name for kernel in MMA_KERNELS) for _, name, _ in usage):
-        failures.append("no mma.sync kernel (supcon_*_mma_kernel) in the library")
+        failures.append("no mma.sync kernel (supcon_forward_tiled_kernel<MmaMultiply>, "
+                        "supcon_backward_mma_kernel) in the library")
     for arch, name, fields in usage:
         checked = any(kernel in name for kernel in MMA_KERNELS)
         print(f"  {arch} REG {fields.get('REG')} STACK {fields.get('STACK')} LOCAL "
@@ -165,7 +154,7 @@ def register_kernel_failures(tool: str, path: str) -> list[str]:
         if checked and (fields.get("STACK", 0) or fields.get("LOCAL", 0)):
             failures.append(f"{arch} {name} has a stack frame or local memory (spills): "
                             f"STACK {fields.get('STACK')}, LOCAL {fields.get('LOCAL')}")
-    for (arch, name), sass in sass_functions(tool, path).items():
+    for (arch, name), sass in cuobjdump_functions(tool, path, "-sass").items():
         if not any(kernel in name for kernel in MMA_KERNELS):
             continue
         missing = [op for op in MMA_INSTRUCTIONS if not re.search(rf"\b{op}\b", sass)]

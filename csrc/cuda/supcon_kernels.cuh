@@ -406,13 +406,13 @@ template <typename scalar_t>
 struct ScoreTileShape<scalar_t, Mma::Sync> {
   static constexpr int kRows = MmaTiles<scalar_t>::kRows;
   static constexpr int kCols = MmaTiles<scalar_t>::kCols;
-  static constexpr int kForwardBlocksPerSM = kMmaForwardBlocksPerSM;
+  static constexpr int kForwardBlocksPerSM = MmaMultiply<scalar_t>::kForwardBlocksPerSM;
 };
 template <typename scalar_t>
 struct ScoreTileShape<scalar_t, Mma::BlockedFma> {
   static constexpr int kRows = FmaTiles::kRows;
   static constexpr int kCols = FmaTiles::kCols;
-  static constexpr int kForwardBlocksPerSM = kMmaForwardBlocksPerSM;
+  static constexpr int kForwardBlocksPerSM = FmaMultiply::kForwardBlocksPerSM;
 };
 
 // Most column splits of the forward: their partial results take 3 * splits floats per row.
@@ -439,9 +439,9 @@ inline int64_t forward_column_splits(int64_t row_blocks, int64_t rows, int64_t t
 template <typename scalar_t, Mma kind>
 constexpr auto forward_kernel() {
   if constexpr (kind == Mma::Sync) {
-    return &supcon_forward_mma_kernel<scalar_t>;
+    return &supcon_forward_tiled_kernel<MmaMultiply<scalar_t>, scalar_t>;
   } else if constexpr (kind == Mma::BlockedFma) {
-    return &supcon_forward_fma_kernel;
+    return &supcon_forward_tiled_kernel<FmaMultiply, scalar_t>;
   } else {
     return &supcon_forward_kernel<scalar_t, kind>;
   }

@@ -191,6 +191,9 @@ struct MmaMultiply {
   static constexpr int kRowsPerThread = 2;
   static constexpr int kColsPerThread = 2 * Tiles::kColFragments;
   static constexpr int kRowLanes = 4;
+  // Two forward blocks per SM (128 registers per thread: the 32 score registers and the
+  // epilogue's fit without spilling; 64 spilled).
+  static constexpr int kForwardBlocksPerSM = 2;
   using Scores = float[Tiles::kColFragments][4];
 
   static __device__ __forceinline__ int row(int h) {
@@ -254,6 +257,8 @@ struct FmaMultiply {
   static constexpr int kRowsPerThread = 8;
   static constexpr int kColsPerThread = 8;
   static constexpr int kRowLanes = 16;
+  // One block per SM (up to 255 registers): the 64 scores and 16 operand vectors spill at 128.
+  static constexpr int kForwardBlocksPerSM = 1;
   using Scores = float[kRowsPerThread][kColsPerThread];
 
   static __device__ __forceinline__ int row(int h) { return threadIdx.x / 16 + 16 * h; }
@@ -494,38 +499,21 @@ __device__ __forceinline__ void forward_block(
   }
 }
 
-// Forward per (row block, column split) on mma.sync.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kMmaForwardBlocksPerSM)
-    supcon_forward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
-                              const int32_t* __restrict__ classes,
-                              const int32_t* __restrict__ positives,
-                              const int64_t* __restrict__ offsets,
-                              const int64_t* __restrict__ block_offsets, int64_t num_segments,
-                              float inv_temperature, bool prevalence, int64_t rows,
-                              int64_t num_splits, ForwardPartials<float> partials) {
+// Forward per (row block, column split): Multiply is MmaMultiply<scalar_t> (fp16/bf16, TF32) or
+// FmaMultiply (float32 without TF32; cp.async needs sm_80 too).
+template <typename Multiply, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, Multiply::kForwardBlocksPerSM)
+    supcon_forward_tiled_kernel(const scalar_t* __restrict__ z, int64_t dim,
+                                const int32_t* __restrict__ classes,
+                                const int32_t* __restrict__ positives,
+                                const int64_t* __restrict__ offsets,
+                                const int64_t* __restrict__ block_offsets,
+                                int64_t num_segments, float inv_temperature, bool prevalence,
+                                int64_t rows, int64_t num_splits,
+                                ForwardPartials<float> partials) {
 #if defined(MCSC_AMPERE_TENSOR_CORES)
-  forward_block<MmaMultiply<scalar_t>>(z, dim, classes, positives, offsets, block_offsets,
-                                       num_segments, inv_temperature, prevalence, rows,
-                                       num_splits, partials);
-#else
-  __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80
-#endif
-}
-
-// Forward per (row block, column split) for float32 without TF32: the same pipeline (cp.async
-// needs sm_80 too) with register-blocked FMA.
-__global__ void __launch_bounds__(kThreads, kMmaForwardBlocksPerSM)
-    supcon_forward_fma_kernel(const float* __restrict__ z, int64_t dim,
-                              const int32_t* __restrict__ classes,
-                              const int32_t* __restrict__ positives,
-                              const int64_t* __restrict__ offsets,
-                              const int64_t* __restrict__ block_offsets, int64_t num_segments,
-                              float inv_temperature, bool prevalence, int64_t rows,
-                              int64_t num_splits, ForwardPartials<float> partials) {
-#if defined(MCSC_AMPERE_TENSOR_CORES)
-  forward_block<FmaMultiply>(z, dim, classes, positives, offsets, block_offsets, num_segments,
-                             inv_temperature, prevalence, rows, num_splits, partials);
+  forward_block<Multiply>(z, dim, classes, positives, offsets, block_offsets, num_segments,
+                          inv_temperature, prevalence, rows, num_splits, partials);
 #else
   __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80
 #endif

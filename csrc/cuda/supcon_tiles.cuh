@@ -137,9 +137,6 @@ struct ForwardPartials {
 // float32 FMA instantiation would otherwise take 80 and fit three. The host sizes the column
 // splits by it.
 constexpr int kForwardBlocksPerSM = 4;
-// The same for the mma.sync forward (128 registers per thread: its 32 score registers and the
-// epilogue's fit without spilling).
-constexpr int kMmaForwardBlocksPerSM = 2;
 
 // What the backward's pair coefficient needs of one row, as anchor and as contrast: the class
 // id (kNoClass past a block's or segment's end), the two weights, a_i, b_i and lse_i (0 where
