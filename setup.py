@@ -1,8 +1,11 @@
 """Build the mcsc._C extension: the CPU kernels always, the CUDA kernels when CUDA is usable.
 
 Environment switches:
-  MCSC_FORCE_CUDA=1      compile the CUDA kernels even without a visible GPU (needs nvcc)
+  (default)              compile the CUDA kernels when torch is a CUDA build and nvcc is found
+                         (no GPU needed)
+  MCSC_FORCE_CUDA=1      compile them or fail, naming what is missing (nvcc, a CUDA torch)
   MCSC_FORCE_CUDA=0      never compile them (quick CPU-only builds)
+  CUDA_HOME / CUDA_PATH  the CUDA toolkit (default /usr/local/cuda, then torch's guess)
   TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0+PTX": A100, H100, PTX for newer)
   MCSC_CPU_ARCH=...      -march for the CPU kernels (default: the best of x86-64-v4 / v3 that
                          this machine runs; "none" for a generic build)
@@ -23,27 +26,55 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _find_cuda_home():
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
-                      cpp_extension.CUDA_HOME):
+    """The CUDA toolkit to build with: CUDA_HOME (or CUDA_PATH) when set, else the usual places."""
+    chosen = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [chosen] if chosen else ["/usr/local/cuda", cpp_extension.CUDA_HOME]
+    for candidate in candidates:
         if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
             return candidate
     return None
 
 
-def _build_cuda(cuda_home):
-    forced = os.environ.get("MCSC_FORCE_CUDA")
+# The CUDA kernels read PyTorch's TF32 switch through at::Float32Backend, new in torch 2.10.
+OLDEST_TORCH_FOR_CUDA = (2, 10)
+
+
+def _torch_release(version):
+    """(major, minor) of a torch version string such as "2.14.1+cu130"."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def cuda_decision(forced, torch_cuda_version, cuda_home, torch_version=None):
+    """Whether to compile the CUDA kernels, and why: (build, reason).
+
+    forced is MCSC_FORCE_CUDA ("1", "0" or None), torch_cuda_version is torch.version.cuda
+    (None for a CPU-only torch), cuda_home the toolkit found (None without nvcc) and
+    torch_version torch.__version__ (default: the running one).
+    MCSC_FORCE_CUDA=1 either builds the kernels or stops the install naming what is missing.
+    """
+    if forced not in (None, "", "0", "1"):
+        raise SystemExit(f"MCSC_FORCE_CUDA must be 1 or 0, not {forced!r}")
     if forced == "0":
         return False, "MCSC_FORCE_CUDA=0"
-    if torch.version.cuda is None:
-        return False, "this torch has no CUDA support"
+    torch_version = torch_version or torch.__version__
+    missing = []
+    if _torch_release(torch_version) < OLDEST_TORCH_FOR_CUDA:
+        missing.append("torch >= {}.{} (found {})".format(*OLDEST_TORCH_FOR_CUDA, torch_version))
+    if torch_cuda_version is None:
+        missing.append(f"a CUDA build of torch (torch {torch_version} is CPU-only)")
     if cuda_home is None:
-        return False, "nvcc not found (set CUDA_HOME)"
+        missing.append("nvcc (set CUDA_HOME to the CUDA toolkit that matches torch's CUDA "
+                       f"{torch_cuda_version})" if torch_cuda_version else "nvcc")
     if forced == "1":
+        if missing:
+            raise SystemExit("MCSC_FORCE_CUDA=1 but the CUDA kernels cannot be built: missing "
+                             + " and ".join(missing))
         return True, "MCSC_FORCE_CUDA=1"
-    if torch.cuda.is_available():
-        return True, "a GPU is visible"
-    # A CUDA build of torch plus nvcc can compile kernels without a GPU; do it by default so a
-    # wheel built on a GPU-less machine still works on a GPU.
+    if missing:
+        return False, "no " + " and no ".join(missing)
+    # A CUDA build of torch plus nvcc compiles kernels without a GPU; do it by default so a
+    # library built on a GPU-less machine still works on a GPU.
     return True, "CUDA torch and nvcc present"
 
 
@@ -74,7 +105,8 @@ def _cuda_library_headers():
 def main():
     debug = os.environ.get("DEBUG") == "1"
     cuda_home = _find_cuda_home()
-    with_cuda, why = _build_cuda(cuda_home)
+    with_cuda, why = cuda_decision(os.environ.get("MCSC_FORCE_CUDA"), torch.version.cuda,
+                                   cuda_home)
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
@@ -122,4 +154,5 @@ def main():
     )
 
 
-main()
+if __name__ == "__main__":
+    main()

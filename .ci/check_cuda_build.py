@@ -39,13 +39,14 @@ def elf_section(path: str, name: str) -> bytes:
         raise ValueError(f"{path} is not a 64-bit little-endian ELF file")
     (section_offset,) = struct.unpack_from("<Q", data, 0x28)
     entry_size, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQ", data, section_offset + i * entry_size)
-                for i in range(count)]
+    sections = [
+        struct.unpack_from("<IIQQQQ", data, section_offset + i * entry_size) for i in range(count)
+    ]
     names_offset = sections[names_index][4]
     for name_offset, _, _, _, offset, size in sections:
         start = names_offset + name_offset
-        if data[start:data.index(b"\0", start)].decode() == name:
-            return data[offset:offset + size]
+        if data[start : data.index(b"\0", start)].decode() == name:
+            return data[offset : offset + size]
     return b""
 
 
@@ -78,20 +79,25 @@ def fatbin_entries(section: bytes) -> list[tuple[str, int]]:
 def find_cuobjdump() -> str | None:
     """CUDA_HOME's or PATH's cuobjdump, else the one in triton's wheel (which the CUDA build of
     torch installs)."""
-    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                               "cuobjdump"), shutil.which("cuobjdump")]
+    candidates = [
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+        shutil.which("cuobjdump"),
+    ]
     try:
         import triton
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
-                                       "bin", "cuobjdump"))
+
+        candidates.append(
+            os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        )
     except ImportError:
         pass
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
 def cuobjdump_cubin_archs(tool: str, path: str) -> set[int]:
-    listing = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        [tool, "--list-elf", path], capture_output=True, text=True, check=True
+    ).stdout
     # Names like supcon_cuda.sm_90.cubin or .sm_90a.cubin (arch-specific variants count as 90).
     return {int(sm) for sm in re.findall(r"\.sm_(\d+)[a-z]?\.cubin", listing)}
 
@@ -110,8 +116,7 @@ def cuobjdump_functions(tool: str, path: str, option: str) -> dict[tuple[str, st
     """{(arch, mangled function): its text} from `cuobjdump <option>`, whose output names each
     cubin's arch ("arch = sm_90") and starts each function with "Function NAME:"
     (--dump-resource-usage) or "Function : NAME" (-sass)."""
-    text = subprocess.run([tool, option, path], capture_output=True, text=True,
-                          check=True).stdout
+    text = subprocess.run([tool, option, path], capture_output=True, text=True, check=True).stdout
     functions: dict[tuple[str, str], str] = {}
     arch = "?"
     current = None
@@ -133,27 +138,37 @@ def cuobjdump_functions(tool: str, path: str, option: str) -> dict[tuple[str, st
 def resource_usage(tool: str, path: str) -> list[tuple[str, str, dict[str, int]]]:
     """(arch, mangled function, {REG, STACK, SHARED, LOCAL, ...}) for every kernel of every
     cubin, from cuobjdump --dump-resource-usage."""
-    return [(arch, name, {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", text)})
-            for (arch, name), text in cuobjdump_functions(tool, path,
-                                                          "--dump-resource-usage").items()]
+    return [
+        (arch, name, {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", text)})
+        for (arch, name), text in cuobjdump_functions(tool, path, "--dump-resource-usage").items()
+    ]
 
 
 def register_kernel_failures(tool: str, path: str) -> list[str]:
     """What is wrong with the mma.sync kernels' resources and instructions."""
     failures = []
-    usage = [(arch, name, fields) for arch, name, fields in resource_usage(tool, path)
-             if "supcon_" in name]
+    usage = [
+        (arch, name, fields)
+        for arch, name, fields in resource_usage(tool, path)
+        if "supcon_" in name
+    ]
     if not any(any(kernel in name for kernel in MMA_KERNELS) for _, name, _ in usage):
-        failures.append("no mma.sync kernel (supcon_forward_tiled_kernel<MmaMultiply>, "
-                        "supcon_backward_mma_kernel) in the library")
+        failures.append(
+            "no mma.sync kernel (supcon_forward_tiled_kernel<MmaMultiply>, "
+            "supcon_backward_mma_kernel) in the library"
+        )
     for arch, name, fields in usage:
         checked = any(kernel in name for kernel in MMA_KERNELS)
-        print(f"  {arch} REG {fields.get('REG')} STACK {fields.get('STACK')} LOCAL "
-              f"{fields.get('LOCAL')} SHARED {fields.get('SHARED')} {'' if checked else '(not checked) '}"
-              f"{name}")
+        print(
+            f"  {arch} REG {fields.get('REG')} STACK {fields.get('STACK')} LOCAL "
+            f"{fields.get('LOCAL')} SHARED {fields.get('SHARED')} {'' if checked else '(not checked) '}"
+            f"{name}"
+        )
         if checked and (fields.get("STACK", 0) or fields.get("LOCAL", 0)):
-            failures.append(f"{arch} {name} has a stack frame or local memory (spills): "
-                            f"STACK {fields.get('STACK')}, LOCAL {fields.get('LOCAL')}")
+            failures.append(
+                f"{arch} {name} has a stack frame or local memory (spills): "
+                f"STACK {fields.get('STACK')}, LOCAL {fields.get('LOCAL')}"
+            )
     for (arch, name), sass in cuobjdump_functions(tool, path, "-sass").items():
         if not any(kernel in name for kernel in MMA_KERNELS):
             continue
@@ -165,8 +180,9 @@ def register_kernel_failures(tool: str, path: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, action="append",
-                        help="SM numbers that need a cubin (default: 90)")
+    parser.add_argument(
+        "--arch", type=int, action="append", help="SM numbers that need a cubin (default: 90)"
+    )
     required = set(parser.parse_args().arch or [90])
     failures = []
 
@@ -178,8 +194,10 @@ def main() -> int:
     import torch
 
     if getattr(_C, "with_cuda", 0) != 1:
-        failures.append("mcsc._C was compiled without CUDA (mcsc._C.with_cuda != 1); build with "
-                        "a CUDA torch and nvcc, or MCSC_FORCE_CUDA=1")
+        failures.append(
+            "mcsc._C was compiled without CUDA (mcsc._C.with_cuda != 1); build with "
+            "a CUDA torch and nvcc, or MCSC_FORCE_CUDA=1"
+        )
     for op in ("mcsc::supcon_forward", "mcsc::supcon_backward"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
             failures.append(f"{op} has no kernel for the CUDA dispatch key")
@@ -191,25 +209,33 @@ def main() -> int:
     print(f"{library}: cubin sm {sorted(cubins)}, ptx compute {sorted(ptx)}")
     missing = required - cubins
     if missing:
-        failures.append(f"{library} lacks machine code for sm {sorted(missing)} "
-                        f"(TORCH_CUDA_ARCH_LIST must include them)")
+        failures.append(
+            f"{library} lacks machine code for sm {sorted(missing)} "
+            f"(TORCH_CUDA_ARCH_LIST must include them)"
+        )
     tool = find_cuobjdump()
     if tool is None:
-        failures.append("no cuobjdump found (CUDA_HOME/bin, PATH or triton's wheel): the "
-                        "kernels' registers and instructions cannot be checked")
+        failures.append(
+            "no cuobjdump found (CUDA_HOME/bin, PATH or triton's wheel): the "
+            "kernels' registers and instructions cannot be checked"
+        )
     else:
         cross_check = cuobjdump_cubin_archs(tool, library)
         if cross_check != cubins:
-            failures.append(f"cuobjdump lists cubins for sm {sorted(cross_check)} but the "
-                            f"fatbin headers say {sorted(cubins)}")
+            failures.append(
+                f"cuobjdump lists cubins for sm {sorted(cross_check)} but the "
+                f"fatbin headers say {sorted(cubins)}"
+            )
         print("kernel resources (cuobjdump --dump-resource-usage):")
         failures += register_kernel_failures(tool, library)
 
     for failure in failures:
         print(f"FAIL: {failure}")
     if not failures:
-        print("OK: mcsc._C has CUDA kernels registered and sm "
-              f"{', '.join(str(sm) for sm in sorted(required))} machine code")
+        print(
+            "OK: mcsc._C has CUDA kernels registered and sm "
+            f"{', '.join(str(sm) for sm in sorted(required))} machine code"
+        )
     return 1 if failures else 0
 
 

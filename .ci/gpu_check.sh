@@ -14,8 +14,9 @@
 #               determinism, TF32 switch, gradcheck, torch.compile, opcheck)
 #   memcheck    compute-sanitizer on tests/sanitizer_case.py: one small varlen forward and
 #               backward per multiply path, checked against the reference
-#   bench       benchmarks/run.py --device cuda --targets: the issue-3 targets (targets.csv,
-#               targets.json and table.md in OUT_DIR/bench)
+#   bench       benchmarks/run.py --device cuda --targets: the GPU targets with fused, flex,
+#               dense, compiled and gemm in one run (targets.csv, targets.md, targets.json and
+#               table.md in OUT_DIR/bench); its targets table is printed again last
 #   racecheck, synccheck, initcheck
 #               compute-sanitizer's other tools on the same case
 # The exit status is the number of failed or skipped steps.
@@ -62,8 +63,9 @@ step tests 240 "$python" -m pytest tests/test_cuda.py -q -rs --tb=short --durati
     -p no:cacheprovider
 case=(--error-exitcode 1 "$python" tests/sanitizer_case.py)
 step memcheck 90 compute-sanitizer --tool memcheck "${case[@]}"
-step bench 150 "$python" benchmarks/run.py --device cuda --targets --out "$out/bench"
+step bench 300 "$python" benchmarks/run.py --device cuda --targets --out "$out/bench"
 step racecheck 150 compute-sanitizer --tool racecheck "${case[@]}"
 step synccheck 90 compute-sanitizer --tool synccheck "${case[@]}"
 step initcheck 90 compute-sanitizer --tool initcheck "${case[@]}"
+[ -f "$out/bench/targets.md" ] && cat "$out/bench/targets.md"
 exit "$failures"

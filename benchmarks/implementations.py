@@ -23,6 +23,12 @@ positive, over all segments); ``bounds`` is the Python list of segment offsets `
   ours and its gradient equals ours projected on the tangent space of the unit sphere).
 * ``compiled`` -- ``torch.compile`` (default settings, Inductor) of the dense per-block function,
   where it compiles.
+* ``flex``     -- the loss through FlexAttention (``torch.compile(flex_attention)``), the strongest
+  thing a GPU user can write in plain PyTorch: ``score_mod`` adds log w_i(y_j), the block mask
+  removes the diagonal, ignored rows and other segments, the returned log-sum-exp is the
+  log-denominator (differentiable), and the positive term comes from class sums as in the op.
+  GPU only: torch has no FlexAttention backward on the CPU (its CPU forward, uncompiled, serves
+  the value tests).
 * ``gemm``     -- not a loss: one ``z_s @ z_s.T`` per segment, the physical reference.
 """
 
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +44,15 @@ import torch.nn.functional as F
 from mcsc import supcon_loss
 
 IGNORE_INDEX = -1
-LOSS_IMPLS = ("fused", "dense", "tiled", "pml", "compiled")
+LOSS_IMPLS = ("fused", "dense", "tiled", "pml", "compiled", "flex")
+COMPILED_IMPLS = ("compiled", "flex")  # torch.compile: the first call at a shape compiles
 ALL_IMPLS = ("gemm",) + LOSS_IMPLS
 
 
 # ----------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------
+
 
 def class_probabilities(num_classes: int) -> torch.Tensor:
     """Segmentation-like imbalance: background holds 60 %, the rest decays like 1/k."""
@@ -54,13 +63,22 @@ def class_probabilities(num_classes: int) -> torch.Tensor:
     return torch.cat([torch.tensor([0.6], dtype=torch.float64), rest])
 
 
-def make_inputs(n: int, d: int, num_classes: int, *, seed: int = 0, dtype=torch.float32,
-                device="cpu", ignore_fraction: float = 0.0):
+def make_inputs(
+    n: int,
+    d: int,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    dtype=torch.float32,
+    device="cpu",
+    ignore_fraction: float = 0.0,
+):
     """L2-normalised random embeddings (N, D) and imbalanced int64 labels (N,)."""
     generator = torch.Generator().manual_seed(seed)
     z = F.normalize(torch.randn(n, d, generator=generator, dtype=torch.float64), dim=1)
-    y = torch.multinomial(class_probabilities(num_classes), n, replacement=True,
-                          generator=generator)
+    y = torch.multinomial(
+        class_probabilities(num_classes), n, replacement=True, generator=generator
+    )
     if ignore_fraction > 0:
         ignored = torch.rand(n, generator=generator) < ignore_fraction
         y = torch.where(ignored, torch.full_like(y, IGNORE_INDEX), y)
@@ -74,6 +92,15 @@ def segment_bounds(sizes: list[int]) -> list[int]:
     return bounds
 
 
+def warmup_sizes(sizes: list[int]) -> list[int]:
+    """The segments an untimed first call runs: all of them when there are at most 2, else the
+    first two and the last if it differs (enough to initialise libraries, thread pools and
+    compiled code for every block shape of the workload)."""
+    if len(sizes) <= 2:
+        return list(sizes)
+    return [sizes[0], sizes[1]] + ([sizes[-1]] if sizes[-1] != sizes[0] else [])
+
+
 def training_step_sizes(blocks: int = 100) -> list[int]:
     """One step of the public MCSC code: ``blocks`` groups of 3610 rows (10 x 19 x 19) at the
     224^2 scale plus one group of 1960 rows (10 x 14 x 14) at the 28^2 scale."""
@@ -84,20 +111,27 @@ def training_step_sizes(blocks: int = 100) -> list[int]:
 # fused
 # ----------------------------------------------------------------------------------------------
 
+
 def fused(z, y, bounds, temperature, weighting):
     segments = None
     if len(bounds) > 2:
         segments = torch.tensor(bounds, dtype=torch.int64, device=z.device)
-    return supcon_loss(z, y, temperature=temperature, segments=segments, weighting=weighting,
-                       ignore_index=IGNORE_INDEX)
+    return supcon_loss(
+        z,
+        y,
+        temperature=temperature,
+        segments=segments,
+        weighting=weighting,
+        ignore_index=IGNORE_INDEX,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # dense: the public formula, N x N tensors
 # ----------------------------------------------------------------------------------------------
 
-def dense_block(z, y, temperature: float, prevalence: bool, num_classes: int,
-                has_ignored: bool):
+
+def dense_block(z, y, temperature: float, prevalence: bool, num_classes: int, has_ignored: bool):
     """Sum of per-anchor losses and number of anchors of one block, public-code style.
 
     Python-level arguments only (no data-dependent control flow), so ``torch.compile`` can
@@ -138,8 +172,9 @@ def _block_loop(block_fn, z, y, bounds, temperature, weighting):
     for start, stop in zip(bounds[:-1], bounds[1:]):
         if stop <= start:
             continue
-        block_sum, block_anchors = block_fn(z[start:stop], y[start:stop], temperature,
-                                            prevalence, num_classes, has_ignored)
+        block_sum, block_anchors = block_fn(
+            z[start:stop], y[start:stop], temperature, prevalence, num_classes, has_ignored
+        )
         total = total + block_sum
         anchors = anchors + block_anchors
     if isinstance(anchors, int):
@@ -151,22 +186,41 @@ def dense(z, y, bounds, temperature, weighting):
     return _block_loop(dense_block, z, y, bounds, temperature, weighting)
 
 
-_COMPILED_BLOCK = None
+_COMPILE_BACKEND = {"name": "inductor"}
+_COMPILED = {}
+
+
+def set_compile_backend(backend: str) -> None:
+    """The ``torch.compile`` backend of ``compiled`` and ``flex``: ``"inductor"`` (what users
+    run, the default) or ``"eager"`` (Dynamo traces the code but generates none: a dry run checks
+    every code path in seconds instead of minutes of code generation)."""
+    _COMPILE_BACKEND["name"] = backend
+    _COMPILED.clear()
+
+
+def compiled_function(function, dynamic: bool | None = None):
+    """``torch.compile(function, dynamic=dynamic)`` with the current backend, once per process.
+
+    ``dynamic=None`` (torch's default): static shapes first, automatic dynamic shapes after the
+    first recompilation for a new size; ``False``: a static compilation for every shape.
+    """
+    if (function, dynamic) not in _COMPILED:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED[(function, dynamic)] = torch.compile(
+            function, dynamic=dynamic, backend=_COMPILE_BACKEND["name"]
+        )
+    return _COMPILED[(function, dynamic)]
 
 
 def compiled(z, y, bounds, temperature, weighting):
-    global _COMPILED_BLOCK
-    if _COMPILED_BLOCK is None:
-        # default settings, as a user writes it: static shapes first, automatic dynamic shapes
-        # after the first recompilation for a new size
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED_BLOCK = torch.compile(dense_block)
-    return _block_loop(_COMPILED_BLOCK, z, y, bounds, temperature, weighting)
+    # default settings, as a user writes it
+    return _block_loop(compiled_function(dense_block), z, y, bounds, temperature, weighting)
 
 
 # ----------------------------------------------------------------------------------------------
 # tiled: chunked, memory-lean, unfused
 # ----------------------------------------------------------------------------------------------
+
 
 def tile_rows(n: int, budget_elements: int = 1 << 22) -> int:
     """Rows per chunk so that one (B x n) buffer holds about 4 Mi elements (16 MiB in fp32)."""
@@ -195,8 +249,9 @@ class _Segment:
         n = self.z.shape[0]
         if prevalence:
             weights = (1.0 / counts.clamp(min=1)).expand(n, num_classes).clone()
-            weights[torch.arange(n, device=z.device), classes] = 1.0 / (
-                counts[classes] - 1).clamp(min=1)
+            weights[torch.arange(n, device=z.device), classes] = 1.0 / (counts[classes] - 1).clamp(
+                min=1
+            )
         else:
             weights = torch.ones(n, num_classes, dtype=z.dtype, device=z.device)
         self.weights = weights
@@ -271,8 +326,7 @@ class TiledSupCon(torch.autograd.Function):
         for start, stop in zip(ctx.bounds[:-1], ctx.bounds[1:]):
             if stop <= start:
                 continue
-            seg = _Segment(z, y, start, stop, ctx.num_classes, ctx.prevalence,
-                           ctx.temperature)
+            seg = _Segment(z, y, start, stop, ctx.num_classes, ctx.prevalence, ctx.temperature)
             n = seg.z.shape[0]
             if n == 0:
                 continue
@@ -297,23 +351,132 @@ class TiledSupCon(torch.autograd.Function):
                         dz[r0:r1].addmm_(block, seg.z[c0:c1], alpha=inv_t)
                         dz[c0:c1].addmm_(block.T, zr)
                     else:
-                        w = seg.weights[r0:r1, c:c + 1]
+                        w = seg.weights[r0:r1, c : c + 1]
                         dz[r0:r1].addcmul_(w, block @ seg.z[c0:c1], value=inv_t)
                         dz[c0:c1].addmm_(block.T, zr * w)
             b = (a / seg.positives.clamp(min=1)).unsqueeze(1)
             weighted_class_sums = torch.zeros_like(seg.class_sums).index_add_(
-                0, seg.classes, b * seg.z)
-            dz.sub_((b * (seg.class_sums[seg.classes] - 2.0 * seg.z)
-                     + weighted_class_sums[seg.classes]) * inv_t)
+                0, seg.classes, b * seg.z
+            )
+            dz.sub_(
+                (b * (seg.class_sums[seg.classes] - 2.0 * seg.z) + weighted_class_sums[seg.classes])
+                * inv_t
+            )
             grad_z[seg.rows] = dz
         return grad_z, None, None, None, None, None
 
 
 def tiled(z, y, bounds, temperature, weighting):
     num_classes = int(y.max()) + 1 if y.numel() else 1
-    losses, anchor = TiledSupCon.apply(z, y, bounds, temperature, weighting == "prevalence",
-                                       num_classes)
+    losses, anchor = TiledSupCon.apply(
+        z, y, bounds, temperature, weighting == "prevalence", num_classes
+    )
     return losses.sum() / anchor.sum().clamp(min=1).to(z.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# flex: FlexAttention, the GPU user's peer
+# ----------------------------------------------------------------------------------------------
+
+
+def flex_loss(z, y, bounds, temperature, weighting, *, attention, build_block_mask):
+    """The loss through FlexAttention: ``attention`` is ``flex_attention`` (or a compiled
+    version), ``build_block_mask`` is ``create_block_mask`` (or a compiled version).
+
+    One (1, 1, N, D) "query" that is also the "key"; the log-sum-exp FlexAttention returns for
+    every row is the log-denominator log sum_j w_i(y_j) exp(s_ij). Everything that depends on
+    the labels (tables, block mask) is rebuilt on every call, as a training step must.
+    """
+    from torch.nn.attention import flex_attention as flex_module
+
+    n, d = z.shape
+    device = z.device
+    sizes = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=device)
+    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes, output_size=n)
+    num_classes = int(y.max()) + 1 if y.numel() else 1
+    valid = y != IGNORE_INDEX
+    group = segment * num_classes + y.clamp(min=0)  # (segment, class) of every row
+    counts = torch.zeros(len(sizes) * num_classes, device=device).index_add_(
+        0, group, valid.float()
+    )
+    row_counts = counts[group]  # n_{y_i} in the row's segment
+    positives = row_counts - 1
+    anchor = valid & (positives > 0)
+
+    def mask_mod(batch, head, row, column):
+        # Rows that are not anchors keep only their diagonal: their log-sum-exp is never used,
+        # and a row with no entry at all gives -inf, which backward would have to survive.
+        pair = valid[column] & (segment[row] == segment[column]) & (row != column)
+        return (anchor[row] & pair) | (~anchor[row] & (row == column))
+
+    score_mod = None
+    if weighting == "prevalence":
+        # log w_i(y_j) = -log(n_{y_j} - [y_j == y_i]); the clamp only guards masked pairs
+        log_other = torch.log(row_counts.clamp(min=1))
+        log_same = torch.log(positives.clamp(min=1))
+
+        def score_mod(score, batch, head, row, column):
+            same = y[row] == y[column]
+            return score - torch.where(same, log_same[column], log_other[column])
+
+    block_mask = build_block_mask(mask_mod, None, None, n, n, device=device)
+    query = z.view(1, 1, n, d)
+    # FlexAttention's GPU kernels need head dimensions >= 16, the values' too: the output is
+    # never used, so the values are 16 columns of zeros
+    values = z.new_zeros(1, 1, n, 16)
+    options = dict(score_mod=score_mod, block_mask=block_mask, scale=1.0 / temperature)
+    if hasattr(flex_module, "AuxRequest"):
+        _, aux = attention(
+            query, query, values, **options, return_aux=flex_module.AuxRequest(lse=True)
+        )
+        lse = aux.lse.view(n)
+    else:  # torch < 2.9 returns the log-sum-exp through the older flag
+        _, lse = attention(query, query, values, **options, return_lse=True)
+        lse = lse.view(n)
+    # positive term from class sums: sum_{p in P(i)} s_ip = z_i . (S_{y_i} - z_i) / t
+    features = z.float()
+    class_sums = torch.zeros(len(sizes) * num_classes, d, device=device).index_add_(
+        0, group, features * valid.unsqueeze(1)
+    )
+    positive_sum = (features * (class_sums[group] - features)).sum(1) / temperature
+    per_anchor = torch.where(
+        anchor, lse - positive_sum / positives.clamp(min=1), torch.zeros_like(lse)
+    )
+    return (per_anchor.sum() / anchor.sum().clamp(min=1)).to(z.dtype)
+
+
+def flex_functions(device_type: str):
+    """``(attention, build_block_mask)`` as ``flex`` runs them on ``device_type``.
+
+    On the GPU, as a user runs them: ``torch.compile`` of ``flex_attention`` and of
+    ``create_block_mask`` (which otherwise materialises the N x N mask), with static shapes as
+    FlexAttention's examples compile them (kernels specialised to the size, one compilation per
+    size). On the CPU both uncompiled, forward only: torch's compiled CPU FlexAttention returns
+    no log-sum-exp.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if device_type == "cpu":
+        return flex_attention, create_block_mask
+    return (
+        compiled_function(flex_attention, dynamic=False),
+        compiled_function(create_block_mask, dynamic=False),
+    )
+
+
+def flex(z, y, bounds, temperature, weighting):
+    attention, build_block_mask = flex_functions(z.device.type)
+    with warnings.catch_warnings():  # uncompiled on the CPU on purpose
+        warnings.filterwarnings("ignore", message="flex_attention called without")
+        return flex_loss(
+            z,
+            y,
+            bounds,
+            temperature,
+            weighting,
+            attention=attention,
+            build_block_mask=build_block_mask,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +491,7 @@ def pml(z, y, bounds, temperature, weighting):
         raise ValueError("pytorch-metric-learning's SupConLoss has no prevalence weighting")
     if temperature not in _PML_LOSS:
         from pytorch_metric_learning.losses import SupConLoss
+
         _PML_LOSS[temperature] = SupConLoss(temperature=temperature)
     loss_fn = _PML_LOSS[temperature]
     if len(bounds) == 2:
@@ -348,6 +512,7 @@ def pml(z, y, bounds, temperature, weighting):
 # gemm reference
 # ----------------------------------------------------------------------------------------------
 
+
 def gemm(z, bounds):
     out = None
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -362,6 +527,7 @@ IMPLEMENTATIONS = {
     "tiled": tiled,
     "pml": pml,
     "compiled": compiled,
+    "flex": flex,
 }
 
 
@@ -371,13 +537,21 @@ def supports(impl: str, weighting: str, has_ignored: bool) -> bool:
     return True
 
 
+def unavailable(impl: str, device: str) -> str:
+    """Why ``impl`` cannot run forward and backward on ``device`` ('' when it can)."""
+    if impl == "flex" and torch.device(device).type == "cpu":
+        return "FlexAttention has no backward on the CPU"
+    return ""
+
+
 # (saved per block until backward, transient at the peak) in units of n_block^2 elements,
 # calibrated on measured CPU peaks with a margin (dense: 4.5 saved, 9 at the peak of one block)
 _SQUARE_FACTORS = {"dense": (5, 10), "pml": (8, 12), "compiled": (2, 6), "gemm": (0, 1)}
 
 
-def estimated_extra_bytes(impl: str, sizes: list[int], d: int, itemsize: int,
-                          blockwise: bool = False) -> int:
+def estimated_extra_bytes(
+    impl: str, sizes: list[int], d: int, itemsize: int, blockwise: bool = False
+) -> int:
     """Rough peak extra memory of a fwd+bwd call, used to skip sizes that cannot fit.
 
     ``blockwise``: the N x N implementations run backward after every block (gradient
@@ -391,6 +565,9 @@ def estimated_extra_bytes(impl: str, sizes: list[int], d: int, itemsize: int,
         return (saved * others + peak * n_max * n_max) * itemsize + 4 * linear
     if impl == "tiled":
         return 4 * (1 << 22) * itemsize + 6 * linear
+    if impl == "flex":  # float32 copies of the features, and the block mask's indices
+        blocks = -(-sum(sizes) // 128)
+        return 6 * linear + 3 * sum(sizes) * d * 4 + 16 * blocks * blocks
     return 6 * linear  # fused: O(N D)
 
 
@@ -412,8 +589,9 @@ def blockwise_fwd_bwd(impl: str, z, y, bounds, temperature, weighting, sync=lamb
     block gets its own leaf (``z[a:b].detach().requires_grad_()``) so autograd does not build a
     full-size gradient per block."""
     anchors = max(count_anchors(y, bounds), 1)
-    block_share = [count_anchors(y[a:b], [0, b - a]) / anchors
-                   for a, b in zip(bounds[:-1], bounds[1:])]
+    block_share = [
+        count_anchors(y[a:b], [0, b - a]) / anchors for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     fn = IMPLEMENTATIONS[impl]
     grad = torch.zeros_like(z)
     total = 0.0

@@ -1,8 +1,9 @@
 """Peak extra memory of one loss call (forward, backward, forward+backward).
 
-CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
-allocated just before the phase (inputs, and for ``bwd`` the state saved by the forward, are not
-counted; the gradient and the loss are).
+CUDA (:class:`CudaPeaks`, read during the timed calls themselves):
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory allocated
+just before the phase (inputs, and for ``bwd`` the state saved by the forward, are not counted;
+the gradient and the loss are).
 
 CPU: torch's CPU allocator has no peak counter, and much of what an op allocates (MKL / oneDNN
 workspaces, a C++ kernel's scratch) never passes through it, so we measure the operating system's
@@ -24,7 +25,8 @@ they cost memory). ``gemm`` (whose only allocation is the N x N fp32 output) is 
 way as a sanity check: it reads ``N^2 * 4`` bytes.
 
 The worker runs the jobs given to it one after another (one implementation, increasing sizes);
-each job has its own warm-up, trim and baseline.
+each job has its own warm-up, trim and baseline. It imports the same ``mcsc`` as the process that
+starts it, and reports which one it imported.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import ctypes
 import gc
 import json
 import os
+import site
 import subprocess
 import sys
 import time
@@ -47,6 +50,18 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def meminfo_bytes(field: str) -> float:
+    """A field of /proc/meminfo ("MemTotal", "MemAvailable") in bytes; inf where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float("inf")
 
 
 def _reset_peak() -> None:
@@ -83,31 +98,35 @@ def measure_cpu_in_process(run_forward, run_backward, single: str | None = None)
     return result
 
 
-def measure_cuda(run_forward, run_backward, single: str | None = None) -> dict:
-    import torch
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = run_forward()
-    torch.cuda.synchronize()
-    fwd_peak = torch.cuda.max_memory_allocated()
-    result = {single or "fwd": (fwd_peak - base) / MIB}
-    if single:
-        del out
-        return result
-    after_fwd = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run_backward(out)
-    torch.cuda.synchronize()
-    bwd_peak = torch.cuda.max_memory_allocated()
-    result["bwd"] = (bwd_peak - after_fwd) / MIB
-    result["fwd+bwd"] = (max(fwd_peak, bwd_peak) - base) / MIB
-    del out
-    return result
+class CudaPeaks:
+    """Peak extra CUDA memory (MiB) of the phases of one call, measured around the call itself.
+
+    Create it just before the call (after synchronising); call :meth:`end` with the phase's
+    mode after each phase has synchronised. One phase gives that mode alone; two phases (``fwd``
+    then ``bwd``) also give ``fwd+bwd``, the highest point of both over the memory before the
+    call.
+    """
+
+    def __init__(self):
+        import torch
+
+        self._cuda = torch.cuda
+        self._base = self._phase_start = self._cuda.memory_allocated()
+        self._highest = self._base
+        self.peaks: dict[str, float] = {}
+        self._cuda.reset_peak_memory_stats()
+
+    def end(self, mode: str) -> None:
+        peak = self._cuda.max_memory_allocated()
+        self.peaks[mode] = (peak - self._phase_start) / MIB
+        self._highest = max(self._highest, peak)
+        if len(self.peaks) == 2:
+            self.peaks["fwd+bwd"] = (self._highest - self._base) / MIB
+        self._phase_start = self._cuda.memory_allocated()
+        self._cuda.reset_peak_memory_stats()
 
 
-def make_phase_functions(impl: str, z, y, bounds, temperature, weighting,
-                         blockwise: bool = False):
+def make_phase_functions(impl: str, z, y, bounds, temperature, weighting, blockwise: bool = False):
     """(run_forward, run_backward, single_phase) closures for one implementation;
     ``single_phase`` names the mode of a call measured as one phase ("fwd" for gemm)."""
     import implementations as impls
@@ -115,9 +134,11 @@ def make_phase_functions(impl: str, z, y, bounds, temperature, weighting,
     if impl == "gemm":
         return (lambda: impls.gemm(z, bounds)), None, "fwd"
     if blockwise:  # forward and backward interleave: one phase, reported as fwd+bwd
+
         def run_all():
             z.grad = None
             impls.blockwise_fwd_bwd(impl, z, y, bounds, temperature, weighting)
+
         return run_all, None, "fwd+bwd"
     fn = impls.IMPLEMENTATIONS[impl]
 
@@ -132,27 +153,32 @@ def make_phase_functions(impl: str, z, y, bounds, temperature, weighting,
 
 
 def run_job(job: dict) -> dict:
-    """Build the inputs of one job, warm up, measure on the job's device."""
-    import torch
+    """Build the inputs of one job, warm up, measure (CPU)."""
     import implementations as impls
+    import torch
 
     dtype = getattr(torch, job["dtype"])
     sizes = job["sizes"]
     bounds = impls.segment_bounds(sizes)
-    z, y = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype, device=job["device"],
-                             seed=job.get("seed", 0))
+    z, y = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype, seed=job.get("seed", 0))
     z.requires_grad_(True)
     blockwise = job.get("blockwise", False)
     run_forward, run_backward, single = make_phase_functions(
-        job["impl"], z, y, bounds, job["temperature"], job["weighting"], blockwise)
+        job["impl"], z, y, bounds, job["temperature"], job["weighting"], blockwise
+    )
     if len(bounds) > 3:  # warm up on the first blocks (and the last, odd-sized one)
-        sizes = [sizes[0], sizes[1]] + ([sizes[-1]] if sizes[-1] != sizes[0] else [])
-        wz, wy = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype,
-                                   device=job["device"], seed=1)
+        sizes = impls.warmup_sizes(sizes)
+        wz, wy = impls.make_inputs(sum(sizes), job["D"], job["C"], dtype=dtype, seed=1)
         wz.requires_grad_(True)
         warm_fwd, warm_bwd, _ = make_phase_functions(
-            job["impl"], wz, wy, impls.segment_bounds(sizes), job["temperature"],
-            job["weighting"], blockwise)
+            job["impl"],
+            wz,
+            wy,
+            impls.segment_bounds(sizes),
+            job["temperature"],
+            job["weighting"],
+            blockwise,
+        )
     else:
         warm_fwd, warm_bwd = run_forward, run_backward
     warm = warm_fwd()
@@ -162,38 +188,61 @@ def run_job(job: dict) -> dict:
     z.grad = None
     if len(bounds) > 3:
         del wz, wy, warm_fwd, warm_bwd
-    if job["device"] == "cuda":
-        return measure_cuda(run_forward, run_backward, single)
     return measure_cpu_in_process(run_forward, run_backward, single)
 
 
-def measure_cpu_jobs(jobs: list[dict], timeout: float = 1800.0) -> list[dict]:
-    """Run ``jobs`` in one fresh worker process; returns one dict (or {"error": ...}) per job."""
+def child_pythonpath(package_parent: str) -> str:
+    """PYTHONPATH for a worker that must import the ``mcsc`` found in ``package_parent``: this
+    folder (for ``implementations``), then ``package_parent`` unless it is a site directory the
+    worker searches anyway, then the caller's PYTHONPATH."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    site_dirs = set(site.getsitepackages()) | {site.getusersitepackages()}
+    paths = [here] + ([package_parent] if package_parent not in site_dirs else [])
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(paths)
+
+
+def measure_cpu_jobs(jobs: list[dict], package_parent: str, timeout: float = 1800.0) -> list[dict]:
+    """Run ``jobs`` in one fresh worker process that imports the ``mcsc`` package found in
+    ``package_parent``; returns one dict (or {"error": ...}) per job, each with the ``package``
+    directory and ``backend`` the worker ran."""
     env = dict(os.environ)
     env.update(MALLOC_ENV)
     env["PYTHONWARNINGS"] = "ignore"
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [here, os.path.dirname(here)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = child_pythonpath(package_parent)
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(jobs)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), json.dumps(jobs)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return [{"error": "memory worker timed out"} for _ in jobs]
     results = []
     for line in proc.stdout.splitlines():
         if line.startswith("MEMJSON "):
-            results.append(json.loads(line[len("MEMJSON "):]))
+            results.append(json.loads(line[len("MEMJSON ") :]))
     if len(results) < len(jobs):
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-        results += [{"error": f"memory worker failed: {tail[0]}"}
-                    for _ in range(len(jobs) - len(results))]
+        results += [
+            {"error": f"memory worker failed: {tail[0]}"} for _ in range(len(jobs) - len(results))
+        ]
     return results
 
 
 def _worker(jobs: list[dict]) -> None:
     import torch
+
+    import mcsc
+
     torch.set_num_threads(jobs[0].get("threads", torch.get_num_threads()))
+    imported = {
+        "package": os.path.dirname(os.path.abspath(mcsc.__file__)),
+        "backend": mcsc.backend("cpu"),
+    }
     for job in jobs:
         started = time.perf_counter()
         try:
@@ -201,6 +250,7 @@ def _worker(jobs: list[dict]) -> None:
         except Exception as error:  # report, keep going with the next job
             result = {"error": f"{type(error).__name__}: {error}"[:300]}
         result["seconds"] = time.perf_counter() - started
+        result.update(imported)
         _trim()
         print("MEMJSON " + json.dumps(result), flush=True)
 

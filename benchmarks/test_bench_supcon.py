@@ -1,33 +1,23 @@
 """pytest-benchmark cases for the main comparisons (not part of the unit tests).
 
-    PYTHONPATH=. pytest benchmarks/ [--benchmark-only] [--benchmark-compare]
+    pytest benchmarks/ [--benchmark-only] [--benchmark-compare] [--allow-reference]
 
 ``pytest`` alone runs ``tests/`` only (``testpaths`` in pyproject.toml); these cases run when
 ``benchmarks/`` is named. Each case times one forward+backward of the loss (or one GEMM) on the
 CPU; ``benchmarks/run.py`` is the full harness (interleaved rounds, ratios, peak memory, plots).
-Timings are never asserted; only value agreement is.
+Timings are never asserted; only value agreement is. They time the installed ``mcsc`` (pytest
+puts only this folder on ``sys.path``; ``python -m pytest`` would add the current directory),
+and ``conftest.py`` refuses the dense fallback unless ``--allow-reference`` is given.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-import warnings
 
 import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-for path in (HERE, os.path.dirname(HERE)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-warnings.filterwarnings("ignore", message="mcsc: ")
-
-import torch  # noqa: E402
-
 import implementations as impls  # noqa: E402
+import torch  # noqa: E402
 
 N, D, C = 2048, 128, 4
 TEMPERATURE = 0.1
@@ -46,19 +36,28 @@ def _fwd_bwd(name, z, y, bounds, weighting):
     return loss
 
 
-@pytest.mark.parametrize("name,weighting", [
-    ("fused", "prevalence"), ("dense", "prevalence"), ("tiled", "prevalence"),
-    ("compiled", "prevalence"), ("fused", "none"), ("pml", "none"),
-])
+@pytest.mark.parametrize(
+    "name,weighting",
+    [
+        ("fused", "prevalence"),
+        ("dense", "prevalence"),
+        ("tiled", "prevalence"),
+        ("compiled", "prevalence"),
+        ("fused", "none"),
+        ("pml", "none"),
+    ],
+)
 def test_fwd_bwd(benchmark, inputs, name, weighting):
     z, y = inputs
     bounds = [0, N]
     benchmark.group = f"fwd+bwd N={N} D={D} C={C} {weighting}"
-    benchmark.extra_info.update(N=N, D=D, C=C, weighting=weighting, mode="fwd+bwd",
-                                threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        N=N, D=D, C=C, weighting=weighting, mode="fwd+bwd", threads=torch.get_num_threads()
+    )
     ref = float(_fwd_bwd("fused", z, y, bounds, weighting))
-    loss = benchmark.pedantic(_fwd_bwd, args=(name, z, y, bounds, weighting), rounds=5,
-                              iterations=1, warmup_rounds=1)
+    loss = benchmark.pedantic(
+        _fwd_bwd, args=(name, z, y, bounds, weighting), rounds=5, iterations=1, warmup_rounds=1
+    )
     assert abs(float(loss) - ref) <= 1e-4 * abs(ref)
 
 
@@ -66,8 +65,7 @@ def test_gemm(benchmark, inputs):
     z, _ = inputs
     benchmark.group = f"fwd+bwd N={N} D={D} C={C} prevalence"
     with torch.no_grad():
-        benchmark.pedantic(impls.gemm, args=(z, [0, N]), rounds=5, iterations=1,
-                           warmup_rounds=1)
+        benchmark.pedantic(impls.gemm, args=(z, [0, N]), rounds=5, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("name", ["fused", "dense"])
@@ -80,5 +78,6 @@ def test_training_step(benchmark, name):
     z.requires_grad_(True)
     benchmark.group = "training step 4x3610+1x1960"
     benchmark.extra_info.update(segments="4x3610+1x1960", mode="fwd+bwd")
-    benchmark.pedantic(_fwd_bwd, args=(name, z, y, bounds, "prevalence"), rounds=3,
-                       iterations=1, warmup_rounds=1)
+    benchmark.pedantic(
+        _fwd_bwd, args=(name, z, y, bounds, "prevalence"), rounds=3, iterations=1, warmup_rounds=1
+    )

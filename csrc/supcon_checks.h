@@ -1,8 +1,11 @@
-// Shape, dtype and device checks of the mcsc ops, shared by the CPU and CUDA kernels.
+// Shape, dtype and device checks of the mcsc ops, shared by the CPU and CUDA kernels, and the
+// dtype rules both follow.
 //
-// A safety net only: mcsc.ops.validate_inputs checks every argument (values included) with
-// Python errors that name it before the op runs; this catches direct calls of torch.ops.mcsc
-// with wrong shapes, dtypes or devices before a kernel could read out of bounds.
+// In eager mode mcsc.ops.validate_inputs checks every argument (values included) with Python
+// errors that name it before the op runs. These checks catch direct calls of torch.ops.mcsc
+// with wrong shapes, dtypes or devices before a kernel could read out of bounds; the CPU kernels
+// also check values (supcon_cpu.cpp), which keeps calls under torch.compile, where the Python
+// value checks cannot run, as safe as eager ones.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,6 +17,21 @@
 #include <limits>
 
 namespace mcsc {
+
+// The dtype of lse and of every sum: float64 for float64 features, float32 for the others.
+inline at::ScalarType accumulation_dtype(const at::Tensor& features) {
+  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The largest max_i |z_i|^2 / temperature the kernels accept, for sums in acc_t: 2^-10 / eps
+// (8192 for float32, 4.4e12 for float64). lse_i is stored rounded to acc_t, an absolute error of
+// up to eps |lse_i| / 2 that every exp(s_ij - lse_i) of the backward inherits, so the gradient's
+// relative error grows as about 0.4 eps max_i |z_i|^2 / t; within this limit it stays below 1e-3
+// (and every result stays finite: they overflow only about 10^5 times further out).
+template <typename acc_t>
+constexpr acc_t similarity_limit() {
+  return acc_t(1.0 / 1024) / std::numeric_limits<acc_t>::epsilon();
+}
 
 inline void check_op_inputs(const at::Tensor& features, const at::Tensor& labels,
                             const at::Tensor& segments, c10::DeviceType device_type,
@@ -49,12 +67,6 @@ inline void check_row_tensor(const at::Tensor& tensor, const at::Tensor& feature
               " must have shape (N,) = (", features.size(0), ",)");
 }
 
-// The dtype the kernels accumulate in, and of lse: float64 for float64 features, float32 for
-// float32, float16 and bfloat16 ones.
-inline at::ScalarType accumulation_dtype(const at::Tensor& features) {
-  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The backward's extra inputs: one value per row each; lse in the accumulation dtype and
 // positives as int32, as the forward returns them.
 inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& features,
@@ -66,8 +78,8 @@ inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor&
   check_row_tensor(grad_loss, features, "grad_loss");
   check_row_tensor(lse, features, "lse");
   check_row_tensor(positives, features, "positives");
-  const at::ScalarType accumulation = accumulation_dtype(features);
-  TORCH_CHECK(lse.scalar_type() == accumulation, "mcsc: lse must be ", accumulation);
+  TORCH_CHECK(lse.scalar_type() == accumulation_dtype(features), "mcsc: lse must be ",
+              accumulation_dtype(features));
   TORCH_CHECK(positives.scalar_type() == at::kInt, "mcsc: positives must be int32");
 }
 

@@ -1,10 +1,24 @@
 """mcsc: Multi-Scale Cross Supervised Contrastive learning for semi-supervised segmentation.
 
-The core is a fused C++/CUDA operator for the pixel supervised contrastive loss with
-class-prevalence weights: ``from mcsc import supcon_loss``.
+The core is a fused C++/CUDA operator for the supervised contrastive loss with
+class-prevalence weights; it never builds the N x N similarity matrix. Use it as
+
+* :func:`supcon_loss` — the functional op: (N, D) features, (N,) labels, optional segments;
+* :class:`SupConLoss` — the same as an ``nn.Module`` for (N, D) embeddings (the signature of
+  pytorch-metric-learning's ``SupConLoss``, optional L2 normalisation);
+* :class:`PixelContrastiveLoss` — for any segmentation network: (B, D, h, w) embedding maps
+  (one per scale) and (B, H, W) labels, with pixel samplers;
+* :func:`backend` — which implementation runs on a device (compiled or the reference).
+
+``import mcsc`` and these losses need torch (and numpy) alone. The method's trainer lives in
+subpackages that need the training extras: ``mcsc.models`` (U-Net, Swin-UNet, projection
+heads), ``mcsc.data``, ``mcsc.training``, ``mcsc.evaluation``; ``mcsc.losses`` also holds the
+method's ``MultiScaleContrastiveLoss`` and segmentation losses.
 """
 
+from mcsc.losses.pixel import PixelContrastiveLoss
+from mcsc.losses.supcon import SupConLoss
 from mcsc.ops import backend, supcon_loss
 
 __version__ = "0.1.0"
-__all__ = ["supcon_loss", "backend", "__version__"]
+__all__ = ["supcon_loss", "SupConLoss", "PixelContrastiveLoss", "backend", "__version__"]

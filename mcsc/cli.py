@@ -14,22 +14,26 @@ DESCRIPTION = "Semi-supervised medical image segmentation with MCSC (U-Net + Swi
 
 
 def _parser() -> argparse.ArgumentParser:
-    from mcsc.training.config import DATASETS, METHODS
+    from mcsc.training.config import DATASETS, METHODS, RECIPES
 
     parser = argparse.ArgumentParser(prog="mcsc", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
         "train", help="train a U-Net and a Swin-UNet together, then test",
-        description="Train (without --data: the built-in synthetic dataset and the CPU demo "
-                    "configuration), then evaluate the best checkpoint on the test split.")
+        description="Train (without --data: the built-in synthetic dataset and the small recipe "
+                    "of the CPU demo), then evaluate the best checkpoint on the test split.")
     train.add_argument("--data", help="dataset folder (ACDC, Synapse or NIfTI layout)")
     train.add_argument("--dataset", choices=DATASETS,
                        help="dataset format (inferred from the folder where possible)")
+    train.add_argument("--recipe", choices=RECIPES,
+                       help="networks and schedule: paper (224x224, 40k iterations, for a GPU) or "
+                            "small (the CPU demo's); default paper for a dataset folder, small "
+                            "for the synthetic data")
     train.add_argument("--labeled", type=int, help="number of labelled cases (patients/volumes)")
     train.add_argument("--method", choices=METHODS, help="training method (default mcsc)")
     train.add_argument("--iterations", type=int, help="training iterations")
-    train.add_argument("--config", help="YAML file overriding the dataset's preset")
+    train.add_argument("--config", help="YAML file overriding the recipe and dataset defaults")
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     train.add_argument("--seed", type=int, help="training seed")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -67,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def resolve_train_config(args: argparse.Namespace):
-    """The resolved :class:`Config` of ``mcsc train`` (preset, then --config, then flags)."""
+    """The resolved :class:`Config` of ``mcsc train`` (recipe and dataset, then --config, then flags)."""
     from mcsc.data import infer_dataset
     from mcsc.training.checkpoint import load_checkpoint
     from mcsc.training.config import Config, load_yaml, preset
@@ -86,7 +90,8 @@ def resolve_train_config(args: argparse.Namespace):
         or file_values.get("data", {}).get("dataset")
         or (infer_dataset(args.data) if args.data else "synthetic")
     )
-    config = preset(dataset)
+    config = preset(dataset, args.recipe or file_values.get("recipe"))
+    file_values = {key: value for key, value in file_values.items() if key != "recipe"}
     config.update(file_values, args.config or "configuration")
     config.data.dataset = dataset
     if args.data is not None:
@@ -106,15 +111,21 @@ def resolve_train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mcsc.training.distributed import destroy_distributed
-    from mcsc.training.trainer import Trainer
+    from mcsc.training.distributed import destroy_distributed, init_distributed
+    from mcsc.training.trainer import NonFiniteLossError, Trainer
 
     latest = Path(args.out) / "checkpoints" / "latest.pt"
     if not args.resume and latest.exists():
         raise ValueError(f"{latest} exists: pass --resume to continue, or use another --out")
     config = resolve_train_config(args)
+    # this command owns the process group of a torchrun job: it starts and ends it
+    context = init_distributed(config.train.device)
     try:
-        summary = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress).fit()
+        summary = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress,
+                          context=context).fit()
+    except NonFiniteLossError as error:  # the run diverged: not a usage error (status 2)
+        print(f"mcsc: error: {error}", file=sys.stderr)
+        return 3
     finally:
         destroy_distributed()
     if not summary:  # a rank > 0 of a torchrun job: rank 0 reports
@@ -128,7 +139,8 @@ def _load_trained(checkpoint: str, device_name: str):
     """(config, models on device, device) rebuilt from a checkpoint."""
     from mcsc.training.checkpoint import load_checkpoint
     from mcsc.training.config import Config
-    from mcsc.training.trainer import build_models, resolve_device
+    from mcsc.training.distributed import resolve_device
+    from mcsc.training.trainer import build_models
 
     state = load_checkpoint(checkpoint)
     config = Config.from_dict(state["config"], checkpoint)
@@ -223,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     Bad data, configuration or paths print ``mcsc: error: <message naming the file>`` and
     return 2.
     """
+    from mcsc.dependencies import training_packages_problem
+
+    problem = training_packages_problem()
+    if problem:
+        print(f"mcsc: error: {problem}", file=sys.stderr)
+        return 2
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -2,11 +2,12 @@
 
 This is the ground truth for the tests and the fallback when the compiled extension cannot be
 loaded. It materialises the (n x n) similarity matrix of every segment, so it is only meant for
-small inputs. The semantics are those of DESIGN.md section 3; ``mcsc.ops.supcon_loss`` documents
-them for users.
+small inputs. ``mcsc.ops.supcon_loss`` documents the loss it computes.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -37,7 +38,7 @@ def supcon_per_anchor_reference(
     loss = features.new_zeros(n)
     positives = torch.full((n,), -1, dtype=torch.int64, device=features.device)
     bounds = segments.tolist()
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         if stop <= start:
             continue
         loss[start:stop], positives[start:stop] = _segment_losses(

@@ -134,3 +134,74 @@ def test_python_dash_m_entry_point(tmp_path):
     for flag in ("--data", "--dataset", "--labeled", "--method", "--iterations", "--config",
                  "--device", "--resume", "--out"):
         assert flag in result.stdout
+
+
+def test_recipe_flag_and_config_key_work_with_any_dataset(tmp_path):
+    from mcsc.cli import _parser, resolve_train_config
+
+    def resolve(*flags):
+        return resolve_train_config(_parser().parse_args(["train", *flags, "--out", str(tmp_path / "run")]))
+
+    demo = resolve()
+    assert demo.recipe == "small" and demo.data.dataset == "synthetic" and demo.data.patch_size == 64
+    paper = resolve("--recipe", "paper")
+    assert paper.recipe == "paper" and paper.data.dataset == "synthetic" and paper.data.patch_size == 224
+    root = make_nifti(tmp_path / "nii", cases=5)
+    small = resolve("--data", str(root), "--recipe", "small")
+    assert small.data.dataset == "nifti" and small.train.iterations == 600 and small.data.labeled is None
+    from_file = tmp_path / "paper.yaml"
+    from_file.write_text(yaml.safe_dump({"recipe": "paper", "train": {"iterations": 7}}))
+    config = resolve("--config", str(from_file))
+    assert config.recipe == "paper" and config.model.swin_embed_dim == 96 and config.train.iterations == 7
+    config = resolve("--config", str(from_file), "--recipe", "small")  # the flag wins
+    assert config.recipe == "small" and config.model.swin_embed_dim == 24 and config.train.iterations == 7
+    from_file.write_text(yaml.safe_dump({"recipe": "big"}))
+    assert main(["train", "--config", str(from_file), "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_the_gpu_training_check_runs_on_a_cpu_at_tiny_sizes(tmp_path):
+    """.ci/gpu_train_check.sh as the GPU runs it, on the CPU with tiny networks: no typo can
+    fail the GPU run."""
+    import csv
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, MCSC_TRAIN_CHECK_DEVICE="cpu", MCSC_TRAIN_CHECK_ITERATIONS="2",
+               MCSC_TRAIN_CHECK_STEPS="1", MCSC_TRAIN_CHECK_CONFIG=str(tiny_yaml(tmp_path)), OMP_NUM_THREADS="1")
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(root / ".ci" / "gpu_train_check.sh"), str(out)], env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    for name in ("train", "evaluate", "predict", "step"):
+        assert f"{name}: ok" in summary, summary
+    assert "iterations/s" in summary and "| blocks-dense |" in summary
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["case_101.nii.gz", "case_102.nii.gz"]
+    with open(out / "step" / "training_step.csv") as file:
+        rows = {row["variant"]: row for row in csv.DictReader(file)}
+    assert set(rows) == {"no-contrastive", "blocks", "balanced", "all", "blocks-dense"}
+    assert rows["blocks-dense"]["loss"] == "dense" and rows["blocks"]["loss"] == "fused"
+    assert all(float(row["median_step_ms"]) > 0 for row in rows.values())
+    assert rows["no-contrastive"]["contrastive_share"] == "" and rows["all"]["contrastive_share"] != ""
+
+
+def test_a_nan_loss_stops_mcsc_train_with_status_3(tmp_path, monkeypatch, capsys):
+    import math
+
+    from mcsc.training.trainer import Trainer
+
+    contrastive_loss = Trainer.contrastive_loss
+
+    def nan_from_iteration_1(self, cnn_out, swin_out, labels, cnn_logits, swin_logits, iteration,
+                             layout=None):
+        loss = contrastive_loss(self, cnn_out, swin_out, labels, cnn_logits, swin_logits,
+                                iteration, layout)
+        return loss * math.nan if iteration >= 1 else loss
+
+    monkeypatch.setattr(Trainer, "contrastive_loss", nan_from_iteration_1)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(tiny_yaml(tmp_path)), "--device", "cpu", "--no-progress",
+                 "--out", str(out)]) == 3
+    error = capsys.readouterr().err
+    assert "mcsc: error: iteration 2: the loss term contrast = nan" in error
+    assert "no checkpoint was written yet" in error and not (out / "checkpoints" / "latest.pt").exists()

@@ -3,18 +3,27 @@
 import json
 
 import h5py
+import nibabel as nib
 import numpy as np
 import pytest
 
 from mcsc.data import DataError, SliceDataset, TwoStreamBatchSampler, build_data, infer_dataset
 from mcsc.data.acdc import build_acdc, prepare_acdc
 from mcsc.data.nifti import build_nifti
+from mcsc.data.synapse import CLASS_NAMES as SYNAPSE_CLASSES
 from mcsc.data.synapse import build_synapse
 from mcsc.data.synthetic import build_synthetic, make_case
 from mcsc.data.transforms import augment, normalise_volume
-from mcsc.training.config import SYNAPSE_CLASSES, preset
+from mcsc.training.config import preset
 
-from mcsc_fixtures import make_acdc, make_nifti, make_raw_acdc, make_synapse
+from mcsc_fixtures import (
+    make_acdc,
+    make_nifti,
+    make_raw_acdc,
+    make_synapse,
+    tiny_config,
+    write_nifti,
+)
 
 
 def test_synthetic_is_deterministic_imbalanced_and_split():
@@ -158,6 +167,155 @@ def test_build_data_fills_the_config():
     assert config.split == bundle.split
 
 
+# ------------------------------------------------------------------ images without labels
+
+
+def write_image(path, depth=4, seed=0):
+    """A (16, 16, depth) NIfTI image with no label."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.random.default_rng(seed).normal(50, 10, (16, 16, depth)).astype(np.float32)
+    write_nifti(path, image)
+
+
+def slices_of(bundle, case):
+    return [i for i, name in enumerate(bundle.train.cases) if name == case]
+
+
+def test_images_without_labels_are_unlabelled_training_cases(tmp_path):
+    nii = make_nifti(tmp_path / "nii", cases=6)
+    (nii / "labelsTr" / "case_005.nii.gz").unlink()
+    write_image(nii / "imagesUnlabelled" / "extra_000.nii.gz", depth=3)
+    bundle = build_nifti(nii, labelled=2, seed=0)
+    split = bundle.split
+    assert split["unlabelled"] == ["case_005", "extra_000"]
+    scored = split["train"] + split["val"] + split["test"]
+    assert sorted(scored) == [f"case_{c:03d}" for c in range(5)]  # validation and test: labelled
+    assert bundle.labelled_cases == split["train"][:2]  # the labelled count applies to labels
+    unlabelled = set(bundle.unlabelled_indices())
+    for case, depth in (("case_005", 4), ("extra_000", 3)):
+        indices = slices_of(bundle, case)
+        assert len(indices) == depth and set(indices) <= unlabelled
+        image, label = bundle.train.get(indices[0])
+        assert image.shape == (16, 16) and not label.any()
+    assert len(bundle.train) == 4 * len(split["train"]) + 4 + 3
+    assert bundle.describe() == (
+        f"nifti data: 2 labelled and {len(split['train'])} unlabelled training cases (2 of them "
+        f"images without labels), {len(split['val'])} validation and {len(split['test'])} test "
+        f"cases"
+    )
+    # unset labelled count: with real unlabelled images every case with a label is labelled
+    assert build_nifti(nii, labelled=None, seed=0).labelled_cases == split["train"]
+    with pytest.raises(DataError, match=f"{len(split['train']) + 1} labelled cases asked for"):
+        build_nifti(nii, labelled=len(split["train"]) + 1, seed=0)
+
+
+def test_dataset_json_lists_unlabelled_images(tmp_path):
+    nii = make_nifti(tmp_path / "nii", cases=5)
+    (nii / "labelsTr" / "case_004.nii.gz").unlink()
+    write_image(nii / "imagesTs" / "test_000.nii.gz")
+    write_image(nii / "other" / "more_000.nii.gz")
+    document = json.loads((nii / "dataset.json").read_text())
+    document["training"] = [
+        {"image": f"./imagesTr/case_{c:03d}.nii.gz", "label": f"./labelsTr/case_{c:03d}.nii.gz"}
+        for c in range(4)
+    ] + [{"image": "./imagesTr/case_004.nii.gz"}]
+    document["test"] = ["./imagesTs/test_000.nii.gz"]  # the Decathlon's images without labels
+    document["unlabelled"] = [{"image": "other/more_000.nii.gz"}]
+    (nii / "dataset.json").write_text(json.dumps(document))
+    bundle = build_nifti(nii, labelled=1, seed=0)
+    assert bundle.split["unlabelled"] == ["case_004", "more_000", "test_000"]
+    assert bundle.class_names == ["background", "alpha", "beta", "gamma"]
+    document["test"].append("./imagesTs/test_001.nii.gz")
+    (nii / "dataset.json").write_text(json.dumps(document))
+    with pytest.raises(DataError, match=r"imagesTs/test_001\.nii\.gz: listed in .*dataset\.json"):
+        build_nifti(nii, labelled=1, seed=0)
+
+
+def test_dataset_json_label_elsewhere_pairs_an_image(tmp_path):
+    nii = make_nifti(tmp_path / "nii", cases=4)
+    (nii / "labelsTr" / "case_003.nii.gz").rename(nii / "case_003_label.nii.gz")
+    document = json.loads((nii / "dataset.json").read_text())
+    document["training"] = [{"image": "imagesTr/case_003.nii.gz", "label": "case_003_label.nii.gz"}]
+    (nii / "dataset.json").write_text(json.dumps(document))
+    bundle = build_nifti(nii, labelled=1, seed=0)
+    assert bundle.split["unlabelled"] == []
+    assert any("case_003" in names for names in bundle.split.values())
+    document["training"][0]["label"] = "absent.nii.gz"
+    (nii / "dataset.json").write_text(json.dumps(document))
+    with pytest.raises(DataError, match="absent.nii.gz: listed in"):
+        build_nifti(nii, labelled=1, seed=0)
+
+
+def test_channel_suffixed_files_with_and_without_labels(tmp_path):
+    nii = make_nifti(tmp_path / "nii", cases=4, dataset_json=False)
+    for path in sorted((nii / "imagesTr").iterdir()):
+        image = nib.load(str(path)).get_fdata().astype(np.float32)
+        stem = path.name.removesuffix(".nii.gz")
+        write_nifti(path.with_name(f"{stem}_0000.nii.gz"), image)
+        write_nifti(path.with_name(f"{stem}_0001.nii.gz"), -image)
+        path.unlink()
+    write_image(nii / "imagesUnlabelled" / "scan_000_0001.nii.gz")
+    write_image(nii / "imagesUnlabelled" / "scan_000_0000.nii.gz", seed=1)
+    bundle = build_nifti(nii, labelled=1, seed=0, channel=1)
+    assert bundle.split["unlabelled"] == ["scan_000"] and bundle.num_classes == 4
+    (nii / "imagesUnlabelled" / "scan_000_0001.nii.gz").unlink()
+    with pytest.raises(DataError, match="scan_000_0000.nii.gz: case scan_000 has no channel 1"):
+        build_nifti(nii, labelled=1, seed=0, channel=1)
+
+
+def test_labels_without_images_and_clashing_names_are_named(tmp_path):
+    nii = make_nifti(tmp_path / "nii", cases=3)
+    for path in (nii / "imagesTr").iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match="imagesTr: no images, but .*labelsTr holds 3 labels"):
+        build_nifti(nii, labelled=1, seed=0)
+    only_images = tmp_path / "only_images"
+    write_image(only_images / "imagesUnlabelled" / "a.nii.gz")
+    assert infer_dataset(only_images) == "nifti"
+    with pytest.raises(DataError, match="labelsTr: no NIfTI label files found"):
+        build_nifti(only_images, labelled=None, seed=0)
+    nii = make_nifti(tmp_path / "clash", cases=4)
+    write_image(nii / "imagesUnlabelled" / "case_001.nii.gz")
+    with pytest.raises(DataError, match=r"imagesUnlabelled/case_001.nii.gz: case name case_001 is "
+                                        r"also the name of .*imagesTr/case_001.nii.gz"):
+        build_nifti(nii, labelled=1, seed=0)
+
+
+def test_saved_split_keeps_its_unlabelled_cases(tmp_path):
+    nii = make_nifti(tmp_path / "nii", cases=5)
+    write_image(nii / "imagesUnlabelled" / "extra_000.nii.gz")
+    split = build_nifti(nii, labelled=1, seed=0).split
+    write_image(nii / "imagesUnlabelled" / "extra_001.nii.gz")  # added after the run started
+    again = build_nifti(nii, labelled=1, seed=0, split=split)
+    assert again.split == split and "extra_001" not in again.train.cases
+    old = {part: names for part, names in split.items() if part != "unlabelled"}
+    assert build_nifti(nii, labelled=1, seed=0, split=old).split["unlabelled"] == [
+        "extra_000", "extra_001"
+    ]
+    (nii / "labelsTr" / f"{split['test'][0]}.nii.gz").unlink()
+    case = split["test"][0]
+    with pytest.raises(DataError, match=f"case {case} of the saved test split has no label"):
+        build_nifti(nii, labelled=1, seed=0, split=split)
+
+
+def test_training_start_prints_the_counts_and_saves_the_unlabelled_cases(tmp_path, capsys):
+    from mcsc.training.trainer import Trainer
+
+    nii = make_nifti(tmp_path / "nii", cases=5)
+    write_image(nii / "imagesUnlabelled" / "extra_000.nii.gz")
+    config = tiny_config()
+    config.data.dataset, config.data.path, config.data.labeled = "nifti", str(nii), 1
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.setup()
+    assert "nifti data: 1 labelled and 3 unlabelled training cases (1 of them images without " \
+           "labels), 1 validation and 1 test cases" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert saved["unlabelled"] == ["extra_000"] and config.data.split == saved
+    extra = set(slices_of(trainer.data, "extra_000"))
+    drawn = {index for batch in trainer.sampler for index, _ in batch}
+    assert extra & drawn  # the sampler draws the slices of the image without a label
+
+
 # ------------------------------------------------------------------ bad data
 
 
@@ -191,6 +349,18 @@ def test_shape_mismatch_is_named(tmp_path):
         f["image"], f["label"] = np.zeros((16, 16)), np.zeros((16, 15), np.uint8)
     with pytest.raises(DataError, match="patient001_frame01_slice_0.h5.*shape"):
         build_acdc(root, labelled=1)
+
+
+def test_bad_spacing_is_named(tmp_path):
+    root = make_acdc(tmp_path / "acdc")
+    path = root / "data" / "patient004_frame01.h5"
+    for spacing in ([1.0, 2.0], [1.0, -1.0, 1.0], [np.nan, 1.0, 1.0]):
+        with h5py.File(path, "a") as f:
+            if "spacing" in f:
+                del f["spacing"]
+            f["spacing"] = np.array(spacing)
+        with pytest.raises(DataError, match="patient004_frame01.h5: spacing must be"):
+            build_acdc(root, labelled=1)
 
 
 def test_label_above_num_classes_is_named(tmp_path):
@@ -229,8 +399,8 @@ def test_empty_or_unknown_folders(tmp_path):
 def test_missing_image_for_label_and_too_many_labelled(tmp_path):
     nii = make_nifti(tmp_path / "nii")
     (nii / "imagesTr" / "case_001.nii.gz").unlink()
-    with pytest.raises(DataError, match="case_001.nii.gz: no matching image"):
+    with pytest.raises(DataError, match="case_001.nii.gz: a label without its image"):
         build_nifti(nii, labelled=1, seed=0)
     root = make_acdc(tmp_path / "acdc")
-    with pytest.raises(DataError, match="--labeled 9"):
+    with pytest.raises(DataError, match="9 labelled cases asked for: ACDC .* has 2 training cases"):
         build_acdc(root, labelled=9)

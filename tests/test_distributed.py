@@ -20,9 +20,10 @@ import torch.multiprocessing as mp
 
 from mcsc.data.distributed_sampling import ShardedTwoStreamBatchSampler
 from mcsc.data.sampling import TwoStreamBatchSampler
-from mcsc.losses import MultiScaleContrastiveLoss, cross_teaching_loss, supervised_loss
+from mcsc.losses import MultiScaleContrastiveLoss
 from mcsc.models import SwinUNet, UNet, build_projection_heads, feature_index
 from mcsc.training import distributed as mdist
+from mcsc.training.trainer import method_losses
 
 WORLD = 2
 SPAWN_TIMEOUT = 240  # seconds for the whole 2-process run (a shared 2-core machine is slow)
@@ -85,26 +86,24 @@ def train_step(context: mdist.DistributedContext, sampler: str = "blocks") -> di
 
     cnn_out, swin_out = forward["cnn"](images), forward["swin"](images)
     cnn_logits, swin_logits, all_labels, all_lab = cnn_out.logits, swin_out.logits, labels, lab
+    layout = None
     if context.enabled:
         layout = mdist.batch_layout(images.shape[0], lab)
         cnn_logits, swin_logits = mdist.gather_batch(cnn_logits, layout), mdist.gather_batch(swin_logits, layout)
         all_labels, all_lab = mdist.gather_batch(labels, layout), layout.total_labelled
-    sup = supervised_loss(cnn_logits[:all_lab], all_labels[:all_lab], CLASSES) \
-        + supervised_loss(swin_logits[:all_lab], all_labels[:all_lab], CLASSES)
-    ct = cross_teaching_loss(cnn_logits[all_lab:], swin_logits[all_lab:]) \
-        + cross_teaching_loss(swin_logits[all_lab:], cnn_logits[all_lab:])
     cnn_emb, swin_emb = forward["heads"](
         [cnn_out.features[feature_index(models["cnn"], s)] for s in STRIDES],
         [swin_out.features[feature_index(models["swin"], s)] for s in STRIDES])
-    con, diagnostics = contrastive(cnn_emb, swin_emb, labels[:lab], cnn_out.logits, swin_out.logits, lab)
-    total = sup + 0.3 * ct + 0.5 * con
+    con = contrastive(cnn_emb, swin_emb, all_labels[:all_lab], cnn_logits, swin_logits, all_lab, layout=layout)
+    terms = method_losses(cnn_logits, swin_logits, all_labels, all_lab, CLASSES, cross_teaching_weight=0.3,
+                          contrastive=con, contrastive_weight=0.5)  # the trainer's composition
     optimizer.zero_grad()
-    total.backward()
+    terms["loss"].backward()
     grads = {f"{n}.{k}": p.grad.clone() for n, m in models.items() for k, p in m.named_parameters()}
     optimizer.step()
     return {
-        "losses": {name: float(v.detach()) for name, v in (("sup", sup), ("ct", ct), ("con", con), ("total", total))},
-        "rows": diagnostics["rows"],
+        "losses": {name: float(v.detach()) for name, v in terms.items()},
+        "rows": contrastive.diagnostics.rows,
         "grads": grads,
         "state": {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()},
     }
@@ -122,13 +121,16 @@ def contrastive_only(context: mdist.DistributedContext, sampler: str, use_unlabe
     mine = local_indices(context.rank, context.world_size)
     cnn = [m[mine].requires_grad_() for m in maps]
     swin = [m[mine].requires_grad_() for m in swin_maps]
-    lab = LABELLED // context.world_size
+    layout = mdist.batch_layout(len(mine), LABELLED // context.world_size)
+    # the global batch in the single-process order, as gather_batch gives it
+    everyone = [i for r in range(context.world_size) for i in local_indices(r, context.world_size)]
+    global_images = torch.tensor(everyone)[layout.global_order()]
     loss = mdist.DistributedContrastiveLoss(MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(4, 4),
                                                                       pixels_per_class=8, seed=3))
-    value, diagnostics = loss(cnn, swin, labels[mine][:lab], logits[0][mine], logits[1][mine], lab,
-                              use_unlabelled=use_unlabelled)
+    value = loss(cnn, swin, labels[global_images][:LABELLED], logits[0][global_images], logits[1][global_images],
+                 LABELLED, use_unlabelled=use_unlabelled, layout=layout)
     value.backward()
-    return {"loss": float(value.detach()), "rows": diagnostics["rows"], "indices": mine,
+    return {"loss": float(value.detach()), "rows": loss.diagnostics.rows, "indices": mine,
             "grads": [t.grad for t in cnn + swin]}
 
 
@@ -226,7 +228,7 @@ def test_ranks_agree_on_the_context_and_metrics(ranks):
 
 def test_one_ddp_step_equals_one_process_on_the_global_batch(ranks):
     single = train_step(mdist.DistributedContext())
-    assert single["rows"] > 0 and single["losses"]["con"] > 0
+    assert single["rows"] > 0 and single["losses"]["contrast"] > 0
     for r in ranks:
         step = r["step"]
         assert step["rows"] == single["rows"]
@@ -272,6 +274,7 @@ def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    mdist.init_distributed("cpu", timeout_minutes=3)  # the caller owns the process group
     try:
         Trainer(tiny_config("mcsc", iterations=5), Path(out) / "straight", progress=False).fit()
         try:

@@ -5,10 +5,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
-import mcsc.losses.contrastive as contrastive
-from mcsc.losses import (DiceLoss, MultiScaleContrastiveLoss, balanced_rows, block_rows, cross_teaching_loss,
-                         sigmoid_rampup, supervised_loss)
+from mcsc.losses import (
+    DiceLoss,
+    MultiScaleContrastiveLoss,
+    balanced_rows,
+    block_rows,
+    cross_teaching_loss,
+    pixel,
+    sigmoid_rampup,
+    supervised_loss,
+)
 
 C = 3
 
@@ -45,18 +53,25 @@ def make_batch(seed=0, batch=4, labelled=2, sizes=(36, 12), dim=8, size=36):
     return cnn, swin, labels, cnn_logits, swin_logits
 
 
+def zoom_labels(labels, size):
+    """(M, H, W) labels resized as the public code does, with scipy (the independent reference)."""
+    factors = (1, size / labels.shape[1], size / labels.shape[2])
+    return torch.from_numpy(ndimage.zoom(labels.numpy(), factors, order=0)).long()
+
+
 def cross_targets(labels, cnn_logits, swin_logits, labelled):
     cnn = torch.cat([labels, swin_logits[labelled:].argmax(1)])
     swin = torch.cat([labels, cnn_logits[labelled:].argmax(1)])
     return cnn, swin
 
 
-def dense_blocks(cnn_emb, swin_emb, cnn_t, swin_t, block, temperature, order=None):
-    """Straightforward per-block loop: group k takes block order[m][k] of every map m."""
+def dense_blocks(cnn_emb, swin_emb, cnn_t, swin_t, block, temperature, order=None, published=False):
+    """Straightforward per-block loop: group k takes block order[m][k] of every map m. With
+    ``published`` the group's labels are flattened as the public code does: row y of every map,
+    then row y + 1 (height first), against features flattened map by map."""
     maps_f = torch.cat([cnn_emb, swin_emb]).detach()
     size = maps_f.shape[-1]
-    maps_y = torch.cat([F.interpolate(t[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-                        for t in (cnn_t, swin_t)])
+    maps_y = torch.cat([zoom_labels(t, size) for t in (cnn_t, swin_t)])
     per = size // block - 1
     blocks = [(i, j) for i in range(per) for j in range(per)]
     losses = []
@@ -65,8 +80,9 @@ def dense_blocks(cnn_emb, swin_emb, cnn_t, swin_t, block, temperature, order=Non
         for m in range(maps_f.shape[0]):
             i, j = blocks[order[m][k]] if order is not None else blocks[k]
             zs.append(maps_f[m, :, i * block:(i + 1) * block, j * block:(j + 1) * block].reshape(maps_f.shape[1], -1).T)
-            ys.append(maps_y[m, i * block:(i + 1) * block, j * block:(j + 1) * block].reshape(-1))
-        z, y = torch.cat(zs), torch.cat(ys)
+            ys.append(maps_y[m, i * block:(i + 1) * block, j * block:(j + 1) * block])
+        z = torch.cat(zs)
+        y = torch.stack(ys).transpose(0, 1).reshape(-1) if published else torch.cat([v.reshape(-1) for v in ys])
         if y.sum() == 0:
             continue
         losses.append(dense_public_supcon(z, y, temperature))
@@ -77,31 +93,69 @@ def test_blocks_equals_dense_per_block_computation():
     cnn, swin, labels, cl, sl = make_batch()
     criterion = MultiScaleContrastiveLoss(sampler="blocks", block_sizes=(5, 4), shuffle_blocks=False,
                                           temperature=0.1)
-    loss, diag = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    diag = criterion.diagnostics
     ct, st = cross_targets(labels, cl, sl, 2)
     expected, groups = zip(*(dense_blocks(cnn[s], swin[s], ct, st, b, 0.1) for s, b in ((0, 5), (1, 4))))
     torch.testing.assert_close(loss.double(), sum(expected), rtol=1e-5, atol=1e-6)
-    assert diag["segments"] == list(groups)
+    assert diag.segments.tolist() == list(groups)
     assert groups[0] < 36  # 6x6 blocks, the all-background top-left ones are skipped
-    assert diag["loss_per_scale"] == pytest.approx([float(e) for e in expected], rel=1e-5)
+    assert diag.loss_per_scale.tolist() == pytest.approx([float(e) for e in expected], rel=1e-5)
 
 
 def test_blocks_shuffled_equals_dense_with_the_same_block_orders():
     cnn, swin, labels, cl, sl = make_batch(seed=1)
     seed = 7
     criterion = MultiScaleContrastiveLoss(scales=[0], sampler="blocks", block_sizes=5, temperature=0.2, seed=seed)
-    loss, diag = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    diag = criterion.diagnostics
     # documented scheme: one random order per map (4 CNN maps then 4 Swin maps), argsort of uniforms
     order = torch.argsort(torch.rand(8, 36, generator=torch.Generator().manual_seed(seed)), dim=1).tolist()
     ct, st = cross_targets(labels, cl, sl, 2)
     expected, groups = dense_blocks(cnn[0], swin[0], ct, st, 5, 0.2, order=order)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    assert diag["segments"] == [groups] and groups == 36  # shuffling mixes foreground into every group
+    assert diag.segments.tolist() == [groups] and groups == 36  # shuffling mixes foreground into every group
+
+
+@pytest.mark.parametrize("scales", [[0], [1]])
+def test_published_label_order_equals_the_public_pairing(scales):
+    cnn, swin, labels, cl, sl = make_batch(seed=2)
+    seed, block = 11, (5, 4)[scales[0]]
+    criterion = MultiScaleContrastiveLoss(scales=scales, sampler="blocks", block_sizes=block, seed=seed,
+                                          published_label_order=True)
+    loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    size = cnn[scales[0]].shape[-1]
+    per = size // block - 1
+    order = torch.argsort(torch.rand(8, per * per, generator=torch.Generator().manual_seed(seed)), dim=1).tolist()
+    ct, st = cross_targets(labels, cl, sl, 2)
+    expected, groups = dense_blocks(cnn[scales[0]], swin[scales[0]], ct, st, block, 0.1, order=order, published=True)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert criterion.diagnostics.segments.tolist() == [groups]
+    paired = MultiScaleContrastiveLoss(scales=scales, sampler="blocks", block_sizes=block, seed=seed)
+    assert paired(cnn, swin, labels, cl, sl, labelled_count=2).item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_published_label_order_mispairs_pixels_of_different_maps():
+    targets = torch.arange(2 * 12 * 12).reshape(2, 12, 12)  # every pixel its own label
+    for published in (False, True):
+        rows, labels, _ = block_rows(targets, 3, shuffle=False, generator=torch.Generator(),
+                                           published_label_order=published)
+        own = labels == targets.reshape(-1)[rows]
+        if not published:
+            assert bool(own.all())
+        else:
+            # within a group of M = 2 maps of 3x3, position (m, y, x) carries the label of pixel
+            # (y', x) of map m' where m * 3 + y = y' * 2 + m': 2 of the 6 block rows keep their own
+            assert own.float().mean().item() == pytest.approx(2 / 6)
+            assert torch.equal(torch.sort(labels).values, torch.sort(targets.reshape(-1)[rows]).values)
+    with pytest.raises(ValueError, match="published_label_order"):
+        MultiScaleContrastiveLoss(sampler="all", published_label_order=True)
 
 
 def test_block_rows_structure():
     targets = torch.ones(3, 20, 20, dtype=torch.long)
-    rows, lengths = block_rows(targets, 6, shuffle=True, generator=torch.Generator().manual_seed(0))
+    rows, labels, lengths = block_rows(targets, 6, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(labels, targets.reshape(-1)[rows])
     # 20 // 6 - 1 = 2 blocks per side from the top-left corner; the rest is cropped
     assert lengths.tolist() == [3 * 36] * 4
     groups = rows.reshape(4, 3, 36)
@@ -116,13 +170,13 @@ def test_block_rows_structure():
 
 def test_one_supcon_call_per_distinct_temperature(monkeypatch):
     calls = []
-    original = contrastive.supcon_loss
+    original = pixel.supcon_loss
 
     def counting(features, labels, **kwargs):
         calls.append((features.shape[0], kwargs["temperature"], kwargs["segments"].numel() - 1))
         return original(features, labels, **kwargs)
 
-    monkeypatch.setattr(contrastive, "supcon_loss", counting)
+    monkeypatch.setattr(pixel, "supcon_loss", counting)
     cnn, swin, labels, cl, sl = make_batch()
     MultiScaleContrastiveLoss(block_sizes=(5, 4))(cnn, swin, labels, cl, sl, labelled_count=2)
     assert len(calls) == 1 and calls[0][1] == 0.1 and calls[0][2] > 1
@@ -153,19 +207,21 @@ def test_balanced_respects_k_and_rare_classes_first():
 def test_balanced_sampler_in_the_loss():
     cnn, swin, labels, cl, sl = make_batch()
     criterion = MultiScaleContrastiveLoss(sampler="balanced", pixels_per_class=7, block_sizes=(5, 4))
-    loss, diag = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    diag = criterion.diagnostics
     # 8 maps (4 images x 2 networks), at most 7 pixels per class each, all classes present at 36x36
-    assert diag["pixels_per_class"][0] == [8 * 7] * C
-    assert all(n <= 8 * 7 for n in diag["pixels_per_class"][1])
-    assert diag["segments"] == [1, 1] and torch.isfinite(loss)
+    assert diag.pixels_per_class[0].tolist() == [8 * 7] * C
+    assert all(n <= 8 * 7 for n in diag.pixels_per_class[1].tolist())
+    assert diag.segments.tolist() == [1, 1] and torch.isfinite(loss)
 
 
 def test_all_sampler_is_the_plain_loss_over_every_pixel():
     cnn, swin, labels, cl, sl = make_batch()
-    loss, diag = MultiScaleContrastiveLoss(scales=[1], sampler="all", weighting="none")(
-        cnn, swin, labels, cl, sl, labelled_count=2)
+    criterion = MultiScaleContrastiveLoss(scales=[1], sampler="all", weighting="none")
+    loss = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    diag = criterion.diagnostics
     ct, st = cross_targets(labels, cl, sl, 2)
-    y = torch.cat([F.interpolate(t[:, None].float(), size=(12, 12), mode="nearest")[:, 0].long() for t in (ct, st)])
+    y = torch.cat([zoom_labels(t, 12) for t in (ct, st)])
     z = torch.cat([cnn[1], swin[1]]).permute(0, 2, 3, 1).reshape(-1, 8).double()
     y = y.reshape(-1)
     # standard SupCon (weighting "none"), mean over anchors
@@ -174,36 +230,38 @@ def test_all_sampler_is_the_plain_loss_over_every_pixel():
     positives = (y[:, None] == y[None, :]) & off
     per_row = torch.logsumexp(s.masked_fill(~off, -math.inf), 1) - (s * positives).sum(1) / positives.sum(1)
     torch.testing.assert_close(loss.double(), per_row.mean(), rtol=1e-5, atol=1e-6)
-    assert diag["rows"] == 2 * 4 * 144 and sum(diag["pixels_per_class"][0]) == 2 * 4 * 144
+    assert diag.rows == 2 * 4 * 144 and int(diag.pixels_per_class[0].sum()) == 2 * 4 * 144
 
 
 def test_only_labelled_images_and_confidence_threshold():
     cnn, swin, labels, cl, sl = make_batch()
     criterion = MultiScaleContrastiveLoss(scales=[1], sampler="all")
-    _, diag = criterion(cnn, swin, labels, cl, sl, labelled_count=2, use_unlabelled=False)
-    assert diag["rows"] == 2 * 2 * 144
+    criterion(cnn, swin, labels, cl, sl, labelled_count=2, use_unlabelled=False)
+    assert criterion.diagnostics.rows == 2 * 2 * 144
     threshold = 0.6
     criterion = MultiScaleContrastiveLoss(scales=[1], sampler="all", confidence_threshold=threshold)
-    _, diag = criterion(cnn, swin, labels, cl, sl, labelled_count=2)
-    low = [F.interpolate((lg[2:].softmax(1).amax(1) < threshold)[:, None].float(), size=(12, 12))
-           for lg in (sl, cl)]
+    criterion(cnn, swin, labels, cl, sl, labelled_count=2)
+    diag = criterion.diagnostics
+    low = [zoom_labels((lg[2:].softmax(1).amax(1) < threshold).long(), 12) for lg in (sl, cl)]
     ignored = int(sum(m.sum() for m in low))
-    assert 0 < ignored and diag["ignored"] == [ignored] and diag["rows"] == 2 * 4 * 144 - ignored
+    assert 0 < ignored and diag.ignored.tolist() == [ignored] and diag.rows == 2 * 4 * 144 - ignored
 
 
 def test_determinism_under_a_fixed_seed():
     cnn, swin, labels, cl, sl = make_batch()
     for sampler in ("blocks", "balanced"):
-        results = [MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(5, 4), pixels_per_class=5, seed=seed)(
-            cnn, swin, labels, cl, sl, labelled_count=2) for seed in (3, 3, 4)]
-        assert results[0][0].item() == results[1][0].item()
-        assert results[0][1] == results[1][1]
-        assert results[0][0].item() != results[2][0].item()
+        results = []
+        for seed in (3, 3, 4):
+            criterion = MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(5, 4), pixels_per_class=5, seed=seed)
+            results.append((criterion(cnn, swin, labels, cl, sl, labelled_count=2).item(),
+                            criterion.diagnostics.pixels_per_class.tolist()))
+        assert results[0] == results[1]
+        assert results[0][0] != results[2][0]
 
 
 def test_gradient_reaches_both_networks_embeddings():
     cnn, swin, labels, cl, sl = make_batch()
-    loss, _ = MultiScaleContrastiveLoss(block_sizes=(5, 4))(cnn, swin, labels, cl, sl, labelled_count=2)
+    loss = MultiScaleContrastiveLoss(block_sizes=(5, 4))(cnn, swin, labels, cl, sl, labelled_count=2)
     loss.backward()
     for e in cnn + swin:
         assert e.grad is not None and e.grad.abs().sum() > 0
@@ -245,8 +303,9 @@ def test_sigmoid_rampup():
 @pytest.mark.parametrize("sampler", ["blocks", "balanced", "all"])
 def test_no_images_gives_a_zero_loss_that_backpropagates(sampler):
     cnn, swin, _, cl, sl = make_batch()
-    loss, diag = MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(5, 4))(
-        cnn, swin, None, cl, sl, labelled_count=0, use_unlabelled=False)
-    assert loss.item() == 0.0 and diag["rows"] == 0
+    criterion = MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(5, 4))
+    loss = criterion(cnn, swin, None, cl, sl, labelled_count=0, use_unlabelled=False)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    assert loss.item() == 0.0 and criterion.diagnostics.rows == 0
     loss.backward()
     assert cnn[0].grad is not None

@@ -70,8 +70,9 @@ def test_projection_heads_share_the_last_convolution():
     for scale in range(2):
         assert heads.cnn_heads[scale].shared is heads.swin_heads[scale].shared is heads.shared[scale]
     distinct = {id(p) for p in heads.parameters()}
-    # per scale: two first convolutions (weight, bias) + one shared convolution (weight, bias)
-    assert len(distinct) == len(list(heads.parameters())) == 12
+    # per scale: two first convolutions (weight, bias) + one shared convolution (weight, bias),
+    # plus the LayerNorm (weight, bias) of the coarse Swin head
+    assert len(distinct) == len(list(heads.parameters())) == 14
     cnn, swin = heads([torch.randn(2, 16, 8, 8), torch.randn(2, 128, 2, 2)],
                       [torch.randn(2, 96, 8, 8), torch.randn(2, 192, 2, 2)])
     assert [tuple(e.shape) for e in cnn] == [(2, 8, 8, 8), (2, 8, 2, 2)] == [tuple(e.shape) for e in swin]
@@ -79,6 +80,31 @@ def test_projection_heads_share_the_last_convolution():
         torch.testing.assert_close(e.norm(dim=1), torch.ones(e.shape[0], *e.shape[2:]))
     with pytest.raises(ValueError, match="one per scale"):
         heads([torch.randn(2, 16, 8, 8)], [torch.randn(2, 96, 8, 8)])
+
+
+def test_the_coarse_swin_head_normalises_its_input_as_the_public_code():
+    heads = build_projection_heads([16, 128], [96, 192], hidden=32, out=8)
+    assert isinstance(heads.swin_heads[1].norm, torch.nn.LayerNorm) and heads.swin_heads[1].norm.normalized_shape == (192,)
+    for head in (heads.cnn_heads[0], heads.cnn_heads[1], heads.swin_heads[0]):
+        assert isinstance(head.norm, torch.nn.Identity)
+    # the norm runs over the channels: a per-pixel affine change of the input changes nothing
+    x = torch.randn(2, 192, 3, 3)
+    shift, scale = torch.randn(2, 1, 3, 3), torch.rand(2, 1, 3, 3) + 0.5
+    head = heads.swin_heads[1]
+    torch.testing.assert_close(head(x * scale + shift), head(x), rtol=1e-4, atol=1e-4)
+    plain = build_projection_heads([16, 128], [96, 192], swin_layer_norm=[False, False])
+    assert all(isinstance(h.norm, torch.nn.Identity) for h in plain.swin_heads)
+    with pytest.raises(ValueError, match="swin_layer_norm"):
+        build_projection_heads([16, 128], [96, 192], swin_layer_norm=[True])
+
+
+def test_swin_drop_path_is_configurable_and_0_2_by_default():
+    def rates(model):
+        return [block.drop_path1.drop_prob if hasattr(block.drop_path1, "drop_prob") else 0.0
+                for stage in model.encoder.layers for block in stage.blocks]
+
+    assert max(rates(SwinUNet(img_size=32, embed_dim=12, num_heads=(1, 2, 4, 8), window_size=4))) == pytest.approx(0.2)
+    assert max(rates(SwinUNet(img_size=32, **dict(TINY_SWIN, drop_path_rate=0.35)))) == pytest.approx(0.35)
 
 
 def test_gradients_reach_both_networks_and_all_heads():
@@ -93,7 +119,7 @@ def test_gradients_reach_both_networks_and_all_heads():
     labels = torch.randint(0, 3, (labelled, size, size))
     a, b = cnn(images), swin(images)
     cnn_emb, swin_emb = heads([a.features[0], a.features[ci]], [b.features[0], b.features[si]])
-    contrastive, _ = criterion(cnn_emb, swin_emb, labels, a.logits, b.logits, labelled_count=labelled)
+    contrastive = criterion(cnn_emb, swin_emb, labels, a.logits, b.logits, labelled_count=labelled)
     loss = supervised_loss(a.logits[:labelled], labels, 3) + supervised_loss(b.logits[:labelled], labels, 3) \
         + contrastive
     loss.backward()
@@ -107,7 +133,7 @@ def test_gradients_reach_both_networks_and_all_heads():
         module.zero_grad()
     a, b = cnn(images), swin(images)
     cnn_emb, swin_emb = heads([a.features[0], a.features[ci]], [b.features[0], b.features[si]])
-    criterion(cnn_emb, swin_emb, labels, a.logits, b.logits, labelled_count=labelled)[0].backward()
+    criterion(cnn_emb, swin_emb, labels, a.logits, b.logits, labelled_count=labelled).backward()
     assert cnn.encoder[0].block[0].weight.grad.abs().sum() > 0
     assert swin.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 

@@ -1,4 +1,6 @@
-"""The fused supervised contrastive loss on CPU against the dense reference and peer formulas."""
+"""The fused supervised contrastive loss on the CPU: against the dense reference over a grid of
+shapes, temperatures and weightings, against peer formulas, its reductions and its Python-level
+behaviour (bad input, fallback). The contract all backends share is test_supcon_contract.py."""
 
 import itertools
 import subprocess
@@ -7,19 +9,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from supcon_cases import (
+    assert_within_twice_eager_error,
+    make_inputs,
+    reference_loss_and_grad,
+)
 
 import mcsc
 from mcsc.reference import supcon_per_anchor_reference
-from supcon_cases import assert_compiled_matches_eager
-
-def make_inputs(n, d, num_classes, *, dtype=torch.float64, max_norm=1.0, ignored=0.1, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    directions = F.normalize(torch.randn(n, d, generator=generator, dtype=dtype), dim=1)
-    norms = max_norm * (0.2 + 0.8 * torch.rand(n, 1, generator=generator, dtype=dtype))
-    features = directions * norms if max_norm != 1.0 else directions
-    labels = torch.randint(0, num_classes, (n,), generator=generator)
-    labels[torch.rand(n, generator=generator) < ignored] = -1
-    return features, labels
 
 
 def segment_layouts(n):
@@ -31,18 +28,16 @@ def segment_layouts(n):
     return layouts
 
 
-def reference_loss_and_grad(features, labels, segments, temperature, weighting, upstream):
-    features = features.detach().clone().requires_grad_()
-    loss, _ = supcon_per_anchor_reference(features, labels, segments, temperature,
-                                          weighting == "prevalence", -1)
-    (grad,) = torch.autograd.grad((loss * upstream).sum(), features, allow_unused=True)
-    return loss.detach(), (torch.zeros_like(features) if grad is None else grad)
-
-
 def fused_loss_and_grad(features, labels, segments, temperature, weighting, upstream):
     features = features.detach().clone().requires_grad_()
-    loss = mcsc.supcon_loss(features, labels, temperature=temperature, segments=segments,
-                            weighting=weighting, reduction="none")
+    loss = mcsc.supcon_loss(
+        features,
+        labels,
+        temperature=temperature,
+        segments=segments,
+        weighting=weighting,
+        reduction="none",
+    )
     (grad,) = torch.autograd.grad((loss * upstream).sum(), features)
     return loss.detach(), grad
 
@@ -59,117 +54,87 @@ GRID = [
 @pytest.mark.parametrize("weighting", ["prevalence", "none"])
 @pytest.mark.parametrize("n,d,num_classes,temperature", GRID)
 def test_float64_matches_reference(n, d, num_classes, temperature, weighting):
-    features, labels = make_inputs(n, d, num_classes, seed=n * 131 + d)
+    features, labels, _ = make_inputs(
+        [n], d, num_classes, 0.1, dtype=torch.float64, seed=n * 131 + d
+    )
     upstream = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for segments in segment_layouts(n):
-        loss, grad = fused_loss_and_grad(features, labels, segments, temperature, weighting,
-                                         upstream)
-        expected_loss, expected_grad = reference_loss_and_grad(
-            features, labels, segments, temperature, weighting, upstream)
+        loss, grad = fused_loss_and_grad(
+            features, labels, segments, temperature, weighting, upstream
+        )
+        expected_loss, _, expected_grad = reference_loss_and_grad(
+            features, labels, segments, weighting == "prevalence", upstream, temperature
+        )
         torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)
 
 
-def assert_float32_error_within_twice_eager(features, labels, segments, temperature, upstream):
-    """flash-attention's rule: the fused float32 result may be off the float64 truth by at most
-    twice what the plain-PyTorch float32 computation is off (plus a hair for exact cases)."""
-    truth_loss, truth_grad = reference_loss_and_grad(features, labels, segments, temperature,
-                                                     "prevalence", upstream)
-    eager_loss, eager_grad = reference_loss_and_grad(features.float(), labels, segments,
-                                                     temperature, "prevalence", upstream.float())
-    loss, grad = fused_loss_and_grad(features.float(), labels, segments, temperature,
-                                     "prevalence", upstream.float())
-    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    for fused, eager, truth in ((loss, eager_loss, truth_loss), (grad, eager_grad, truth_grad)):
-        fused_error = (fused.double() - truth).abs().max().item()
-        eager_error = (eager.double() - truth).abs().max().item()
-        assert fused_error <= 2 * eager_error + 1e-6 * truth.abs().max().item(), (
-            fused_error, eager_error)
-
-
-@pytest.mark.parametrize("n,d,num_classes,temperature",
-                         [(64, 16, 4, 0.1), (1000, 128, 14, 0.1), (1000, 130, 2, 0.01),
-                          (5000, 128, 4, 0.1)])
+@pytest.mark.parametrize(
+    "n,d,num_classes,temperature",
+    [(64, 16, 4, 0.1), (1000, 128, 14, 0.1), (1000, 130, 2, 0.01), (5000, 128, 4, 0.1)],
+)
 def test_float32_error_within_twice_eager_float32(n, d, num_classes, temperature):
-    features, labels = make_inputs(n, d, num_classes, seed=7)
-    assert_float32_error_within_twice_eager(features, labels, segment_layouts(n)[-1],
-                                            temperature, torch.ones(n, dtype=torch.float64))
+    features, labels, _ = make_inputs([n], d, num_classes, 0.1, seed=7)
+    segments = segment_layouts(n)[-1]
+    upstream = torch.ones(n)
+    loss, grad = fused_loss_and_grad(
+        features, labels, segments, temperature, "prevalence", upstream
+    )
+    assert_within_twice_eager_error(
+        loss, grad, features, labels, segments, upstream, temperature=temperature
+    )
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.1])
 def test_large_norms_stay_finite_and_accurate(temperature):
-    # Similarities up to 10 * 10 / 0.01 = 1e4: exp overflows unless every shift is right.
-    features, labels = make_inputs(700, 32, 4, max_norm=10.0, seed=3)
-    segments = torch.tensor([0, 300, 700])
+    # Similarities up to 9 * 9 / 0.01 = 8100 (just inside float32's limit of 8192): exp overflows
+    # unless every shift is right.
+    features, labels, segments = make_inputs(
+        [300, 400], 32, 4, 0.1, dtype=torch.float64, max_norm=9.0, seed=3
+    )
     upstream = torch.ones(700, dtype=torch.float64)
-    loss, grad = fused_loss_and_grad(features, labels, segments, temperature, "prevalence",
-                                     upstream)
-    expected_loss, expected_grad = reference_loss_and_grad(features, labels, segments,
-                                                           temperature, "prevalence", upstream)
+    loss, grad = fused_loss_and_grad(
+        features, labels, segments, temperature, "prevalence", upstream
+    )
+    expected_loss, _, expected_grad = reference_loss_and_grad(
+        features, labels, segments, True, upstream, temperature
+    )
     torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-8)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-7)
-    # In float32, s ~ 1e4 carries an absolute rounding error of ~1e-3 before any exp, so only a
+    # In float32, s ~ 8e3 carries an absolute rounding error of ~1e-3 before any exp, so only a
     # relative bound is meaningful here; the 2x-eager rule is checked on normal ranges above.
-    loss32, grad32 = fused_loss_and_grad(features.float(), labels, segments, temperature,
-                                         "prevalence", upstream.float())
+    loss32, grad32 = fused_loss_and_grad(
+        features.float(), labels, segments, temperature, "prevalence", upstream.float()
+    )
     assert torch.isfinite(loss32).all() and torch.isfinite(grad32).all()
     torch.testing.assert_close(loss32.double(), expected_loss, rtol=1e-5, atol=1e-3)
     scale = expected_grad.abs().max()
     torch.testing.assert_close(grad32.double() / scale, expected_grad / scale, rtol=0, atol=1e-3)
 
 
-def test_non_contiguous_inputs_match_contiguous():
-    features, labels = make_inputs(300, 24, 4, seed=5)
-    wide = torch.zeros(24, 600, dtype=torch.float64)
-    wide[:, ::2] = features.T
-    strided_features = wide[:, ::2].T  # (300, 24), strides (2, 600)
-    strided_labels = torch.stack([labels, labels], dim=1)[:, 0]
-    assert not strided_features.is_contiguous() and not strided_labels.is_contiguous()
-    segments = torch.tensor([0, 100, 300])
-    upstream = torch.ones(300, dtype=torch.float64)
-    loss, grad = fused_loss_and_grad(strided_features, strided_labels, segments, 0.1,
-                                     "prevalence", upstream)
-    expected_loss, expected_grad = fused_loss_and_grad(features, labels, segments, 0.1,
-                                                       "prevalence", upstream)
-    assert torch.equal(loss, expected_loss) and torch.equal(grad, expected_grad)
-
-
-def test_int32_labels_and_positive_ignore_index():
-    features, labels = make_inputs(200, 8, 3, seed=9)
-    labels_255 = torch.where(labels < 0, torch.tensor(255), labels).to(torch.int32)
-    expected = mcsc.supcon_loss(features, labels, reduction="none")
-    actual = mcsc.supcon_loss(features, labels_255, ignore_index=255, reduction="none")
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
-
-
-def test_sparse_large_class_ids_equal_compact_ids():
-    features, labels = make_inputs(120, 8, 3, seed=11)
-    sparse = torch.where(labels >= 0, labels * 10**9 + 7, labels)
-    torch.testing.assert_close(mcsc.supcon_loss(features, sparse, reduction="none"),
-                               mcsc.supcon_loss(features, labels, reduction="none"))
-
-
 def test_absent_classes_and_rows_without_positives():
-    features, _ = make_inputs(6, 4, 2, seed=2)
+    features, _, _ = make_inputs([6], 4, 2, 0.0, dtype=torch.float64, seed=2)
     labels = torch.tensor([0, 5, 5, 9, -1, 0])  # classes 1-4, 6-8 absent; 9 has one row
     loss = mcsc.supcon_loss(features, labels, reduction="none")
-    expected, positives = supcon_per_anchor_reference(features, labels, torch.tensor([0, 6]),
-                                                      0.1, True, -1)
+    expected, positives = supcon_per_anchor_reference(
+        features, labels, torch.tensor([0, 6]), 0.1, True, -1
+    )
     torch.testing.assert_close(loss, expected)
     assert loss[3] == 0 and loss[4] == 0
     assert positives.tolist() == [1, 1, 1, 0, -1, 1]
 
 
 def test_reductions():
-    features, labels = make_inputs(50, 8, 3, seed=4)
+    features, labels, _ = make_inputs([50], 8, 3, 0.1, dtype=torch.float64, seed=4)
     per_anchor = mcsc.supcon_loss(features, labels, reduction="none")
-    _, positives = supcon_per_anchor_reference(features, labels, torch.tensor([0, 50]), 0.1,
-                                               True, -1)
+    _, positives = supcon_per_anchor_reference(
+        features, labels, torch.tensor([0, 50]), 0.1, True, -1
+    )
     anchors = positives > 0
-    torch.testing.assert_close(mcsc.supcon_loss(features, labels, reduction="sum"),
-                               per_anchor.sum())
-    torch.testing.assert_close(mcsc.supcon_loss(features, labels),
-                               per_anchor[anchors].mean())
+    torch.testing.assert_close(
+        mcsc.supcon_loss(features, labels, reduction="sum"), per_anchor.sum()
+    )
+    torch.testing.assert_close(mcsc.supcon_loss(features, labels), per_anchor[anchors].mean())
     assert per_anchor[~anchors].eq(0).all()
 
 
@@ -180,59 +145,18 @@ def test_mean_without_any_anchor_is_zero_with_zero_gradient():
     assert loss.item() == 0.0 and features.grad.eq(0).all()
 
 
-def test_empty_input():
-    features = torch.zeros(0, 5, requires_grad=True)
-    loss = mcsc.supcon_loss(features, torch.zeros(0, dtype=torch.int64))
-    loss.backward()
-    assert loss.item() == 0.0 and features.grad.shape == (0, 5)
-
-
 def test_repeated_calls_are_bit_identical():
-    features, labels = make_inputs(1500, 64, 4, seed=6)
-    features = features.float()
+    features, labels, _ = make_inputs([1500], 64, 4, 0.1, seed=6)
     segments = torch.tensor([0, 700, 1500])
-    first = fused_loss_and_grad(features, labels, segments, 0.1, "prevalence",
-                                torch.ones(1500))
+    first = fused_loss_and_grad(features, labels, segments, 0.1, "prevalence", torch.ones(1500))
     for _ in range(3):
-        again = fused_loss_and_grad(features, labels, segments, 0.1, "prevalence",
-                                    torch.ones(1500))
+        again = fused_loss_and_grad(features, labels, segments, 0.1, "prevalence", torch.ones(1500))
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-
-
-def test_gradcheck_float64():
-    features, labels = make_inputs(20, 5, 3, seed=8)
-    segments = torch.tensor([0, 1, 12, 12, 20])
-    features.requires_grad_()
-    for weighting in ("prevalence", "none"):
-        assert torch.autograd.gradcheck(
-            lambda z: mcsc.supcon_loss(z, labels, segments=segments, weighting=weighting,
-                                       reduction="none"),
-            (features,),
-        )
-
-
-def test_opcheck():
-    features, labels = make_inputs(40, 6, 3, seed=10)
-    segments = torch.tensor([0, 15, 15, 40])
-    for dtype in (torch.float32, torch.float64):
-        z = features.to(dtype).requires_grad_()
-        torch.library.opcheck(torch.ops.mcsc.supcon_forward,
-                              (z, labels, segments, 0.1, True, -1))
-        loss, lse, positives = torch.ops.mcsc.supcon_forward(z.detach(), labels, segments, 0.1,
-                                                             True, -1)
-        torch.library.opcheck(torch.ops.mcsc.supcon_backward,
-                              (torch.ones_like(loss), z.detach(), labels, segments, lse,
-                               positives, 0.1, True))
-
-
-def test_torch_compile_fullgraph_matches_eager():
-    features, labels = make_inputs(300, 16, 4, seed=12)
-    assert_compiled_matches_eager(features.float(), labels)
 
 
 def test_none_weighting_equals_pytorch_metric_learning_supcon():
     losses = pytest.importorskip("pytorch_metric_learning.losses")
-    features, labels = make_inputs(200, 16, 5, ignored=0.0, seed=13)
+    features, labels, _ = make_inputs([200], 16, 5, 0.0, dtype=torch.float64, seed=13)
     for temperature in (0.07, 0.5):
         expected = losses.SupConLoss(temperature=temperature)(features, labels)
         actual = mcsc.supcon_loss(features, labels, temperature=temperature, weighting="none")
@@ -253,8 +177,9 @@ def mcsc_block_loss(z, y, temperature):
     per_class = exp_logits @ one_hot  # (n, C): sum of exp-similarities per class
     own_class = (per_class * one_hot).sum(1)
     counts_seen = class_counts[None, :] - one_hot  # each anchor's own class excludes itself
-    others = torch.where(one_hot.bool(), torch.zeros_like(per_class),
-                         per_class / counts_seen.clamp(min=1)).sum(1)
+    others = torch.where(
+        one_hot.bool(), torch.zeros_like(per_class), per_class / counts_seen.clamp(min=1)
+    ).sum(1)
     denominator = own_class / (class_counts[y] - 1) + others
     log_prob = logits - torch.log(denominator)[:, None]
     mean_log_prob_positive = (positives * log_prob).sum(1) / positives.sum(1)
@@ -263,50 +188,53 @@ def mcsc_block_loss(z, y, temperature):
 
 def test_prevalence_equals_public_mcsc_block_formula():
     generator = torch.Generator().manual_seed(14)
-    blocks = [F.normalize(torch.randn(361, 16, generator=generator, dtype=torch.float64), dim=1)
-              for _ in range(3)]
+    blocks = [
+        F.normalize(torch.randn(361, 16, generator=generator, dtype=torch.float64), dim=1)
+        for _ in range(3)
+    ]
     labels = [torch.randint(0, 4, (361,), generator=generator) for _ in range(3)]
     labels[2] = torch.where(labels[2] == 3, torch.tensor(0), labels[2])  # an absent class
     features = torch.cat(blocks)
     segments = torch.tensor([0, 361, 722, 1083])
-    per_anchor = mcsc.supcon_loss(features, torch.cat(labels), segments=segments,
-                                  reduction="none")
+    per_anchor = mcsc.supcon_loss(features, torch.cat(labels), segments=segments, reduction="none")
     for k in range(3):
         expected = mcsc_block_loss(blocks[k], labels[k], 0.1)
-        torch.testing.assert_close(per_anchor[361 * k: 361 * (k + 1)].mean(), expected)
+        torch.testing.assert_close(per_anchor[361 * k : 361 * (k + 1)].mean(), expected)
 
 
 BAD_INPUTS = [
-    (dict(features=[[1.0]]), TypeError, "features must be a torch.Tensor"),
-    (dict(features=torch.randn(4)), ValueError, "features must have shape"),
-    (dict(features=torch.randn(4, 0)), ValueError, "at least one column"),
-    (dict(features=torch.randn(4, 3).half()), TypeError, "dtype"),
-    (dict(labels=torch.zeros(4)), TypeError, "labels must be int64 or int32"),
-    (dict(labels=torch.zeros(3, dtype=torch.int64)), ValueError, "labels must have shape"),
-    (dict(labels=torch.tensor([0, 1, -5, 2])), ValueError, "labels must be in"),
-    (dict(labels=torch.tensor([0, 1, 7, 2]), num_classes=4), ValueError, "num_classes"),
-    (dict(features=torch.tensor([[0.0], [float("nan")], [1.0], [2.0]])), ValueError, "NaN"),
-    (dict(features=torch.tensor([[0.0], [float("inf")], [1.0], [2.0]])), ValueError, "infinite"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(temperature=-1.0), ValueError, "temperature"),
-    (dict(temperature=float("nan")), ValueError, "temperature"),
-    (dict(temperature="0.1"), TypeError, "temperature"),
-    (dict(segments=[0, 4]), TypeError, "segments"),
-    (dict(segments=torch.tensor([0, 2.0, 4])), TypeError, "segments"),
-    (dict(segments=torch.tensor([1, 4])), ValueError, "start at 0"),
-    (dict(segments=torch.tensor([0, 3])), ValueError, "end at N"),
-    (dict(segments=torch.tensor([0, 3, 2, 4])), ValueError, "non-decreasing"),
-    (dict(segments=torch.tensor([[0, 4]])), ValueError, "segments must be 1-D"),
-    (dict(weighting="balanced"), ValueError, "weighting"),
-    (dict(reduction="max"), ValueError, "reduction"),
-    (dict(ignore_index=0.5), TypeError, "ignore_index"),
-    (dict(labels=torch.zeros(4, dtype=torch.int64, device="meta")), ValueError, "same device"),
+    ({"features": [[1.0]]}, TypeError, "features must be a torch.Tensor"),
+    ({"features": torch.randn(4)}, ValueError, "features must have shape"),
+    ({"features": torch.randn(4, 0)}, ValueError, "at least one column"),
+    ({"features": torch.randn(4, 3).half()}, TypeError, "dtype"),
+    ({"labels": torch.zeros(4)}, TypeError, "labels must be int64 or int32"),
+    ({"labels": torch.zeros(3, dtype=torch.int64)}, ValueError, "labels must have shape"),
+    ({"labels": torch.tensor([0, 1, -5, 2])}, ValueError, "labels must be in"),
+    ({"labels": torch.tensor([0, 1, 7, 2]), "num_classes": 4}, ValueError, "num_classes"),
+    ({"features": torch.tensor([[0.0], [float("nan")], [1.0], [2.0]])}, ValueError, "NaN"),
+    ({"features": torch.tensor([[0.0], [float("inf")], [1.0], [2.0]])}, ValueError, "infinite"),
+    ({"temperature": 0.0}, ValueError, "temperature"),
+    ({"temperature": -1.0}, ValueError, "temperature"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"temperature": "0.1"}, TypeError, "temperature"),
+    ({"temperature": 1e-40}, ValueError, "1 / temperature is finite"),
+    ({"features": torch.full((4, 3), 1e4)}, ValueError, "features are too large"),
+    ({"segments": [0, 4]}, TypeError, "segments"),
+    ({"segments": torch.tensor([0, 2.0, 4])}, TypeError, "segments"),
+    ({"segments": torch.tensor([1, 4])}, ValueError, "start at 0"),
+    ({"segments": torch.tensor([0, 3])}, ValueError, "end at N"),
+    ({"segments": torch.tensor([0, 3, 2, 4])}, ValueError, "non-decreasing"),
+    ({"segments": torch.tensor([[0, 4]])}, ValueError, "segments must be 1-D"),
+    ({"weighting": "balanced"}, ValueError, "weighting"),
+    ({"reduction": "max"}, ValueError, "reduction"),
+    ({"ignore_index": 0.5}, TypeError, "ignore_index"),
+    ({"labels": torch.zeros(4, dtype=torch.int64, device="meta")}, ValueError, "same device"),
 ]
 
 
 @pytest.mark.parametrize("overrides,error,message", BAD_INPUTS)
 def test_bad_input_raises_clear_error(overrides, error, message):
-    arguments = dict(features=torch.randn(4, 3), labels=torch.tensor([0, 1, 0, 1]))
+    arguments = {"features": torch.randn(4, 3), "labels": torch.tensor([0, 1, 0, 1])}
     arguments.update(overrides)
     features, labels = arguments.pop("features"), arguments.pop("labels")
     with pytest.raises(error, match=message):
@@ -335,14 +263,15 @@ def test_missing_extension_falls_back_to_reference_with_one_warning():
         "assert mcsc.backend('cpu') == 'reference'\n"
         "print(float(loss))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
-    z = F.normalize(torch.randn(30, 4, dtype=torch.float64), dim=1)
-    assert float(result.stdout) > 0 and z.shape == (30, 4)
+    assert float(result.stdout) > 0
 
 
 def test_direct_op_calls_are_checked_in_cpp():
-    features, labels = make_inputs(10, 4, 2, seed=15)
+    features, labels, _ = make_inputs([10], 4, 2, 0.1, dtype=torch.float64, seed=15)
     segments = torch.tensor([0, 10])
     with pytest.raises(RuntimeError, match="features must have shape"):
         torch.ops.mcsc.supcon_forward(features[:, 0], labels, segments, 0.1, True, -1)
@@ -350,8 +279,10 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.mcsc.supcon_forward(features, labels, segments.int(), 0.1, True, -1)
     loss, lse, positives = torch.ops.mcsc.supcon_forward(features, labels, segments, 0.1, True, -1)
     with pytest.raises(RuntimeError, match="positives must be int32"):
-        torch.ops.mcsc.supcon_backward(torch.ones_like(loss), features, labels, segments, lse,
-                                       positives.long(), 0.1, True)
+        torch.ops.mcsc.supcon_backward(
+            torch.ones_like(loss), features, labels, segments, lse, positives.long(), 0.1, True
+        )
     with pytest.raises(RuntimeError, match="lse must have shape"):
-        torch.ops.mcsc.supcon_backward(torch.ones_like(loss), features, labels, segments, lse[:5],
-                                       positives, 0.1, True)
+        torch.ops.mcsc.supcon_backward(
+            torch.ones_like(loss), features, labels, segments, lse[:5], positives, 0.1, True
+        )

@@ -1,5 +1,7 @@
-"""Trainer: every method runs, checkpoints are atomic and weights-only, resume is exact."""
+"""Trainer: every method runs, checkpoints are atomic and weights-only, resume is exact,
+recipes, the schedule, and what a NaN loss does."""
 
+import math
 import os
 import signal
 import subprocess
@@ -10,9 +12,10 @@ import pytest
 import torch
 
 from mcsc.cli import main
+from mcsc.losses import cross_teaching_loss, supervised_loss
 from mcsc.training.checkpoint import load_checkpoint, save_checkpoint
-from mcsc.training.config import Config, save_yaml
-from mcsc.training.trainer import Trainer
+from mcsc.training.config import DATASETS, RECIPES, Config, preset, save_yaml
+from mcsc.training.trainer import NonFiniteLossError, RunTimeEstimate, Trainer, method_losses, warmup_poly
 
 from mcsc_fixtures import tiny_config
 
@@ -181,3 +184,143 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     Trainer(config, tmp_path / "straight", progress=False).fit()
     assert_same_state(load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt"),
                       load_checkpoint(latest))
+
+
+# ------------------------------------------------------------ recipes and schedule
+def test_recipes_are_independent_of_the_dataset():
+    small_acdc, paper_synthetic = preset("acdc", "small"), preset("synthetic", "paper")
+    assert small_acdc.recipe == "small" and paper_synthetic.recipe == "paper"
+    assert small_acdc.data.patch_size == 64 and small_acdc.train.iterations == 600
+    assert small_acdc.model.swin_embed_dim == 24 and small_acdc.data.num_classes == 4
+    assert paper_synthetic.data.patch_size == 224 and paper_synthetic.train.iterations == 40000
+    assert paper_synthetic.model.swin_embed_dim == 96 and paper_synthetic.model.swin_drop_path == 0.2
+    # the dataset decides only what belongs to the data
+    for recipe in RECIPES:
+        configs = [preset(dataset, recipe) for dataset in DATASETS]
+        for config in configs[1:]:
+            assert config.model == configs[0].model and config.loss == configs[0].loss
+            assert config.train == configs[0].train
+            assert config.data.patch_size == configs[0].data.patch_size
+    assert preset("synthetic").recipe == "small" and preset("nifti").recipe == "paper"
+    with pytest.raises(ValueError, match="unknown recipe 'huge'"):
+        preset("acdc", "huge")
+    config = preset("acdc")
+    config.recipe = "huge"
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        config.validate()
+
+
+def test_published_weights_of_the_method():
+    config = preset("acdc", "paper")
+    # the public code adds 0.001 x (sum of scales) to both networks' losses and sums them
+    assert config.loss.contrastive_weight == pytest.approx(0.002)
+    assert config.train.warmup_fraction == pytest.approx(0.05)
+
+
+def test_swin_warm_up_is_five_percent_of_the_run_then_poly(tmp_path):
+    assert warmup_poly(0, 1000, 50) == pytest.approx(1e-3)
+    assert warmup_poly(25, 1000, 50) == pytest.approx(1e-3 * 0.5 + 0.5)
+    assert warmup_poly(50, 1000, 50) == pytest.approx(1.0)
+    assert warmup_poly(525, 1000, 50) == pytest.approx(0.5 ** 0.9)
+    assert warmup_poly(1000, 1000, 50) == 0.0 and warmup_poly(0, 1000, 0) == 1.0
+    config = tiny_config("mcsc", iterations=200)
+    trainer = Trainer(config, tmp_path, progress=False)
+    trainer.setup()
+    swin, cnn = trainer.schedulers["swin"].lr_lambdas[0], trainer.schedulers["cnn"].lr_lambdas[0]
+    assert swin(0) == pytest.approx(1e-3) and swin(10) == pytest.approx(1.0)  # 5 % of 200
+    assert cnn(0) == 1.0 and cnn(100) == pytest.approx(0.5 ** 0.9)
+
+
+def test_method_losses_compose_the_terms():
+    generator = torch.Generator().manual_seed(0)
+    cnn_logits, swin_logits = torch.randn(2, 4, 4, 8, 8, generator=generator)
+    labels = torch.randint(0, 4, (2, 8, 8), generator=generator)
+    contrastive = torch.tensor(0.7)
+    terms = method_losses(cnn_logits, swin_logits, labels, 2, 4, cross_teaching_weight=0.3,
+                          contrastive=contrastive, contrastive_weight=0.5)
+    expected = (supervised_loss(cnn_logits[:2], labels, 4) + supervised_loss(swin_logits[:2], labels, 4)
+                + 0.3 * (cross_teaching_loss(cnn_logits[2:], swin_logits[2:])
+                         + cross_teaching_loss(swin_logits[2:], cnn_logits[2:])) + 0.5 * 0.7)
+    torch.testing.assert_close(terms["loss"], expected)
+    supervised = method_losses(cnn_logits, swin_logits, labels, 2, 4, cross_teaching_weight=None)
+    assert set(supervised) == {"sup_cnn", "sup_swin", "loss"}
+    torch.testing.assert_close(supervised["loss"], supervised["sup_cnn"] + supervised["sup_swin"])
+
+
+def test_the_trainer_never_starts_a_process_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="no process group is running"):
+        Trainer(tiny_config(), tmp_path, progress=False)
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_long_run_is_announced_at_the_start(tmp_path, capsys):
+    config = tiny_config("supervised", iterations=5)
+    config.recipe = "paper"
+    config.train.long_run_hours = 0.0
+    Trainer(config, tmp_path / "paper", progress=False).fit()
+    announced = [line for line in capsys.readouterr().out.splitlines() if "estimated training time" in line]
+    assert len(announced) == 1 and "--recipe small" in announced[0] and "1 iterations to go" in announced[0]
+    estimate = RunTimeEstimate(start=0, total=100)
+    assert not estimate.update(1) and not estimate.update(3) and estimate.update(4)
+    assert estimate.remaining == 96 and estimate.seconds_per_iteration >= 0
+    estimate.seconds_per_iteration = 1.0
+    assert estimate.warning(1.0, "paper", torch.device("cpu")) is None  # 96 s < 1 h
+    assert "fewer --iterations" in estimate.warning(0.01, "small", torch.device("cpu"))
+
+
+# ------------------------------------------------------------------ non-finite training
+class NaNContrast(Trainer):
+    """The contrastive term becomes NaN (with its gradient) in iteration index ``nan_at``."""
+
+    nan_at = 3
+
+    def contrastive_loss(self, cnn_out, swin_out, labels, cnn_logits, swin_logits, iteration,
+                         layout=None):
+        loss = super().contrastive_loss(cnn_out, swin_out, labels, cnn_logits, swin_logits,
+                                        iteration, layout)
+        return loss * math.nan if iteration == self.nan_at else loss
+
+
+def test_a_nan_loss_term_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    config = tiny_config("mcsc", iterations=6)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 4: the loss term contrast = nan") as error:
+        NaNContrast(config, tmp_path, progress=False).fit()
+    assert "latest.pt (iteration 2) is kept" in str(error.value) and "train.non_finite=skip" in str(error.value)
+    kept = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert kept["iteration"] == 2
+    assert all(torch.isfinite(t).all() for w in kept["models"].values() for t in w.values() if t.is_floating_point())
+
+
+def test_a_nan_loss_term_can_skip_the_step(tmp_path, capsys):
+    weights = {}
+
+    class Watched(NaNContrast):
+        def on_iteration_end(self, iteration, logs):
+            weights[iteration] = [p.detach().clone() for p in self.models["cnn"].parameters()]
+
+    config = tiny_config("mcsc", iterations=6)
+    config.train.non_finite = "skip"
+    Watched(config, tmp_path, progress=False).fit()
+    assert "iteration 4: the loss term contrast = nan; step skipped (1 so far)" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(weights[3], weights[4]))  # no update
+    assert not all(torch.equal(a, b) for a, b in zip(weights[4], weights[5]))  # training goes on
+    state = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert state["iteration"] == 6
+    assert all(torch.isfinite(t).all() for w in state["models"].values() for t in w.values() if t.is_floating_point())
+
+
+def test_a_non_finite_model_is_never_checkpointed(tmp_path):
+    class Poisoned(Trainer):
+        """BatchNorm statistics turn NaN (as a NaN image would make them) after iteration 3;
+        the training loss, computed with batch statistics, stays finite."""
+
+        def on_iteration_end(self, iteration, logs):
+            if iteration == 3:
+                batchnorm = next(m for m in self.models["cnn"].modules() if isinstance(m, torch.nn.BatchNorm2d))
+                batchnorm.running_mean.fill_(math.nan)
+
+    with pytest.raises(NonFiniteLossError, match=r"iteration 4: cnn\..*running_mean is no longer finite"):
+        Poisoned(tiny_config("cross-teaching", iterations=6), tmp_path, progress=False).fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["iteration"] == 2

@@ -10,17 +10,22 @@
 // twice, so tiles of one round run in parallel and update the accumulators of both their
 // blocks directly. Every accumulator is updated in round order whatever the thread count,
 // so results are bit-identical from call to call, without atomics or per-thread copies.
+//
+// The forward also checks the values of its inputs (labels, feature values and norms, segment
+// offsets, temperature) with TORCH_CHECK_VALUE, which Python sees as a ValueError: it reads
+// them all anyway, and under torch.compile the Python checks of values cannot run.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <vector>
 
+#include "cpu_math.h"
 #include "supcon_checks.h"
-#include "supcon_math.h"
 
 namespace mcsc {
 namespace {
@@ -86,10 +91,58 @@ void run_schedule(const Schedule& rounds, const MakeWorker& make_worker) {
   }
 }
 
-std::vector<int64_t> segment_offsets(const at::Tensor& segments) {
+// The segment offsets, checked, since the kernels index rows by them.
+std::vector<int64_t> segment_offsets(const at::Tensor& segments, int64_t rows) {
   const at::Tensor offsets = segments.to(at::kCPU, at::kLong).contiguous();
   const int64_t* data = offsets.data_ptr<int64_t>();
-  return std::vector<int64_t>(data, data + offsets.numel());
+  std::vector<int64_t> result(data, data + offsets.numel());
+  TORCH_CHECK_VALUE(result.front() == 0 && result.back() == rows,
+                    "mcsc: segments must start at 0 and end at N=", rows, ", got ",
+                    result.front(), " ... ", result.back());
+  for (size_t k = 0; k + 1 < result.size(); ++k) {
+    TORCH_CHECK_VALUE(result[k] <= result[k + 1], "mcsc: segments must be non-decreasing offsets");
+  }
+  return result;
+}
+
+// Class ids 0..C-1 (-1 for ignored rows) and the number C. Small ids are used as they are; large
+// or negative ones are replaced by their rank among the ids present, so that the per-class
+// state stays O(N + D) whatever the ids (e.g. 10**9).
+struct ClassIds {
+  std::vector<int32_t> label;
+  int32_t num_classes = 0;
+};
+
+template <typename IsIgnored>
+ClassIds compact_class_ids(const int64_t* raw, int64_t n, const IsIgnored& is_ignored) {
+  ClassIds ids{std::vector<int32_t>(n, -1), 0};
+  int64_t low = std::numeric_limits<int64_t>::max(), high = std::numeric_limits<int64_t>::min();
+  for (int64_t i = 0; i < n; ++i) {
+    if (is_ignored(i)) continue;
+    low = std::min(low, raw[i]);
+    high = std::max(high, raw[i]);
+  }
+  if (low > high) return ids;  // no valid row
+  if (low >= 0 && high < std::max<int64_t>(n, 65536)) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!is_ignored(i)) ids.label[i] = static_cast<int32_t>(raw[i]);
+    }
+    ids.num_classes = static_cast<int32_t>(high + 1);
+    return ids;
+  }
+  std::vector<int64_t> present;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!is_ignored(i)) present.push_back(raw[i]);
+  }
+  std::sort(present.begin(), present.end());
+  present.erase(std::unique(present.begin(), present.end()), present.end());
+  for (int64_t i = 0; i < n; ++i) {
+    if (is_ignored(i)) continue;
+    ids.label[i] = static_cast<int32_t>(
+        std::lower_bound(present.begin(), present.end(), raw[i]) - present.begin());
+  }
+  ids.num_classes = static_cast<int32_t>(present.size());
+  return ids;
 }
 
 // Per-row facts the pairwise passes need: the compact label (-1 for ignored rows) and the
@@ -129,9 +182,7 @@ struct RowTable {
 };
 
 // With shift = the tile's similarity bound, exp(s_ij - shift) <= 1 for every pair, and each
-// row's largest term is >= exp(-2 * bound): when that stays within SharedShiftRange, one
-// exponential per pair can serve both its row and its column, with no pass over the tile to
-// find maxima and no masking (every weight of an ignored row or column is already 0).
+// row's largest term is >= exp(-2 * bound): within SharedShiftRange, one shift serves the tile.
 template <typename scalar_t>
 bool shared_shift_is_safe(scalar_t bound) {
   return 2 * bound <= SharedShiftRange<scalar_t>::value;
@@ -172,7 +223,6 @@ scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t dim) {
 template <typename scalar_t>
 struct TileMaxima {
   std::vector<scalar_t> row, col;
-  scalar_t all;
 
   void compute(const scalar_t* s, int64_t rows, int64_t cols) {
     const scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
@@ -189,10 +239,7 @@ struct TileMaxima {
       }
       row[i] = row_max;
     }
-    all = lowest;
-    for (scalar_t value : row) all = std::max(all, value);
   }
-
 };
 
 // The tile of similarities s_ij = z_i . z_j / t in the workspace.
@@ -232,57 +279,79 @@ struct ForwardState {
   std::vector<scalar_t> running_max, running_sum;
 };
 
+// Per-thread scratch of the forward's tiles.
 template <typename scalar_t>
-void forward_tile(const TilePair& tile, scalar_t* s, scalar_t inv_t,
-                  const RowTable<scalar_t>& rows, TileMaxima<scalar_t>& maxima,
-                  std::vector<scalar_t>& col_partial, ForwardState<scalar_t>& state) {
+struct ForwardWorkspace {
+  at::Tensor similarities;  // kTileRows x kTileRows
+  TileMaxima<scalar_t> maxima;  // per row and column, for tiles of a wide range
+  std::vector<scalar_t> col_sum;  // the tile's partial sums of its columns
+};
+
+// Adds the tile's partial sums of each column (shifted by shift(j)) to the column rows' states;
+// a diagonal tile's columns are its rows, already merged.
+template <typename scalar_t, typename Shift>
+void merge_columns(const TilePair& tile, const std::vector<scalar_t>& col_sum, const Shift& shift,
+                   ForwardState<scalar_t>& state) {
+  if (tile.diagonal()) return;
+  const int64_t c0 = tile.cols.start;
+  for (int64_t j = 0; j < tile.cols.size; ++j) {
+    merge_log_sum_exp(state.running_max[c0 + j], state.running_sum[c0 + j], shift(j), col_sum[j]);
+  }
+}
+
+// A tile whose bound is within SharedShiftRange (shared_shift_is_safe): one exponential
+// exp(s_ij - bound) <= 1 per pair serves both its row and its column, with no pass over the tile
+// to find maxima and no masking (every weight of an ignored row or column is already 0).
+template <typename scalar_t>
+void forward_tile_shared_shift(const TilePair& tile, const scalar_t* s, scalar_t bound,
+                               const RowTable<scalar_t>& rows, std::vector<scalar_t>& col_sum,
+                               ForwardState<scalar_t>& state) {
   const int64_t r0 = tile.rows.start, c0 = tile.cols.start;
   const int64_t height = tile.rows.size, width = tile.cols.size;
-  const bool diagonal = tile.diagonal();
   const int32_t* label_c = rows.label.data() + c0;
   const scalar_t* same_c = rows.same_weight.data() + c0;
   const scalar_t* contrast_c = rows.contrast_weight.data() + c0;
-  col_partial.assign(width, scalar_t(0));
-  scalar_t* col_sum = col_partial.data();
-
-  const scalar_t bound = rows.similarity_bound(tile, inv_t);
-  if (shared_shift_is_safe(bound)) {
-    for (int64_t i = 0; i < height; ++i) {
-      const scalar_t* s_row = s + i * width;
-      const int32_t label_i = rows.label[r0 + i];
-      const scalar_t same_i = rows.same_weight[r0 + i];
-      const scalar_t contrast_i = rows.contrast_weight[r0 + i];
-      scalar_t row_sum = 0;
-      if (diagonal) {
+  scalar_t* col = col_sum.data();
+  for (int64_t i = 0; i < height; ++i) {
+    const scalar_t* s_row = s + i * width;
+    const int32_t label_i = rows.label[r0 + i];
+    const scalar_t same_i = rows.same_weight[r0 + i];
+    const scalar_t contrast_i = rows.contrast_weight[r0 + i];
+    scalar_t row_sum = 0;
+    if (tile.diagonal()) {
 #pragma omp simd reduction(+ : row_sum)
-        for (int64_t j = 0; j < width; ++j) {
-          const scalar_t w = j == i ? scalar_t(0)
-                                    : pair_weight(label_i, label_c[j], same_i, contrast_c[j]);
-          row_sum += w * exp_vectorizable(s_row[j] - bound);
-        }
-      } else {
-#pragma omp simd reduction(+ : row_sum)
-        for (int64_t j = 0; j < width; ++j) {
-          const scalar_t e = exp_vectorizable(s_row[j] - bound);
-          row_sum += e * pair_weight(label_i, label_c[j], same_i, contrast_c[j]);
-          col_sum[j] += e * pair_weight(label_c[j], label_i, same_c[j], contrast_i);
-        }
+      for (int64_t j = 0; j < width; ++j) {
+        const scalar_t w = j == i ? scalar_t(0)
+                                  : pair_weight(label_i, label_c[j], same_i, contrast_c[j]);
+        row_sum += w * exp_vectorizable(s_row[j] - bound);
       }
-      merge_log_sum_exp(state.running_max[r0 + i], state.running_sum[r0 + i], bound, row_sum);
+    } else {
+#pragma omp simd reduction(+ : row_sum)
+      for (int64_t j = 0; j < width; ++j) {
+        const scalar_t e = exp_vectorizable(s_row[j] - bound);
+        row_sum += e * pair_weight(label_i, label_c[j], same_i, contrast_c[j]);
+        col[j] += e * pair_weight(label_c[j], label_i, same_c[j], contrast_i);
+      }
     }
-    if (diagonal) return;
-    for (int64_t j = 0; j < width; ++j) {
-      merge_log_sum_exp(state.running_max[c0 + j], state.running_sum[c0 + j], bound,
-                        col_sum[j]);
-    }
-    return;
+    merge_log_sum_exp(state.running_max[r0 + i], state.running_sum[r0 + i], bound, row_sum);
   }
+  merge_columns(tile, col_sum, [bound](int64_t) { return bound; }, state);
+}
 
-  // Wide similarity range: rows (and, off the diagonal, columns) each shifted by their own
-  // maximum over the pairs that take part.
-  exclude_non_contributing(s, tile, rows.label.data());
-  maxima.compute(s, height, width);
+// A tile of a wide similarity range: rows (and, off the diagonal, columns) are each shifted by
+// their own maximum over the pairs that take part. Overwrites the tile's similarities.
+template <typename scalar_t>
+void forward_tile_own_shifts(const TilePair& tile, scalar_t* s, const RowTable<scalar_t>& rows,
+                             ForwardWorkspace<scalar_t>& work, ForwardState<scalar_t>& state) {
+  const int64_t r0 = tile.rows.start, c0 = tile.cols.start;
+  const int64_t height = tile.rows.size, width = tile.cols.size;
+  const int32_t* label_c = rows.label.data() + c0;
+  const scalar_t* same_c = rows.same_weight.data() + c0;
+  const scalar_t* contrast_c = rows.contrast_weight.data() + c0;
   const scalar_t none = -std::numeric_limits<scalar_t>::infinity();
+  exclude_non_contributing(s, tile, rows.label.data());
+  TileMaxima<scalar_t>& maxima = work.maxima;
+  maxima.compute(s, height, width);
   for (int64_t i = 0; i < height; ++i) {
     const scalar_t* s_row = s + i * width;
     const int32_t label_i = rows.label[r0 + i];
@@ -297,37 +366,53 @@ void forward_tile(const TilePair& tile, scalar_t* s, scalar_t inv_t,
     }
     merge_log_sum_exp(state.running_max[r0 + i], state.running_sum[r0 + i], shift, row_sum);
   }
-  if (diagonal) return;
+  if (tile.diagonal()) return;
+  scalar_t* col = work.col_sum.data();
   for (int64_t i = 0; i < height; ++i) {
     const scalar_t* s_row = s + i * width;
     const int32_t label_i = rows.label[r0 + i];
     const scalar_t contrast_i = rows.contrast_weight[r0 + i];
     for (int64_t j = 0; j < width; ++j) {
       if (maxima.col[j] == none) continue;
-      col_sum[j] += pair_weight(label_c[j], label_i, same_c[j], contrast_i) *
-                    exp_vectorizable(s_row[j] - maxima.col[j]);
+      col[j] += pair_weight(label_c[j], label_i, same_c[j], contrast_i) *
+                exp_vectorizable(s_row[j] - maxima.col[j]);
     }
   }
-  for (int64_t j = 0; j < width; ++j) {
-    merge_log_sum_exp(state.running_max[c0 + j], state.running_sum[c0 + j], maxima.col[j],
-                      col_sum[j]);
+  merge_columns(tile, work.col_sum, [&maxima](int64_t j) { return maxima.col[j]; }, state);
+}
+
+// Adds one tile pair's terms to the log-sum-exp states of its rows and columns.
+template <typename scalar_t>
+void forward_tile(const TilePair& tile, scalar_t inv_t, const at::Tensor& z,
+                  const RowTable<scalar_t>& rows, ForwardWorkspace<scalar_t>& work,
+                  ForwardState<scalar_t>& state) {
+  const at::Tensor s = similarity_tile(z, tile, inv_t, work.similarities);
+  work.col_sum.assign(tile.cols.size, scalar_t(0));
+  const scalar_t bound = rows.similarity_bound(tile, inv_t);
+  if (shared_shift_is_safe(bound)) {
+    forward_tile_shared_shift(tile, s.data_ptr<scalar_t>(), bound, rows, work.col_sum, state);
+  } else {
+    forward_tile_own_shifts(tile, s.data_ptr<scalar_t>(), rows, work, state);
   }
 }
 
-// Labels as int32 with ignored rows set to -1, the number of classes, and |P(i)| per row.
-std::pair<std::vector<int32_t>, std::vector<int32_t>> count_positives(
-    const at::Tensor& labels, int64_t ignore_index, const std::vector<int64_t>& offsets,
-    int32_t& num_classes) {
+// Compact class ids (-1 for ignored rows), checked to be >= 0 or ignore_index, and |P(i)| per
+// row (-1 for ignored rows).
+std::pair<ClassIds, std::vector<int32_t>> count_positives(const at::Tensor& labels,
+                                                          int64_t ignore_index,
+                                                          const std::vector<int64_t>& offsets) {
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
   const int64_t* raw = labels64.data_ptr<int64_t>();
   const int64_t n = labels64.numel();
-  std::vector<int32_t> label(n), positives(n, -1);
-  num_classes = 0;
   for (int64_t i = 0; i < n; ++i) {
-    label[i] = raw[i] == ignore_index ? -1 : static_cast<int32_t>(raw[i]);
-    num_classes = std::max(num_classes, label[i] + 1);
+    TORCH_CHECK_VALUE(raw[i] >= 0 || raw[i] == ignore_index,
+                      "mcsc: labels must be in [0, C) or equal ignore_index=", ignore_index,
+                      "; found ", raw[i]);
   }
-  std::vector<int32_t> class_size(num_classes, 0);
+  ClassIds ids = compact_class_ids(raw, n, [&](int64_t i) { return raw[i] == ignore_index; });
+  const std::vector<int32_t>& label = ids.label;
+  std::vector<int32_t> positives(n, -1);
+  std::vector<int32_t> class_size(ids.num_classes, 0);
   for (size_t segment = 0; segment + 1 < offsets.size(); ++segment) {
     const int64_t begin = offsets[segment], end = offsets[segment + 1];
     for (int64_t i = begin; i < end; ++i) {
@@ -340,7 +425,41 @@ std::pair<std::vector<int32_t>, std::vector<int32_t>> count_positives(
       if (label[i] >= 0) class_size[label[i]] = 0;
     }
   }
-  return {std::move(label), std::move(positives)};
+  return {std::move(ids), std::move(positives)};
+}
+
+// Every feature finite and max_i |z_i|^2 / temperature within similarity_limit, from the norms
+// RowTable computed (a NaN or infinite value, or a squared norm past the dtype's range, makes a
+// norm non-finite).
+template <typename scalar_t>
+void check_feature_values(const RowTable<scalar_t>& rows, const scalar_t* z, int64_t dim,
+                          double temperature) {
+  double largest = 0;
+  for (size_t i = 0; i < rows.norm.size(); ++i) {
+    if (!std::isfinite(rows.norm[i])) {
+      const scalar_t* row = z + static_cast<int64_t>(i) * dim;
+      TORCH_CHECK_VALUE(std::all_of(row, row + dim, [](scalar_t x) { return std::isfinite(x); }),
+                        "mcsc: features contain NaN or infinite values (row ", i, ")");
+    }
+    largest = std::max(largest, static_cast<double>(rows.norm[i]));
+  }
+  const double bound = largest * largest / temperature;
+  TORCH_CHECK_VALUE(bound <= static_cast<double>(similarity_limit<scalar_t>()),
+                    "mcsc: features are too large: max_i |z_i|^2 / temperature = ", bound,
+                    " exceeds ", similarity_limit<scalar_t>(), " for ",
+                    c10::CppTypeToScalarType<scalar_t>::value,
+                    " sums, past which the gradient's rounding error exceeds 1e-3; normalise the "
+                    "features or raise the temperature");
+}
+
+// 1 / temperature, checked to be a finite number > 0 in scalar_t.
+template <typename scalar_t>
+scalar_t inverse_temperature(double temperature) {
+  const scalar_t inverse = scalar_t(1) / static_cast<scalar_t>(temperature);
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(inverse),
+                    "mcsc: temperature must be > 0 with 1 / temperature finite in ",
+                    c10::CppTypeToScalarType<scalar_t>::value, ", got ", temperature);
+  return inverse;
 }
 
 constexpr std::initializer_list<at::ScalarType> kFeatureDtypes = {at::kFloat, at::kDouble};
@@ -352,9 +471,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cpu(
   // Detached: the kernels call ATen ops, which must not record autograd history.
   const at::Tensor z = features.detach().contiguous();
   const int64_t n = z.size(0), dim = z.size(1);
-  const std::vector<int64_t> offsets = segment_offsets(segments);
-  int32_t num_classes = 0;
-  auto [label, positives] = count_positives(labels, ignore_index, offsets, num_classes);
+  const std::vector<int64_t> offsets = segment_offsets(segments, n);
+  auto [ids, positives] = count_positives(labels, ignore_index, offsets);
+  const int32_t num_classes = ids.num_classes;
 
   at::Tensor loss = at::zeros({n}, z.options());
   at::Tensor lse = at::zeros({n}, z.options());
@@ -362,21 +481,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cpu(
   std::copy(positives.begin(), positives.end(), positives_out.data_ptr<int32_t>());
 
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "supcon_forward_cpu", [&] {
-    const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temperature);
+    const scalar_t inv_t = inverse_temperature<scalar_t>(temperature);
     const scalar_t* z_data = z.data_ptr<scalar_t>();
-    const RowTable<scalar_t> rows(std::move(label), std::move(positives), prevalence, z_data,
+    const RowTable<scalar_t> rows(std::move(ids.label), std::move(positives), prevalence, z_data,
                                   dim);
+    check_feature_values(rows, z_data, dim, temperature);
 
     ForwardState<scalar_t> state;
     state.running_max.assign(n, -std::numeric_limits<scalar_t>::infinity());
     state.running_sum.assign(n, scalar_t(0));
     run_schedule(build_schedule(offsets), [&] {
-      return [&, workspace = at::empty({kTileRows * kTileRows}, z.options()),
-              maxima = TileMaxima<scalar_t>(),
-              col_partial = std::vector<scalar_t>()](const TilePair& tile) mutable {
-        const at::Tensor s = similarity_tile(z, tile, inv_t, workspace);
-        forward_tile(tile, s.data_ptr<scalar_t>(), inv_t, rows, maxima, col_partial, state);
-      };
+      return [&, work = ForwardWorkspace<scalar_t>{at::empty({kTileRows * kTileRows},
+                                                             z.options())}](
+                 const TilePair& tile) mutable { forward_tile(tile, inv_t, z, rows, work, state); };
     });
 
     scalar_t* loss_data = loss.data_ptr<scalar_t>();
@@ -403,57 +520,73 @@ struct BackwardRows {
   std::vector<scalar_t> lse;
 };
 
-// H_ij = G_ij + G_ji for the tile, written over the similarities in place.
+// H_ij = G_ij + G_ji for a tile whose bound is within SharedShiftRange, from one shared
+// exponential per pair, written over the similarities in place.
 template <typename scalar_t>
-void pair_gradient_tile(const TilePair& tile, scalar_t* s, scalar_t inv_t,
-                        const RowTable<scalar_t>& rows, const BackwardRows<scalar_t>& grad,
-                        std::vector<scalar_t>& col_scale) {
+void pair_gradient_tile_shared_shift(const TilePair& tile, scalar_t* s, scalar_t bound,
+                                     const RowTable<scalar_t>& rows,
+                                     const BackwardRows<scalar_t>& grad,
+                                     std::vector<scalar_t>& col_scale) {
   const int64_t r0 = tile.rows.start, c0 = tile.cols.start;
   const int64_t height = tile.rows.size, width = tile.cols.size;
   const int32_t* label_c = rows.label.data() + c0;
   const scalar_t* same_c = rows.same_weight.data() + c0;
   const scalar_t* contrast_c = rows.contrast_weight.data() + c0;
-
-  const scalar_t bound = rows.similarity_bound(tile, inv_t);
-  if (shared_shift_is_safe(bound)) {
-    // scale_i = a_i exp(bound - lse_i) <= a_i exp(2 bound + log N): finite in this range.
-    const auto scale = [&](int64_t row) {
-      return grad.anchor[row] == scalar_t(0)
-                 ? scalar_t(0)
-                 : grad.anchor[row] * std::exp(bound - grad.lse[row]);
-    };
-    col_scale.resize(width);
-    for (int64_t j = 0; j < width; ++j) col_scale[j] = scale(c0 + j);
-    const scalar_t* scale_c = col_scale.data();
-    for (int64_t i = 0; i < height; ++i) {
-      scalar_t* s_row = s + i * width;
-      const int32_t label_i = rows.label[r0 + i];
-      const scalar_t scale_i = scale(r0 + i);
-      const scalar_t same_i = rows.same_weight[r0 + i];
-      const scalar_t contrast_i = rows.contrast_weight[r0 + i];
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        s_row[j] = symmetric_pair_gradient_shared(exp_vectorizable(s_row[j] - bound), label_i,
-                                                  label_c[j], scale_i, same_i, contrast_i,
-                                                  scale_c[j], same_c[j], contrast_c[j]);
-      }
-      if (tile.diagonal()) s_row[i] = 0;
-    }
-    return;
-  }
-
-  exclude_non_contributing(s, tile, rows.label.data());
+  // scale_i = a_i exp(bound - lse_i) <= a_i exp(2 bound + log N): finite in this range.
+  const auto scale = [&](int64_t row) {
+    return grad.anchor[row] == scalar_t(0) ? scalar_t(0)
+                                           : grad.anchor[row] * std::exp(bound - grad.lse[row]);
+  };
+  col_scale.resize(width);
+  for (int64_t j = 0; j < width; ++j) col_scale[j] = scale(c0 + j);
+  const scalar_t* scale_c = col_scale.data();
   for (int64_t i = 0; i < height; ++i) {
     scalar_t* s_row = s + i * width;
-    const int64_t row = r0 + i;
+    const int32_t label_i = rows.label[r0 + i];
+    const scalar_t scale_i = scale(r0 + i);
+    const scalar_t same_i = rows.same_weight[r0 + i];
+    const scalar_t contrast_i = rows.contrast_weight[r0 + i];
+#pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      const int64_t col = c0 + j;
+      s_row[j] = symmetric_pair_gradient_shared(exp_vectorizable(s_row[j] - bound), label_i,
+                                                label_c[j], scale_i, same_i, contrast_i,
+                                                scale_c[j], same_c[j], contrast_c[j]);
+    }
+    if (tile.diagonal()) s_row[i] = 0;
+  }
+}
+
+// H_ij = G_ij + G_ji for a tile of a wide similarity range, each term shifted by its own row's
+// lse, written over the similarities in place.
+template <typename scalar_t>
+void pair_gradient_tile_own_shifts(const TilePair& tile, scalar_t* s,
+                                   const RowTable<scalar_t>& rows,
+                                   const BackwardRows<scalar_t>& grad) {
+  exclude_non_contributing(s, tile, rows.label.data());
+  for (int64_t i = 0; i < tile.rows.size; ++i) {
+    scalar_t* s_row = s + i * tile.cols.size;
+    const int64_t row = tile.rows.start + i;
+    for (int64_t j = 0; j < tile.cols.size; ++j) {
+      const int64_t col = tile.cols.start + j;
       s_row[j] = symmetric_pair_gradient(s_row[j], rows.label[row], rows.label[col],
                                          grad.anchor[row], grad.lse[row], rows.same_weight[row],
                                          rows.contrast_weight[row], grad.anchor[col],
                                          grad.lse[col], rows.same_weight[col],
                                          rows.contrast_weight[col]);
     }
+  }
+}
+
+// H_ij = G_ij + G_ji for the tile, written over the similarities in place.
+template <typename scalar_t>
+void pair_gradient_tile(const TilePair& tile, scalar_t* s, scalar_t inv_t,
+                        const RowTable<scalar_t>& rows, const BackwardRows<scalar_t>& grad,
+                        std::vector<scalar_t>& col_scale) {
+  const scalar_t bound = rows.similarity_bound(tile, inv_t);
+  if (shared_shift_is_safe(bound)) {
+    pair_gradient_tile_shared_shift(tile, s, bound, rows, grad, col_scale);
+  } else {
+    pair_gradient_tile_own_shifts(tile, s, rows, grad);
   }
 }
 
@@ -466,24 +599,21 @@ at::Tensor supcon_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& fe
   // Detached: the kernels call ATen ops, which must not record autograd history.
   const at::Tensor z = features.detach().contiguous();
   const int64_t n = z.size(0), dim = z.size(1);
-  const std::vector<int64_t> offsets = segment_offsets(segments);
+  const std::vector<int64_t> offsets = segment_offsets(segments, n);
 
   const at::Tensor positives32 = positives.to(at::kInt).contiguous();
   const int32_t* positive_data = positives32.data_ptr<int32_t>();
   std::vector<int32_t> positive_counts(positive_data, positive_data + n);
+  // The forward marked ignored rows with positives = -1, so ignore_index is not needed here.
   const at::Tensor labels64 = labels.to(at::kLong).contiguous();
-  const int64_t* raw_label = labels64.data_ptr<int64_t>();
-  std::vector<int32_t> label(n);
-  int32_t num_classes = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    label[i] = positive_counts[i] < 0 ? -1 : static_cast<int32_t>(raw_label[i]);
-    num_classes = std::max(num_classes, label[i] + 1);
-  }
+  ClassIds ids = compact_class_ids(labels64.data_ptr<int64_t>(), n,
+                                   [&](int64_t i) { return positive_counts[i] < 0; });
+  const int32_t num_classes = ids.num_classes;
 
   at::Tensor grad_z = at::zeros_like(z);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "supcon_backward_cpu", [&] {
-    const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temperature);
-    const RowTable<scalar_t> rows(std::move(label), std::move(positive_counts), prevalence,
+    const scalar_t inv_t = inverse_temperature<scalar_t>(temperature);
+    const RowTable<scalar_t> rows(std::move(ids.label), std::move(positive_counts), prevalence,
                                   z.data_ptr<scalar_t>(), dim);
     const at::Tensor grad_cast = grad_loss.to(z.scalar_type()).contiguous();
     const at::Tensor lse_cast = lse.to(z.scalar_type()).contiguous();

@@ -1,7 +1,8 @@
 """Datasets: ACDC (SSL4MIS), Synapse (TransUNet), NIfTI (Decathlon) folders, synthetic phantoms.
 
-:func:`build_data` turns a :class:`mcsc.training.config.DataConfig` into a
-:class:`DataBundle`; :func:`infer_dataset` guesses the format of a folder.
+:func:`build_data` turns a data configuration (any object with the fields of the trainer's
+``DataConfig``: dataset, path, labeled, split, ...) into a :class:`DataBundle`;
+:func:`infer_dataset` guesses the format of a folder.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from mcsc.data.acdc import build_acdc, prepare_acdc
 from mcsc.data.base import DataBundle, DataError, SliceDataset, Volume, VolumeSource
 from mcsc.data.nifti import build_nifti
 from mcsc.data.sampling import TwoStreamBatchSampler
+from mcsc.data.synapse import CLASS_NAMES as SYNAPSE_CLASSES
 from mcsc.data.synapse import build_synapse
 from mcsc.data.synthetic import build_synthetic
 
@@ -40,11 +42,11 @@ def infer_dataset(path: str | Path) -> str:
         return "acdc"
     if (path / "train_npz").is_dir():
         return "synapse"
-    if (path / "imagesTr").is_dir() or (path / "labelsTr").is_dir():
+    if any((path / folder).is_dir() for folder in ("imagesTr", "labelsTr", "imagesUnlabelled")):
         return "nifti"
     raise DataError(
         f"{path}: cannot tell the dataset format (expected train_slices.list for ACDC, "
-        f"train_npz/ for Synapse or imagesTr/ + labelsTr/ for NIfTI); pass --dataset"
+        f"train_npz/ for Synapse or imagesTr/ + labelsTr/ for NIfTI); name the dataset explicitly"
     )
 
 
@@ -62,16 +64,17 @@ def build_data(data) -> DataBundle:
             data.synthetic_depth, seed=seed, fractions=fractions, split=data.split,
         )
     elif data.path is None:
-        raise DataError(f"dataset {kind!r} needs --data PATH")
+        raise DataError(f"dataset {kind!r} needs a data folder, and none was given")
     elif kind == "acdc":
         bundle = build_acdc(data.path, data.labeled or 7, data.num_classes or 4)
     elif kind == "synapse":
-        from mcsc.training.config import SYNAPSE_CLASSES
-
         names = data.class_names or SYNAPSE_CLASSES
         bundle = build_synapse(data.path, data.labeled or 4, data.num_classes or len(names), names)
     elif kind == "nifti":
-        bundle = _build_nifti_auto_labelled(data, seed, fractions)
+        bundle = build_nifti(
+            data.path, data.labeled, seed=seed, fractions=fractions, split=data.split,
+            num_classes=data.num_classes, class_names=data.class_names, channel=data.channel,
+        )
     else:
         raise DataError(f"unknown dataset {kind!r}")
     data.num_classes = bundle.num_classes
@@ -81,16 +84,3 @@ def build_data(data) -> DataBundle:
         data.split = bundle.split
     return bundle
 
-
-def _build_nifti_auto_labelled(data, seed: int, fractions) -> DataBundle:
-    """NIfTI folder; ``labeled=None`` means 10 % of the training cases (at least one)."""
-    kwargs = dict(
-        seed=seed, fractions=fractions, split=data.split, num_classes=data.num_classes,
-        class_names=data.class_names, channel=data.channel,
-    )
-    if data.labeled is not None:
-        return build_nifti(data.path, data.labeled, **kwargs)
-    bundle = build_nifti(data.path, 1, **kwargs)
-    count = max(1, round(0.1 * len(bundle.split["train"])))
-    bundle.labelled_cases = bundle.split["train"][:count]
-    return bundle

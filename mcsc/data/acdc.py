@@ -25,34 +25,14 @@ from mcsc.data.base import (
     DataBundle,
     DataError,
     FileSlices,
-    Volume,
-    VolumeSource,
     check_pair,
     first_cases,
     seeded_split,
 )
+from mcsc.data.files import check_files, check_volumes, read_h5, volume_source
 from mcsc.data.transforms import normalise_like
 
 CLASS_NAMES = ["background", "RV", "Myo", "LV"]
-
-
-def read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(image, label) arrays of an SSL4MIS/TransUNet ``.h5`` file; errors name the file."""
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f or "label" not in f:
-                raise DataError(f"{path}: expected datasets 'image' and 'label', found {list(f)}")
-            return f["image"][()], f["label"][()]
-    except OSError as error:
-        raise DataError(f"{path}: cannot read HDF5 file ({error})") from error
-
-
-def read_h5_spacing(path: Path) -> tuple[float, float, float] | None:
-    """The (z, y, x) spacing stored in a volume file, or None."""
-    with h5py.File(path, "r") as f:
-        if "spacing" in f:
-            return tuple(float(v) for v in f["spacing"][()])
-    return None
 
 
 def read_list(path: Path) -> list[str]:
@@ -64,32 +44,6 @@ def read_list(path: Path) -> list[str]:
     if not names:
         raise DataError(f"{path}: list file is empty")
     return names
-
-
-def volume_source(path: Path, num_classes: int, name: str | None = None) -> VolumeSource:
-    """A lazily read ``.h5`` volume (image float32, label int64), checked when loaded."""
-
-    def load() -> Volume:
-        image, label = read_h5(path)
-        image = np.asarray(image, np.float32)
-        label = np.asarray(label).astype(np.int64)
-        check_pair(image, label, num_classes, str(path))
-        if image.ndim != 3:
-            raise DataError(f"{path}: expected a 3D volume, got shape {image.shape}")
-        return Volume(name or path.name.split(".")[0], image, label, read_h5_spacing(path))
-
-    return VolumeSource(name or path.name.split(".")[0], load)
-
-
-def check_files(paths: list[Path], num_classes: int, ndim: int, reader=read_h5) -> None:
-    """Read every file once and raise :class:`DataError` naming the first bad one."""
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
-        image, label = reader(path)
-        check_pair(np.asarray(image), np.asarray(label), num_classes, str(path))
-        if np.asarray(image).ndim != ndim:
-            raise DataError(f"{path}: expected {ndim}D arrays, got shape {np.shape(image)}")
 
 
 def patient_of(slice_name: str) -> str:
@@ -107,7 +61,9 @@ def build_acdc(root: str | Path, labelled: int, num_classes: int = 4) -> DataBun
     val_paths = [root / "data" / f"{n}.h5" for n in read_list(root / "val.list")]
     test_paths = [root / "data" / f"{n}.h5" for n in read_list(root / "test.list")]
     check_files(slice_paths, num_classes, 2)
-    check_files(val_paths + test_paths, num_classes, 3)
+    val = [volume_source(p, num_classes) for p in val_paths]
+    test = [volume_source(p, num_classes) for p in test_paths]
+    check_volumes(val + test)
     cases = [patient_of(n) for n in slice_names]
     return DataBundle(
         kind="acdc",
@@ -115,8 +71,8 @@ def build_acdc(root: str | Path, labelled: int, num_classes: int = 4) -> DataBun
         class_names=list(CLASS_NAMES),
         train=FileSlices(slice_paths, cases, read_h5),
         labelled_cases=first_cases(cases, labelled, f"ACDC at {root}"),
-        val=[volume_source(p, num_classes) for p in val_paths],
-        test=[volume_source(p, num_classes) for p in test_paths],
+        val=val,
+        test=test,
     )
 
 

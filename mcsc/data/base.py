@@ -7,9 +7,9 @@ slices. Images are float32, labels int64 with values in [0, num_classes). Spacin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -66,15 +66,20 @@ class SliceTable:
 
 
 class ArraySlices(SliceTable):
-    """Slices held in memory (synthetic data, NIfTI volumes loaded at start-up)."""
+    """Slices held in memory (synthetic data, NIfTI volumes loaded at start-up).
 
-    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray], cases: list[str]):
+    A label of None marks a slice of an image that has no label; ``get`` returns zeros for it
+    (the sampler only draws such slices as unlabelled, so the zeros are never trained on).
+    """
+
+    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray | None], cases: list[str]):
         super().__init__(cases)
         self.images = images
         self.labels = labels
 
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.images[index], self.labels[index]
+        image, label = self.images[index], self.labels[index]
+        return image, np.zeros(image.shape, np.int64) if label is None else label
 
 
 class FileSlices(SliceTable):
@@ -86,8 +91,9 @@ class FileSlices(SliceTable):
         self.reader = reader
 
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image, label = self.reader(self.paths[index])
-        return image.astype(np.float32), label.astype(np.int64)
+        path = self.paths[index]
+        image, label = self.reader(path)
+        return check_pair(image, label, None, str(path), ndim=2)
 
 
 @dataclass
@@ -123,12 +129,35 @@ class DataBundle:
         chosen = set(self.labelled_cases)
         return [i for i, case in enumerate(self.train.cases) if case not in chosen]
 
+    def describe(self) -> str:
+        """One line of case counts: labelled and unlabelled training cases, validation, test.
 
-def first_cases(cases_in_order: list[str], count: int, what: str) -> list[str]:
-    """The first ``count`` distinct case names in order of appearance (the labelled subset)."""
+        Unlabelled training cases are those of the cases with labels beyond the labelled
+        subset, plus the images that have no label (``split["unlabelled"]``).
+        """
+        training = list(dict.fromkeys(self.train.cases))
+        without_labels = len(self.split.get("unlabelled", []))
+        unlabelled = len(training) - len(self.labelled_cases)
+        origin = f" ({without_labels} of them images without labels)" if without_labels else ""
+        return (
+            f"{self.kind} data: {len(self.labelled_cases)} labelled and {unlabelled} unlabelled "
+            f"training cases{origin}, {len(self.val)} validation and {len(self.test)} test cases"
+        )
+
+
+def first_cases(cases_in_order: list[str], count: int | None, what: str) -> list[str]:
+    """The first ``count`` distinct case names in order of appearance (the labelled subset).
+
+    ``count`` None keeps them all.
+    """
     unique = list(dict.fromkeys(cases_in_order))
+    if count is None:
+        count = len(unique)
     if count < 1 or count > len(unique):
-        raise DataError(f"--labeled {count}: {what} has {len(unique)} training cases")
+        raise DataError(
+            f"{count} labelled cases asked for: {what} has {len(unique)} training cases "
+            f"with labels"
+        )
     return unique[:count]
 
 
@@ -156,18 +185,58 @@ def seeded_split(
     }
 
 
-def check_pair(image: np.ndarray, label: np.ndarray, num_classes: int | None, where: str) -> None:
-    """Raise :class:`DataError` naming ``where`` if image and label do not fit together."""
+def image_array(values, where: str) -> np.ndarray:
+    """``values`` as a float32 image; an empty array or a dtype that is not real numbers raises
+    :class:`DataError` naming ``where`` (a complex image would silently lose its imaginary
+    part)."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise DataError(f"{where}: image has dtype {values.dtype}, expected real numbers")
+    if values.size == 0:
+        raise DataError(f"{where}: empty image of shape {values.shape}")
+    return values.astype(np.float32, copy=False)
+
+
+def label_array(values, where: str) -> np.ndarray:
+    """``values`` as an int64 label map; raises :class:`DataError` naming ``where`` for a dtype
+    that is not numbers, or for float values that are not whole numbers (NaN included): casting
+    1.5 to 1 would train on a class nobody drew."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise DataError(f"{where}: label has dtype {values.dtype}, expected integers")
+    if values.dtype.kind == "f":
+        if not np.array_equal(np.rint(values), values):
+            raise DataError(f"{where}: label map has non-integer values")
+        if values.size and np.abs(values).max() >= 2**31:
+            raise DataError(f"{where}: label value {float(np.abs(values).max()):g} out of range")
+    return values.astype(np.int64)
+
+
+def check_pair(
+    image, label, num_classes: int | None, where: str, ndim: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its label map converted and checked; :class:`DataError` names ``where``.
+
+    Args:
+        image: array of real numbers; returned as float32, which must be finite.
+        label: array of whole numbers; returned as int64, in [0, num_classes) (only >= 0 when
+            ``num_classes`` is None).
+        ndim: the number of dimensions both must have (None: any).
+    """
+    image, label = image_array(image, where), label_array(label, where)
+    if ndim is not None and image.ndim != ndim:
+        raise DataError(f"{where}: expected {ndim}D arrays, got shape {image.shape}")
     if image.shape != label.shape:
         raise DataError(f"{where}: image shape {image.shape} != label shape {label.shape}")
-    if label.size and label.min() < 0:
+    if label.min() < 0:
         raise DataError(f"{where}: negative label value {int(label.min())}")
-    if num_classes is not None and label.size and label.max() >= num_classes:
+    if num_classes is not None and label.max() >= num_classes:
         raise DataError(
             f"{where}: label value {int(label.max())} >= num_classes {num_classes}"
         )
     if not np.isfinite(image).all():
         raise DataError(f"{where}: image contains NaN or infinite values")
+    return image, label
 
 
 class SliceDataset(torch.utils.data.Dataset):

@@ -8,7 +8,7 @@ have drawn, whatever the number of DataLoader workers or how far they prefetched
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -39,7 +39,8 @@ class TwoStreamBatchSampler:
             raise ValueError("the two-stream sampler needs labelled slices in every batch")
         if unlabelled_per_batch > 0 and not unlabelled:
             raise ValueError(
-                "no unlabelled slices: use --method supervised or label fewer cases"
+                "no unlabelled slices for the unlabelled part of each batch: add images "
+                "without labels, mark fewer cases labelled, or train the supervised method"
             )
         self.labelled = np.asarray(labelled, dtype=np.int64)
         self.unlabelled = np.asarray(unlabelled, dtype=np.int64)

@@ -7,8 +7,8 @@ Layout::
     ROOT/train.txt                       optional: slice names in order (TransUNet's
                                          lists_Synapse/train.txt); else sorted file names
 
-9 classes: background + 8 organs; their names come from the configuration
-(``data.class_names``), not from this file. The labelled subset is the first k cases in list
+9 classes: background + 8 organs, named :data:`CLASS_NAMES` unless the configuration gives
+others (``data.class_names``). The labelled subset is the first k cases in list
 order. TransUNet ships no validation split: validation is skipped and the last checkpoint is
 the one evaluated. The files record no spacing: distances are in voxels.
 """
@@ -19,8 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mcsc.data.acdc import check_files, volume_source
 from mcsc.data.base import DataBundle, DataError, FileSlices, first_cases
+from mcsc.data.files import check_files, check_volumes, volume_source
+
+CLASS_NAMES = [
+    "background", "aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas",
+    "spleen", "stomach",
+]
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +67,8 @@ def build_synapse(
     if not test_paths:
         raise DataError(f"{test_dir}: no .h5 volumes found")
     check_files(slice_paths, num_classes, 2, reader=read_npz)
-    check_files(test_paths, num_classes, 3)
+    test = [volume_source(p, num_classes, p.name.split(".")[0]) for p in test_paths]
+    check_volumes(test)
     cases = [case_of(p.stem) for p in slice_paths]
     return DataBundle(
         kind="synapse",
@@ -71,5 +77,5 @@ def build_synapse(
         train=FileSlices(slice_paths, cases, read_npz),
         labelled_cases=first_cases(cases, labelled, f"Synapse at {root}"),
         val=[],
-        test=[volume_source(p, num_classes, p.name.split(".")[0]) for p in test_paths],
+        test=test,
     )

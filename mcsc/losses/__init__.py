@@ -1,10 +1,41 @@
-"""Losses of the method: segmentation, cross teaching and the multi-scale cross contrastive loss."""
+"""Losses: supervised contrastive losses for embeddings and pixel maps, and the method's losses.
 
-from mcsc.losses.contrastive import MultiScaleContrastiveLoss, balanced_rows, block_rows
-from mcsc.losses.segmentation import DiceLoss, cross_teaching_loss, sigmoid_rampup, supervised_loss
+* :class:`SupConLoss` — (N, D) embeddings and (N,) labels (also ``mcsc.SupConLoss``).
+* :class:`PixelContrastiveLoss` — (B, D, h, w) embedding maps of any segmentation network
+  (one per scale) and (B, H, W) labels, with the ``blocks`` / ``balanced`` / ``all`` samplers.
+* :class:`MultiScaleContrastiveLoss` — MCSC's cross loss over a CNN's and a Swin-UNet's maps.
+* :class:`DiceLoss`, :func:`supervised_loss`, :func:`cross_teaching_loss`,
+  :func:`sigmoid_rampup` — the segmentation and cross-teaching terms of the method.
+
+Everything here needs torch alone.
+"""
+
+from mcsc.losses.contrastive import MultiScaleContrastiveLoss
+from mcsc.losses.pixel import (
+    ContrastiveDiagnostics,
+    EmbeddingMaps,
+    PixelContrastiveLoss,
+    PixelSample,
+    balanced_rows,
+    block_rows,
+    resize_labels,
+)
+from mcsc.losses.segmentation import (
+    DiceLoss,
+    cross_teaching_loss,
+    sigmoid_rampup,
+    supervised_loss,
+)
+from mcsc.losses.supcon import SupConLoss
 
 __all__ = [
+    "SupConLoss",
+    "PixelContrastiveLoss",
     "MultiScaleContrastiveLoss",
+    "ContrastiveDiagnostics",
+    "EmbeddingMaps",
+    "PixelSample",
+    "resize_labels",
     "block_rows",
     "balanced_rows",
     "DiceLoss",

@@ -30,6 +30,7 @@ class DiceLoss(nn.Module):
         self.num_classes, self.smooth = num_classes, smooth
 
     def forward(self, probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float probabilities against a (B, H, W) integer class map -> scalar loss."""
         if probabilities.dim() != 4 or probabilities.shape[1] != self.num_classes:
             raise ValueError(f"probabilities must be (B, {self.num_classes}, H, W), got {tuple(probabilities.shape)}")
         if target.shape != probabilities.shape[:1] + probabilities.shape[2:]:

@@ -110,7 +110,8 @@ class SwinUNet(nn.Module):
         embed_dim, depths, num_heads, window_size: Swin configuration. The defaults are the
             method's Swin-T "lite" (96; 2, 2, 2, 2; 3, 6, 12, 24; 7 at 224x224).
         drop_path_rate: stochastic-depth rate, linearly increasing over the encoder blocks; the
-            decoder mirrors the encoder's rates as Swin-UNet does.
+            decoder mirrors the encoder's rates as Swin-UNet does. 0.2 as in the public MCSC
+            configuration.
         pretrained: optional path of a **local** ImageNet Swin checkpoint; see
             :func:`load_swin_encoder_checkpoint`. ``None`` keeps the random initialisation.
 
@@ -133,7 +134,7 @@ class SwinUNet(nn.Module):
 
     def __init__(self, img_size: int = 224, in_channels: int = 1, num_classes: int = 4, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 window_size: int = 7, drop_path_rate: float = 0.1, pretrained: str | os.PathLike | None = None):
+                 window_size: int = 7, drop_path_rate: float = 0.2, pretrained: str | os.PathLike | None = None):
         super().__init__()
         depths, num_heads = tuple(int(d) for d in depths), tuple(int(h) for h in num_heads)
         _check_config(img_size, in_channels, num_classes, embed_dim, depths, num_heads, window_size,

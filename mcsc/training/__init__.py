@@ -2,7 +2,8 @@
 
 from mcsc.training.checkpoint import load_checkpoint, save_checkpoint
 from mcsc.training.config import Config, load_yaml, preset, save_yaml
-from mcsc.training.trainer import Trainer, build_models, evaluation_models, resolve_device
+from mcsc.training.distributed import resolve_device
+from mcsc.training.trainer import Trainer, build_models, evaluation_models
 
 __all__ = [
     "Config",

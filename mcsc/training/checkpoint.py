@@ -1,4 +1,4 @@
-"""Checkpoints: one dict of tensors and primitive containers, written atomically.
+"""Checkpoints: one dict of tensors and primitive containers, written atomically, checked on load.
 
 A checkpoint holds::
 
@@ -10,52 +10,144 @@ A checkpoint holds::
      "best": {"metric": float, "iteration": int}}
 
 It loads with ``torch.load(path, weights_only=True)``: nothing is pickled beyond tensors, numbers,
-strings, lists and dicts.
+strings, lists and dicts. :func:`load_checkpoint` also verifies the checksum of every record of
+the file (a zip archive), because ``torch.load`` reads a damaged tensor without a word.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
 FORMAT = 1
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archives are zip files
+
+
+class CheckpointError(ValueError):
+    """A file that is not a valid mcsc checkpoint; the message names it and says why."""
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then rename.
 
-    A crash mid-write leaves the previous checkpoint intact, never a truncated file.
+    A crash or a failed write (disk full, no permission) leaves the previous checkpoint at
+    ``path`` intact and no temporary file behind; a failed write raises ``OSError`` naming
+    ``path`` with the system's reason.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # serialised in memory first: torch.save into a file object reports a failed write as a
+    # bare position mismatch, while a plain write keeps the system's reason (ENOSPC, EACCES)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
         with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+        temporary = None
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"{path}: cannot write the checkpoint ({error.strerror or error}); "
+            f"the previous checkpoint there, if any, is unchanged",
+        ) from error
+    finally:
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
-        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename durable; some file systems refuse to sync a folder, and the rename
+    has happened either way."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; errors name the file."""
+    """Load a checkpoint written by :func:`save_checkpoint`, never running code from the file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError (a ``ValueError``): the file is empty, truncated or corrupt (a record
+            whose checksum does not match), another kind of file (not a zip archive, an archive
+            that is not a PyTorch file, or one holding Python objects other than tensors and
+            plain containers), or a PyTorch file that is not an mcsc checkpoint of this format.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    _check_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: cannot load checkpoint ({error})") from error
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "config" not in state:
-        raise ValueError(f"{path}: not an mcsc checkpoint (format {FORMAT})")
+    except pickle.UnpicklingError:
+        # torch's message advises loading without weights_only, which would run whatever the
+        # file holds: it is not passed on
+        raise CheckpointError(
+            f"{path}: not a valid mcsc checkpoint: it holds Python objects other than tensors "
+            f"and plain containers (another kind of file; not loaded, as that could run code)"
+        ) from None
+    except Exception as error:  # noqa: BLE001 (a sound archive that is not a PyTorch file)
+        # not chained either: the first line of the reason is all that is shown of torch's text
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(
+            f"{path}: not a valid mcsc checkpoint: another kind of file (a zip archive that "
+            f"torch cannot read: {reason})"
+        ) from None
+    if not isinstance(state, dict) or "config" not in state or "format" not in state:
+        raise CheckpointError(
+            f"{path}: not an mcsc checkpoint (a PyTorch file without mcsc's format and config)"
+        )
+    if state["format"] != FORMAT:
+        raise CheckpointError(
+            f"{path}: not an mcsc checkpoint of format {FORMAT} (format {state['format']!r})"
+        )
     return state
+
+
+def _check_archive(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete zip archive whose records
+    all match their checksums."""
+    with open(path, "rb") as f:
+        magic = f.read(len(_ZIP_MAGIC))
+    if not magic:
+        raise CheckpointError(f"{path}: not a valid mcsc checkpoint: the file is empty")
+    if magic != _ZIP_MAGIC:
+        raise CheckpointError(
+            f"{path}: not a valid mcsc checkpoint: another kind of file (not a zip archive, "
+            f"as torch.save writes)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as error:  # BadZipFile, OSError or EOFError from a cut or damaged file
+        raise CheckpointError(
+            f"{path}: not a valid mcsc checkpoint: truncated or corrupt ({error})"
+        ) from error
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path}: not a valid mcsc checkpoint: corrupt (record {damaged} fails its checksum)"
+        )
 
 
 def rng_state() -> dict:

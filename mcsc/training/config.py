@@ -1,10 +1,15 @@
-"""The run configuration: dataclasses, per-dataset presets, YAML files and overrides.
+"""The run configuration: dataclasses, recipes, dataset presets, YAML files and overrides.
 
-Resolution order (later wins): the preset of the dataset (``synthetic`` is the CPU demo, the
-others follow the paper's recipe), the ``--config`` YAML file, the command-line flags
-(``--labeled``, ``--method``, ``--iterations``, ``--device``, ``--set section.key=value``).
-The fully resolved configuration is written to ``OUT/config.yaml`` and stored in every
-checkpoint, so ``evaluate`` and ``predict`` rebuild exactly the trained networks.
+Two independent choices make the defaults of a run (:func:`preset`):
+
+* the **recipe** (``paper`` or ``small``): networks, patch size, schedule, losses, loader;
+  the paper's recipe is the dataclass defaults, ``small`` the CPU demo's;
+* the **dataset**: only what belongs to the data (labelled cases, classes and their names).
+
+Resolution order (later wins): that preset, the ``--config`` YAML file, the command-line flags
+(``--recipe``, ``--labeled``, ``--method``, ``--iterations``, ``--device``, ``--set
+section.key=value``). The fully resolved configuration is written to ``OUT/config.yaml`` and
+stored in every checkpoint, so ``evaluate`` and ``predict`` rebuild exactly the trained networks.
 """
 
 from __future__ import annotations
@@ -16,13 +21,12 @@ from pathlib import Path
 
 import yaml
 
+from mcsc.data.synapse import CLASS_NAMES as SYNAPSE_CLASSES
+
 DATASETS = ("synthetic", "acdc", "synapse", "nifti")
 METHODS = ("mcsc", "cross-teaching", "supervised")
-
-SYNAPSE_CLASSES = [
-    "background", "aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas",
-    "spleen", "stomach",
-]
+RECIPES = ("paper", "small")
+NON_FINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -32,14 +36,14 @@ class DataConfig:
     dataset: str = "synthetic"
     path: str | None = None
     labeled: int | None = 4  # labelled training cases; None: 10 % of them (NIfTI)
-    patch_size: int = 64
+    patch_size: int = 224
     num_classes: int | None = None  # None: from the dataset (dataset.json or the labels)
     class_names: list[str] | None = None
     split: dict[str, list[str]] | None = None  # drawn and saved for synthetic/NIfTI data
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
     seed: int = 0  # data seed: the synthetic phantoms and the train/val/test split
     channel: int = 0  # NIfTI: which channel of a multi-channel image
-    num_workers: int = 0
+    num_workers: int = 4  # DataLoader worker processes
     synthetic_cases: int = 40
     synthetic_size: int = 64
     synthetic_depth: int = 12
@@ -55,6 +59,7 @@ class ModelConfig:
     swin_depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     swin_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
     swin_window: int = 7
+    swin_drop_path: float = 0.2  # stochastic depth of the Swin-UNet (the public configuration)
     swin_pretrained: str | None = None
     projection_hidden: int = 256
     projection_out: int = 128
@@ -66,7 +71,9 @@ class LossConfig:
 
     consistency: float = 0.1  # cross-teaching weight (times the sigmoid ramp-up)
     consistency_rampup: int = 30000  # iterations to reach the full weight
-    contrastive_weight: float = 0.001  # per scale
+    # per scale, in the total loss: the public code adds 0.001 x (sum over scales) to each of
+    # the two networks' losses and sums them, 0.002 in all
+    contrastive_weight: float = 0.002
     contrastive_strides: list[int] = field(default_factory=lambda: [1, 8])  # feature scales
     contrastive_sampler: str = "blocks"
     contrastive_block_sizes: list[int] = field(default_factory=lambda: [19, 14])  # per scale
@@ -85,13 +92,16 @@ class TrainConfig:
     labeled_batch_size: int = 4  # global, likewise
     lr: float = 5e-4
     swin_lr_ratio: float = 0.2  # Swin-UNet learning rate = lr * ratio
-    warmup: int = 1000  # Swin-UNet linear warm-up iterations
+    warmup_fraction: float = 0.05  # Swin-UNet linear warm-up, as a share of the iterations
     weight_decay: float = 5e-4
     seed: int = 1337
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads (None: torch's default)
     sync_batchnorm: bool = True  # torchrun: BatchNorm statistics over all ranks (SyncBatchNorm)
-    amp: bool = True  # mixed precision (CUDA only)
+    amp: bool = True  # bfloat16 autocast (CUDA only)
+    tf32: bool = True  # TF32 matmuls and convolutions (CUDA only)
+    non_finite: str = "stop"  # a NaN/inf loss term: "stop" (keep the last checkpoint) or "skip" the step
+    long_run_hours: float = 8.0  # warn at the start when the estimated training time is longer
     eval_every: int = 1000  # validation pass every K iterations (keeps the best checkpoint)
     checkpoint_every: int = 1000
     log_every: int = 20
@@ -106,6 +116,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = "paper"  # which recipe the defaults came from (a record; see preset)
 
     def to_dict(self) -> dict:
         """Plain nested dict of primitives (YAML- and ``torch.load(weights_only=True)``-safe)."""
@@ -119,10 +130,16 @@ class Config:
         return config
 
     def update(self, values: dict, where: str = "configuration") -> None:
-        """Overwrite fields from a nested dict {section: {key: value}}."""
+        """Overwrite fields from a nested dict {section: {key: value}} (plus ``recipe: name``).
+
+        ``recipe`` is recorded only: the recipe's defaults are applied by :func:`preset`.
+        """
         if not isinstance(values, dict):
             raise ValueError(f"{where}: expected a mapping of sections, got {type(values).__name__}")
         for section, entries in values.items():
+            if section == "recipe":
+                self.recipe = entries
+                continue
             if section not in _SECTIONS:
                 raise ValueError(f"{where}: unknown section {section!r} (known: {list(_SECTIONS)})")
             target = getattr(self, section)
@@ -144,6 +161,8 @@ class Config:
 
     def validate(self) -> None:
         """Raise ``ValueError`` for values that cannot work together."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.data.dataset not in DATASETS:
             raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.data.dataset!r}")
         if self.train.method not in METHODS:
@@ -156,61 +175,89 @@ class Config:
             raise ValueError("train.iterations must be >= 1")
         if len(self.loss.contrastive_block_sizes) != len(self.loss.contrastive_strides):
             raise ValueError("loss.contrastive_block_sizes needs one entry per contrastive stride")
+        if not 0.0 <= self.train.warmup_fraction < 1.0:
+            raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.train.warmup_fraction}")
+        if not 0.0 <= self.model.swin_drop_path < 1.0:
+            raise ValueError(f"model.swin_drop_path must be in [0, 1), got {self.model.swin_drop_path}")
+        if self.train.non_finite not in NON_FINITE_POLICIES:
+            raise ValueError(f"train.non_finite must be one of {NON_FINITE_POLICIES}, "
+                             f"got {self.train.non_finite!r}")
 
 
-_SECTIONS = {f.name for f in dataclasses.fields(Config)}
+_SECTIONS = {f.name for f in dataclasses.fields(Config) if f.name != "recipe"}
 
 
-def preset(dataset: str) -> Config:
-    """Defaults for a dataset.
+def default_recipe(dataset: str) -> str:
+    """``small`` for the built-in synthetic data (the CPU demo), ``paper`` for a dataset folder."""
+    return "small" if dataset == "synthetic" else "paper"
 
-    * ``synthetic``: the CPU demo: 64x64 patches, a half-width U-Net, a small 3-stage
-      Swin-UNet (embed 24, window 4), the "balanced" contrastive sampler (32 pixels per class,
-      image and network), 600 iterations, 4 labelled cases of 28, one torch thread (small
-      convolutions gain little from a second thread, and a busy machine makes two much slower).
-    * ``acdc``: the paper's recipe (224x224, Swin-T lite, 40k iterations, batch 8 with 4
-      labelled, 7 labelled patients).
-    * ``synapse``: as ACDC with 9 classes and 4 labelled cases.
-    * ``nifti``: as ACDC; 10 % of the training cases labelled, classes from ``dataset.json``.
+
+def preset(dataset: str, recipe: str | None = None) -> Config:
+    """The defaults of a run: a recipe, and what the dataset decides about its data.
+
+    Recipes (any dataset takes either):
+
+    * ``paper``: the public code's recipe for a GPU: 224x224 patches, U-Net (16 ... 256) and
+      Swin-UNet "Swin-T lite" (embed 96, depths 2-2-2-2, window 7, drop path 0.2), batch 8 with 4
+      labelled, 40 000 iterations, the 19x19 / 14x14 block sampler, 4 loader workers.
+    * ``small``: the CPU demo: 64x64 patches, a half-width U-Net, a small 3-stage Swin-UNet
+      (embed 24, window 4), the "balanced" contrastive sampler (32 pixels per class, image and
+      network), 600 iterations, one torch thread (small convolutions gain little from a second
+      thread, and a busy machine makes two much slower).
+
+    Datasets: ``synthetic`` 4 labelled cases; ``acdc`` 7 labelled patients and 4 classes;
+    ``synapse`` 4 labelled cases and its 9 classes with their names; ``nifti`` 10 % of the
+    training cases labelled, classes from ``dataset.json`` or the labels.
+
+    Args:
+        dataset: one of :data:`DATASETS`.
+        recipe: one of :data:`RECIPES`; ``None``: :func:`default_recipe` of the dataset.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} (known: {DATASETS})")
+    recipe = default_recipe(dataset) if recipe is None else recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r} (known: {RECIPES})")
     config = Config()
+    config.recipe = recipe
+    if recipe == "small":
+        _apply_small_recipe(config)
     config.data.dataset = dataset
     if dataset == "synthetic":
-        config.data.patch_size = 64
         config.data.labeled = 4
-        config.model.unet_channels = [8, 16, 32, 64, 128]
-        config.model.swin_embed_dim = 24
-        config.model.swin_depths = [2, 2, 2]
-        config.model.swin_heads = [1, 2, 4]
-        config.model.swin_window = 4
-        config.model.projection_hidden = 64
-        config.model.projection_out = 32
-        config.loss.contrastive_sampler = "balanced"
-        config.loss.contrastive_pixels_per_class = 32
-        config.loss.consistency_rampup = 300
-        config.loss.labelled_only_until = 150
-        config.train.iterations = 600
-        config.train.threads = 1
-        config.train.lr = 2e-3
-        config.train.warmup = 50
-        config.train.eval_every = 100
-        config.train.checkpoint_every = 100
-        config.train.log_every = 10
+    elif dataset == "acdc":
+        config.data.labeled = 7
+        config.data.num_classes = 4
+    elif dataset == "synapse":
+        config.data.labeled = 4
+        config.data.num_classes = 9
+        config.data.class_names = list(SYNAPSE_CLASSES)
     else:
-        config.data.patch_size = 224
-        config.data.num_workers = 4
-        if dataset == "acdc":
-            config.data.labeled = 7
-            config.data.num_classes = 4
-        elif dataset == "synapse":
-            config.data.labeled = 4
-            config.data.num_classes = 9
-            config.data.class_names = list(SYNAPSE_CLASSES)
-        else:
-            config.data.labeled = None
+        config.data.labeled = None
     return config
+
+
+def _apply_small_recipe(config: Config) -> None:
+    config.data.patch_size = 64
+    config.data.num_workers = 0
+    config.model.unet_channels = [8, 16, 32, 64, 128]
+    config.model.swin_embed_dim = 24
+    config.model.swin_depths = [2, 2, 2]
+    config.model.swin_heads = [1, 2, 4]
+    config.model.swin_window = 4
+    config.model.swin_drop_path = 0.1  # a third of the paper's blocks
+    config.model.projection_hidden = 64
+    config.model.projection_out = 32
+    config.loss.contrastive_sampler = "balanced"
+    config.loss.contrastive_pixels_per_class = 32
+    config.loss.consistency_rampup = 300
+    config.loss.labelled_only_until = 150
+    config.train.iterations = 600
+    config.train.threads = 1
+    config.train.lr = 2e-3
+    config.train.eval_every = 100
+    config.train.checkpoint_every = 100
+    config.train.log_every = 10
 
 
 def load_yaml(path: str | Path) -> dict:

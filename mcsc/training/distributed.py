@@ -12,17 +12,17 @@ method are not sums over images — Dice pools its sums over the batch, the cont
 contrasts pixels of different images and its block sampler mixes images — so every rank
 computes the **whole single-process loss on the global batch**:
 
-* :func:`gather_batch` gathers the per-image outputs the segmentation losses need (logits,
-  labels; a few MB) from all ranks, in the single-process order (all labelled slices in rank
-  order, then all unlabelled ones), keeping the autograd graph;
-* :class:`DistributedContrastiveLoss` gathers the *integer* pseudo-label inputs (logits without
-  gradient, labels), so every rank draws the **same** pixel sample from the global batch with
-  its identically seeded generator, then gathers with gradient only the embedding rows that
-  were sampled (never whole 224^2 embedding maps) and calls the same
-  ``MultiScaleContrastiveLoss._losses`` on the identical global set;
-* BatchNorm statistics are global with :func:`convert_sync_batchnorm` (torch's SyncBatchNorm on
-  GPUs, :class:`CPUSyncBatchNorm`, an equivalent autograd implementation, on the CPU where
-  torch's is unavailable).
+* :func:`gather_batch` gathers the per-image outputs the losses need (logits, labels; a few
+  MB) from all ranks, in the single-process order (all labelled slices in rank order, then
+  all unlabelled ones), keeping the autograd graph; this happens once per step;
+* :class:`DistributedContrastiveLoss` takes those gathered logits and labels, so every rank
+  builds the same cross pseudo-labels and draws the **same** pixel sample from the global
+  batch with its identically seeded generator, then gathers with gradient only the embedding
+  rows that were sampled (never whole 224^2 embedding maps) and runs the wrapped loss's
+  reduction on the identical global set;
+* BatchNorm statistics are global with
+  :func:`mcsc.training.sync_batchnorm.convert_sync_batchnorm` (torch's SyncBatchNorm on GPUs,
+  an equivalent autograd implementation on the CPU, where torch's is unavailable).
 
 So the loss value is the same on every rank and equal to one process's loss on the
 concatenated batch. **Gradients**: every rank r back-propagates the same global loss L. The
@@ -38,9 +38,9 @@ the updated parameters against one process.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mcsc.losses.contrastive import MultiScaleContrastiveLoss
+from mcsc.losses.pixel import EmbeddingMaps
+from mcsc.training.sync_batchnorm import convert_sync_batchnorm
 
 
 # ---------------------------------------------------------------------------- process group
@@ -72,7 +74,10 @@ class DistributedContext:
         return self.rank == 0
 
 
-def _resolve_device(name: str, local_rank: int, distributed: bool) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
+    """The device a config's ``device`` names: ``auto`` (CUDA when available, else the CPU),
+    ``cpu``, ``cuda`` or ``cuda:N``. With ``distributed`` a CUDA device is ``cuda:local_rank``
+    (one GPU per process). Raises ValueError when CUDA is asked for and missing."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -103,7 +108,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world_size}")
-    resolved = _resolve_device(device, local_rank, world_size > 1)
+    resolved = resolve_device(device, local_rank, world_size > 1)
     if world_size == 1:
         return DistributedContext(device=resolved)
     if not dist.is_available():
@@ -125,10 +130,12 @@ def destroy_distributed() -> None:
 
 
 def get_rank() -> int:
+    """This process's rank (0 outside a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_world_size() -> int:
+    """The number of processes (1 outside a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -144,87 +151,6 @@ def barrier() -> None:
 
 
 # ----------------------------------------------------------------------------- models
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training statistics span all ranks, for CPU tensors (gloo).
-
-    torch's ``nn.SyncBatchNorm`` runs only on GPUs (and DDP refuses it on CPU modules). Here
-    the statistics are computed with two differentiable all-reduces (the sums, then the
-    centred sums of squares), giving exactly the batch statistics of the concatenated batch;
-    the running statistics are updated as BatchNorm does. Outside a process group, or in eval
-    mode, it is plain BatchNorm. Same parameters, buffers and state-dict keys as BatchNorm.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
-        self.process_group = process_group
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
-        if self.training and group is not None and dist.get_world_size(group) > 1:
-            return self._sync_forward(input, group)
-        return super().forward(input)
-
-    def _sync_forward(self, input: torch.Tensor, group) -> torch.Tensor:
-        self._check_input_dim(input)
-        dims = [0] + list(range(2, input.dim()))
-        shape = [1, -1] + [1] * (input.dim() - 2)
-        count = torch.tensor(float(input.numel() // max(input.shape[1], 1)), dtype=input.dtype,
-                             device=input.device)
-        dist.all_reduce(count, group=group)
-        mean = _all_reduce_sum(input.sum(dims), group) / count
-        centred = input - mean.view(shape)
-        var = _all_reduce_sum((centred * centred).sum(dims), group) / count
-        output = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            output = output * self.weight.view(shape) + self.bias.view(shape)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var.detach() * (count / (count - 1).clamp(min=1))
-                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
-        return output
-
-
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Make every ``BatchNorm*d`` of ``module`` use the statistics of all ranks, in place.
-
-    CUDA modules get torch's ``nn.SyncBatchNorm``, CPU modules :class:`CPUSyncBatchNorm`. The
-    new layers share the old ones' parameters and buffers, so optimisers built before the
-    conversion keep working and state-dict keys do not change. Returns the converted module
-    (a new object only when ``module`` itself is a BatchNorm layer).
-    """
-    first = next(module.parameters(), None)
-    if first is not None and first.device.type != "cpu":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        converted = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                     module.track_running_stats, process_group)
-        if module.affine:
-            converted.weight, converted.bias = module.weight, module.bias
-        if module.track_running_stats:
-            converted.running_mean, converted.running_var = module.running_mean, module.running_var
-            converted.num_batches_tracked = module.num_batches_tracked
-        converted.training = module.training
-        return converted
-    for name, child in module.named_children():
-        new = convert_sync_batchnorm(child, process_group)
-        if new is not child:
-            module.add_module(name, new)
-    return module
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (the module itself otherwise)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def wrap_models(models: dict[str, nn.Module], context: DistributedContext, sync_batchnorm: bool = True,
                 find_unused_parameters: bool = False) -> dict[str, nn.Module]:
     """Wrap every module of ``models`` (networks and heads) in DistributedDataParallel.
@@ -251,16 +177,6 @@ def wrap_models(models: dict[str, nn.Module], context: DistributedContext, sync_
 
 
 # ---------------------------------------------------------------------------- metrics
-class NullWriter:
-    """Stands in for the TensorBoard ``SummaryWriter`` on ranks > 0 (only rank 0 writes)."""
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def all_reduce_mean(metrics: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean over ranks of a dict of floats (every rank must pass the same keys, in any order)."""
     if get_world_size() == 1 or not metrics:
@@ -274,27 +190,6 @@ def all_reduce_mean(metrics: dict[str, float], device: torch.device | str = "cpu
 
 
 # ---------------------------------------------------------------------------- gathers
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum): the gradient is the all-reduced incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _AllReduceSum.apply(tensor, group)
-
-
 def _all_gather_sizes(size: int, device: torch.device, group=None) -> list[int]:
     world = dist.get_world_size(group)
     local = torch.tensor([size], dtype=torch.long, device=device)
@@ -425,23 +320,57 @@ def gather_batch(tensor: torch.Tensor, layout: BatchLayout, group=None) -> torch
 
 
 # --------------------------------------------------------------------- contrastive loss
+class ShardedEmbeddingMaps(EmbeddingMaps):
+    """One scale's embedding maps of the global batch when each rank holds only its own images.
+
+    The global maps are the CNN maps of the ``images`` contrasted images of the global batch,
+    then their Swin maps (the order of :class:`MultiScaleContrastiveLoss`); this rank holds its
+    local (B_r, D, h, w) CNN and Swin maps. :meth:`rows` takes global rows (the same on every
+    rank), reads the ones of this rank's images from its local maps, gathers only those rows
+    from all ranks (with gradient, see :class:`_GatherRows`) and returns them in global order.
+    """
+
+    def __init__(self, cnn: torch.Tensor, swin: torch.Tensor, layout: BatchLayout, use_unlabelled: bool,
+                 group=None):
+        super().__init__([cnn, swin])
+        owners, local_index = layout.owners(use_unlabelled)
+        self.images, self.rank, self.world_size = len(owners), layout.rank, len(layout.labelled)
+        self.local_batch, self.group = cnn.shape[0], group
+        self.owner = torch.tensor(owners, dtype=torch.long, device=cnn.device)
+        self.local_index = torch.tensor(local_index, dtype=torch.long, device=cnn.device)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), D) embeddings of global rows (every rank passes the same ``rows``)."""
+        pixels = self.size[0] * self.size[1]
+        maps, pixel = rows // pixels, rows % pixels
+        network, image = maps // self.images, maps % self.images
+        row_owner = self.owner[image]
+        mine = row_owner == self.rank
+        local_rows = (network[mine] * self.local_batch + self.local_index[image[mine]]) * pixels + pixel[mine]
+        # every rank knows every row's owner, so the gather needs no exchange of sizes
+        sizes = torch.bincount(row_owner, minlength=self.world_size).tolist()
+        gathered, _ = gather_rows(super().rows(local_rows), self.group, sizes)
+        # gathered holds the rows grouped by rank, each group in global order
+        by_rank = torch.argsort(row_owner, stable=True)
+        return gathered[torch.argsort(by_rank)]
+
+
 class DistributedContrastiveLoss(nn.Module):
     """A :class:`MultiScaleContrastiveLoss` over the global batch of all ranks.
 
-    Called with the same arguments as the wrapped loss, all **local** (this rank's embeddings,
-    labels of its labelled images, logits, its labelled count). Returns the loss and diagnostics
-    of the wrapped loss on the global batch (same value on every rank):
+    Called with the wrapped loss's arguments, where the embeddings are this rank's **local**
+    maps and the labels, logits and labelled count are those of the **global** batch (what
+    :func:`gather_batch` returns, which the trainer needs for its other losses anyway), plus
+    the :class:`BatchLayout` of the step. Every rank then
 
-    1. the labels and the (detached) logits of all ranks are gathered — the cross pseudo-labels
-       and so the pixel sample depend only on them — and every rank draws the sample of the
-       global batch with the wrapped loss's sampler and generator (identically seeded on all
-       ranks, so the draws agree);
-    2. each rank picks, among the sampled rows, those of its own images from its local
-       embedding maps; these rows alone are gathered (with gradient) and put back into the
-       global row order;
-    3. the wrapped loss's per-scale reduction runs on that set.
+    1. builds the cross targets of the global batch and draws the pixel sample with the wrapped
+       loss's generator (identically seeded on all ranks, so the draws agree);
+    2. reads the sampled rows of its own images from its local maps and gathers only those
+       rows (with gradient) from all ranks (:class:`ShardedEmbeddingMaps`);
+    3. runs the wrapped loss's reduction on that set: the same value on every rank, equal to
+       the single-process loss of the global batch.
 
-    One process: exactly the wrapped loss.
+    One process, or ``layout=None`` with one process: exactly the wrapped loss.
     """
 
     def __init__(self, loss: MultiScaleContrastiveLoss, group=None):
@@ -454,53 +383,36 @@ class DistributedContrastiveLoss(nn.Module):
         """The wrapped loss's generator (checkpointed for an exact resume)."""
         return self.loss.generator
 
-    def forward(self, cnn_embeddings, swin_embeddings, labels, cnn_logits, swin_logits, labelled_count: int,
-                use_unlabelled: bool = True):
+    @property
+    def diagnostics(self):
+        """The wrapped loss's :attr:`MultiScaleContrastiveLoss.diagnostics` (global batch)."""
+        return self.loss.diagnostics
+
+    def forward(self, cnn_embeddings: Sequence[torch.Tensor], swin_embeddings: Sequence[torch.Tensor],
+                labels: torch.Tensor | None, cnn_logits: torch.Tensor, swin_logits: torch.Tensor,
+                labelled_count: int, use_unlabelled: bool = True, layout: BatchLayout | None = None) -> torch.Tensor:
+        """The loss of the global batch (a scalar, the same on every rank).
+
+        Args:
+            cnn_embeddings, swin_embeddings: per scale, this rank's (B_r, D, h_s, w_s) maps.
+            labels: (labelled_count, H, W) integer labels of the global batch's labelled images.
+            cnn_logits, swin_logits: (B, C, H, W) logits of the global batch (detached here).
+            labelled_count: labelled images of the global batch.
+            use_unlabelled: as in :class:`MultiScaleContrastiveLoss`.
+            layout: how the global batch is split over ranks (:func:`batch_layout`); required
+                under several processes.
+        """
         if get_world_size() == 1:
             return self.loss(cnn_embeddings, swin_embeddings, labels, cnn_logits, swin_logits, labelled_count,
                              use_unlabelled)
-        loss, group = self.loss, self.group
-        cnn_embeddings, swin_embeddings = list(cnn_embeddings), list(swin_embeddings)
-        device = cnn_logits.device
-        if any(e.shape[0] != cnn_logits.shape[0] for e in cnn_embeddings + swin_embeddings):
-            raise ValueError(f"every embedding map must hold this rank's {cnn_logits.shape[0]} images")
-        layout = batch_layout(cnn_logits.shape[0], labelled_count, device, group)
-        if labelled_count > 0 and (labels is None or labels.shape[0] != labelled_count):
-            raise ValueError(f"labels must hold the {labelled_count} labelled images of this rank")
-        local_labels = labels if labelled_count > 0 else cnn_logits.new_zeros((0,) + tuple(cnn_logits.shape[2:]),
-                                                                               dtype=torch.long)
-        global_labels, _ = gather_rows(local_labels.to(torch.long).contiguous(), group, list(layout.labelled))
-        global_cnn_logits = gather_batch(cnn_logits.detach(), layout, group)
-        global_swin_logits = gather_batch(swin_logits.detach(), layout, group)
-        total, total_labelled = layout.total, layout.total_labelled
-        # shape-only stand-ins of the global embedding maps for the wrapped loss's input checks
-        cnn_stand_ins, swin_stand_ins = ([e.new_zeros(()).expand((total,) + tuple(e.shape[1:])) for e in maps]
-                                         for maps in (cnn_embeddings, swin_embeddings))
-        scales = loss._check_inputs(cnn_stand_ins, swin_stand_ins, global_labels if total_labelled else None,
-                                    global_cnn_logits, global_swin_logits, total_labelled)
-        num_classes = cnn_logits.shape[1]
-        images = total if use_unlabelled else total_labelled
-        local_images = layout.sizes()[layout.rank] if use_unlabelled else layout.labelled[layout.rank]
-        cnn_targets, swin_targets = loss._cross_targets(global_labels, global_cnn_logits, global_swin_logits,
-                                                        total_labelled, images)
-        owner_list, local_list = layout.owners(use_unlabelled)
-        owner = torch.tensor(owner_list, dtype=torch.long, device=device)
-        local_index = torch.tensor(local_list, dtype=torch.long, device=device)
-
-        def select_rows(scale: int, rows: torch.Tensor) -> torch.Tensor:
-            cnn, swin = cnn_embeddings[scale][:local_images], swin_embeddings[scale][:local_images]
-            pixels = cnn.shape[2] * cnn.shape[3]
-            local_features = torch.cat([cnn, swin]).permute(0, 2, 3, 1).reshape(-1, cnn.shape[1])
-            # global row -> (network, global image, pixel) -> the owning rank's local row
-            maps, pixel = rows // pixels, rows % pixels
-            network, image = maps // images, maps % images
-            row_owner = owner[image]
-            mine = row_owner == layout.rank
-            local_rows = (network[mine] * local_images + local_index[image[mine]]) * pixels + pixel[mine]
-            gathered, _ = gather_rows(local_features[local_rows], group)
-            # gathered holds the rows grouped by rank, each group in global order
-            by_rank = torch.argsort(row_owner, stable=True)
-            return gathered[torch.argsort(by_rank)]
-
-        return loss.contrast_sampled_rows(cnn_embeddings, swin_embeddings, scales, cnn_targets, swin_targets,
-                                          num_classes, select_rows)
+        if layout is None:
+            raise ValueError("layout (the BatchLayout of the step) is required under several processes")
+        if cnn_logits.shape[0] != layout.total or labelled_count != layout.total_labelled:
+            raise ValueError(f"cnn_logits hold {cnn_logits.shape[0]} images and labelled_count is {labelled_count}, "
+                             f"but the global batch has {layout.total} images, {layout.total_labelled} labelled: "
+                             f"pass the gathered logits and labels")
+        scales = self.loss.select_scales(cnn_embeddings, swin_embeddings, layout.sizes()[layout.rank])
+        targets = self.loss.targets(labels, cnn_logits, swin_logits, labelled_count, use_unlabelled)
+        maps = [ShardedEmbeddingMaps(cnn_embeddings[s], swin_embeddings[s], layout, use_unlabelled, self.group)
+                for s in scales]
+        return self.loss.pixel_loss.contrast(targets, maps, cnn_logits.shape[1])

@@ -8,18 +8,22 @@ One readable loop with hooks to override (nnU-Net style)::
         def build_optimizers(self): ...        # ({name: optimiser}, {name: scheduler})
         def train_step(self, batch, iteration): ...   # -> {loss name: float}
         def validate(self, iteration): ...     # -> metrics summary
+        def on_non_finite(self, names, values, iteration): ...  # a NaN/inf loss term
         def on_iteration_end(self, iteration, logs): ...
 
 ``Trainer(config, out_dir).fit()`` trains, keeps ``checkpoints/latest.pt`` (every
 ``checkpoint_every`` iterations) and ``checkpoints/best.pt`` (best validation mean Dice), then
 evaluates the best checkpoint on the test split and writes ``metrics.json``, ``metrics.txt``
-and ``predictions.png``.
+and ``predictions.png``. A NaN or infinite loss term stops the run with a message naming the
+term and the iteration (``train.non_finite = "skip"`` skips the step instead); a checkpoint is
+never overwritten by a non-finite model state.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -41,8 +45,8 @@ from mcsc.models import SwinUNet, UNet, build_projection_heads, feature_index
 from mcsc.training.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mcsc.training.config import Config, save_yaml
 from mcsc.training.distributed import (
+    DistributedContext,
     DistributedContrastiveLoss,
-    NullWriter,
     all_reduce_mean,
     batch_layout,
     gather_batch,
@@ -51,32 +55,136 @@ from mcsc.training.distributed import (
 )
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_models(config: Config, num_classes: int) -> dict[str, torch.nn.Module]:
     """The U-Net and the Swin-UNet (and, for ``mcsc``, the projection heads) of a config."""
-    m = config.model
-    cnn = UNet(in_channels=1, num_classes=num_classes, channels=tuple(m.unet_channels),
-               dropout=tuple(m.unet_dropout))
+    model = config.model
+    cnn = UNet(in_channels=1, num_classes=num_classes, channels=tuple(model.unet_channels),
+               dropout=tuple(model.unet_dropout))
     swin = SwinUNet(
         img_size=config.data.patch_size, in_channels=1, num_classes=num_classes,
-        embed_dim=m.swin_embed_dim, depths=tuple(m.swin_depths), num_heads=tuple(m.swin_heads),
-        window_size=m.swin_window, pretrained=m.swin_pretrained,
+        embed_dim=model.swin_embed_dim, depths=tuple(model.swin_depths),
+        num_heads=tuple(model.swin_heads), window_size=model.swin_window,
+        drop_path_rate=model.swin_drop_path, pretrained=model.swin_pretrained,
     )
     models = {"cnn": cnn, "swin": swin}
     if config.train.method == "mcsc":
         strides = config.loss.contrastive_strides
         models["heads"] = build_projection_heads(
-            [cnn.feature_channels[feature_index(cnn, s)] for s in strides],
-            [swin.feature_channels[feature_index(swin, s)] for s in strides],
-            hidden=m.projection_hidden, out=m.projection_out,
+            [cnn.feature_channels[feature_index(cnn, stride)] for stride in strides],
+            [swin.feature_channels[feature_index(swin, stride)] for stride in strides],
+            hidden=model.projection_hidden, out=model.projection_out,
+            # the public code normalises the coarse Swin features before their head
+            swin_layer_norm=[stride > 1 for stride in strides],
         )
     return models
+
+
+def method_losses(cnn_logits: torch.Tensor, swin_logits: torch.Tensor, labels: torch.Tensor,
+                  labelled_count: int, num_classes: int, cross_teaching_weight: float | None,
+                  contrastive: torch.Tensor | None = None, contrastive_weight: float = 0.0
+                  ) -> dict[str, torch.Tensor]:
+    """The method's loss terms and their weighted sum, for one (global) batch.
+
+    Supervised (cross-entropy + Dice) for both networks on the labelled images; cross teaching
+    on the unlabelled ones when ``cross_teaching_weight`` is given; the contrastive loss (already
+    computed) when given.
+
+    Args:
+        cnn_logits, swin_logits: (B, C, H, W) float logits of the whole batch, labelled first.
+        labels: (B', H, W) int64 with B' >= ``labelled_count``; the first ``labelled_count`` are
+            the ground truth of the labelled images (the rest is not read).
+        labelled_count: how many of the B images are labelled.
+        num_classes: C.
+        cross_teaching_weight: weight of the two cross-teaching terms; ``None``: supervised only.
+        contrastive: the contrastive loss (scalar), or ``None``.
+        contrastive_weight: its weight.
+
+    Returns:
+        ``{"sup_cnn", "sup_swin"[, "ct_cnn", "ct_swin"][, "contrast"], "loss"}``: scalar tensors,
+        ``loss`` being the weighted sum that is minimised.
+    """
+    labelled = slice(0, labelled_count)
+    unlabelled = slice(labelled_count, None)
+    terms = {
+        "sup_cnn": supervised_loss(cnn_logits[labelled], labels[labelled], num_classes),
+        "sup_swin": supervised_loss(swin_logits[labelled], labels[labelled], num_classes),
+    }
+    total = terms["sup_cnn"] + terms["sup_swin"]
+    if cross_teaching_weight is not None:
+        terms["ct_cnn"] = cross_teaching_loss(cnn_logits[unlabelled], swin_logits[unlabelled])
+        terms["ct_swin"] = cross_teaching_loss(swin_logits[unlabelled], cnn_logits[unlabelled])
+        total = total + cross_teaching_weight * (terms["ct_cnn"] + terms["ct_swin"])
+    if contrastive is not None:
+        terms["contrast"] = contrastive
+        total = total + contrastive_weight * contrastive
+    terms["loss"] = total
+    return terms
+
+
+def warmup_poly(iteration: int, total: int, warmup: int, start_factor: float = 1e-3) -> float:
+    """Learning-rate factor of the public code's Swin-UNet schedule.
+
+    Linear from ``start_factor`` to 1 over the first ``warmup`` iterations, then poly decay
+    ``(1 - progress) ** 0.9`` over the remaining ones; ``warmup = 0`` is plain poly decay.
+    """
+    if iteration < warmup:
+        progress = iteration / warmup
+        return start_factor * (1.0 - progress) + progress
+    return max(0.0, 1.0 - (iteration - warmup) / max(1, total - warmup)) ** 0.9
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or the model state became NaN or infinite (``train.non_finite = "stop"``)."""
+
+
+def running_context(device: str) -> DistributedContext:
+    """The context of the process group the caller started, or of one process.
+
+    Never starts a group: under ``torchrun`` whoever starts it also ends it (``mcsc train``).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "WORLD_SIZE > 1 (torchrun) but no process group is running: start it with "
+            "mcsc.training.distributed.init_distributed(device) and pass its context to Trainer")
+    # with a running group, or for one process, this only reads where the process sits
+    return init_distributed(device)
+
+
+class RunTimeEstimate:
+    """Times the first iterations of a run to estimate how long the remaining ones take.
+
+    The first iteration is not timed: it pays for one-off work (allocations, cuDNN autotuning).
+    """
+
+    untimed, timed = 1, 3
+
+    def __init__(self, start: int, total: int):
+        self.start, self.total = start, total
+        self.since: float | None = None
+        self.seconds_per_iteration = math.nan
+        self.remaining = 0
+
+    def update(self, iteration: int) -> bool:
+        """Call after each iteration (``iteration`` completed); True once the estimate is ready."""
+        if iteration == self.start + self.untimed:
+            self.since = time.perf_counter()
+        elif self.since is not None and iteration == self.start + self.untimed + self.timed:
+            self.seconds_per_iteration = (time.perf_counter() - self.since) / self.timed
+            self.remaining = self.total - iteration
+            return True
+        return False
+
+    def warning(self, limit_hours: float, recipe: str, device: torch.device) -> str | None:
+        """A message when the remaining iterations take longer than ``limit_hours``, else None."""
+        seconds = self.remaining * self.seconds_per_iteration
+        if not seconds > limit_hours * 3600:
+            return None
+        faster = ("--recipe small trains the demo's small networks, far faster" if recipe == "paper"
+                  else "fewer --iterations or a GPU make it shorter")
+        return (f"estimated training time {seconds / 3600:.1f} h on {device} "
+                f"({self.seconds_per_iteration:.2f} s per iteration, {self.remaining} iterations to "
+                f"go, validation not counted): long for this machine; {faster}")
 
 
 def evaluation_models(models: dict, network: str) -> list[torch.nn.Module]:
@@ -93,18 +201,19 @@ class Trainer:
         out_dir: the run folder.
         resume: continue from ``out_dir/checkpoints/latest.pt`` exactly where it stopped.
         progress: show a tqdm progress bar.
+        context: where this process sits in a ``torchrun`` job. The caller owns the process
+            group (``mcsc train`` starts it with :func:`~mcsc.training.distributed.init_distributed`
+            and ends it); ``None``: the group the caller started, or one process.
     """
 
     def __init__(self, config: Config, out_dir: str | Path, resume: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, context: DistributedContext | None = None):
         config.validate()
         self.config = config
         self.out = Path(out_dir)
         self.resume = resume
         self.progress = progress
-        # one process, or one rank of a torchrun job: starts the process group (NCCL on CUDA,
-        # gloo on CPU) and picks cuda:LOCAL_RANK; see mcsc.training.distributed
-        self.dist = init_distributed(config.train.device)
+        self.dist = running_context(config.train.device) if context is None else context
         self.device = self.dist.device
         self.amp = config.train.amp and self.device.type == "cuda"
         self.iteration = 0
@@ -128,82 +237,108 @@ class Trainer:
         )}
 
     def build_optimizers(self) -> tuple[dict, dict]:
-        """AdamW per network (Swin at ``lr * swin_lr_ratio``); poly decay, Swin warm-up."""
-        t = self.config.train
-        total = t.iterations
-
-        def poly(it: int) -> float:
-            return max(0.0, 1.0 - it / total) ** 0.9
-
-        def warm_poly(it: int) -> float:
-            return min(1.0, (it + 1) / t.warmup) * poly(it) if t.warmup > 0 else poly(it)
-
+        """AdamW per network (Swin at ``lr * swin_lr_ratio``); poly decay, Swin warm-up first."""
+        train = self.config.train
+        total = train.iterations
+        warmup = int(train.warmup_fraction * total)
         optimizers, schedulers = {}, {}
         for name, model in self.models.items():
-            lr = t.lr * (t.swin_lr_ratio if name == "swin" else 1.0)
-            optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=t.weight_decay)
+            lr = train.lr * (train.swin_lr_ratio if name == "swin" else 1.0)
+            optimizers[name] = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=train.weight_decay)
+            steps = warmup if name == "swin" else 0
             schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-                optimizers[name], warm_poly if name == "swin" else poly
-            )
+                optimizers[name], lambda iteration, steps=steps: warmup_poly(iteration, total, steps))
         return optimizers, schedulers
 
     def train_step(self, batch: dict, iteration: int) -> dict[str, float]:
         """One optimisation step on a two-stream batch; returns the loss terms as floats.
 
         ``batch["image"]`` (B, 1, P, P) float32, ``batch["label"]`` (B, P, P) int64 of which the
-        first ``labeled_batch_size`` are labelled.
+        first ``labeled_batch_size`` (this process's share of it under ``torchrun``) are
+        labelled. Under ``torchrun`` the returned values are the means over the processes.
+        A non-finite term stops the run or skips the step (``train.non_finite``).
         """
-        cfg = self.config
+        config = self.config
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
-        lab = cfg.train.labeled_batch_size // self.dist.world_size  # this rank's share
-        num_classes = self.data.num_classes
+        labelled_count = config.train.labeled_batch_size // self.dist.world_size  # this rank's share
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             cnn_out = self.forward_models["cnn"](images)
             swin_out = self.forward_models["swin"](images)
             cnn_logits, swin_logits = cnn_out.logits.float(), swin_out.logits.float()
-            local_labels, local_lab = labels, lab
+            global_labels, global_labelled_count = labels, labelled_count
+            layout = None
             if self.dist.enabled:  # every rank computes the loss of the global batch
-                layout = batch_layout(images.shape[0], lab, self.device)
+                layout = batch_layout(images.shape[0], labelled_count, self.device)
                 cnn_logits, swin_logits = gather_batch(cnn_logits, layout), gather_batch(swin_logits, layout)
-                labels, lab = gather_batch(labels, layout), layout.total_labelled
-            logs = {
-                "sup_cnn": supervised_loss(cnn_logits[:lab], labels[:lab], num_classes),
-                "sup_swin": supervised_loss(swin_logits[:lab], labels[:lab], num_classes),
-            }
-            total = logs["sup_cnn"] + logs["sup_swin"]
-            if cfg.train.method != "supervised":
-                weight = cfg.loss.consistency * sigmoid_rampup(iteration, cfg.loss.consistency_rampup)
-                logs["ct_cnn"] = cross_teaching_loss(cnn_logits[lab:], swin_logits[lab:])
-                logs["ct_swin"] = cross_teaching_loss(swin_logits[lab:], cnn_logits[lab:])
-                total = total + weight * (logs["ct_cnn"] + logs["ct_swin"])
-            if cfg.train.method == "mcsc":
-                logs["contrast"] = self.contrastive_loss(cnn_out, swin_out, local_labels[:local_lab], iteration)
-                total = total + cfg.loss.contrastive_weight * logs["contrast"]
+                global_labels, global_labelled_count = gather_batch(labels, layout), layout.total_labelled
+            cross_teaching_weight = None
+            if config.train.method != "supervised":
+                cross_teaching_weight = config.loss.consistency * sigmoid_rampup(
+                    iteration, config.loss.consistency_rampup)
+            contrastive = None
+            if config.train.method == "mcsc":
+                contrastive = self.contrastive_loss(
+                    cnn_out, swin_out, global_labels[:global_labelled_count], cnn_logits,
+                    swin_logits, iteration, layout)
+            terms = method_losses(cnn_logits, swin_logits, global_labels, global_labelled_count,
+                                  self.data.num_classes, cross_teaching_weight, contrastive,
+                                  config.loss.contrastive_weight)
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-        for scheduler in self.schedulers.values():
+        terms["loss"].backward()
+        # one device sync, once the backward is queued; the check comes before any update
+        values = dict(zip(terms, torch.stack([term.detach().float() for term in terms.values()]).tolist()))
+        if self.dist.enabled:  # every rank sees a non-finite term of any rank and acts alike
+            values = all_reduce_mean(values, self.device)
+        non_finite = [name for name, value in values.items() if name != "loss" and not math.isfinite(value)]
+        if not non_finite and not math.isfinite(values["loss"]):
+            non_finite = ["loss"]
+        if non_finite:
+            self.on_non_finite(non_finite, values, iteration)
+        else:
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+        for scheduler in self.schedulers.values():  # the schedule follows the iteration count
             scheduler.step()
-        logs["loss"] = total
-        return {name: float(value.detach()) for name, value in logs.items()}
+        return values
 
-    def contrastive_loss(self, cnn_out, swin_out, labels: torch.Tensor, iteration: int) -> torch.Tensor:
-        """Multi-scale cross contrastive loss (sum over scales) on the projected features."""
-        cfg = self.config
+    def on_non_finite(self, names: list[str], values: dict[str, float], iteration: int) -> None:
+        """A loss term is NaN or infinite (after the backward, before any update): raise
+        :class:`NonFiniteLossError`, or (``skip``) report it and let :meth:`train_step` skip the
+        update. Every process of a ``torchrun`` job gets here in the same iteration."""
+        found = ", ".join(f"{name} = {values[name]}" for name in names)
+        where = f"iteration {iteration + 1}: the loss term {found}"
+        if self.config.train.non_finite == "skip":
+            self.skipped_steps += 1
+            if self.dist.is_main:
+                print(f"{where}; step skipped ({self.skipped_steps} so far)", flush=True)
+            return
+        latest = self.checkpoint_path("latest")
+        kept = (f"{latest} (iteration {load_checkpoint(latest, 'cpu')['iteration']}) is kept"
+                if latest.exists() else "no checkpoint was written yet")
+        raise NonFiniteLossError(f"{where}; training stopped, the last checkpoint {kept}. Set "
+                                 "train.non_finite=skip to skip such steps instead.")
+
+    def contrastive_loss(self, cnn_out, swin_out, labels: torch.Tensor, cnn_logits: torch.Tensor,
+                         swin_logits: torch.Tensor, iteration: int, layout=None) -> torch.Tensor:
+        """Multi-scale cross contrastive loss (sum over scales) on the projected features.
+
+        ``cnn_out``/``swin_out`` are this rank's network outputs; ``labels`` (labelled images),
+        ``cnn_logits`` and ``swin_logits`` are those of the global batch (gathered under
+        several processes, with the step's ``layout``).
+        """
+        config = self.config
         cnn, swin = self.models["cnn"], self.models["swin"]
-        strides = cfg.loss.contrastive_strides
-        cnn_features = [cnn_out.features[feature_index(cnn, s)].float() for s in strides]
-        swin_features = [swin_out.features[feature_index(swin, s)].float() for s in strides]
-        cnn_emb, swin_emb = self.forward_models["heads"](cnn_features, swin_features)
-        loss, _ = self.losses["contrastive"](
-            cnn_emb, swin_emb, labels, cnn_out.logits.float(), swin_out.logits.float(),
+        strides = config.loss.contrastive_strides
+        cnn_features = [cnn_out.features[feature_index(cnn, stride)].float() for stride in strides]
+        swin_features = [swin_out.features[feature_index(swin, stride)].float() for stride in strides]
+        cnn_embeddings, swin_embeddings = self.forward_models["heads"](cnn_features, swin_features)
+        return self.losses["contrastive"](
+            cnn_embeddings, swin_embeddings, labels, cnn_logits, swin_logits,
             labelled_count=labels.shape[0],
-            use_unlabelled=iteration >= cfg.loss.labelled_only_until,
+            use_unlabelled=iteration >= config.loss.labelled_only_until, layout=layout,
         )
-        return loss
 
     def validate(self, iteration: int) -> dict:
         """Evaluate the selected network on the validation volumes (mean Dice drives ``best``)."""
@@ -222,42 +357,67 @@ class Trainer:
     # ------------------------------------------------------------ machinery
     def setup(self) -> None:
         """Seed, load data, build networks/losses/optimisers, restore a checkpoint on resume."""
-        cfg = self.config
-        seed = cfg.train.seed
+        config = self.config
+        seed = config.train.seed
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        if cfg.train.threads is not None:
-            torch.set_num_threads(cfg.train.threads)
+        if config.train.threads is not None:
+            torch.set_num_threads(config.train.threads)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
+            torch.backends.cudnn.allow_tf32 = config.train.tf32
             torch.backends.cudnn.benchmark = True
         if self.dist.is_main:  # only rank 0 writes
             self.out.mkdir(parents=True, exist_ok=True)
-        self.data = build_data(cfg.data)
+        self.data = build_data(config.data)
         if self.dist.is_main:
-            save_yaml(cfg, self.out / "config.yaml")
+            print(self.data.describe())
+            save_yaml(config, self.out / "config.yaml")
             if self.data.split:
                 (self.out / "split.json").write_text(json.dumps(self.data.split, indent=1))
         self.models = self.build_networks()
         # DDP wrappers run the training forward; self.models keep the weights (save, evaluate)
-        self.forward_models = wrap_models(self.models, self.dist, sync_batchnorm=cfg.train.sync_batchnorm)
+        self.forward_models = wrap_models(self.models, self.dist, sync_batchnorm=config.train.sync_batchnorm)
         self.losses = self.build_losses()
-        if self.dist.enabled and "contrastive" in self.losses:
+        if "contrastive" in self.losses:  # the global batch's loss (the plain loss for one process)
             self.losses["contrastive"] = DistributedContrastiveLoss(self.losses["contrastive"])
         self.optimizers, self.schedulers = self.build_optimizers()
-        lab = cfg.train.labeled_batch_size
-        unlab = 0 if cfg.train.method == "supervised" else cfg.train.batch_size - lab
+        labelled = config.train.labeled_batch_size
+        unlabelled = 0 if config.train.method == "supervised" else config.train.batch_size - labelled
         self.sampler = ShardedTwoStreamBatchSampler(  # this rank's share of every global batch
-            self.data.labelled_indices(), self.data.unlabelled_indices(), lab, unlab,
-            cfg.train.iterations, seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            self.data.labelled_indices(), self.data.unlabelled_indices(), labelled, unlabelled,
+            config.train.iterations, seed, rank=self.dist.rank, world_size=self.dist.world_size,
         )
+        self.skipped_steps = 0
         if self.resume:
             self.load_state(load_checkpoint(self.checkpoint_path("latest"), self.device))
 
+    def train_loader(self) -> DataLoader:
+        """The augmented two-stream batches of the run, from the current iteration on (after
+        :meth:`setup`)."""
+        dataset = SliceDataset(self.data.train, set(self.data.labelled_indices()),
+                               self.config.data.patch_size, augment=True)
+        return DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=self.config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.config.train.seed),
+            persistent_workers=False,
+        )
+
     def checkpoint_path(self, which: str) -> Path:
         return self.out / "checkpoints" / f"{which}.pt"
+
+    def save(self, which: str) -> None:
+        """Write ``checkpoints/<which>.pt``, unless the model state is no longer finite: then the
+        previous file stays and :class:`NonFiniteLossError` stops the run."""
+        for name, model in self.models.items():
+            for key, tensor in model.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise NonFiniteLossError(
+                        f"iteration {self.iteration}: {name}.{key} is no longer finite; training "
+                        f"stopped and {self.checkpoint_path(which)} left as it was")
+        save_checkpoint(self.state(), self.checkpoint_path(which))
 
     def state(self) -> dict:
         """The whole training state as one weights-only-loadable dict."""
@@ -266,8 +426,8 @@ class Trainer:
             "iteration": self.iteration,
             "config": self.config.to_dict(),
             "models": {name: model.state_dict() for name, model in self.models.items()},
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-            "schedulers": {name: sch.state_dict() for name, sch in self.schedulers.items()},
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+            "schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
             "sampler": {"seed": self.sampler.seed, "start": self.iteration},
             "rng": rng_state(),
             "best": dict(self.best),
@@ -308,49 +468,47 @@ class Trainer:
         from tqdm import tqdm
 
         self.setup()
-        cfg = self.config.train
-        dataset = SliceDataset(self.data.train, set(self.data.labelled_indices()),
-                               self.config.data.patch_size, augment=True)
-        loader = DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=self.config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed),
-            persistent_workers=False,
-        )
+        train = self.config.train
+        loader = self.train_loader()
         writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.iteration or None) \
             if self.dist.is_main else NullWriter()
         for model in self.models.values():
             model.train()
         running: dict[str, float] = {}
         started = time.time()
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.progress or not self.dist.is_main,
-                   desc=f"{cfg.method}", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=train.iterations, initial=self.iteration, disable=not self.progress or not self.dist.is_main,
+                   desc=f"{train.method}", dynamic_ncols=True, mininterval=1.0)
+        estimate = RunTimeEstimate(self.iteration, train.iterations)
         for batch in loader:
             if self.dist.enabled:  # own dropout masks per rank, the same again on resume
-                torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank + self.iteration)
-            logs = all_reduce_mean(self.train_step(batch, self.iteration), self.device)
+                torch.manual_seed(train.seed + 1_000_003 * self.dist.rank + self.iteration)
+            logs = self.train_step(batch, self.iteration)
             self.iteration += 1
+            if estimate.update(self.iteration) and self.dist.is_main:
+                warning = estimate.warning(train.long_run_hours, self.config.recipe, self.device)
+                if warning:
+                    bar.write(warning)
             for name, value in logs.items():
                 running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
-            if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
+            if self.iteration % train.log_every == 0 or self.iteration == train.iterations:
                 for name, value in logs.items():
                     writer.add_scalar(f"train/{name}", value, self.iteration)
                 writer.add_scalar("train/lr", self.optimizers["cnn"].param_groups[0]["lr"], self.iteration)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+                bar.set_postfix({name: f"{value:.3f}" for name, value in running.items()}, refresh=False)
             bar.update(1)
             if self.dist.is_main and self.data.val and (  # rank 0 validates alone
-                    self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations):
+                    self.iteration % train.eval_every == 0 or self.iteration == train.iterations):
                 summary = self.validate(self.iteration)
                 writer.add_scalar("val/mean_dice", summary["mean_dice"], self.iteration)
                 writer.add_scalar("val/mean_hd95", summary["mean_hd95"], self.iteration)
                 if summary["mean_dice"] > self.best["metric"]:
                     self.best = {"metric": summary["mean_dice"], "iteration": self.iteration}
-                    save_checkpoint(self.state(), self.checkpoint_path("best"))
+                    self.save("best")
                 bar.write(f"iteration {self.iteration}: val mean Dice {summary['mean_dice']:.4f} "
                           f"(best {self.best['metric']:.4f} at {self.best['iteration']})")
-            if self.dist.is_main and (self.iteration % cfg.checkpoint_every == 0
-                                      or self.iteration == cfg.iterations):
-                save_checkpoint(self.state(), self.checkpoint_path("latest"))
+            if self.dist.is_main and (self.iteration % train.checkpoint_every == 0
+                                      or self.iteration == train.iterations):
+                self.save("latest")
             self.on_iteration_end(self.iteration, logs)
         bar.close()
         train_time = time.time() - started
@@ -360,7 +518,7 @@ class Trainer:
             self.best = {"metric": math.nan, "iteration": self.iteration}
         if not self.data.val or not self.checkpoint_path("best").exists():
             # no validation split, or no finite validation Dice: the last state is tested
-            save_checkpoint(self.state(), self.checkpoint_path("best"))
+            self.save("best")
         summary = self.test(writer, train_time)
         writer.close()
         return summary
@@ -394,6 +552,16 @@ class Trainer:
         return summary
 
 
+class NullWriter:
+    """Stands in for the TensorBoard ``SummaryWriter`` on ranks > 0 (only rank 0 writes)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def write_metrics(summary: dict, out: Path) -> None:
     """``metrics.json`` (NaN and infinities written as null) and ``metrics.txt`` (the per-class table)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +573,7 @@ def _nan_to_none(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
+        return {key: _nan_to_none(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
+        return [_nan_to_none(item) for item in value]
     return value

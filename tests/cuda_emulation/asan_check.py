@@ -26,12 +26,31 @@ def main() -> None:
     for name, case in CASES.items():
         for path in emulation.PATHS.values():
             features, labels, offsets = make_inputs(*case, dtype=path.dtype)
-            loss, lse, positives = kernels.forward(features, labels, offsets, TEMPERATURE, True,
-                                                   IGNORE, path.allow_tf32, False,
-                                                   kernels=path.kernels)
+            loss, lse, positives = kernels.forward(
+                features,
+                labels,
+                offsets,
+                TEMPERATURE,
+                True,
+                IGNORE,
+                path.allow_tf32,
+                False,
+                kernels=path.kernels,
+            )
             upstream = torch.rand(features.shape[0])
-            kernels.backward(upstream, features, labels, offsets, lse, positives, TEMPERATURE,
-                             True, path.allow_tf32, False, kernels=path.kernels)
+            kernels.backward(
+                upstream,
+                features,
+                labels,
+                offsets,
+                lse,
+                positives,
+                TEMPERATURE,
+                True,
+                path.allow_tf32,
+                False,
+                kernels=path.kernels,
+            )
         print(f"{name}: ok", flush=True)
     print("all cases ran")
 

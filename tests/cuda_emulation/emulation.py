@@ -40,9 +40,11 @@ PATHS = {
 def cuda_header_dirs() -> list[str]:
     """A directory with cuda_fp16.h: the toolkit's, or that of torch's nvidia wheels."""
     site = Path(torch.__file__).resolve().parent.parent
-    candidates = [os.path.join(home, "include") for home in
-                  (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda")
-                  if home]
+    candidates = [
+        os.path.join(home, "include")
+        for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda")
+        if home
+    ]
     candidates += sorted(glob.glob(str(site / "nvidia" / "cu*" / "include")))
     return [d for d in candidates if os.path.exists(os.path.join(d, "cuda_fp16.h"))][:1]
 
@@ -55,8 +57,10 @@ def load(address_sanitizer: bool = False):
     """
     headers = cuda_header_dirs()
     if not headers:
-        raise FileNotFoundError("cuda_fp16.h not found: install the CUDA toolkit or a CUDA "
-                                "build of torch (its nvidia wheels carry the headers)")
+        raise FileNotFoundError(
+            "cuda_fp16.h not found: install the CUDA toolkit or a CUDA "
+            "build of torch (its nvidia wheels carry the headers)"
+        )
     name = "mcsc_cuda_emulation" + ("_asan" if address_sanitizer else "")
     # Built in this checkout's build/ (ignored by git), so that two checkouts do not keep
     # rebuilding one shared cache entry; ninja rebuilds it when a source or header changes.
@@ -67,8 +71,9 @@ def load(address_sanitizer: bool = False):
         name=name,
         sources=[str(HERE / "emulated_kernels.cpp")],
         extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc"), *headers],
-        extra_cflags=([*asan, "-O1", "-g", "-fno-omit-frame-pointer"] if address_sanitizer
-                      else ["-O2"]),
+        extra_cflags=(
+            [*asan, "-O1", "-g", "-fno-omit-frame-pointer"] if address_sanitizer else ["-O2"]
+        ),
         extra_ldflags=asan if address_sanitizer else [],
         build_directory=str(build_directory),
     )

@@ -1,0 +1,59 @@
+"""The mcsc the benchmarks time: the importable package with its compiled kernel, or a refusal.
+
+The benchmark scripts never put the repository root on ``sys.path``: run from a checkout, they
+import the installed package (``pip install --no-build-isolation .``), or the source tree only
+when the caller puts it there (``PYTHONPATH=.`` after ``python setup.py build_ext --inplace``).
+Either way, a package without its compiled kernel would time the dense fallback under the name
+``fused``; the scripts refuse that unless asked with ``--allow-reference``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import mcsc
+
+ALLOW_FLAG = "--allow-reference"
+
+
+def package_directory() -> str:
+    """The directory of the imported ``mcsc`` package."""
+    return os.path.dirname(os.path.abspath(mcsc.__file__))
+
+
+def package_parent() -> str:
+    """The directory to put first on ``PYTHONPATH`` so a child process imports this package."""
+    return os.path.dirname(package_directory())
+
+
+def refusal(device: str, flag: str = ALLOW_FLAG) -> str:
+    """Why timing ``mcsc.supcon_loss`` on ``device`` would time the dense fallback, and how to
+    install the compiled kernel ('' when the compiled kernel runs)."""
+    if mcsc.backend(device) != "reference":
+        return ""
+    where = package_directory()
+    if not glob.glob(os.path.join(where, "_C.*")):
+        problem = f"{where} holds no compiled library _C (a source tree that was not built?)"
+    elif mcsc.ops.extension_problem():
+        problem = mcsc.ops.extension_problem()
+    else:
+        problem = f"the compiled library in {where} has no kernel for {device}"
+    return (
+        f"mcsc backend for {device} is 'reference': 'fused' would time the dense pure-PyTorch "
+        f"fallback, not the fused kernel: {problem}.\n"
+        f"Install the package from the checkout with `pip install --no-build-isolation .` and "
+        f"run the benchmark without the checkout on PYTHONPATH, or build in place with "
+        f"`python setup.py build_ext --inplace` and run with `PYTHONPATH=<checkout>`"
+        + (" (a CUDA kernel needs nvcc and a CUDA build of torch)" if device == "cuda" else "")
+        + f". Pass {flag} to time the fallback anyway."
+    )
+
+
+def require_compiled(device: str, allow_reference: bool) -> str:
+    """``mcsc.backend(device)``; exits with :func:`refusal`'s message when that is the fallback
+    and ``allow_reference`` is False."""
+    message = refusal(device)
+    if message and not allow_reference:
+        raise SystemExit(message)
+    return mcsc.backend(device)

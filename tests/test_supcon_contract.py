@@ -1,0 +1,540 @@
+"""The contract every backend of the fused op passes, run against each of them.
+
+Backends: the compiled CPU op (float64, float32), the CUDA op (float64, float32, float16,
+bfloat16; skipped without a GPU) and the CUDA kernels emulated on the CPU (tests/cuda_emulation,
+one backend per multiply path; skipped without the CUDA headers, which the emulation compiles
+against). The contract: the dense float64 reference's loss, positives and gradient; gradcheck;
+empty input; no anchor anywhere; label dtypes and values; features at both sides of the
+similarity limit; and, for the registered ops (not the emulator, which is called directly),
+opcheck, torch.compile, non-contiguous inputs and the compiled-call policy for bad values.
+Backend-specific tests stay in test_supcon_op.py, test_cuda.py and test_cuda_emulated.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cuda_emulation import emulation
+from supcon_cases import (
+    CASES,
+    IGNORE,
+    TEMPERATURE,
+    assert_compiled_matches_eager,
+    assert_within_twice_eager_error,
+    make_inputs,
+    reference_loss_and_grad,
+    scaled_atol,
+)
+
+from mcsc import supcon_loss
+from mcsc.ops import _in_range_offsets, similarity_limit
+from mcsc.ops import backend as op_backend
+
+# Relative tolerance against the float64 reference of the exact multiply paths; float16 and
+# bfloat16 follow the 2x-eager rule instead.
+TOLERANCE = {
+    (torch.float64, False): 1e-10,
+    (torch.float32, False): 1e-4,
+    (torch.float32, True): 1e-2,
+}
+
+
+class OpBackend:
+    """torch.ops.mcsc on one device, for features of one dtype."""
+
+    registered = True
+
+    def __init__(self, device: str, dtype: torch.dtype):
+        self.device, self.dtype, self.allow_tf32 = device, dtype, False
+
+    def available(self) -> str:
+        """'' when usable, else why not."""
+        if self.device == "cuda" and not torch.cuda.is_available():
+            return "needs a CUDA GPU"
+        if op_backend(self.device) != f"compiled-{self.device}":
+            return f"the compiled {self.device} op is not available"
+        return ""
+
+    def per_anchor(self, features, labels, offsets, prevalence, temperature, ignore_index):
+        """(loss, lse, positives), differentiable in features."""
+        return torch.ops.mcsc.supcon_forward(
+            features, labels, offsets, temperature, prevalence, ignore_index
+        )
+
+
+class _EmulatedForward(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, features, kernels, labels, offsets, prevalence, temperature, ignore_index, path
+    ):
+        loss, lse, positives = run_both_orders(
+            lambda descending: kernels.forward(
+                features,
+                labels,
+                offsets,
+                temperature,
+                prevalence,
+                ignore_index,
+                path.allow_tf32,
+                descending,
+                kernels=path.kernels,
+            )
+        )
+        ctx.save_for_backward(features, labels, offsets, lse, positives)
+        ctx.options = kernels, temperature, prevalence, path
+        ctx.mark_non_differentiable(lse, positives)
+        return loss, lse, positives
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_positives):
+        features, labels, offsets, lse, positives = ctx.saved_tensors
+        kernels, temperature, prevalence, path = ctx.options
+        (grad,) = run_both_orders(
+            lambda descending: (
+                kernels.backward(
+                    grad_loss.contiguous(),
+                    features,
+                    labels,
+                    offsets,
+                    lse,
+                    positives,
+                    temperature,
+                    prevalence,
+                    path.allow_tf32,
+                    descending,
+                    kernels=path.kernels,
+                ),
+            )
+        )
+        return grad, None, None, None, None, None, None, None
+
+
+def run_both_orders(kernel_call):
+    """The outputs of kernel_call(descending=False), checked bitwise equal to those with the
+    threads between two barriers run in descending order (a missing barrier changes them)."""
+    ascending, descending = kernel_call(False), kernel_call(True)
+    for first, second in zip(ascending, descending):
+        torch.testing.assert_close(
+            first,
+            second,
+            rtol=0,
+            atol=0,
+            equal_nan=True,
+            msg="the result depends on the order threads run between barriers: a barrier is "
+            "missing, or shared memory is read before the block writes it",
+        )
+    return ascending
+
+
+class EmulatedBackend:
+    """The CUDA kernels of one multiply path, emulated on the CPU."""
+
+    registered = False
+    device = "cpu"
+    _kernels = None
+
+    def __init__(self, path: str):
+        self.path = emulation.PATHS[path]
+        self.dtype, self.allow_tf32 = self.path.dtype, self.path.allow_tf32
+
+    def available(self) -> str:
+        if not emulation.cuda_header_dirs():
+            return "the emulation needs the CUDA headers (cuda_fp16.h)"
+        if EmulatedBackend._kernels is None:
+            EmulatedBackend._kernels = emulation.load()
+        return ""
+
+    def per_anchor(self, features, labels, offsets, prevalence, temperature, ignore_index):
+        return _EmulatedForward.apply(
+            features,
+            EmulatedBackend._kernels,
+            labels,
+            offsets,
+            prevalence,
+            temperature,
+            ignore_index,
+            self.path,
+        )
+
+
+BACKENDS = {
+    "cpu-float64": OpBackend("cpu", torch.float64),
+    "cpu-float32": OpBackend("cpu", torch.float32),
+    "cuda-float64": OpBackend("cuda", torch.float64),
+    "cuda-float32": OpBackend("cuda", torch.float32),
+    "cuda-float16": OpBackend("cuda", torch.float16),
+    "cuda-bfloat16": OpBackend("cuda", torch.bfloat16),
+    **{f"emulated-{path}": EmulatedBackend(path) for path in emulation.PATHS},
+}
+REGISTERED = [name for name, backend in BACKENDS.items() if backend.registered]
+FLOAT64 = [name for name, backend in BACKENDS.items() if backend.dtype == torch.float64]
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler_caches():
+    """Each test compiles afresh: lambdas of one line share a code object, and their closures'
+    recompilations would otherwise count against dynamo's recompile limit."""
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def backend(request):
+    chosen = BACKENDS[request.param]
+    reason = chosen.available()
+    if reason:
+        pytest.skip(reason)
+    return chosen
+
+
+def on_backends(names):
+    return pytest.mark.parametrize("backend", names, indirect=True)
+
+
+def inputs(backend, *case, **options):
+    return make_inputs(*case, dtype=backend.dtype, device=backend.device, **options)
+
+
+def loss_and_grad(
+    backend,
+    features,
+    labels,
+    offsets,
+    prevalence,
+    upstream,
+    temperature=TEMPERATURE,
+    ignore_index=IGNORE,
+):
+    """(loss, lse, positives, d(sum upstream * loss)/dz) from the backend."""
+    z = features.detach().requires_grad_(True)  # keeps the layout (clone would not, if strided)
+    loss, lse, positives = backend.per_anchor(
+        z, labels, offsets, prevalence, temperature, ignore_index
+    )
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    return loss.detach(), lse, positives, z.grad
+
+
+def assert_matches_reference(
+    backend, features, labels, offsets, prevalence, upstream, temperature=TEMPERATURE
+):
+    loss, lse, positives, grad = loss_and_grad(
+        backend, features, labels, offsets, prevalence, upstream, temperature
+    )
+    ref_loss, ref_positives, ref_grad = reference_loss_and_grad(
+        features, labels, offsets, prevalence, upstream, temperature
+    )
+    assert loss.dtype == backend.dtype and grad.dtype == backend.dtype
+    assert lse.dtype == (torch.float64 if backend.dtype == torch.float64 else torch.float32)
+    assert positives.dtype == torch.int32
+    assert torch.equal(positives.cpu().long(), ref_positives)
+    assert bool(torch.isfinite(lse[positives > 0]).all())
+    relative = TOLERANCE.get((backend.dtype, backend.allow_tf32))
+    if relative is None:
+        assert_within_twice_eager_error(
+            loss,
+            grad,
+            features,
+            labels,
+            offsets,
+            upstream.to(backend.dtype),
+            prevalence,
+            temperature,
+        )
+        return
+    torch.testing.assert_close(
+        loss.cpu().double(), ref_loss, rtol=relative, atol=scaled_atol(ref_loss, relative)
+    )
+    torch.testing.assert_close(
+        grad.cpu().double(), ref_grad, rtol=relative, atol=scaled_atol(ref_grad, relative)
+    )
+
+
+@on_backends(list(BACKENDS))
+@pytest.mark.parametrize("prevalence", [True, False], ids=["prevalence", "none"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(backend, case, prevalence):
+    features, labels, offsets = inputs(backend, *CASES[case])
+    upstream = torch.rand(
+        features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    ).to(backend.device)
+    assert_matches_reference(backend, features, labels, offsets, prevalence, upstream)
+
+
+@on_backends(FLOAT64)
+def test_gradcheck(backend):
+    features, labels, offsets = inputs(backend, [1, 11, 0, 8], 5, 3, 0.1)
+    features.requires_grad_(True)
+    for prevalence in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda z, prevalence=prevalence: backend.per_anchor(
+                z, labels, offsets, prevalence, TEMPERATURE, IGNORE
+            )[0],
+            (features,),
+        )
+
+
+@on_backends(list(BACKENDS))
+def test_empty_input(backend):
+    features = torch.empty(0, 8, dtype=backend.dtype, device=backend.device)
+    labels = torch.empty(0, dtype=torch.int64, device=backend.device)
+    offsets = torch.zeros(3, dtype=torch.int64, device=backend.device)
+    loss, lse, positives, grad = loss_and_grad(
+        backend, features, labels, offsets, True, torch.empty(0, device=backend.device)
+    )
+    assert loss.shape == lse.shape == positives.shape == (0,)
+    assert grad.shape == (0, 8) and grad.dtype == backend.dtype
+
+
+@on_backends(list(BACKENDS))
+def test_no_anchor_anywhere(backend):
+    """All rows ignored or alone in their class: zero loss, zero gradient, nothing NaN."""
+    features, _, offsets = inputs(backend, [5, 5], 8, 1, 0.0)
+    labels = torch.tensor([IGNORE, 0, 1, 2, IGNORE, 0, 1, 2, 3, 4], device=backend.device)
+    loss, _, positives, grad = loss_and_grad(
+        backend, features, labels, offsets, True, torch.ones(10, device=backend.device)
+    )
+    assert positives.tolist() == [-1, 0, 0, 0, -1, 0, 0, 0, 0, 0]
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@on_backends(list(BACKENDS))
+def test_label_types_and_values(backend):
+    """int32 labels, huge and negative-free sparse int64 ids and another ignore_index give
+    bitwise the results of compact int64 ids."""
+    features, labels, offsets = inputs(backend, [130, 70], 24, 3, 0.2)
+    upstream = torch.rand(features.shape[0], generator=torch.Generator().manual_seed(4))
+    upstream = upstream.to(backend.device)
+    expected = loss_and_grad(backend, features, labels, offsets, True, upstream)
+    huge = torch.where(labels == IGNORE, labels, labels * (1 << 40) + 7)
+    other_ignore = torch.where(labels == IGNORE, torch.full_like(labels, 255), labels)
+    for these_labels, ignore_index in ((labels.int(), IGNORE), (huge, IGNORE), (other_ignore, 255)):
+        result = loss_and_grad(
+            backend, features, these_labels, offsets, True, upstream, ignore_index=ignore_index
+        )
+        for name, value, expected_value in zip(
+            ("loss", "lse", "positives", "grad"), result, expected
+        ):
+            assert torch.equal(value, expected_value), name
+
+
+def scaled_to(features, largest_similarity, temperature=TEMPERATURE):
+    """features rescaled so that max_i |z_i|^2 / temperature is largest_similarity."""
+    norm = float(torch.linalg.vector_norm(features.double(), dim=1).max())
+    return (features.double() * (math.sqrt(largest_similarity * temperature) / norm)).to(
+        features.dtype
+    )
+
+
+@on_backends(list(BACKENDS))
+def test_just_inside_the_similarity_limit_is_finite_and_accurate(backend):
+    """At 0.99 of similarity_limit the results are finite, the loss is as accurate as ever and
+    the gradient's relative error is below 1e-3 (it grows with the similarities). TF32 rounds
+    the features to 10 bits, which makes exp(s_ij) off by a factor of up to exp(2^-10 s_ij):
+    only the loss is accurate at these similarities; the gradient is finite."""
+    features, labels, offsets = inputs(backend, [200, 57], 16, 3, 0.1)
+    features = scaled_to(features, 0.99 * similarity_limit(backend.dtype))
+    upstream = torch.rand(
+        features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    ).to(backend.device)
+    loss, _, _, grad = loss_and_grad(backend, features, labels, offsets, True, upstream)
+    assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
+    ref_loss, _, ref_grad = reference_loss_and_grad(features, labels, offsets, True, upstream)
+    loss_relative = TOLERANCE.get((backend.dtype, backend.allow_tf32), 1e-2)
+    torch.testing.assert_close(
+        loss.cpu().double(), ref_loss, rtol=0, atol=scaled_atol(ref_loss, loss_relative)
+    )
+    if backend.allow_tf32:
+        return
+    grad_relative = max(loss_relative, 1e-3)
+    torch.testing.assert_close(
+        grad.cpu().double(), ref_grad, rtol=0, atol=scaled_atol(ref_grad, grad_relative)
+    )
+
+
+@on_backends(REGISTERED)
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_past_the_similarity_limit_raises(backend, mode):
+    """Just past similarity_limit (and far past it, where sums would overflow) supcon_loss
+    raises a ValueError naming features, eager or under torch.compile."""
+    if mode == "compiled" and backend.device != "cpu":
+        pytest.skip("compiled CUDA calls poison the result instead (tested below)")
+    features, labels, offsets = inputs(backend, [200, 57], 16, 3, 0.1)
+    loss = (
+        supcon_loss
+        if mode == "eager"
+        else torch.compile(supcon_loss, fullgraph=True, backend="aot_eager")
+    )
+    limit = similarity_limit(backend.dtype)
+    inside = loss(scaled_to(features, 0.99 * limit), labels, segments=offsets)
+    assert bool(torch.isfinite(inside))
+    for factor in (1.01, 1e30):
+        with pytest.raises(ValueError, match="features are too large"):
+            loss(scaled_to(features, factor * limit), labels, segments=offsets)
+
+
+@on_backends(REGISTERED)
+def test_opcheck(backend):
+    features, labels, offsets = inputs(backend, [40, 0, 57], 20, 3, 0.1)
+    features.requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.mcsc.supcon_forward.default,
+        (features, labels, offsets, TEMPERATURE, True, IGNORE),
+    )
+    _, lse, positives = torch.ops.mcsc.supcon_forward(
+        features.detach(), labels, offsets, TEMPERATURE, True, IGNORE
+    )
+    grad_loss = torch.rand(features.shape[0], device=backend.device).to(backend.dtype)
+    torch.library.opcheck(
+        torch.ops.mcsc.supcon_backward.default,
+        (grad_loss, features.detach(), labels, offsets, lse, positives, TEMPERATURE, False),
+    )
+
+
+@on_backends([name for name in REGISTERED if BACKENDS[name].dtype == torch.float32])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend, compiler):
+    features, labels, offsets = inputs(backend, [300, 90], 16, 4, 0.05)
+    assert_compiled_matches_eager(features, labels, offsets, compiler)
+
+
+@on_backends(REGISTERED)
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_non_contiguous_inputs(backend, layout):
+    dense, labels, offsets = inputs(backend, [150, 150], 40, 3, 0.1)
+    if layout == "transposed":
+        features = dense.t().contiguous().t()
+    else:
+        features = torch.zeros(
+            dense.shape[0], 2 * dense.shape[1], dtype=dense.dtype, device=dense.device
+        )[:, ::2]
+        features.copy_(dense)
+    strided_labels = torch.stack([labels, labels], dim=1)[:, 0]
+    assert not features.is_contiguous() and not strided_labels.is_contiguous()
+    upstream = torch.rand(dense.shape[0], device=backend.device)
+    loss, _, _, grad = loss_and_grad(backend, features, strided_labels, offsets, True, upstream)
+    dense_loss, _, _, dense_grad = loss_and_grad(backend, dense, labels, offsets, True, upstream)
+    assert torch.equal(loss, dense_loss)
+    assert torch.equal(grad, dense_grad)
+    assert grad.stride() == torch.empty_like(features).stride()
+
+
+# ---- Bad values under torch.compile, where the Python checks cannot read the data ----------
+
+
+def bad_values(features, labels):
+    """(name, features, labels, supcon_loss options) per bad input eager calls reject."""
+    n = features.shape[0]
+    with_nan = features.clone()
+    with_nan[3, 1] = float("nan")
+    with_inf = features.clone()
+    with_inf[n - 1, 0] = float("inf")
+    ignored_nan = with_nan.clone()
+    ignored_labels = labels.clone()
+    ignored_labels[3] = IGNORE  # a NaN in an ignored row would leave the loss finite
+    negative = labels.clone()
+    negative[5] = -5
+    device = features.device
+    return [
+        ("nan-feature", with_nan, labels, {}),
+        ("inf-feature", with_inf, labels, {}),
+        ("nan-in-ignored-row", ignored_nan, ignored_labels, {}),
+        ("negative-label", features, negative, {}),
+        ("label-past-num-classes", features, labels, {"num_classes": 2}),
+        ("too-large", features * 1e20, labels, {}),
+        (
+            "segments-past-n",
+            features,
+            labels,
+            {"segments": torch.tensor([0, 100, n + 7], device=device)},
+        ),
+        (
+            "segments-not-starting-at-0",
+            features,
+            labels,
+            {"segments": torch.tensor([5, 100, n], device=device)},
+        ),
+        (
+            "decreasing-segments",
+            features,
+            labels,
+            {"segments": torch.tensor([0, 150, 100, n], device=device)},
+        ),
+    ]
+
+
+BAD_VALUE_NAMES = [name for name, *_ in bad_values(torch.zeros(6, 2), torch.zeros(6))]
+# What the CPU kernel reports for each; the rest it cannot see (num_classes is not an argument
+# of the op), so the compiled-call poison makes them NaN, as on CUDA.
+CPU_KERNEL_ERRORS = {
+    "nan-feature": "NaN or infinite",
+    "inf-feature": "NaN or infinite",
+    "nan-in-ignored-row": "NaN or infinite",
+    "negative-label": "labels must be in",
+    "too-large": "features are too large",
+    "segments-past-n": "end at N",
+    "segments-not-starting-at-0": "start at 0",
+    "decreasing-segments": "non-decreasing",
+}
+
+
+@on_backends([name for name in REGISTERED if BACKENDS[name].dtype == torch.float32])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("bad", BAD_VALUE_NAMES)
+def test_compiled_call_with_bad_values_is_never_silent(backend, compiler, bad):
+    """On the CPU the kernel raises the eager call's ValueError; where the kernel cannot see
+    the problem (and on CUDA, for every problem) loss and gradient are NaN."""
+    features, labels, _ = inputs(backend, [200], 8, 3, 0.0)
+    _, bad_features, bad_labels, options = next(
+        case for case in bad_values(features, labels) if case[0] == bad
+    )
+    with pytest.raises(ValueError):
+        supcon_loss(bad_features, bad_labels, **options)
+
+    compiled = torch.compile(
+        lambda z, y: supcon_loss(z, y, **options), fullgraph=True, backend=compiler
+    )
+    z = bad_features.clone().requires_grad_(True)
+    if backend.device == "cpu" and bad in CPU_KERNEL_ERRORS:
+        with pytest.raises(ValueError, match=CPU_KERNEL_ERRORS[bad]):
+            compiled(z, bad_labels)
+        return
+    loss = compiled(z, bad_labels)
+    loss.backward()
+    assert bool(torch.isnan(loss)), f"compiled call returned {float(loss)} for {bad}"
+    assert bool(torch.isnan(z.grad).any()), "the gradient is not poisoned"
+
+
+def test_compiled_call_with_good_values_is_unchanged():
+    """The poison is exactly 1 for good inputs: compiled results equal eager ones bitwise
+    (aot_eager runs the same kernels)."""
+    features, labels, offsets = make_inputs([120, 0, 80], 8, 3, 0.1)
+    options = {"segments": offsets, "num_classes": 3, "reduction": "none"}
+    compiled = torch.compile(
+        lambda z: supcon_loss(z, labels, **options), fullgraph=True, backend="aot_eager"
+    )
+    eager_z, compiled_z = features.clone().requires_grad_(), features.clone().requires_grad_()
+    eager, result = supcon_loss(eager_z, labels, **options), compiled(compiled_z)
+    eager.sum().backward()
+    result.sum().backward()
+    assert torch.equal(result, eager) and torch.equal(compiled_z.grad, eager_z.grad)
+
+
+@on_backends([name for name in BACKENDS if name.startswith("emulated-")])
+def test_emulated_kernels_carry_the_compiled_call_poison(backend):
+    """What the compiled-call policy needs of the CUDA kernels, checked on their emulation: bad
+    labels and non-finite features, with offsets made in range, run without error (the address
+    sanitizer run of test_cuda_emulated.py covers their memory safety), and a NaN upstream
+    gradient makes the gradient NaN."""
+    features, labels, _ = inputs(backend, [200], 8, 3, 0.0)
+    offsets = _in_range_offsets(torch.tensor([3, 120, 90, 260]), features.shape[0])
+    assert offsets.tolist() == [0, 120, 120, 200]
+    bad_labels = labels.clone()
+    bad_labels[5] = -5
+    bad_features = features.clone()
+    bad_features[7, 0] = float("nan")
+    backend.per_anchor(bad_features, bad_labels, offsets, True, TEMPERATURE, IGNORE)
+    upstream = torch.full((features.shape[0],), float("nan"))
+    _, _, positives, grad = loss_and_grad(backend, features, labels, offsets, True, upstream)
+    assert bool(torch.isnan(grad[positives > 0]).all())
