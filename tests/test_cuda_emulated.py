@@ -73,24 +73,17 @@ def run(
     offsets,
     prevalence,
     upstream,
-    allow_tf32,
+    path,
     descending,
     temperature=TEMPERATURE,
-    kernels="wmma",
 ):
-    """(loss, lse, positives, d(sum upstream * loss)/dz) from the emulated kernels."""
-    loss, lse, positives = emulated.forward(
-        features,
-        labels,
-        offsets,
-        temperature,
-        prevalence,
-        IGNORE,
-        allow_tf32,
-        descending,
-        kernels=kernels,
+    """(loss, lse, positives, d(sum upstream * loss)/dz) from the emulated kernels of `path`."""
+    loss, lse, positives = emulation.forward(
+        emulated, path, features, labels, offsets, temperature, prevalence, IGNORE, descending
     )
-    grad = emulated.backward(
+    grad = emulation.backward(
+        emulated,
+        path,
         upstream,
         features,
         labels,
@@ -99,9 +92,7 @@ def run(
         positives,
         temperature,
         prevalence,
-        allow_tf32,
         descending,
-        kernels=kernels,
     )
     return loss, lse, positives, grad
 
@@ -121,31 +112,13 @@ def run_both_orders(emulated, *args, **options):
 @pytest.mark.parametrize("path", list(PATHS))
 def test_unaligned_rows_match_vector_loads(emulated, path):
     """Rows that do not start on 16-byte boundaries take the scalar loads: same bits."""
-    dtype, allow_tf32, kernels = PATHS[path]
-    features, labels, offsets = make_inputs([70, 0, 129], 16, 4, 0.1, dtype=dtype)
+    features, labels, offsets = make_inputs([70, 0, 129], 16, 4, 0.1, dtype=PATHS[path].dtype)
     upstream = torch.rand(
         features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3)
     )
-    aligned = run(
-        emulated,
-        features,
-        labels,
-        offsets,
-        True,
-        upstream,
-        allow_tf32,
-        descending=False,
-        kernels=kernels,
-    )
+    aligned = run(emulated, features, labels, offsets, True, upstream, PATHS[path], False)
     unaligned = run_both_orders(
-        emulated,
-        misaligned_copy(features),
-        labels,
-        offsets,
-        True,
-        upstream,
-        allow_tf32,
-        kernels=kernels,
+        emulated, misaligned_copy(features), labels, offsets, True, upstream, PATHS[path]
     )
     for name, first, second in zip(("loss", "lse", "positives", "grad"), aligned, unaligned):
         assert torch.equal(first, second), f"{name} differs between vector and scalar loads"
@@ -155,20 +128,18 @@ def test_unaligned_rows_match_vector_loads(emulated, path):
 def test_forward_column_splits_merge_to_one_split(emulated, path):
     """A small batch splits the forward's columns over up to 16 blocks per row block; the
     merged partial results match those of the fewest splits (a device of one SM)."""
-    dtype, allow_tf32, kernels = PATHS[path]
-    features, labels, offsets = make_inputs(*CASES["long-segment"], dtype=dtype)
+    features, labels, offsets = make_inputs(*CASES["long-segment"], dtype=PATHS[path].dtype)
     outputs = {
-        target: emulated.forward(
+        target: emulation.forward(
+            emulated,
+            PATHS[path],
             features,
             labels,
             offsets,
             TEMPERATURE,
             True,
             IGNORE,
-            allow_tf32,
-            False,
             multiprocessors=target,
-            kernels=kernels,
         )
         for target in (1, 4096)
     }
@@ -193,7 +164,7 @@ def test_matches_cpu_op(emulated, case):
     features, labels, offsets = make_inputs(*CASES[case])
     upstream = torch.rand(features.shape[0], generator=torch.Generator().manual_seed(2))
     loss, lse, positives, grad = run(
-        emulated, features, labels, offsets, True, upstream, allow_tf32=False, descending=False
+        emulated, features, labels, offsets, True, upstream, PATHS["float32-fma"], False
     )
     z = features.clone().requires_grad_(True)
     cpu_loss, cpu_lse, cpu_positives = torch.ops.mcsc.supcon_forward(
@@ -216,7 +187,7 @@ def test_large_similarities(emulated, path):
     features = features * 10
     upstream = torch.rand(features.shape[0], dtype=torch.float64)
     loss, _, _, grad = run_both_orders(
-        emulated, features, labels, offsets, True, upstream, False, temperature=0.01
+        emulated, features, labels, offsets, True, upstream, PATHS[path], temperature=0.01
     )
     ref_loss, _, ref_grad = reference_loss_and_grad(
         features, labels, offsets, True, upstream, temperature=0.01

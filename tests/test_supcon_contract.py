@@ -70,16 +70,16 @@ class _EmulatedForward(torch.autograd.Function):
         ctx, features, kernels, labels, offsets, prevalence, temperature, ignore_index, path
     ):
         loss, lse, positives = run_both_orders(
-            lambda descending: kernels.forward(
+            lambda descending: emulation.forward(
+                kernels,
+                path,
                 features,
                 labels,
                 offsets,
                 temperature,
                 prevalence,
                 ignore_index,
-                path.allow_tf32,
                 descending,
-                kernels=path.kernels,
             )
         )
         ctx.save_for_backward(features, labels, offsets, lse, positives)
@@ -93,7 +93,9 @@ class _EmulatedForward(torch.autograd.Function):
         kernels, temperature, prevalence, path = ctx.options
         (grad,) = run_both_orders(
             lambda descending: (
-                kernels.backward(
+                emulation.backward(
+                    kernels,
+                    path,
                     grad_loss.contiguous(),
                     features,
                     labels,
@@ -102,9 +104,7 @@ class _EmulatedForward(torch.autograd.Function):
                     positives,
                     temperature,
                     prevalence,
-                    path.allow_tf32,
                     descending,
-                    kernels=path.kernels,
                 ),
             )
         )

@@ -26,19 +26,13 @@ def main() -> None:
     for name, case in CASES.items():
         for path in emulation.PATHS.values():
             features, labels, offsets = make_inputs(*case, dtype=path.dtype)
-            loss, lse, positives = kernels.forward(
-                features,
-                labels,
-                offsets,
-                TEMPERATURE,
-                True,
-                IGNORE,
-                path.allow_tf32,
-                False,
-                kernels=path.kernels,
+            _, lse, positives = emulation.forward(
+                kernels, path, features, labels, offsets, TEMPERATURE, True, IGNORE
             )
             upstream = torch.rand(features.shape[0])
-            kernels.backward(
+            emulation.backward(
+                kernels,
+                path,
                 upstream,
                 features,
                 labels,
@@ -47,9 +41,6 @@ def main() -> None:
                 positives,
                 TEMPERATURE,
                 True,
-                path.allow_tf32,
-                False,
-                kernels=path.kernels,
             )
         print(f"{name}: ok", flush=True)
     print("all cases ran")

@@ -37,6 +37,62 @@ PATHS = {
 }
 
 
+def forward(
+    module,
+    path: MultiplyPath,
+    features,
+    labels,
+    offsets,
+    temperature,
+    prevalence,
+    ignore_index,
+    descending=False,
+    **options,
+):
+    """The emulated forward (module: load()'s) on one multiply path: (loss, lse, positives)."""
+    return module.forward(
+        features,
+        labels,
+        offsets,
+        temperature,
+        prevalence,
+        ignore_index,
+        path.allow_tf32,
+        descending,
+        kernels=path.kernels,
+        **options,
+    )
+
+
+def backward(
+    module,
+    path: MultiplyPath,
+    grad_loss,
+    features,
+    labels,
+    offsets,
+    lse,
+    positives,
+    temperature,
+    prevalence,
+    descending=False,
+):
+    """The emulated backward on one multiply path: the gradient with respect to features."""
+    return module.backward(
+        grad_loss,
+        features,
+        labels,
+        offsets,
+        lse,
+        positives,
+        temperature,
+        prevalence,
+        path.allow_tf32,
+        descending,
+        kernels=path.kernels,
+    )
+
+
 def cuda_header_dirs() -> list[str]:
     """A directory with cuda_fp16.h: the toolkit's, or that of torch's nvidia wheels."""
     site = Path(torch.__file__).resolve().parent.parent
