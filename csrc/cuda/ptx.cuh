@@ -1,5 +1,6 @@
 // The warp-level PTX instructions the tensor-core kernels are built from, as inline-PTX
-// wrappers (sm_80 and newer): mma.sync, ldmatrix, cvt to TF32 and cp.async with its groups.
+// wrappers (sm_80 and newer): mma.sync, ldmatrix, cvt to TF32 and cp.async with its groups;
+// and MCSC_DYNAMIC_SHARED_MEMORY, the declaration of dynamic shared memory.
 //
 // Register contents follow the PTX ISA's fragment tables ("Matrix Fragments for mma.m16n8k16"
 // and "... for mma.m16n8k8"): with group = lane / 4 and thread = lane % 4, f16/bf16 registers
@@ -10,6 +11,11 @@
 
 #include <cstdint>
 
+// Declares the block's dynamic shared memory (the bytes of kernel<<<grid, block, bytes>>>) as
+// an array `name` of unsigned char, 16-byte aligned; a statement inside a kernel. A macro, so
+// that the emulator can give the same statement its own meaning.
+#define MCSC_DYNAMIC_SHARED_MEMORY(name) extern __shared__ __align__(16) unsigned char name[]
+
 namespace mcsc::cuda::ptx {
 
 // asm volatile on mma: a warp-synchronous instruction must not be moved into or out of the
@@ -17,7 +23,8 @@ namespace mcsc::cuda::ptx {
 // D = A B + C; A 16x16 row-major, B 16x8 column-major, float accumulators.
 __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4],
                                                  const uint32_t (&b)[2], const float (&c)[4]) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%10, %11, %12, %13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
@@ -27,7 +34,8 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (
 // The same with bfloat16 operands.
 __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4],
                                                   const uint32_t (&b)[2], const float (&c)[4]) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%10, %11, %12, %13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
@@ -38,7 +46,8 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t 
 // to_tf32; the tensor cores read the upper 19 bits of a plain float32).
 __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4],
                                                  const uint32_t (&b)[2], const float (&c)[4]) {
-  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%10, %11, %12, %13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),

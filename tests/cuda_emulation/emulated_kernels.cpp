@@ -131,12 +131,8 @@ at::Tensor misuse(const std::string& name, double base, bool descending) {
 // Poisons the __shared__ variables of every mcsc::cuda kernel before each block; returns how
 // many bytes that covers (0 would mean the symbol table was stripped and nothing is poisoned).
 int64_t poison_shared_memory() {
-  auto ranges = cuda_emulator::kernel_shared_memory(reinterpret_cast<const void*>(&forward),
+  return cuda_emulator::poison_kernel_shared_memory(reinterpret_cast<const void*>(&forward),
                                                     "_ZZN4mcsc4cuda");
-  int64_t bytes = 0;
-  for (const auto& range : ranges) bytes += static_cast<int64_t>(range.second);
-  cuda_emulator::Scheduler::instance().poison_shared_memory(std::move(ranges));
-  return bytes;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -111,13 +111,23 @@ def load(address_sanitizer: bool = False):
     With ``address_sanitizer`` the module is built with -fsanitize=address; it can only be
     imported by a process started with libasan preloaded (see asan_check.py).
     """
+    return _build("mcsc_cuda_emulation", "emulated_kernels.cpp", address_sanitizer)
+
+
+def load_instructions(address_sanitizer: bool = False):
+    """Compile (or reuse) and import the module of single-instruction test kernels
+    (instruction_kernels.cpp: mma, ldmatrix, cp.async, cvt to TF32, and their misuses)."""
+    return _build("mcsc_cuda_instructions", "instruction_kernels.cpp", address_sanitizer)
+
+
+def _build(name: str, source: str, address_sanitizer: bool):
     headers = cuda_header_dirs()
     if not headers:
         raise FileNotFoundError(
             "cuda_fp16.h not found: install the CUDA toolkit or a CUDA "
             "build of torch (its nvidia wheels carry the headers)"
         )
-    name = "mcsc_cuda_emulation" + ("_asan" if address_sanitizer else "")
+    name += "_asan" if address_sanitizer else ""
     # Built in this checkout's build/ (ignored by git), so that two checkouts do not keep
     # rebuilding one shared cache entry; ninja rebuilds it when a source or header changes.
     build_directory = ROOT / "build" / name
@@ -125,7 +135,7 @@ def load(address_sanitizer: bool = False):
     asan = ["-fsanitize=address"]
     return cpp_extension.load(
         name=name,
-        sources=[str(HERE / "emulated_kernels.cpp")],
+        sources=[str(HERE / source)],
         extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc"), *headers],
         extra_cflags=(
             [*asan, "-O1", "-g", "-fno-omit-frame-pointer"] if address_sanitizer else ["-O2"]

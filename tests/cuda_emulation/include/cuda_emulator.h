@@ -136,11 +136,16 @@ class Scheduler {
 
   // Runs body() as every thread of a block of `threads` threads (a multiple of 32), one block
   // after another over the grid; `descending` runs the threads of a phase in reverse order.
+  // Each block gets `dynamic_shared_bytes` of dynamic shared memory (dynamic_shared()).
   void launch(int64_t grid_x, int64_t grid_y, int threads, bool descending,
-              const std::function<void()>& body) {
+              const std::function<void()>& body, size_t dynamic_shared_bytes = 0) {
     if (threads <= 0 || threads % kWarpSize != 0) {
       throw KernelError("cuda_emulator: block size must be a positive multiple of 32");
     }
+    // Exactly the bytes asked for, so that AddressSanitizer reports an access past them.
+    dynamic_shared_.reset(dynamic_shared_bytes == 0 ? nullptr
+                                                    : new char[dynamic_shared_bytes]);
+    dynamic_shared_bytes_ = dynamic_shared_bytes;
     fibers_.resize(threads);
     for (Fiber& fiber : fibers_) {
       if (!fiber.stack) fiber.stack.reset(new char[kStackBytes]);
@@ -156,9 +161,15 @@ class Scheduler {
 
   // Before each block, fill these byte ranges (the kernels' __shared__ variables, see
   // kernel_shared_memory) with 0xff when threads run in ascending order, 0x7f in descending.
+  // The dynamic shared memory is poisoned too.
   void poison_shared_memory(std::vector<std::pair<char*, size_t>> ranges) {
     shared_ranges_ = std::move(ranges);
+    poisoning_ = true;
   }
+
+  // The block's dynamic shared memory (extern __shared__ on a GPU; null when none was asked
+  // for); malloc's alignment, 16 bytes.
+  char* dynamic_shared() { return dynamic_shared_.get(); }
 
   // Called by the fibers: wait at a barrier of `kind` offering `value`, reading lane `source`.
   uint64_t wait_at(Wait kind, uint64_t value, int source) {
@@ -217,6 +228,9 @@ class Scheduler {
     ++block_serial_;
     for (const auto& [begin, size] : shared_ranges_) {
       std::memset(begin, descending ? 0x7f : 0xff, size);
+    }
+    if (poisoning_ && dynamic_shared_) {
+      std::memset(dynamic_shared_.get(), descending ? 0x7f : 0xff, dynamic_shared_bytes_);
     }
     const int threads = static_cast<int>(fibers_.size());
     for (int t = 0; t < threads; ++t) {
@@ -332,6 +346,9 @@ class Scheduler {
   Index3 block_index_;
   uint64_t block_serial_ = 0;
   std::vector<std::pair<char*, size_t>> shared_ranges_;
+  bool poisoning_ = false;
+  std::unique_ptr<char[]> dynamic_shared_;
+  size_t dynamic_shared_bytes_ = 0;
   const std::function<void()>* body_ = nullptr;
   std::string error_;
 };
@@ -373,12 +390,34 @@ inline std::vector<std::pair<char*, size_t>> kernel_shared_memory(const void* an
   return ranges;
 }
 
+// Fills the __shared__ variables kernel_shared_memory(anchor, prefix) finds before each block
+// from now on; returns how many bytes that covers (0 would mean the symbol table was stripped
+// and nothing is poisoned).
+inline int64_t poison_kernel_shared_memory(const void* anchor, const std::string& prefix) {
+  auto ranges = kernel_shared_memory(anchor, prefix);
+  int64_t bytes = 0;
+  for (const auto& range : ranges) bytes += static_cast<int64_t>(range.second);
+  Scheduler::instance().poison_shared_memory(std::move(ranges));
+  return bytes;
+}
+
 // Runs kernel(args...) over a grid_x x grid_y grid of blocks of `threads` threads.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int64_t grid_x, int64_t grid_y, int threads,
             bool descending, Args&&... args) {
   const std::function<void()> body = [&] { kernel(static_cast<Params>(args)...); };
   Scheduler::instance().launch(grid_x, grid_y, threads, descending, body);
+}
+
+// The same with `dynamic_shared_bytes` of dynamic shared memory per block (the third launch
+// parameter of kernel<<<grid, block, bytes>>>), which the kernel declares with
+// MCSC_DYNAMIC_SHARED_MEMORY (include/cuda/ptx.cuh).
+template <typename... Params, typename... Args>
+void launch_with_dynamic_shared(void (*kernel)(Params...), int64_t grid_x, int64_t grid_y,
+                                int threads, size_t dynamic_shared_bytes, bool descending,
+                                Args&&... args) {
+  const std::function<void()> body = [&] { kernel(static_cast<Params>(args)...); };
+  Scheduler::instance().launch(grid_x, grid_y, threads, descending, body, dynamic_shared_bytes);
 }
 
 template <typename T>

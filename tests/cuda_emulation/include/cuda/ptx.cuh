@@ -25,6 +25,11 @@
 
 #include "cuda_emulator.h"
 
+// The block's dynamic shared memory as `unsigned char* name` (extern __shared__ on a GPU).
+#define MCSC_DYNAMIC_SHARED_MEMORY(name)     \
+  unsigned char* const name =                \
+      reinterpret_cast<unsigned char*>(::cuda_emulator::Scheduler::instance().dynamic_shared())
+
 namespace mcsc::cuda::ptx {
 namespace emulation {
 
