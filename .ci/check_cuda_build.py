@@ -3,7 +3,12 @@
 Checks, each with a message saying what is wrong:
 1. mcsc._C was compiled with CUDA (its `with_cuda` attribute is 1);
 2. mcsc::supcon_forward and mcsc::supcon_backward have kernels for the CUDA dispatch key;
-3. the shared library contains sm_90 machine code (a cubin, not only PTX).
+3. the shared library contains sm_90 machine code (a cubin, not only PTX);
+4. with a cuobjdump (CUDA_HOME, PATH, or the one triton's wheel carries), for every cubin:
+   the mma.sync kernels (fp16/bf16 and float32 TF32, MCSC_CUDA_KERNELS=mma) have no stack frame
+   and no local memory (so no register spills) in --dump-resource-usage, and their SASS
+   contains HMMA, LDSM and LDGSTS (tensor-core multiplies, ldmatrix and cp.async really made it
+   into the machine code). The WMMA kernels' usage is printed, not checked.
 
 No GPU is needed. The architectures are read from the headers of the CUDA fat binary in the
 library's .nv_fatbin section (they are not compressed even when the payloads are), with
@@ -34,13 +39,14 @@ def elf_section(path: str, name: str) -> bytes:
         raise ValueError(f"{path} is not a 64-bit little-endian ELF file")
     (section_offset,) = struct.unpack_from("<Q", data, 0x28)
     entry_size, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQ", data, section_offset + i * entry_size)
-                for i in range(count)]
+    sections = [
+        struct.unpack_from("<IIQQQQ", data, section_offset + i * entry_size) for i in range(count)
+    ]
     names_offset = sections[names_index][4]
     for name_offset, _, _, _, offset, size in sections:
         start = names_offset + name_offset
-        if data[start:data.index(b"\0", start)].decode() == name:
-            return data[offset:offset + size]
+        if data[start : data.index(b"\0", start)].decode() == name:
+            return data[offset : offset + size]
     return b""
 
 
@@ -70,21 +76,113 @@ def fatbin_entries(section: bytes) -> list[tuple[str, int]]:
     return entries
 
 
-def cuobjdump_cubin_archs(path: str) -> set[int] | None:
-    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                               "cuobjdump"), shutil.which("cuobjdump")]
-    tool = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-    if tool is None:
-        return None
-    listing = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True).stdout
+def find_cuobjdump() -> str | None:
+    """CUDA_HOME's or PATH's cuobjdump, else the one in triton's wheel (which the CUDA build of
+    torch installs)."""
+    candidates = [
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+        shutil.which("cuobjdump"),
+    ]
+    try:
+        import triton
+
+        candidates.append(
+            os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        )
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def cuobjdump_cubin_archs(tool: str, path: str) -> set[int]:
+    listing = subprocess.run(
+        [tool, "--list-elf", path], capture_output=True, text=True, check=True
+    ).stdout
     # Names like supcon_cuda.sm_90.cubin or .sm_90a.cubin (arch-specific variants count as 90).
     return {int(sm) for sm in re.findall(r"\.sm_(\d+)[a-z]?\.cubin", listing)}
 
 
+# Kernels that must keep everything in registers, by a fragment of their mangled names: the
+# mma.sync kernels, every instantiation (fp16, bf16, float32 TF32); the forward's is the tiled
+# kernel with the MmaMultiply policy (its FmaMultiply instantiation has no HMMA and is not
+# checked).
+MMA_KERNELS = ("supcon_forward_tiled_kernelINS0_11MmaMultiply", "supcon_backward_mma_kernel")
+# Instructions every mma.sync kernel's SASS must contain: tensor-core multiply, ldmatrix, and
+# cp.async (LDGSTS: global to shared without registers).
+MMA_INSTRUCTIONS = ("HMMA", "LDSM", "LDGSTS")
+
+
+def cuobjdump_functions(tool: str, path: str, option: str) -> dict[tuple[str, str], str]:
+    """{(arch, mangled function): its text} from `cuobjdump <option>`, whose output names each
+    cubin's arch ("arch = sm_90") and starts each function with "Function NAME:"
+    (--dump-resource-usage) or "Function : NAME" (-sass)."""
+    text = subprocess.run([tool, option, path], capture_output=True, text=True, check=True).stdout
+    functions: dict[tuple[str, str], str] = {}
+    arch = "?"
+    current = None
+    for line in text.splitlines():
+        found = re.match(r"\s*arch = (sm_\w+)", line)
+        if found:
+            arch = found.group(1)
+            current = None
+            continue
+        found = re.match(r"\s*Function\s*:?\s*(\S+?):?\s*$", line)
+        if found:
+            current = (arch, found.group(1))
+            functions[current] = ""
+        elif current is not None:
+            functions[current] += line + "\n"
+    return functions
+
+
+def resource_usage(tool: str, path: str) -> list[tuple[str, str, dict[str, int]]]:
+    """(arch, mangled function, {REG, STACK, SHARED, LOCAL, ...}) for every kernel of every
+    cubin, from cuobjdump --dump-resource-usage."""
+    return [
+        (arch, name, {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", text)})
+        for (arch, name), text in cuobjdump_functions(tool, path, "--dump-resource-usage").items()
+    ]
+
+
+def register_kernel_failures(tool: str, path: str) -> list[str]:
+    """What is wrong with the mma.sync kernels' resources and instructions."""
+    failures = []
+    usage = [
+        (arch, name, fields)
+        for arch, name, fields in resource_usage(tool, path)
+        if "supcon_" in name
+    ]
+    if not any(any(kernel in name for kernel in MMA_KERNELS) for _, name, _ in usage):
+        failures.append(
+            "no mma.sync kernel (supcon_forward_tiled_kernel<MmaMultiply>, "
+            "supcon_backward_mma_kernel) in the library"
+        )
+    for arch, name, fields in usage:
+        checked = any(kernel in name for kernel in MMA_KERNELS)
+        print(
+            f"  {arch} REG {fields.get('REG')} STACK {fields.get('STACK')} LOCAL "
+            f"{fields.get('LOCAL')} SHARED {fields.get('SHARED')} {'' if checked else '(not checked) '}"
+            f"{name}"
+        )
+        if checked and (fields.get("STACK", 0) or fields.get("LOCAL", 0)):
+            failures.append(
+                f"{arch} {name} has a stack frame or local memory (spills): "
+                f"STACK {fields.get('STACK')}, LOCAL {fields.get('LOCAL')}"
+            )
+    for (arch, name), sass in cuobjdump_functions(tool, path, "-sass").items():
+        if not any(kernel in name for kernel in MMA_KERNELS):
+            continue
+        missing = [op for op in MMA_INSTRUCTIONS if not re.search(rf"\b{op}\b", sass)]
+        if missing:
+            failures.append(f"{arch} {name} lacks {', '.join(missing)} in its SASS")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, action="append",
-                        help="SM numbers that need a cubin (default: 90)")
+    parser.add_argument(
+        "--arch", type=int, action="append", help="SM numbers that need a cubin (default: 90)"
+    )
     required = set(parser.parse_args().arch or [90])
     failures = []
 
@@ -96,8 +194,10 @@ def main() -> int:
     import torch
 
     if getattr(_C, "with_cuda", 0) != 1:
-        failures.append("mcsc._C was compiled without CUDA (mcsc._C.with_cuda != 1); build with "
-                        "a CUDA torch and nvcc, or MCSC_FORCE_CUDA=1")
+        failures.append(
+            "mcsc._C was compiled without CUDA (mcsc._C.with_cuda != 1); build with "
+            "a CUDA torch and nvcc, or MCSC_FORCE_CUDA=1"
+        )
     for op in ("mcsc::supcon_forward", "mcsc::supcon_backward"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
             failures.append(f"{op} has no kernel for the CUDA dispatch key")
@@ -109,18 +209,33 @@ def main() -> int:
     print(f"{library}: cubin sm {sorted(cubins)}, ptx compute {sorted(ptx)}")
     missing = required - cubins
     if missing:
-        failures.append(f"{library} lacks machine code for sm {sorted(missing)} "
-                        f"(TORCH_CUDA_ARCH_LIST must include them)")
-    cross_check = cuobjdump_cubin_archs(library)
-    if cross_check is not None and cross_check != cubins:
-        failures.append(f"cuobjdump lists cubins for sm {sorted(cross_check)} but the fatbin "
-                        f"headers say {sorted(cubins)}")
+        failures.append(
+            f"{library} lacks machine code for sm {sorted(missing)} "
+            f"(TORCH_CUDA_ARCH_LIST must include them)"
+        )
+    tool = find_cuobjdump()
+    if tool is None:
+        failures.append(
+            "no cuobjdump found (CUDA_HOME/bin, PATH or triton's wheel): the "
+            "kernels' registers and instructions cannot be checked"
+        )
+    else:
+        cross_check = cuobjdump_cubin_archs(tool, library)
+        if cross_check != cubins:
+            failures.append(
+                f"cuobjdump lists cubins for sm {sorted(cross_check)} but the "
+                f"fatbin headers say {sorted(cubins)}"
+            )
+        print("kernel resources (cuobjdump --dump-resource-usage):")
+        failures += register_kernel_failures(tool, library)
 
     for failure in failures:
         print(f"FAIL: {failure}")
     if not failures:
-        print("OK: mcsc._C has CUDA kernels registered and sm "
-              f"{', '.join(str(sm) for sm in sorted(required))} machine code")
+        print(
+            "OK: mcsc._C has CUDA kernels registered and sm "
+            f"{', '.join(str(sm) for sm in sorted(required))} machine code"
+        )
     return 1 if failures else 0
 
 

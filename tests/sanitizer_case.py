@@ -11,10 +11,10 @@ segments and ignored rows, checks the results against the float64 reference, and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
-
 from supcon_cases import CASES, IGNORE, TEMPERATURE, make_inputs, reference_loss_and_grad
 
 
@@ -24,30 +24,43 @@ def main() -> int:
     device = parser.parse_args().device
 
     features, labels, offsets = make_inputs(*CASES["varlen-empty-segments"], dtype=torch.float64)
-    upstream = torch.rand(features.shape[0], generator=torch.Generator().manual_seed(1),
-                          dtype=torch.float64)
-    reference, _, reference_grad = reference_loss_and_grad(features, labels, offsets, True,
-                                                           upstream)
+    upstream = torch.rand(
+        features.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    reference, _, reference_grad = reference_loss_and_grad(
+        features, labels, offsets, True, upstream
+    )
 
-    # (dtype, TF32 on, tolerance relative to the largest reference value)
-    paths = [(torch.float64, False, 1e-9), (torch.float32, False, 1e-4)]
+    # (dtype, TF32 on, tolerance relative to the largest reference value, MCSC_CUDA_KERNELS)
+    paths = [(torch.float64, False, 1e-9, "wmma"), (torch.float32, False, 1e-4, "wmma")]
     if device == "cuda":
-        paths += [(torch.float32, True, 2e-2), (torch.float16, False, 3e-2),
-                  (torch.bfloat16, False, 1e-1)]
+        paths += [
+            (torch.float32, True, 2e-2, "wmma"),
+            (torch.float16, False, 3e-2, "wmma"),
+            (torch.bfloat16, False, 1e-1, "wmma"),
+            (torch.float32, False, 1e-4, "mma"),
+            (torch.float32, True, 2e-2, "mma"),
+            (torch.float16, False, 3e-2, "mma"),
+            (torch.bfloat16, False, 1e-1, "mma"),
+        ]
     scale = max(1.0, float(reference.abs().max()), float(reference_grad.abs().max()))
     failures = 0
-    for dtype, tf32, tolerance in paths:
+    for dtype, tf32, tolerance, kernels in paths:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        os.environ["MCSC_CUDA_KERNELS"] = kernels
         inputs = features.to(device, dtype, copy=True).requires_grad_(True)
-        loss, _, _ = torch.ops.mcsc.supcon_forward(inputs, labels.to(device), offsets.to(device),
-                                                   TEMPERATURE, True, IGNORE)
+        loss, _, _ = torch.ops.mcsc.supcon_forward(
+            inputs, labels.to(device), offsets.to(device), TEMPERATURE, True, IGNORE
+        )
         (loss * upstream.to(device, dtype)).sum().backward()
         loss_error = float((loss.detach().double().cpu() - reference).abs().max())
         grad_error = float((inputs.grad.double().cpu() - reference_grad).abs().max())
         ok = max(loss_error, grad_error) <= tolerance * scale
         failures += not ok
-        print(f"{dtype} tf32={tf32}: loss error {loss_error:.2e}, grad error {grad_error:.2e} "
-              f"{'ok' if ok else 'TOO LARGE'}")
+        print(
+            f"{dtype} tf32={tf32} {kernels}: loss error {loss_error:.2e}, grad error {grad_error:.2e} "
+            f"{'ok' if ok else 'TOO LARGE'}"
+        )
     torch.backends.cuda.matmul.allow_tf32 = False
     print("OK" if failures == 0 else f"{failures} paths failed")
     return 1 if failures else 0

@@ -10,17 +10,33 @@ Every test is skipped with "needs a CUDA GPU" when no GPU is visible.
 from __future__ import annotations
 
 import pytest
-import torch
-
 import supcon_cases
+import torch
+from supcon_cases import (
+    CASES,
+    IGNORE,
+    TEMPERATURE,
+    misaligned_copy,
+    reference_loss_and_grad,
+    scaled_atol,
+)
+
 from mcsc import supcon_loss
 from mcsc.ops import backend
-from supcon_cases import (CASES, IGNORE, TEMPERATURE, misaligned_copy, reference_loss_and_grad,
-                          scaled_atol)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GIB = 1 << 30
+
+# The fp16/bf16 kernel families MCSC_CUDA_KERNELS selects; "wmma" is the default.
+KERNEL_FAMILIES = ["wmma", "mma"]
+
+
+@pytest.fixture(autouse=True, params=KERNEL_FAMILIES)
+def kernel_family(request, monkeypatch):
+    """Every test runs under each kernel family (the op reads the variable on every call)."""
+    monkeypatch.setenv("MCSC_CUDA_KERNELS", request.param)
+    return request.param
 
 
 def make_inputs(*case, **options):
@@ -29,15 +45,17 @@ def make_inputs(*case, **options):
 
 def op_loss_and_grad(features, labels, offsets, prevalence, upstream):
     z = features.detach().requires_grad_(True)  # keeps the layout (clone would not, if strided)
-    loss, lse, positives = torch.ops.mcsc.supcon_forward(z, labels, offsets, TEMPERATURE,
-                                                         prevalence, IGNORE)
+    loss, lse, positives = torch.ops.mcsc.supcon_forward(
+        z, labels, offsets, TEMPERATURE, prevalence, IGNORE
+    )
     (loss * upstream.to(loss.dtype)).sum().backward()
     return loss.detach(), lse, positives, z.grad
 
 
 def test_cuda_backend_is_compiled():
     assert backend("cuda") == "compiled-cuda", (
-        "mcsc._C has no CUDA kernels; build with a CUDA torch and nvcc (see README)")
+        "mcsc._C has no CUDA kernels; build with a CUDA torch and nvcc (see README)"
+    )
 
 
 @pytest.mark.parametrize("prevalence", [True, False], ids=["prevalence", "none"])
@@ -49,7 +67,8 @@ def test_matches_cpu_op(case, prevalence):
     upstream = torch.rand(features.shape[0], device="cuda")
     loss, lse, positives, grad = op_loss_and_grad(features, labels, offsets, prevalence, upstream)
     cpu_loss, cpu_lse, cpu_positives, cpu_grad = op_loss_and_grad(
-        features.cpu(), labels.cpu(), offsets.cpu(), prevalence, upstream.cpu())
+        features.cpu(), labels.cpu(), offsets.cpu(), prevalence, upstream.cpu()
+    )
     assert torch.equal(positives.cpu(), cpu_positives)
     torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=1e-4, atol=scaled_atol(cpu_loss, 1e-4))
     anchors = cpu_positives > 0
@@ -62,7 +81,8 @@ def test_large_n_fits_in_one_gib(dtype):
     n, dim = 262144, 128
     generator = torch.Generator(device="cuda").manual_seed(0)
     features = torch.nn.functional.normalize(
-        torch.randn(n, dim, device="cuda", generator=generator), dim=1).to(dtype)
+        torch.randn(n, dim, device="cuda", generator=generator), dim=1
+    ).to(dtype)
     features.requires_grad_(True)
     labels = torch.randint(0, 4, (n,), device="cuda", generator=generator)
     torch.cuda.synchronize()
@@ -88,12 +108,13 @@ def test_64_bit_indexing():
     features = torch.empty(n, dim, device="cuda", dtype=torch.bfloat16)
     for start in range(0, n, 1 << 18):
         block = torch.randn(min(1 << 18, n - start), dim, device="cuda", generator=generator)
-        features[start:start + block.shape[0]] = torch.nn.functional.normalize(block, dim=1)
+        features[start : start + block.shape[0]] = torch.nn.functional.normalize(block, dim=1)
     labels = torch.randint(0, 3, (n,), device="cuda", generator=generator)
     offsets = torch.arange(0, n + 1, length, device="cuda", dtype=torch.int64)
     features.requires_grad_(True)
-    loss, _, positives = torch.ops.mcsc.supcon_forward(features, labels, offsets, TEMPERATURE,
-                                                       True, IGNORE)
+    loss, _, positives = torch.ops.mcsc.supcon_forward(
+        features, labels, offsets, TEMPERATURE, True, IGNORE
+    )
     upstream = torch.rand(n, device="cuda", dtype=torch.bfloat16)
     (loss * upstream).sum().backward()
     for first in (0, n - length):
@@ -101,11 +122,16 @@ def test_64_bit_indexing():
         z = features.detach()[rows]
         local = torch.tensor([0, length], dtype=torch.int64)
         ref_loss, ref_positives, ref_grad = reference_loss_and_grad(
-            z, labels[rows], local, True, upstream[rows])
+            z, labels[rows], local, True, upstream[rows]
+        )
         assert torch.equal(positives[rows].cpu().long(), ref_positives)
         torch.testing.assert_close(loss[rows].cpu().double(), ref_loss, rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(features.grad[rows].cpu().double(), ref_grad, rtol=2e-2,
-                                   atol=scaled_atol(ref_grad, 2e-2))
+        torch.testing.assert_close(
+            features.grad[rows].cpu().double(),
+            ref_grad,
+            rtol=2e-2,
+            atol=scaled_atol(ref_grad, 2e-2),
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -132,12 +158,14 @@ def test_tf32_follows_the_matmul_setting(api):
     finally:
         setattr(matmul, api, previous)
     torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=2e-2,
-                               atol=scaled_atol(ref_grad, 2e-2))
+    torch.testing.assert_close(
+        grad.cpu().double(), ref_grad, rtol=2e-2, atol=scaled_atol(ref_grad, 2e-2)
+    )
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str
+)
 def test_unaligned_rows_match_vector_loads(dtype):
     """Rows off 16-byte boundaries take the kernels' scalar loads: bitwise the same results."""
     features, labels, offsets = make_inputs([70, 0, 129], 16, 4, 0.1, dtype=dtype)
@@ -152,3 +180,10 @@ def test_inputs_on_different_devices_are_rejected():
     features, labels, offsets = make_inputs([50], 8, 3, 0.0)
     with pytest.raises(ValueError, match="labels"):
         supcon_loss(features, labels.cpu(), segments=offsets)
+
+
+def test_unknown_kernel_family_is_rejected(monkeypatch):
+    features, labels, offsets = make_inputs(*CASES["one-segment"], dtype=torch.bfloat16)
+    monkeypatch.setenv("MCSC_CUDA_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="MCSC_CUDA_KERNELS must be 'wmma' or 'mma'"):
+        torch.ops.mcsc.supcon_forward(features, labels, offsets, TEMPERATURE, True, IGNORE)

@@ -5,20 +5,23 @@ the CUDA op runs -- with g++ against a fiber-based emulator of threads, barriers
 shuffles and WMMA (see tests/cuda_emulation/include). This checks on a machine without a GPU
 what test_cuda.py checks on one, as far as the emulation reaches:
 
-* every multiply path (float64 FMA, float32 FMA, float32 TF32, fp16 and bf16 WMMA) against the
-  float64 reference, forward and gradient, over segment layouts with empty, one-row and long
-  segments, ignored rows, absent classes and D past the tile widths;
+* every multiply path (float64 FMA, float32 FMA, float32 TF32, fp16 and bf16 WMMA, and the
+  fp16 and bf16 mma.sync kernels with ldmatrix and cp.async, MCSC_CUDA_KERNELS=mma) against
+  the float64 reference, forward and gradient, over segment layouts with empty, one-row and
+  long segments, ignored rows, absent classes and D past the tile widths;
 * barrier placement: every kernel gives bitwise the same results when the threads between two
   barriers run in ascending or in descending order (a missing barrier changes them), and no
   barrier is reached by only part of a block or warp (the emulator raises);
 * no read of shared memory the block has not written: the kernels' __shared__ variables are
   filled before every block with a pattern that differs between the two orders (NaN in one);
-* WMMA alignment rules (the emulator raises on a misaligned load or store);
+* WMMA and ldmatrix alignment rules (the emulator raises on a misaligned access), and cp.async
+  copies that land only at the wait covering their group (a missing wait reads poison);
 * memory bounds: every case and path again, built with AddressSanitizer (asan_check.py).
 
-It does not check what only hardware shows: the memory model, fragment register layouts,
-shared-memory and register limits, speed. Those are test_cuda.py's and compute-sanitizer's, on
-a GPU.
+It does not check what only hardware shows: the memory model, WMMA's fragment register
+layouts, whether mma.sync's layouts were read from the PTX ISA the same wrong way in the kernels
+and the emulator, shared-memory and register limits, speed. Those are test_cuda.py's and
+compute-sanitizer's, on a GPU.
 """
 
 from __future__ import annotations
@@ -30,34 +33,67 @@ import sys
 
 import pytest
 import torch
-
 from cuda_emulation import emulation
 from cuda_emulation.emulation import PATHS
+from supcon_cases import (
+    CASES,
+    IGNORE,
+    TEMPERATURE,
+    make_inputs,
+    misaligned_copy,
+    reference_loss_and_grad,
+    scaled_atol,
+)
+
 from mcsc.ops import backend
-from supcon_cases import (CASES, IGNORE, TEMPERATURE, make_inputs, misaligned_copy,
-                          reference_loss_and_grad, scaled_atol)
 
 # Relative tolerance against the float64 reference per exact path.
-TOLERANCE = {"float64-fma": 1e-10, "float32-fma": 1e-4, "float32-tf32": 1e-2}
+TOLERANCE = {
+    "float64-fma": 1e-10,
+    "float32-fma": 1e-4,
+    "float32-tf32": 1e-2,
+    "float32-fma-mma": 1e-4,
+    "float32-tf32-mma": 1e-2,
+}
 
 
 @pytest.fixture(scope="module")
 def emulated():
     if not emulation.cuda_header_dirs():
-        pytest.skip("needs the CUDA headers (cuda_fp16.h): the CUDA toolkit or torch's CUDA "
-                    "wheels")
+        pytest.skip("needs the CUDA headers (cuda_fp16.h): the CUDA toolkit or torch's CUDA wheels")
     kernels = emulation.load()
     assert kernels.poison_shared_memory() > 0, "found no __shared__ variable to poison"
     return kernels
 
 
-def run(emulated, features, labels, offsets, prevalence, upstream, allow_tf32, descending,
-        temperature=TEMPERATURE):
-    """(loss, lse, positives, d(sum upstream * loss)/dz) from the emulated kernels."""
-    loss, lse, positives = emulated.forward(features, labels, offsets, temperature, prevalence,
-                                            IGNORE, allow_tf32, descending)
-    grad = emulated.backward(upstream, features, labels, offsets, lse, positives, temperature,
-                             prevalence, allow_tf32, descending)
+def run(
+    emulated,
+    features,
+    labels,
+    offsets,
+    prevalence,
+    upstream,
+    path,
+    descending,
+    temperature=TEMPERATURE,
+):
+    """(loss, lse, positives, d(sum upstream * loss)/dz) from the emulated kernels of `path`."""
+    loss, lse, positives = emulation.forward(
+        emulated, path, features, labels, offsets, temperature, prevalence, IGNORE, descending
+    )
+    grad = emulation.backward(
+        emulated,
+        path,
+        upstream,
+        features,
+        labels,
+        offsets,
+        lse,
+        positives,
+        temperature,
+        prevalence,
+        descending,
+    )
     return loss, lse, positives, grad
 
 
@@ -68,44 +104,57 @@ def run_both_orders(emulated, *args, **options):
     for name, first, second in zip(("loss", "lse", "positives", "grad"), ascending, descending):
         assert torch.equal(first, second), (
             f"{name} depends on the order threads run between barriers: a barrier is missing, "
-            f"or shared memory is read before the block writes it")
+            f"or shared memory is read before the block writes it"
+        )
     return ascending
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_unaligned_rows_match_vector_loads(emulated, path):
     """Rows that do not start on 16-byte boundaries take the scalar loads: same bits."""
-    dtype, allow_tf32 = PATHS[path]
-    features, labels, offsets = make_inputs([70, 0, 129], 16, 4, 0.1, dtype=dtype)
-    upstream = torch.rand(features.shape[0], dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(3))
-    aligned = run(emulated, features, labels, offsets, True, upstream, allow_tf32,
-                  descending=False)
-    unaligned = run_both_orders(emulated, misaligned_copy(features), labels, offsets, True,
-                                upstream, allow_tf32)
+    features, labels, offsets = make_inputs([70, 0, 129], 16, 4, 0.1, dtype=PATHS[path].dtype)
+    upstream = torch.rand(
+        features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    aligned = run(emulated, features, labels, offsets, True, upstream, PATHS[path], False)
+    unaligned = run_both_orders(
+        emulated, misaligned_copy(features), labels, offsets, True, upstream, PATHS[path]
+    )
     for name, first, second in zip(("loss", "lse", "positives", "grad"), aligned, unaligned):
         assert torch.equal(first, second), f"{name} differs between vector and scalar loads"
 
 
-@pytest.mark.parametrize("path", ["float64-fma", "float32-fma", "bfloat16-wmma"])
+@pytest.mark.parametrize("path", ["float64-fma", "float32-fma", "bfloat16-wmma", "bfloat16-mma"])
 def test_forward_column_splits_merge_to_one_split(emulated, path):
     """A small batch splits the forward's columns over up to 16 blocks per row block; the
-    merged partial results match one block per row block."""
-    dtype, allow_tf32 = PATHS[path]
-    features, labels, offsets = make_inputs(*CASES["long-segment"], dtype=dtype)
+    merged partial results match those of the fewest splits (a device of one SM)."""
+    features, labels, offsets = make_inputs(*CASES["long-segment"], dtype=PATHS[path].dtype)
     outputs = {
-        target: emulated.forward(features, labels, offsets, TEMPERATURE, True, IGNORE,
-                                 allow_tf32, False, resident_blocks=target)
-        for target in (1, 4096)}
+        target: emulation.forward(
+            emulated,
+            PATHS[path],
+            features,
+            labels,
+            offsets,
+            TEMPERATURE,
+            True,
+            IGNORE,
+            multiprocessors=target,
+        )
+        for target in (1, 4096)
+    }
     (one_loss, one_lse, one_positives), (loss, lse, positives) = outputs[1], outputs[4096]
     assert torch.equal(positives, one_positives)
     anchors = positives > 0
     relative = TOLERANCE.get(path, 1e-2)  # the loss is rounded to bfloat16
     lse_relative = min(relative, 1e-5)  # lse is float32 or float64
-    torch.testing.assert_close(lse[anchors], one_lse[anchors], rtol=lse_relative,
-                               atol=lse_relative)
-    torch.testing.assert_close(loss.double(), one_loss.double(), rtol=relative,
-                               atol=scaled_atol(one_loss.double(), relative))
+    torch.testing.assert_close(lse[anchors], one_lse[anchors], rtol=lse_relative, atol=lse_relative)
+    torch.testing.assert_close(
+        loss.double(),
+        one_loss.double(),
+        rtol=relative,
+        atol=scaled_atol(one_loss.double(), relative),
+    )
 
 
 @pytest.mark.parametrize("case", ["one-segment", "varlen-empty-segments", "deep"])
@@ -114,16 +163,17 @@ def test_matches_cpu_op(emulated, case):
         pytest.skip("the compiled CPU op is not available")
     features, labels, offsets = make_inputs(*CASES[case])
     upstream = torch.rand(features.shape[0], generator=torch.Generator().manual_seed(2))
-    loss, lse, positives, grad = run(emulated, features, labels, offsets, True, upstream,
-                                     allow_tf32=False, descending=False)
+    loss, lse, positives, grad = run(
+        emulated, features, labels, offsets, True, upstream, PATHS["float32-fma"], False
+    )
     z = features.clone().requires_grad_(True)
-    cpu_loss, cpu_lse, cpu_positives = torch.ops.mcsc.supcon_forward(z, labels, offsets,
-                                                                     TEMPERATURE, True, IGNORE)
+    cpu_loss, cpu_lse, cpu_positives = torch.ops.mcsc.supcon_forward(
+        z, labels, offsets, TEMPERATURE, True, IGNORE
+    )
     (cpu_loss * upstream).sum().backward()
     cpu_loss = cpu_loss.detach()
     assert torch.equal(positives, cpu_positives)
-    torch.testing.assert_close(loss, cpu_loss, rtol=1e-4,
-                               atol=scaled_atol(cpu_loss, 1e-4))
+    torch.testing.assert_close(loss, cpu_loss, rtol=1e-4, atol=scaled_atol(cpu_loss, 1e-4))
     anchors = cpu_positives > 0
     torch.testing.assert_close(lse[anchors], cpu_lse[anchors], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad, z.grad, rtol=1e-4, atol=scaled_atol(z.grad, 1e-4))
@@ -132,40 +182,60 @@ def test_matches_cpu_op(emulated, case):
 @pytest.mark.parametrize("path", ["float64-fma", "float32-fma"])
 def test_large_similarities(emulated, path):
     """Norm-10 features at t = 0.01: similarities up to 1e4, far past exp's range."""
-    dtype, _ = PATHS[path]
+    dtype = PATHS[path].dtype
     features, labels, offsets = make_inputs([90, 40], 12, 3, 0.1, dtype=dtype)
     features = features * 10
     upstream = torch.rand(features.shape[0], dtype=torch.float64)
-    loss, _, _, grad = run_both_orders(emulated, features, labels, offsets, True, upstream,
-                                       False, temperature=0.01)
-    ref_loss, _, ref_grad = reference_loss_and_grad(features, labels, offsets, True, upstream,
-                                                    temperature=0.01)
+    loss, _, _, grad = run_both_orders(
+        emulated, features, labels, offsets, True, upstream, PATHS[path], temperature=0.01
+    )
+    ref_loss, _, ref_grad = reference_loss_and_grad(
+        features, labels, offsets, True, upstream, temperature=0.01
+    )
     relative = 1e-10 if dtype == torch.float64 else 1e-3
     assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=relative,
-                               atol=scaled_atol(ref_loss, relative))
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=relative,
-                               atol=scaled_atol(ref_grad, relative))
+    torch.testing.assert_close(
+        loss.double(), ref_loss, rtol=relative, atol=scaled_atol(ref_loss, relative)
+    )
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=relative, atol=scaled_atol(ref_grad, relative)
+    )
+
+
+def test_unknown_kernel_family_is_rejected(emulated):
+    features, labels, offsets = make_inputs(*CASES["one-segment"], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="MCSC_CUDA_KERNELS must be 'wmma' or 'mma'"):
+        emulated.forward(
+            features, labels, offsets, TEMPERATURE, True, IGNORE, False, False, kernels="fastest"
+        )
 
 
 # ---- The emulator's own checks: each would catch a real mistake in a kernel ----------------
 
 
-@pytest.mark.parametrize("kernel, message", [
-    ("divergent_barrier", "divergent __syncthreads in block (0, 0): 128 threads wait at it, "
-                          "128 have exited"),
-    ("divergent_shuffle", "divergent warp barrier"),
-    ("misaligned_wmma", "wmma::load_matrix_sync: the pointer is not 256-bit aligned"),
-])
+@pytest.mark.parametrize(
+    "kernel, message",
+    [
+        (
+            "divergent_barrier",
+            "divergent __syncthreads in block (0, 0): 128 threads wait at it, 128 have exited",
+        ),
+        ("divergent_shuffle", "divergent warp barrier"),
+        ("misaligned_wmma", "wmma::load_matrix_sync: the pointer is not 256-bit aligned"),
+    ],
+)
 def test_emulator_reports_misuse(emulated, kernel, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
         emulated.misuse(kernel, 1.0, False)
 
 
-@pytest.mark.parametrize("kernel, correct", [
-    ("neighbour", lambda base: base + (torch.arange(256) + 1) % 256),
-    ("wmma_store", lambda base: torch.full((256,), 8.0 * base)),
-])
+@pytest.mark.parametrize(
+    "kernel, correct",
+    [
+        ("neighbour", lambda base: base + (torch.arange(256) + 1) % 256),
+        ("wmma_store", lambda base: torch.full((256,), 8.0 * base)),
+    ],
+)
 def test_emulator_exposes_missing_barriers(emulated, kernel, correct):
     """With the barrier (or __syncwarp) both thread orders give the right values; without it
     each order leaves some thread reading a value another thread has not written yet."""
@@ -182,15 +252,21 @@ def test_no_out_of_bounds_access_under_address_sanitizer():
     where they leave the results unchanged)."""
     if not emulation.cuda_header_dirs():
         pytest.skip("needs the CUDA headers (cuda_fp16.h)")
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
-                             text=True).stdout.strip()
+    libasan = subprocess.run(
+        ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True
+    ).stdout.strip()
     if not os.path.isabs(libasan):
         pytest.skip("needs gcc's AddressSanitizer runtime (libasan)")
-    environment = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
-                       PYTHONPATH=os.pathsep.join(sys.path))
+    environment = dict(
+        os.environ,
+        LD_PRELOAD=libasan,
+        ASAN_OPTIONS="detect_leaks=0",
+        PYTHONPATH=os.pathsep.join(sys.path),
+    )
     script = emulation.HERE / "asan_check.py"
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            env=environment, timeout=1800)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=environment, timeout=1800
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "ERROR: AddressSanitizer" not in output, output[-6000:]
     assert "all cases ran" in result.stdout

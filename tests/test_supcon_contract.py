@@ -67,32 +67,35 @@ class OpBackend:
 class _EmulatedForward(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, features, kernels, labels, offsets, prevalence, temperature, ignore_index, allow_tf32
+        ctx, features, kernels, labels, offsets, prevalence, temperature, ignore_index, path
     ):
         loss, lse, positives = run_both_orders(
-            lambda descending: kernels.forward(
+            lambda descending: emulation.forward(
+                kernels,
+                path,
                 features,
                 labels,
                 offsets,
                 temperature,
                 prevalence,
                 ignore_index,
-                allow_tf32,
                 descending,
             )
         )
         ctx.save_for_backward(features, labels, offsets, lse, positives)
-        ctx.options = kernels, temperature, prevalence, allow_tf32
+        ctx.options = kernels, temperature, prevalence, path
         ctx.mark_non_differentiable(lse, positives)
         return loss, lse, positives
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_positives):
         features, labels, offsets, lse, positives = ctx.saved_tensors
-        kernels, temperature, prevalence, allow_tf32 = ctx.options
+        kernels, temperature, prevalence, path = ctx.options
         (grad,) = run_both_orders(
             lambda descending: (
-                kernels.backward(
+                emulation.backward(
+                    kernels,
+                    path,
                     grad_loss.contiguous(),
                     features,
                     labels,
@@ -101,7 +104,6 @@ class _EmulatedForward(torch.autograd.Function):
                     positives,
                     temperature,
                     prevalence,
-                    allow_tf32,
                     descending,
                 ),
             )
@@ -134,7 +136,8 @@ class EmulatedBackend:
     _kernels = None
 
     def __init__(self, path: str):
-        self.dtype, self.allow_tf32 = emulation.PATHS[path]
+        self.path = emulation.PATHS[path]
+        self.dtype, self.allow_tf32 = self.path.dtype, self.path.allow_tf32
 
     def available(self) -> str:
         if not emulation.cuda_header_dirs():
@@ -152,7 +155,7 @@ class EmulatedBackend:
             prevalence,
             temperature,
             ignore_index,
-            self.allow_tf32,
+            self.path,
         )
 
 

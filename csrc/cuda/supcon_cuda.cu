@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <tuple>
 #include <utility>
@@ -45,18 +46,28 @@ bool float32_matmul_allows_tf32() {
          at::Float32Precision::TF32;
 }
 
+// The tensor-core kernels MCSC_CUDA_KERNELS names, read on every call so that a process can
+// switch between them (the tests run both). mma.sync, ldmatrix and cp.async need sm_80.
+KernelFamily selected_kernels() {
+  const KernelFamily family = kernel_family(std::getenv("MCSC_CUDA_KERNELS"));
+  TORCH_CHECK_VALUE(family != KernelFamily::Mma ||
+                        at::cuda::getCurrentDeviceProperties()->major >= 8,
+                    "mcsc: MCSC_CUDA_KERNELS=mma needs a GPU of compute capability 8.0 or "
+                    "newer; unset it to use the WMMA kernels");
+  return family;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& segments,
     double temperature, bool prevalence, int64_t ignore_index) {
   check_op_inputs(features, labels, segments, c10::DeviceType::CUDA, kFeatureDtypes);
   const c10::cuda::CUDAGuard guard(features.device());
-  const int64_t resident_blocks =
-      kForwardBlocksPerSM *
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t multiprocessors =
+      at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return launch_supcon_forward(StreamLaunch{at::cuda::getCurrentCUDAStream()},
                                features.contiguous(), labels.contiguous(),
                                segments.contiguous(), temperature, prevalence, ignore_index,
-                               float32_matmul_allows_tf32(), resident_blocks);
+                               float32_matmul_allows_tf32(), multiprocessors, selected_kernels());
 }
 
 at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& features,
@@ -70,7 +81,7 @@ at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& f
       StreamLaunch{at::cuda::getCurrentCUDAStream()},
       grad_loss.to(accumulation_dtype(features)).contiguous(), features.contiguous(),
       labels.contiguous(), segments.contiguous(), lse.contiguous(), positives.contiguous(),
-      temperature, prevalence, float32_matmul_allows_tf32());
+      temperature, prevalence, float32_matmul_allows_tf32(), selected_kernels());
   // Laid out like empty_like(features), as the fake kernel promises.
   if (features.is_contiguous()) return grad;
   at::Tensor grad_in_layout = at::empty_like(features);

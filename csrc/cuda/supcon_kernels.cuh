@@ -1,7 +1,7 @@
-// CUDA kernels of mcsc::supcon_forward and mcsc::supcon_backward (DESIGN.md section 3), and the
-// host code that sizes and launches them.
+// CUDA kernels of mcsc::supcon_forward and mcsc::supcon_backward, and the host code that sizes
+// and launches them.
 //
-// Three kernels, each over (segment, row block) pairs with a grid sized without reading the
+// Four kernels, each over (segment, row block) pairs with a grid sized without reading the
 // segment offsets on the host (supcon_tiles.cuh, locate_row_block):
 //   classify_rows     per row: |P(i)| (-1 for ignored rows) and a class id, the index of the
 //                     first row of the segment with the same label. Ids are int32 whatever the
@@ -18,6 +18,9 @@
 //                     dz_I += P z_J (TF32 tensor cores whenever the scores use tensor cores);
 //                     so dz_i = (1/t) sum_j P_ij z_j covers the pairwise and the positive terms
 //                     of the gradient without class sums.
+// With MCSC_CUDA_KERNELS=mma, the tensor-core paths (fp16/bf16, float32 with TF32) take the
+// mma.sync forward and backward of supcon_mma.cuh instead, with the same classify_rows and
+// forward_combine.
 // Every row's result is reduced by a fixed set of threads in a fixed order: no atomics, so the
 // outputs are bitwise reproducible. State kept between forward and backward is O(N): lse and
 // positives. Shared memory is O(tile^2) per block; nothing is O(N^2).
@@ -29,6 +32,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/amax.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
@@ -39,10 +44,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
+#include "cuda/supcon_mma.cuh"
 #include "cuda/supcon_tiles.cuh"
+#include "supcon_checks.h"
 #include "supcon_math.h"
 
 namespace mcsc {
@@ -50,10 +58,6 @@ namespace cuda {
 
 // Labels of a column tile staged by classify_rows; 8 KiB for int64 labels.
 constexpr int kClassifyCols = 1024;
-// Class id of rows past the end of a block and columns past the end of a segment: like the
-// ignored rows' -1, negative, and equal to no row's id.
-constexpr int32_t kNoClass = std::numeric_limits<int32_t>::min();
-
 // One row per thread. With `known_positives` (backward: the forward's output) validity comes
 // from it and only class ids are needed, so a block stops scanning once each of its rows has
 // met the first row of its class; otherwise (forward) rows equal to ignore_index are ignored
@@ -129,20 +133,6 @@ __device__ __forceinline__ AnchorRow anchor_row(const RowBlock& block,
   return anchor;
 }
 
-// Partial results of the forward per column split: for split s and row i, element s * rows + i
-// of each array.
-template <typename acc_t>
-struct ForwardPartials {
-  acc_t* running_max;   // max_j s_ij over the split's contrasts (-inf if none)
-  acc_t* running_sum;   // sum_j w_i(y_j) exp(s_ij - running_max)
-  acc_t* positive_sum;  // sum of s_ip over the split's positives
-};
-
-// Resident forward blocks per SM that the launch bounds ask for (64 registers per thread): the
-// float32 FMA instantiation would otherwise take 80 and fit three. The host sizes the column
-// splits by it.
-constexpr int kForwardBlocksPerSM = 4;
-
 template <typename scalar_t, Mma kind>
 __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
     supcon_forward_kernel(const scalar_t* __restrict__ z, int64_t dim,
@@ -189,8 +179,8 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
       col_class[j] = inside ? classes[col] : kNoClass;
       col_contrast_weight[j] = inside ? contrast_weight<acc_t>(positives[col], prevalence) : 0;
     }
-    compute_score_tile<scalar_t, kind>(scores, staging, z, dim, block.row_begin,
-                                       block.row_end, col0, block.segment_end, vectorized);
+    ScoreTile<scalar_t, kind>::compute(scores, staging, z, dim, block.row_begin, block.row_end,
+                                       col0, block.segment_end, vectorized);
     __syncthreads();
     // Ignored rows and rows past the block's end (class < 0) have no contrasts; a valid row
     // gives every valid column j != i a positive weight.
@@ -285,12 +275,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   __shared__ ScoreStaging<scalar_t, kind> staging;
   __shared__ __align__(32) acc_t scores[T::kRows * T::kScoreLd];
   __shared__ __align__(32) acc_t values[kValueRows * T::kOutLd];
-  __shared__ int32_t col_class[T::kCols];
-  __shared__ acc_t col_same_weight[T::kCols];
-  __shared__ acc_t col_contrast_weight[T::kCols];
-  __shared__ acc_t col_anchor[T::kCols];
-  __shared__ acc_t col_positive_grad[T::kCols];
-  __shared__ acc_t col_lse[T::kCols];
+  __shared__ BackwardRow<acc_t> columns[T::kCols];
 
   RowBlock block;
   if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, T::kRows, block)) {
@@ -301,47 +286,25 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool vectorized = rows_are_vector_aligned(z, dim);
   const AnchorRow anchor = anchor_row<kRowThreads>(block, classes, positives);
   acc_t* const p_row = scores + anchor.tile_row * T::kScoreLd;
-  const acc_t row_grad = anchor.exists ? grad_loss[anchor.row] : acc_t(0);
-  const acc_t row_same_weight = same_class_weight<acc_t>(anchor.positives, prevalence);
-  const acc_t row_contrast_weight = contrast_weight<acc_t>(anchor.positives, prevalence);
-  const acc_t row_anchor = anchor_grad_weight(row_grad, anchor.positives);
-  const acc_t row_positive_grad = positive_grad_weight(row_grad, anchor.positives);
-  const acc_t row_lse = row_anchor != 0 ? lse[anchor.row] : acc_t(0);
+  const BackwardRow<acc_t> row = backward_row(anchor.row, anchor.exists, classes, positives,
+                                              grad_loss, lse, prevalence);
 
   Gradient gradient;
 
   for (int64_t col0 = block.segment_begin; col0 < block.segment_end; col0 += T::kCols) {
     __syncthreads();
     for (int j = threadIdx.x; j < T::kCols; j += kThreads) {
-      const int64_t col = col0 + j;
-      const bool inside = col < block.segment_end;
-      const int32_t col_positives = inside ? positives[col] : -1;
-      const acc_t col_grad = inside ? grad_loss[col] : acc_t(0);
-      col_class[j] = inside ? classes[col] : kNoClass;
-      col_same_weight[j] = same_class_weight<acc_t>(col_positives, prevalence);
-      col_contrast_weight[j] = contrast_weight<acc_t>(col_positives, prevalence);
-      col_anchor[j] = anchor_grad_weight(col_grad, col_positives);
-      col_positive_grad[j] = positive_grad_weight(col_grad, col_positives);
-      col_lse[j] = col_anchor[j] != 0 ? lse[col] : acc_t(0);
+      columns[j] = backward_row(col0 + j, col0 + j < block.segment_end, classes, positives,
+                                grad_loss, lse, prevalence);
     }
-    compute_score_tile<scalar_t, kind>(scores, staging, z, dim, block.row_begin,
-                                       block.row_end, col0, block.segment_end, vectorized);
+    ScoreTile<scalar_t, kind>::compute(scores, staging, z, dim, block.row_begin, block.row_end,
+                                       col0, block.segment_end, vectorized);
     __syncthreads();
 
     // Scores become P_ij in place; each element is read and written by the same thread.
     for (int j = anchor.part; j < T::kCols; j += kRowThreads) {
-      // Pairs with an ignored row (or a column past the segment's end: class < 0) contribute
-      // nothing; skipping them also avoids exp overflow times a zero weight.
-      acc_t p = 0;
-      if (anchor.class_id >= 0 && col_class[j] >= 0 && col0 + j != anchor.row) {
-        const acc_t similarity = p_row[j] * inv_temperature;
-        p = symmetric_pair_gradient(similarity, anchor.class_id, col_class[j], row_anchor,
-                                    row_lse, row_same_weight, row_contrast_weight, col_anchor[j],
-                                    col_lse[j], col_same_weight[j], col_contrast_weight[j]);
-        // Positive term: -(1/t) sum_{p in P(i)} (b_i + b_p) z_p; b is 0 for ignored rows.
-        if (col_class[j] == anchor.class_id) p -= row_positive_grad + col_positive_grad[j];
-      }
-      p_row[j] = p;
+      p_row[j] = pair_coefficient(p_row[j] * inv_temperature, row, columns[j],
+                                  col0 + j == anchor.row);
     }
 
     // out += P[:, k0:k0+16] z_J[k0:k0+16, out_col0:out_col0+kOutCols], z_J in slices of rows.
@@ -359,10 +322,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ---- Host side: grid sizes and launches -------------------------------------------------------
-
-inline at::ScalarType accumulation_dtype(const at::Tensor& features) {
-  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // block_offsets[s] = sum_{s' < s} ceil(len_{s'} / rows_per_block), computed on the device.
 inline at::Tensor row_block_offsets(const at::Tensor& segments, int64_t rows_per_block) {
@@ -395,22 +354,66 @@ void classify_rows(const Launch& launch, const at::Tensor& labels, int64_t ignor
 template <Mma kind>
 using MmaTag = std::integral_constant<Mma, kind>;
 
+// Which kernels run for fp16/bf16 and float32: the WMMA and FMA kernels above, validated on an
+// H200, or the mma.sync kernels of supcon_mma.cuh (float32 without TF32: its register-blocked
+// FMA forward, and the FMA backward above). float64 takes the FMA kernels either way.
+enum class KernelFamily { Wmma, Mma };
+
+// The family named by MCSC_CUDA_KERNELS's value: "wmma" (also when unset or empty) or "mma".
+inline KernelFamily kernel_family(const char* name) {
+  const std::string value = name == nullptr ? "" : name;
+  if (value.empty() || value == "wmma") return KernelFamily::Wmma;
+  if (value == "mma") return KernelFamily::Mma;
+  TORCH_CHECK_VALUE(false, "mcsc: MCSC_CUDA_KERNELS must be 'wmma' or 'mma', got '", value,
+                    "'");
+}
+
 // Calls body(MmaTag<kind>{}) with the multiply kind for scalar_t: tensor cores for fp16/bf16,
-// TF32 for float32 when float32 matmuls may use it, FMA otherwise.
+// TF32 tensor cores for float32 when float32 matmuls may use it (mma.sync in the Mma family,
+// else WMMA), FMA otherwise.
 template <typename scalar_t, typename Body>
-void with_mma_kind(bool allow_tf32, const Body& body) {
+void with_mma_kind(bool allow_tf32, KernelFamily family, const Body& body) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     body(MmaTag<Mma::Fma>{});
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (allow_tf32) {
+    if (family == KernelFamily::Mma) {
+      if (allow_tf32) {
+        body(MmaTag<Mma::Sync>{});
+      } else {
+        body(MmaTag<Mma::BlockedFma>{});
+      }
+    } else if (allow_tf32) {
       body(MmaTag<Mma::Tf32>{});
     } else {
       body(MmaTag<Mma::Fma>{});
     }
+  } else if (family == KernelFamily::Mma) {
+    body(MmaTag<Mma::Sync>{});
   } else {
     body(MmaTag<Mma::Wmma>{});
   }
 }
+
+// Rows and columns of the score tiles of the kernels of one multiply kind, and how many of the
+// forward's blocks an SM holds.
+template <typename scalar_t, Mma kind>
+struct ScoreTileShape {
+  static constexpr int kRows = Tiles<acc_type<scalar_t>>::kRows;
+  static constexpr int kCols = Tiles<acc_type<scalar_t>>::kCols;
+  static constexpr int kForwardBlocksPerSM = ::mcsc::cuda::kForwardBlocksPerSM;
+};
+template <typename scalar_t>
+struct ScoreTileShape<scalar_t, Mma::Sync> {
+  static constexpr int kRows = MmaTiles<scalar_t>::kRows;
+  static constexpr int kCols = MmaTiles<scalar_t>::kCols;
+  static constexpr int kForwardBlocksPerSM = MmaMultiply<scalar_t>::kForwardBlocksPerSM;
+};
+template <typename scalar_t>
+struct ScoreTileShape<scalar_t, Mma::BlockedFma> {
+  static constexpr int kRows = FmaTiles::kRows;
+  static constexpr int kCols = FmaTiles::kCols;
+  static constexpr int kForwardBlocksPerSM = FmaMultiply::kForwardBlocksPerSM;
+};
 
 // Most column splits of the forward: their partial results take 3 * splits floats per row.
 constexpr int64_t kMaxColumnSplits = 16;
@@ -432,13 +435,26 @@ inline int64_t forward_column_splits(int64_t row_blocks, int64_t rows, int64_t t
   return best;
 }
 
+// The forward kernel of one multiply kind (its partial results are the same for every kind).
+template <typename scalar_t, Mma kind>
+constexpr auto forward_kernel() {
+  if constexpr (kind == Mma::Sync) {
+    return &supcon_forward_tiled_kernel<MmaMultiply<scalar_t>, scalar_t>;
+  } else if constexpr (kind == Mma::BlockedFma) {
+    return &supcon_forward_tiled_kernel<FmaMultiply, scalar_t>;
+  } else {
+    return &supcon_forward_kernel<scalar_t, kind>;
+  }
+}
+
 // The forward of contiguous, checked inputs on the kernels' device: (loss, lse, positives).
-// resident_blocks: how many forward blocks the device runs at once (forward_column_splits).
+// multiprocessors: the device's SM count, which with the kernel's blocks per SM gives how many
+// forward blocks run at once (forward_column_splits).
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
     const Launch& launch, const at::Tensor& features, const at::Tensor& labels,
     const at::Tensor& segments, double temperature, bool prevalence, int64_t ignore_index,
-    bool allow_tf32, int64_t resident_blocks) {
+    bool allow_tf32, int64_t multiprocessors, KernelFamily family) {
   const int64_t rows = features.size(0);
   const int64_t dim = features.size(1);
   const int64_t num_segments = segments.numel() - 1;
@@ -455,28 +471,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "mcsc_supcon_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    constexpr int64_t kRows = Tiles<acc_t>::kRows;
-    const at::Tensor block_offsets = row_block_offsets(segments, kRows);
-    const int64_t grid = row_block_bound(rows, num_segments, kRows);
-    const int64_t splits =
-        forward_column_splits(grid, rows, Tiles<acc_t>::kCols, resident_blocks);
-    at::Tensor partial = at::empty({3, splits, rows}, lse.options());
-    const ForwardPartials<acc_t> partials{partial[0].mutable_data_ptr<acc_t>(),
-                                          partial[1].mutable_data_ptr<acc_t>(),
-                                          partial[2].mutable_data_ptr<acc_t>()};
-    with_mma_kind<scalar_t>(allow_tf32, [&](auto tag) {
+    with_mma_kind<scalar_t>(allow_tf32, family, [&](auto tag) {
       constexpr Mma kind = decltype(tag)::value;
-      launch(&supcon_forward_kernel<scalar_t, kind>, grid, splits,
-             features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
-             positives.const_data_ptr<int32_t>(), segments.const_data_ptr<int64_t>(),
-             block_offsets.const_data_ptr<int64_t>(), num_segments,
-             static_cast<acc_t>(1.0 / temperature), prevalence, rows, splits, partials);
+      using Shape = ScoreTileShape<scalar_t, kind>;
+      const at::Tensor block_offsets = row_block_offsets(segments, Shape::kRows);
+      const int64_t grid = row_block_bound(rows, num_segments, Shape::kRows);
+      const int64_t splits = forward_column_splits(grid, rows, Shape::kCols,
+                                                   Shape::kForwardBlocksPerSM * multiprocessors);
+      at::Tensor partial = at::empty({3, splits, rows}, lse.options());
+      const ForwardPartials<acc_t> partials{partial[0].mutable_data_ptr<acc_t>(),
+                                            partial[1].mutable_data_ptr<acc_t>(),
+                                            partial[2].mutable_data_ptr<acc_t>()};
+      const auto kernel = forward_kernel<scalar_t, kind>();
+      launch(kernel, grid, splits, features.const_data_ptr<scalar_t>(), dim,
+             classes.const_data_ptr<int32_t>(), positives.const_data_ptr<int32_t>(),
+             segments.const_data_ptr<int64_t>(), block_offsets.const_data_ptr<int64_t>(),
+             num_segments, static_cast<acc_t>(1.0 / temperature), prevalence, rows, splits,
+             partials);
+      launch(&supcon_forward_combine_kernel<scalar_t>, (rows + kThreads - 1) / kThreads, 1,
+             partials, positives.const_data_ptr<int32_t>(), rows, splits,
+             loss.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
     });
-    launch(&supcon_forward_combine_kernel<scalar_t>, (rows + kThreads - 1) / kThreads, 1,
-           partials, positives.const_data_ptr<int32_t>(), rows, splits,
-           loss.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
   });
   return {loss, lse, positives};
+}
+
+// The backward kernel of one multiply kind, launched over its grid.
+template <typename scalar_t, Mma kind, typename Launch>
+void backward_of_kind(const Launch& launch, const at::Tensor& grad_loss,
+                      const at::Tensor& features, const at::Tensor& classes,
+                      const at::Tensor& positives, const at::Tensor& lse,
+                      const at::Tensor& segments, double temperature, bool prevalence,
+                      at::Tensor& grad) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t rows = features.size(0);
+  const int64_t dim = features.size(1);
+  const int64_t num_segments = segments.numel() - 1;
+  if constexpr (kind == Mma::Sync) {
+    using M = MmaTiles<scalar_t>;
+    const at::Tensor block_offsets = row_block_offsets(segments, M::kRows);
+    // The largest |a_i| sets the power-of-two scale of the fp16/bf16 pair coefficients.
+    const at::Tensor largest_grad = grad_loss.abs().amax();
+    launch(&supcon_backward_mma_kernel<scalar_t>,
+           row_block_bound(rows, num_segments, M::kRows),
+           (dim + M::kOutCols - 1) / M::kOutCols, features.const_data_ptr<scalar_t>(), dim,
+           classes.const_data_ptr<int32_t>(), positives.const_data_ptr<int32_t>(),
+           lse.const_data_ptr<float>(), grad_loss.const_data_ptr<float>(),
+           largest_grad.const_data_ptr<float>(), segments.const_data_ptr<int64_t>(),
+           block_offsets.const_data_ptr<int64_t>(), num_segments,
+           static_cast<float>(1.0 / temperature), prevalence,
+           grad.mutable_data_ptr<scalar_t>());
+  } else {
+    // The register-blocked FMA forward pairs with the FMA backward.
+    constexpr Mma backward_kind = kind == Mma::BlockedFma ? Mma::Fma : kind;
+    using T = Tiles<acc_t>;
+    const at::Tensor block_offsets = row_block_offsets(segments, T::kRows);
+    const int64_t grid_rows = row_block_bound(rows, num_segments, T::kRows);
+    const int64_t grid_cols = (dim + T::kOutCols - 1) / T::kOutCols;
+    launch(&supcon_backward_kernel<scalar_t, backward_kind>, grid_rows, grid_cols,
+           features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
+           positives.const_data_ptr<int32_t>(), lse.const_data_ptr<acc_t>(),
+           grad_loss.const_data_ptr<acc_t>(), segments.const_data_ptr<int64_t>(),
+           block_offsets.const_data_ptr<int64_t>(), num_segments,
+           static_cast<acc_t>(1.0 / temperature), prevalence,
+           grad.mutable_data_ptr<scalar_t>());
+  }
 }
 
 // The backward of contiguous, checked inputs (grad_loss in the accumulation dtype): the
@@ -486,10 +545,8 @@ at::Tensor launch_supcon_backward(const Launch& launch, const at::Tensor& grad_l
                                   const at::Tensor& features, const at::Tensor& labels,
                                   const at::Tensor& segments, const at::Tensor& lse,
                                   const at::Tensor& positives, double temperature,
-                                  bool prevalence, bool allow_tf32) {
+                                  bool prevalence, bool allow_tf32, KernelFamily family) {
   const int64_t rows = features.size(0);
-  const int64_t dim = features.size(1);
-  const int64_t num_segments = segments.numel() - 1;
   at::Tensor grad = at::empty_like(features);
   if (rows == 0) return grad;
 
@@ -499,20 +556,10 @@ at::Tensor launch_supcon_backward(const Launch& launch, const at::Tensor& grad_l
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "mcsc_supcon_backward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    using T = Tiles<acc_t>;
-    const at::Tensor block_offsets = row_block_offsets(segments, T::kRows);
-    const int64_t grid_rows = row_block_bound(rows, num_segments, T::kRows);
-    const int64_t grid_cols = (dim + T::kOutCols - 1) / T::kOutCols;
-    with_mma_kind<scalar_t>(allow_tf32, [&](auto tag) {
+    with_mma_kind<scalar_t>(allow_tf32, family, [&](auto tag) {
       constexpr Mma kind = decltype(tag)::value;
-      launch(&supcon_backward_kernel<scalar_t, kind>, grid_rows, grid_cols,
-             features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
-             positives.const_data_ptr<int32_t>(), lse.const_data_ptr<acc_t>(),
-             grad_loss.const_data_ptr<acc_t>(), segments.const_data_ptr<int64_t>(),
-             block_offsets.const_data_ptr<int64_t>(), num_segments,
-             static_cast<acc_t>(1.0 / temperature), prevalence,
-             grad.mutable_data_ptr<scalar_t>());
+      backward_of_kind<scalar_t, kind>(launch, grad_loss, features, classes, positives, lse,
+                                       segments, temperature, prevalence, grad);
     });
   });
   return grad;

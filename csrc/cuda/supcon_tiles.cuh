@@ -1,6 +1,7 @@
-// Building blocks of the CUDA kernels in supcon_cuda.cu: which rows of the varlen batch a
-// thread block owns, and the (rows x columns) tile of raw dot products z_i . z_j, staged
-// through shared memory and multiplied on tensor cores (WMMA) or with plain FMA.
+// Building blocks of the CUDA kernels (supcon_kernels.cuh, supcon_mma.cuh): which rows of the
+// varlen batch a thread block owns, and, for the WMMA kernels, the (rows x columns) tile of raw
+// dot products z_i . z_j, staged through shared memory and multiplied on tensor cores (WMMA) or
+// with plain FMA.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,7 +12,10 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
+
+#include "supcon_math.h"
 
 // The bf16 and tf32 WMMA shapes exist from sm_80 on; older targets fall back to FMA so that a
 // TORCH_CUDA_ARCH_LIST with them still compiles (they are not in the default list).
@@ -25,9 +29,11 @@ namespace cuda {
 constexpr int kThreads = 256;
 
 // How a tile of dot products is multiplied: FMA on CUDA cores (float32 without TF32, float64),
-// WMMA 16x16x16 on fp16/bf16 with float accumulation, or WMMA 16x16x8 on TF32 (float32 inputs
-// when torch.backends.cuda.matmul.allow_tf32 is on).
-enum class Mma { Fma, Wmma, Tf32 };
+// WMMA 16x16x16 on fp16/bf16 with float accumulation, WMMA 16x16x8 on TF32 (float32 inputs
+// when torch.backends.cuda.matmul.allow_tf32 is on), mma.sync (m16n8k16 on fp16/bf16, m16n8k8
+// on TF32) with the scores kept in registers, or, for float32 without TF32, the same pipeline
+// with 8 x 8 register-blocked FMA in the forward (the last two: supcon_mma.cuh).
+enum class Mma { Fma, Wmma, Tf32, Sync, BlockedFma };
 
 // Float accumulation for float32/float16/bfloat16 inputs, double for double.
 template <typename scalar_t>
@@ -112,6 +118,69 @@ __device__ __forceinline__ acc_t to_acc(Stage value) {
   } else {
     return static_cast<acc_t>(value);
   }
+}
+
+// Class id of rows past the end of a block and columns past the end of a segment: like the
+// ignored rows' -1, negative, and equal to no row's id.
+constexpr int32_t kNoClass = std::numeric_limits<int32_t>::min();
+
+// Partial results of the forward per column split: for split s and row i, element s * rows + i
+// of each array.
+template <typename acc_t>
+struct ForwardPartials {
+  acc_t* running_max;   // max_j s_ij over the split's contrasts (-inf if none)
+  acc_t* running_sum;   // sum_j w_i(y_j) exp(s_ij - running_max)
+  acc_t* positive_sum;  // sum of s_ip over the split's positives
+};
+
+// Resident forward blocks per SM that the launch bounds ask for (64 registers per thread): the
+// float32 FMA instantiation would otherwise take 80 and fit three. The host sizes the column
+// splits by it.
+constexpr int kForwardBlocksPerSM = 4;
+
+// What the backward's pair coefficient needs of one row, as anchor and as contrast: the class
+// id (kNoClass past a block's or segment's end), the two weights, a_i, b_i and lse_i (0 where
+// the row is no anchor, so that lse is never read for it).
+template <typename acc_t>
+struct BackwardRow {
+  int32_t class_id;
+  acc_t same_weight;
+  acc_t contrast_weight;
+  acc_t anchor;
+  acc_t positive_grad;
+  acc_t lse;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ BackwardRow<acc_t> backward_row(
+    int64_t row, bool exists, const int32_t* __restrict__ classes,
+    const int32_t* __restrict__ positives, const acc_t* __restrict__ grad_loss,
+    const acc_t* __restrict__ lse, bool prevalence) {
+  const int32_t row_positives = exists ? positives[row] : -1;
+  const acc_t row_grad = exists ? grad_loss[row] : acc_t(0);
+  BackwardRow<acc_t> data;
+  data.class_id = exists ? classes[row] : kNoClass;
+  data.same_weight = same_class_weight<acc_t>(row_positives, prevalence);
+  data.contrast_weight = contrast_weight<acc_t>(row_positives, prevalence);
+  data.anchor = anchor_grad_weight(row_grad, row_positives);
+  data.positive_grad = positive_grad_weight(row_grad, row_positives);
+  data.lse = data.anchor != 0 ? lse[row] : acc_t(0);
+  return data;
+}
+
+// The backward's coefficient of z_j in dz_i (before the 1/t): G_ij + G_ji, minus b_i + b_j
+// for a positive pair (the positive term -(1/t) sum_{p in P(i)} (b_i + b_p) z_p). Pairs with an
+// ignored row or a row past the end (class < 0) and the diagonal give 0; skipping them also
+// avoids exp overflow times a zero weight.
+template <typename acc_t>
+__device__ __forceinline__ acc_t pair_coefficient(acc_t similarity, const BackwardRow<acc_t>& i,
+                                                  const BackwardRow<acc_t>& j, bool diagonal) {
+  if (i.class_id < 0 || j.class_id < 0 || diagonal) return acc_t(0);
+  acc_t coefficient = symmetric_pair_gradient(similarity, i.class_id, j.class_id, i.anchor,
+                                              i.lse, i.same_weight, i.contrast_weight, j.anchor,
+                                              j.lse, j.same_weight, j.contrast_weight);
+  if (i.class_id == j.class_id) coefficient -= i.positive_grad + j.positive_grad;
+  return coefficient;
 }
 
 // Rows of one segment handled by one thread block.
@@ -222,25 +291,81 @@ struct ScoreStaging {
 
 // scores[r * kScoreLd + c] = z_{row0 + r} . z_{col0 + c} (not yet divided by the temperature;
 // zero for rows or columns outside the ranges) for a kRows x kCols tile, D streamed through
-// `staging`. Called by all threads of the block; starts with a barrier, so the caller may
-// reuse `scores` and `staging` right up to the call, and must barrier before reading scores.
-template <typename scalar_t, Mma kind>
-__device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
-                                   ScoreStaging<scalar_t, kind>& staging,
-                                   const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
-                                   int64_t row_end, int64_t col0, int64_t col_end,
-                                   bool vectorized) {
+// `staging`. compute() is called by all threads of the block; it starts with a barrier, so the
+// caller may reuse `scores` and `staging` right up to the call, and must barrier before reading
+// scores. FMA version: thread (ty, tx) of a 16 x 16 grid owns rows ty + 16 r and columns
+// tx + 16 c; the strided ownership makes a half-warp read one broadcast row value and 16
+// distinct banks.
+template <typename scalar_t, Mma kind,
+          bool kTensorCores = (kind == Mma::Wmma || kind == Mma::Tf32)>
+struct ScoreTile {
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   using Buffers = ScoreStaging<scalar_t, kind>;
-  constexpr int kLd = Buffers::kLd;
-  constexpr int kDepth = Buffers::kDepth;
+
+  static __device__ void compute(acc_t* __restrict__ scores, Buffers& staging,
+                                 const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
+                                 int64_t row_end, int64_t col0, int64_t col_end,
+                                 bool vectorized) {
+    constexpr int kLd = Buffers::kLd;
+    constexpr int kDepth = Buffers::kDepth;
+    constexpr int kRowsPerThread = T::kRows / 16;
+    constexpr int kColsPerThread = T::kCols / 16;
+    const int ty = threadIdx.x / 16;
+    const int tx = threadIdx.x % 16;
+    acc_t sums[kRowsPerThread][kColsPerThread] = {};
+    for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
+      __syncthreads();
+      stage_window<T::kRows, kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0, vectorized);
+      stage_window<T::kCols, kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0, vectorized);
+      __syncthreads();
+#pragma unroll 4
+      for (int k = 0; k < kDepth; ++k) {
+        acc_t a[kRowsPerThread];
+        acc_t b[kColsPerThread];
+#pragma unroll
+        for (int r = 0; r < kRowsPerThread; ++r) {
+          a[r] = to_acc<acc_t>(staging.rows[(ty + 16 * r) * kLd + k]);
+        }
+#pragma unroll
+        for (int c = 0; c < kColsPerThread; ++c) {
+          b[c] = to_acc<acc_t>(staging.cols[(tx + 16 * c) * kLd + k]);
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerThread; ++r) {
+#pragma unroll
+          for (int c = 0; c < kColsPerThread; ++c) sums[r][c] += a[r] * b[c];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerThread; ++r) {
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        scores[(ty + 16 * r) * T::kScoreLd + tx + 16 * c] = sums[r][c];
+      }
+    }
+  }
+};
 
 #if defined(MCSC_AMPERE_TENSOR_CORES)
-  if constexpr (kind != Mma::Fma) {
+// Tensor-core version: WMMA 16x16x16 on fp16/bf16 or 16x16x8 on TF32, float accumulation,
+// stored to `scores` once the depth is done.
+template <typename scalar_t, Mma kind>
+struct ScoreTile<scalar_t, kind, true> {
+  using acc_t = acc_type<scalar_t>;
+  using T = Tiles<acc_t>;
+  using Buffers = ScoreStaging<scalar_t, kind>;
+  static_assert(T::kRows == 64 && T::kCols == 64 && kThreads == 256,
+                "the warp layout below covers a 64 x 64 tile with 8 warps");
+
+  static __device__ void compute(acc_t* __restrict__ scores, Buffers& staging,
+                                 const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
+                                 int64_t row_end, int64_t col0, int64_t col_end,
+                                 bool vectorized) {
+    constexpr int kLd = Buffers::kLd;
+    constexpr int kDepth = Buffers::kDepth;
     namespace wmma = nvcuda::wmma;
-    static_assert(T::kRows == 64 && T::kCols == 64 && kThreads == 256,
-                  "the warp layout below covers a 64 x 64 tile with 8 warps");
     using Stage = typename Buffers::Stage;
     constexpr int kFragK = kind == Mma::Tf32 ? 8 : 16;
     using FragInput = std::conditional_t<kind == Mma::Tf32, wmma::precision::tf32, Stage>;
@@ -288,49 +413,9 @@ __device__ void compute_score_tile(acc_type<scalar_t>* __restrict__ scores,
       wmma::store_matrix_sync(scores + strip * 16 * T::kScoreLd + (block0 + f) * 16,
                               accumulators[f], T::kScoreLd, wmma::mem_row_major);
     }
-    return;
   }
+};
 #endif
-
-  // FMA: thread (ty, tx) of a 16 x 16 grid owns rows ty + 16 r and columns tx + 16 c; the
-  // strided ownership makes a half-warp read one broadcast row value and 16 distinct banks.
-  constexpr int kRowsPerThread = T::kRows / 16;
-  constexpr int kColsPerThread = T::kCols / 16;
-  const int ty = threadIdx.x / 16;
-  const int tx = threadIdx.x % 16;
-  acc_t sums[kRowsPerThread][kColsPerThread] = {};
-  for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
-    __syncthreads();
-    stage_window<T::kRows, kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0, vectorized);
-    stage_window<T::kCols, kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0, vectorized);
-    __syncthreads();
-#pragma unroll 4
-    for (int k = 0; k < kDepth; ++k) {
-      acc_t a[kRowsPerThread];
-      acc_t b[kColsPerThread];
-#pragma unroll
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        a[r] = to_acc<acc_t>(staging.rows[(ty + 16 * r) * kLd + k]);
-      }
-#pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) {
-        b[c] = to_acc<acc_t>(staging.cols[(tx + 16 * c) * kLd + k]);
-      }
-#pragma unroll
-      for (int r = 0; r < kRowsPerThread; ++r) {
-#pragma unroll
-        for (int c = 0; c < kColsPerThread; ++c) sums[r][c] += a[r] * b[c];
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kRowsPerThread; ++r) {
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) {
-      scores[(ty + 16 * r) * T::kScoreLd + tx + 16 * c] = sums[r][c];
-    }
-  }
-}
 
 // The block's kRows x kOutCols tile of the feature gradient, accumulated one 16-row slice of
 // z_J at a time: out += P[:, k0:k0+16] values, with P the kRows x kCols pair coefficients

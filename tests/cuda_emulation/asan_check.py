@@ -24,13 +24,24 @@ def main() -> None:
     kernels = emulation.load(address_sanitizer=True)
     kernels.poison_shared_memory()
     for name, case in CASES.items():
-        for dtype, allow_tf32 in emulation.PATHS.values():
-            features, labels, offsets = make_inputs(*case, dtype=dtype)
-            loss, lse, positives = kernels.forward(features, labels, offsets, TEMPERATURE, True,
-                                                   IGNORE, allow_tf32, False)
+        for path in emulation.PATHS.values():
+            features, labels, offsets = make_inputs(*case, dtype=path.dtype)
+            _, lse, positives = emulation.forward(
+                kernels, path, features, labels, offsets, TEMPERATURE, True, IGNORE
+            )
             upstream = torch.rand(features.shape[0])
-            kernels.backward(upstream, features, labels, offsets, lse, positives, TEMPERATURE,
-                             True, allow_tf32, False)
+            emulation.backward(
+                kernels,
+                path,
+                upstream,
+                features,
+                labels,
+                offsets,
+                lse,
+                positives,
+                TEMPERATURE,
+                True,
+            )
         print(f"{name}: ok", flush=True)
     print("all cases ran")
 

@@ -35,22 +35,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& feature
                                                        const at::Tensor& segments,
                                                        double temperature, bool prevalence,
                                                        int64_t ignore_index, bool allow_tf32,
-                                                       bool descending, int64_t resident_blocks) {
+                                                       bool descending, int64_t multiprocessors,
+                                                       const std::string& kernels) {
   return mcsc::cuda::launch_supcon_forward(EmulatedLaunch{descending}, features.contiguous(),
                                            labels.contiguous(), segments.contiguous(),
                                            temperature, prevalence, ignore_index, allow_tf32,
-                                           resident_blocks);
+                                           multiprocessors,
+                                           mcsc::cuda::kernel_family(kernels.c_str()));
 }
 
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& features,
                     const at::Tensor& labels, const at::Tensor& segments, const at::Tensor& lse,
                     const at::Tensor& positives, double temperature, bool prevalence,
-                    bool allow_tf32, bool descending) {
+                    bool allow_tf32, bool descending, const std::string& kernels) {
   return mcsc::cuda::launch_supcon_backward(
       EmulatedLaunch{descending},
-      grad_loss.to(mcsc::cuda::accumulation_dtype(features)).contiguous(),
+      grad_loss.to(mcsc::accumulation_dtype(features)).contiguous(),
       features.contiguous(), labels.contiguous(), segments.contiguous(), lse.contiguous(),
-      positives.contiguous(), temperature, prevalence, allow_tf32);
+      positives.contiguous(), temperature, prevalence, allow_tf32,
+      mcsc::cuda::kernel_family(kernels.c_str()));
 }
 
 // ---- Kernels with deliberate mistakes -----------------------------------------------------
@@ -133,13 +136,19 @@ int64_t poison_shared_memory() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // resident_blocks: the forward's blocks per SM x 132 SMs, as on an H100 or H200.
+  // multiprocessors: 132 SMs, as on an H100 or H200.
   m.def("forward", &forward, "mcsc::supcon_forward's CUDA kernels, emulated on the CPU",
         pybind11::arg("features"), pybind11::arg("labels"), pybind11::arg("segments"),
         pybind11::arg("temperature"), pybind11::arg("prevalence"),
         pybind11::arg("ignore_index"), pybind11::arg("allow_tf32"),
-        pybind11::arg("descending"), pybind11::arg("resident_blocks") = mcsc::cuda::kForwardBlocksPerSM * 132);
-  m.def("backward", &backward, "mcsc::supcon_backward's CUDA kernels, emulated on the CPU");
+        pybind11::arg("descending"),
+        pybind11::arg("multiprocessors") = 132,
+        pybind11::arg("kernels") = "wmma");
+  m.def("backward", &backward, "mcsc::supcon_backward's CUDA kernels, emulated on the CPU",
+        pybind11::arg("grad_loss"), pybind11::arg("features"), pybind11::arg("labels"),
+        pybind11::arg("segments"), pybind11::arg("lse"), pybind11::arg("positives"),
+        pybind11::arg("temperature"), pybind11::arg("prevalence"), pybind11::arg("allow_tf32"),
+        pybind11::arg("descending"), pybind11::arg("kernels") = "wmma");
   m.def("misuse", &misuse, "a kernel with a deliberate barrier or alignment mistake");
   m.def("poison_shared_memory", &poison_shared_memory,
         "fill the kernels' shared memory with a pattern before each block; returns its bytes");

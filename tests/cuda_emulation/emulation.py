@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils import cpp_extension
@@ -12,22 +13,94 @@ from torch.utils import cpp_extension
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
-# The kernels' multiply paths, named: (features dtype, allow_tf32), the two things that pick one.
+
+class MultiplyPath(NamedTuple):
+    """What picks one multiply path of the kernels: the features dtype, whether float32 may
+    use TF32, and the MCSC_CUDA_KERNELS family ("wmma" or "mma"; float64 is the same in both)."""
+
+    dtype: torch.dtype
+    allow_tf32: bool
+    kernels: str = "wmma"
+
+
+# The kernels' multiply paths, named.
 PATHS = {
-    "float64-fma": (torch.float64, False),
-    "float32-fma": (torch.float32, False),
-    "float32-tf32": (torch.float32, True),
-    "float16-wmma": (torch.float16, False),
-    "bfloat16-wmma": (torch.bfloat16, False),
+    "float64-fma": MultiplyPath(torch.float64, False),
+    "float32-fma": MultiplyPath(torch.float32, False),
+    "float32-tf32": MultiplyPath(torch.float32, True),
+    "float16-wmma": MultiplyPath(torch.float16, False),
+    "bfloat16-wmma": MultiplyPath(torch.bfloat16, False),
+    "float32-fma-mma": MultiplyPath(torch.float32, False, "mma"),
+    "float32-tf32-mma": MultiplyPath(torch.float32, True, "mma"),
+    "float16-mma": MultiplyPath(torch.float16, False, "mma"),
+    "bfloat16-mma": MultiplyPath(torch.bfloat16, False, "mma"),
 }
+
+
+def forward(
+    module,
+    path: MultiplyPath,
+    features,
+    labels,
+    offsets,
+    temperature,
+    prevalence,
+    ignore_index,
+    descending=False,
+    **options,
+):
+    """The emulated forward (module: load()'s) on one multiply path: (loss, lse, positives)."""
+    return module.forward(
+        features,
+        labels,
+        offsets,
+        temperature,
+        prevalence,
+        ignore_index,
+        path.allow_tf32,
+        descending,
+        kernels=path.kernels,
+        **options,
+    )
+
+
+def backward(
+    module,
+    path: MultiplyPath,
+    grad_loss,
+    features,
+    labels,
+    offsets,
+    lse,
+    positives,
+    temperature,
+    prevalence,
+    descending=False,
+):
+    """The emulated backward on one multiply path: the gradient with respect to features."""
+    return module.backward(
+        grad_loss,
+        features,
+        labels,
+        offsets,
+        lse,
+        positives,
+        temperature,
+        prevalence,
+        path.allow_tf32,
+        descending,
+        kernels=path.kernels,
+    )
 
 
 def cuda_header_dirs() -> list[str]:
     """A directory with cuda_fp16.h: the toolkit's, or that of torch's nvidia wheels."""
     site = Path(torch.__file__).resolve().parent.parent
-    candidates = [os.path.join(home, "include") for home in
-                  (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda")
-                  if home]
+    candidates = [
+        os.path.join(home, "include")
+        for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda")
+        if home
+    ]
     candidates += sorted(glob.glob(str(site / "nvidia" / "cu*" / "include")))
     return [d for d in candidates if os.path.exists(os.path.join(d, "cuda_fp16.h"))][:1]
 
@@ -50,8 +123,10 @@ def load_instructions(address_sanitizer: bool = False):
 def _build(name: str, source: str, address_sanitizer: bool):
     headers = cuda_header_dirs()
     if not headers:
-        raise FileNotFoundError("cuda_fp16.h not found: install the CUDA toolkit or a CUDA "
-                                "build of torch (its nvidia wheels carry the headers)")
+        raise FileNotFoundError(
+            "cuda_fp16.h not found: install the CUDA toolkit or a CUDA "
+            "build of torch (its nvidia wheels carry the headers)"
+        )
     name += "_asan" if address_sanitizer else ""
     # Built in this checkout's build/ (ignored by git), so that two checkouts do not keep
     # rebuilding one shared cache entry; ninja rebuilds it when a source or header changes.
@@ -62,8 +137,9 @@ def _build(name: str, source: str, address_sanitizer: bool):
         name=name,
         sources=[str(HERE / source)],
         extra_include_paths=[str(HERE / "include"), str(ROOT / "csrc"), *headers],
-        extra_cflags=([*asan, "-O1", "-g", "-fno-omit-frame-pointer"] if address_sanitizer
-                      else ["-O2"]),
+        extra_cflags=(
+            [*asan, "-O1", "-g", "-fno-omit-frame-pointer"] if address_sanitizer else ["-O2"]
+        ),
         extra_ldflags=asan if address_sanitizer else [],
         build_directory=str(build_directory),
     )
