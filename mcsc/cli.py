@@ -277,8 +277,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mcsc`` and ``python -m mcsc``; returns the exit status.
 
-    Bad data, configuration or paths print ``mcsc: error: <message naming the file>`` and
-    return 2.
+    Bad data, configuration or paths, and a file that cannot be written (disk full, no
+    permission), print ``mcsc: error: <message naming the file>`` and return 2.
     """
     from mcsc.dependencies import training_packages_problem
 
@@ -289,6 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"mcsc: error: {error}", file=sys.stderr)
         return 2

@@ -369,3 +369,22 @@ def test_a_nan_loss_stops_mcsc_train_with_status_3(tmp_path, monkeypatch, capsys
         "no checkpoint was written yet" in error
         and not (out / "checkpoints" / "latest.pt").exists()
     )
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_error_naming_the_file(
+    tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    from mcsc.training import trainer
+
+    def disk_full(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(trainer, "save_checkpoint", disk_full)
+    out = tmp_path / "run"
+    arguments = ["train", "--config", str(tiny_yaml(tmp_path)), "--device", "cpu"]
+    assert main([*arguments, "--no-progress", "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert "mcsc: error:" in message and "No space left on device" in message
+    assert str(out / "checkpoints") in message
