@@ -18,12 +18,16 @@
 # MCSC_TRAIN_CHECK_ITERATIONS (300), MCSC_TRAIN_CHECK_STEPS (timed steps per variant, 10) and
 # MCSC_TRAIN_CHECK_CONFIG (a YAML file over the paper recipe, e.g. tiny networks) let the test
 # suite run the same script on a CPU in seconds.
+#
+# It runs the mcsc that Python imports outside the checkout: the installed package, or the
+# in-place build that .ci/gpu_check.sh puts on PYTHONPATH.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:?usage: bash .ci/gpu_train_check.sh OUT_DIR}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+cd "$out"  # not the checkout: there `python -m mcsc` would import the source tree
 python="${PYTHON:-python3}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 device="${MCSC_TRAIN_CHECK_DEVICE:-cuda}"
 iterations="${MCSC_TRAIN_CHECK_ITERATIONS:-300}"
@@ -82,7 +86,7 @@ PY
 else
   failures=$((failures + 2))
 fi
-step step 150 "$python" benchmarks/training_step.py --device "$device" "${config[@]}" --steps "$steps" \
+step step 150 "$python" "$root/benchmarks/training_step.py" --device "$device" "${config[@]}" --steps "$steps" \
     --max-seconds 20 --out "$out/step" \
   && tail -n 7 "$out/step.log" | tee -a "$out/summary.txt"
 exit "$failures"
