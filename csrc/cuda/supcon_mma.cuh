@@ -348,6 +348,30 @@ struct FmaMultiply {
   }
 };
 
+template <typename Multiply>
+__device__ __forceinline__ void clear_scores(typename Multiply::Scores& score) {
+#pragma unroll
+  for (int h = 0; h < Multiply::kRowsPerThread; ++h) {
+#pragma unroll
+    for (int c = 0; c < Multiply::kColsPerThread; ++c) Multiply::at(score, h, c) = 0.0f;
+  }
+}
+
+// The pipeline's step `step` of `steps`: issues the next step's copies, so that they overlap
+// this step's multiplies, and returns once this step's copies (all groups but the newest) have
+// landed and every thread of the block is past that wait.
+template <typename Issue>
+__device__ __forceinline__ void issue_next_and_wait(int64_t step, int64_t steps,
+                                                    const Issue& issue) {
+  if (step + 1 < steps) {
+    issue(step + 1);
+    ptx::cp_async_wait<1>();
+  } else {
+    ptx::cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 // Streams the score tiles z_I z_J^T of a block: step s is column tile s / chunks and depth chunk
 // s % chunks. Called by all threads of the block with the same arguments, for the column tiles
 // [col_begin, col_begin + tiles * kCols) (clipped to col_end):
@@ -385,21 +409,8 @@ __device__ __forceinline__ void for_each_score_tile(ScoreStages<typename Multipl
   for (int64_t step = 0; step < steps; ++step) {
     const int64_t chunk = step % chunks;
     const int64_t tile = step / chunks;
-    if (chunk == 0) {
-#pragma unroll
-      for (int h = 0; h < Multiply::kRowsPerThread; ++h) {
-#pragma unroll
-        for (int c = 0; c < Multiply::kColsPerThread; ++c) Multiply::at(score, h, c) = 0.0f;
-      }
-    }
-    // The next step's copies overlap this step's multiplies.
-    if (step + 1 < steps) {
-      issue(step + 1);
-      ptx::cp_async_wait<1>();
-    } else {
-      ptx::cp_async_wait<0>();
-    }
-    __syncthreads();
+    if (chunk == 0) clear_scores<Multiply>(score);
+    issue_next_and_wait(step, steps, issue);
     const int stage = static_cast<int>(step % Tiles::kStages);
     Multiply::accumulate(score, stages.rows[stage], stages.cols[stage]);
     if (chunk == chunks - 1) end(tile, col_begin + tile * Tiles::kCols, score);
@@ -434,19 +445,8 @@ __device__ __forceinline__ void for_each_score_tile(
                                                  stages.depth, vectorized);
   issue(0);
   for (int64_t tile = 0; tile < tiles; ++tile) {
-#pragma unroll
-    for (int h = 0; h < Multiply::kRowsPerThread; ++h) {
-#pragma unroll
-      for (int c = 0; c < Multiply::kColsPerThread; ++c) Multiply::at(score, h, c) = 0.0f;
-    }
-    // The next tile's copies overlap this tile's multiplies.
-    if (tile + 1 < tiles) {
-      issue(tile + 1);
-      ptx::cp_async_wait<1>();
-    } else {
-      ptx::cp_async_wait<0>();
-    }
-    __syncthreads();
+    clear_scores<Multiply>(score);
+    issue_next_and_wait(tile, tiles, issue);
     Multiply::template accumulate_depth<Tiles::kResidentDepth>(
         score, stages.rows, stages.stage(static_cast<int>(tile % Tiles::kStages)),
         stages.pitch, stages.depth);
