@@ -11,11 +11,15 @@
 // into the A operand of the next mma and accumulates dz_I += H z_J, with z_J read by
 // ldmatrix.trans.
 //
-// The feature depth D is streamed in 64-byte chunks (32 fp16/bf16 or 16 float32 columns): each
-// (column tile, chunk) step brings a chunk of the block's rows and of the tile's rows from
-// global memory with cp.async into one of two shared-memory stages while the other stage feeds
-// ldmatrix and mma, so any D runs with the same code (chunks past D are zero-filled). Rows of
-// 80 bytes put the eight 16-byte rows of every ldmatrix in distinct banks. ldmatrix serves
+// Up to 512 bytes of features per row (D <= 256 fp16/bf16, D <= 128 float32), the block's row
+// tile is copied once with cp.async into dynamic shared memory and stays resident for the
+// whole column loop, as in FlashAttention-2; each step brings a whole column tile into one of
+// two stages while the other stage feeds ldmatrix and mma (ResidentStages). Deeper features
+// take the chunked kernels: D is streamed in 64-byte chunks (32 fp16/bf16 or 16 float32
+// columns), each (column tile, chunk) step bringing a chunk of the block's rows and of the
+// tile's rows into one of two stages of static shared memory (ScoreStages), so any D runs
+// (chunks past D are zero-filled). Every staged row is an odd number of 16-byte vectors (80
+// bytes for the chunks), which puts the eight rows of every ldmatrix in distinct banks. ldmatrix serves
 // TF32 too: a 16-byte row is 4 floats, and the b16 matrices' thread layout is then exactly the
 // m16n8k8 A and B layout.
 //
