@@ -202,6 +202,36 @@ def test_large_similarities(emulated, path):
     )
 
 
+@pytest.mark.parametrize(
+    ("path", "dim"),
+    [
+        ("float16-mma", 256),
+        ("bfloat16-mma", 264),
+        ("float32-tf32-mma", 128),
+        ("float32-tf32-mma", 136),
+    ],
+)
+def test_mma_resident_rows_at_their_depth_limit(emulated, path, dim):
+    """The deepest features whose row tile the mma kernels keep resident (512 bytes a row,
+    every k step of the unrolled loop) and features one vector past it (the chunked kernels)
+    match the float64 reference."""
+    features, labels, offsets = make_inputs([100, 40], dim, 4, 0.1, dtype=PATHS[path].dtype)
+    upstream = torch.rand(
+        features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    loss, _, _, grad = run_both_orders(
+        emulated, features, labels, offsets, True, upstream, PATHS[path]
+    )
+    ref_loss, _, ref_grad = reference_loss_and_grad(features, labels, offsets, True, upstream)
+    relative = TOLERANCE.get(path, 1e-2)  # fp16/bf16 outputs are rounded to their dtype
+    torch.testing.assert_close(
+        loss.double(), ref_loss, rtol=relative, atol=scaled_atol(ref_loss, relative)
+    )
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=relative, atol=scaled_atol(ref_grad, relative)
+    )
+
+
 def test_unknown_kernel_family_is_rejected(emulated):
     features, labels, offsets = make_inputs(*CASES["one-segment"], dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="MCSC_CUDA_KERNELS must be 'wmma' or 'mma'"):

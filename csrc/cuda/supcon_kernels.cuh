@@ -27,7 +27,10 @@
 //
 // The host functions at the end launch kernels through a `launch(kernel, grid_x, grid_y,
 // args...)` callable rather than with <<<...>>>: supcon_cuda.cu passes one that launches on the
-// current stream, and tests/cuda_emulation one that runs the same kernels on the CPU.
+// current stream, and tests/cuda_emulation one that runs the same kernels on the CPU. Its
+// with_dynamic_shared(bytes, kernel, grid_x, grid_y, args...) launches with `bytes` of dynamic
+// shared memory per block, and holds_dynamic_shared(kernel, bytes) says whether the device
+// gives the kernel that much.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -435,16 +438,29 @@ inline int64_t forward_column_splits(int64_t row_blocks, int64_t rows, int64_t t
   return best;
 }
 
-// The forward kernel of one multiply kind (its partial results are the same for every kind).
-template <typename scalar_t, Mma kind>
+// The forward kernel of one multiply kind (its partial results are the same for every kind);
+// kResident picks the mma kernel's fast path (see resident_shared_bytes).
+template <typename scalar_t, Mma kind, bool kResident = false>
 constexpr auto forward_kernel() {
   if constexpr (kind == Mma::Sync) {
-    return &supcon_forward_tiled_kernel<MmaMultiply<scalar_t>, scalar_t>;
+    return &supcon_forward_tiled_kernel<MmaMultiply<scalar_t>, scalar_t, kResident>;
   } else if constexpr (kind == Mma::BlockedFma) {
-    return &supcon_forward_tiled_kernel<FmaMultiply, scalar_t>;
+    return &supcon_forward_tiled_kernel<FmaMultiply, scalar_t, false>;
   } else {
     return &supcon_forward_kernel<scalar_t, kind>;
   }
+}
+
+// The dynamic shared memory of the mma kernels' fast path, whose block keeps its row tile
+// resident, for features of `dim` columns: MmaTiles::resident_bytes(dim) when dim is at most
+// kResidentDepth and the launch's device gives `resident_kernel` that much on top of its
+// static shared memory (launch.holds_dynamic_shared), else 0 (the chunked kernel runs).
+template <typename scalar_t, typename Launch, typename Kernel>
+int64_t resident_shared_bytes(const Launch& launch, Kernel resident_kernel, int64_t dim) {
+  using M = MmaTiles<scalar_t>;
+  if (dim > M::kResidentDepth) return 0;
+  const int64_t bytes = M::resident_bytes(dim);
+  return launch.holds_dynamic_shared(resident_kernel, bytes) ? bytes : 0;
 }
 
 // The forward of contiguous, checked inputs on the kernels' device: (loss, lse, positives).
@@ -482,8 +498,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward(
       const ForwardPartials<acc_t> partials{partial[0].mutable_data_ptr<acc_t>(),
                                             partial[1].mutable_data_ptr<acc_t>(),
                                             partial[2].mutable_data_ptr<acc_t>()};
-      const auto kernel = forward_kernel<scalar_t, kind>();
-      launch(kernel, grid, splits, features.const_data_ptr<scalar_t>(), dim,
+      auto kernel = forward_kernel<scalar_t, kind>();
+      int64_t shared_bytes = 0;
+      if constexpr (kind == Mma::Sync) {
+        const auto resident = forward_kernel<scalar_t, kind, true>();
+        shared_bytes = resident_shared_bytes<scalar_t>(launch, resident, dim);
+        if (shared_bytes > 0) kernel = resident;
+      }
+      launch.with_dynamic_shared(
+          shared_bytes, kernel, grid, splits, features.const_data_ptr<scalar_t>(), dim,
              classes.const_data_ptr<int32_t>(), positives.const_data_ptr<int32_t>(),
              segments.const_data_ptr<int64_t>(), block_offsets.const_data_ptr<int64_t>(),
              num_segments, static_cast<acc_t>(1.0 / temperature), prevalence, rows, splits,
@@ -512,15 +535,17 @@ void backward_of_kind(const Launch& launch, const at::Tensor& grad_loss,
     const at::Tensor block_offsets = row_block_offsets(segments, M::kRows);
     // The largest |a_i| sets the power-of-two scale of the fp16/bf16 pair coefficients.
     const at::Tensor largest_grad = grad_loss.abs().amax();
-    launch(&supcon_backward_mma_kernel<scalar_t>,
-           row_block_bound(rows, num_segments, M::kRows),
-           (dim + M::kOutCols - 1) / M::kOutCols, features.const_data_ptr<scalar_t>(), dim,
-           classes.const_data_ptr<int32_t>(), positives.const_data_ptr<int32_t>(),
-           lse.const_data_ptr<float>(), grad_loss.const_data_ptr<float>(),
-           largest_grad.const_data_ptr<float>(), segments.const_data_ptr<int64_t>(),
-           block_offsets.const_data_ptr<int64_t>(), num_segments,
-           static_cast<float>(1.0 / temperature), prevalence,
-           grad.mutable_data_ptr<scalar_t>());
+    const auto resident = &supcon_backward_mma_kernel<scalar_t, true>;
+    const int64_t shared_bytes = resident_shared_bytes<scalar_t>(launch, resident, dim);
+    launch.with_dynamic_shared(
+        shared_bytes, shared_bytes > 0 ? resident : &supcon_backward_mma_kernel<scalar_t, false>,
+        row_block_bound(rows, num_segments, M::kRows), (dim + M::kOutCols - 1) / M::kOutCols,
+        features.const_data_ptr<scalar_t>(), dim, classes.const_data_ptr<int32_t>(),
+        positives.const_data_ptr<int32_t>(), lse.const_data_ptr<float>(),
+        grad_loss.const_data_ptr<float>(), largest_grad.const_data_ptr<float>(),
+        segments.const_data_ptr<int64_t>(), block_offsets.const_data_ptr<int64_t>(),
+        num_segments, static_cast<float>(1.0 / temperature), prevalence,
+        grad.mutable_data_ptr<scalar_t>());
   } else {
     // The register-blocked FMA forward pairs with the FMA backward.
     constexpr Mma backward_kind = kind == Mma::BlockedFma ? Mma::Fma : kind;

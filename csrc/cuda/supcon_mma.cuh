@@ -11,11 +11,15 @@
 // into the A operand of the next mma and accumulates dz_I += H z_J, with z_J read by
 // ldmatrix.trans.
 //
-// The feature depth D is streamed in 64-byte chunks (32 fp16/bf16 or 16 float32 columns): each
-// (column tile, chunk) step brings a chunk of the block's rows and of the tile's rows from
-// global memory with cp.async into one of two shared-memory stages while the other stage feeds
-// ldmatrix and mma, so any D runs with the same code (chunks past D are zero-filled). Rows of
-// 80 bytes put the eight 16-byte rows of every ldmatrix in distinct banks. ldmatrix serves
+// Up to 512 bytes of features per row (D <= 256 fp16/bf16, D <= 128 float32), the block's row
+// tile is copied once with cp.async into dynamic shared memory and stays resident for the
+// whole column loop, as in FlashAttention-2; each step brings a whole column tile into one of
+// two stages while the other stage feeds ldmatrix and mma (ResidentStages). Deeper features
+// take the chunked kernels: D is streamed in 64-byte chunks (32 fp16/bf16 or 16 float32
+// columns), each (column tile, chunk) step bringing a chunk of the block's rows and of the
+// tile's rows into one of two stages of static shared memory (ScoreStages), so any D runs
+// (chunks past D are zero-filled). Every staged row is an odd number of 16-byte vectors (80
+// bytes for the chunks), which puts the eight rows of every ldmatrix in distinct banks. ldmatrix serves
 // TF32 too: a 16-byte row is 4 floats, and the b16 matrices' thread layout is then exactly the
 // m16n8k8 A and B layout.
 //
@@ -75,6 +79,23 @@ struct MmaTiles {
   static constexpr int kOutPitch = kOutCols + kVector;
   static constexpr int kOutFragments = kOutCols / 8;
   static constexpr int kStages = 2;
+  // The fast path for shallow features: up to 512 bytes of features per row (256 fp16/bf16
+  // or 128 float32 columns), the block's row tile stays in shared memory for the whole column
+  // loop and only the column tiles stream through the two stages, each step a whole tile.
+  static constexpr int kResidentDepth = 32 * kVector;
+  // Feature columns of the resident tiles for `dim` features: dim rounded up to the mma's k
+  // (the rest zero-filled), and their pitch with one vector of padding, an odd number of
+  // 16-byte vectors so that ldmatrix's eight row addresses fall in distinct bank groups.
+  static __host__ __device__ int64_t resident_depth(int64_t dim) {
+    return (dim + kStep - 1) / kStep * kStep;
+  }
+  static __host__ __device__ int64_t resident_pitch(int64_t dim) {
+    return resident_depth(dim) + kVector;
+  }
+  // Dynamic shared memory of the resident tiles: the row tile and both column stages.
+  static __host__ __device__ int64_t resident_bytes(int64_t dim) {
+    return (kRows + kStages * kCols) * resident_pitch(dim) * static_cast<int64_t>(sizeof(Element));
+  }
 };
 
 template <typename Element>
@@ -119,38 +140,40 @@ __device__ __forceinline__ void mma_accumulate(float (&d)[4], const uint32_t (&a
   }
 }
 
-// Copies rows [row0, row_end) x feature columns [col0, col0 + kWidth) of z (row-major, `dim`
-// columns) into a kTileRows x kWidth shared tile of pitch kTilePitch, zero outside. With
+// Copies rows [row0, row_end) x feature columns [col0, col0 + width) of z (row-major, `dim`
+// columns; width <= kWidth, both whole 16-byte vectors) into a kTileRows x width shared tile
+// of pitch `pitch` (a whole number of vectors), zero outside z. With
 // `vectorized` (rows_are_vector_aligned) in 16-byte cp.async copies that land at the caller's
 // cp_async_wait; otherwise with plain loads and stores, visible after the caller's barrier.
-template <int kTileRows, int kWidth, int kTilePitch, typename Element, typename scalar_t>
-__device__ __forceinline__ void load_tile(Element* __restrict__ tile,
+template <int kTileRows, int kWidth, typename Element, typename scalar_t>
+__device__ __forceinline__ void load_tile(Element* __restrict__ tile, int pitch,
                                           const scalar_t* __restrict__ z, int64_t dim,
                                           int64_t row0, int64_t row_end, int64_t col0,
-                                          bool vectorized) {
+                                          int width, bool vectorized) {
   constexpr int kVector = 16 / sizeof(Element);
   static_assert(sizeof(Element) == sizeof(scalar_t), "staged in the features' own bits");
-  static_assert(kWidth % kVector == 0 && kTilePitch % kVector == 0,
-                "tile rows are whole 16-byte vectors");
+  static_assert(kWidth % kVector == 0, "tile rows are whole 16-byte vectors");
   if (vectorized) {
     constexpr int kVectorsPerRow = kWidth / kVector;
     for (int index = threadIdx.x; index < kTileRows * kVectorsPerRow; index += kThreads) {
       const int r = index / kVectorsPerRow;
       const int c = index % kVectorsPerRow * kVector;
+      if (c >= width) continue;
       const int64_t row = row0 + r;
       const int64_t column = col0 + c;
       // dim is a multiple of the vector width: a vector is wholly inside or outside.
       const bool inside = row < row_end && column < dim;
-      ptx::cp_async<16>(tile + r * kTilePitch + c, inside ? z + row * dim + column : z, inside);
+      ptx::cp_async<16>(tile + r * pitch + c, inside ? z + row * dim + column : z, inside);
     }
     return;
   }
   for (int index = threadIdx.x; index < kTileRows * kWidth; index += kThreads) {
     const int r = index / kWidth;
     const int c = index % kWidth;
+    if (c >= width) continue;
     const int64_t row = row0 + r;
     const int64_t column = col0 + c;
-    tile[r * kTilePitch + c] = (row < row_end && column < dim)
+    tile[r * pitch + c] = (row < row_end && column < dim)
                                    ? to_stage<Element>(z[row * dim + column])
                                    : to_stage<Element>(0.0f);
   }
@@ -175,6 +198,28 @@ struct ScoreStages {
   using Element = typename Tiles::Element;
   alignas(16) Element rows[Tiles::kStages][Tiles::kRows * Tiles::kPitch];
   alignas(16) Element cols[Tiles::kStages][Tiles::kCols * Tiles::kPitch];
+};
+
+// The resident tiles of the fast path (Tiles::kResidentDepth), carved out of the block's
+// dynamic shared memory (Tiles::resident_bytes(dim) of it): the row tile, then the two
+// column stages, all rows resident_pitch(dim) elements apart.
+template <typename Tiles>
+struct ResidentStages {
+  using Element = typename Tiles::Element;
+  Element* rows;
+  Element* cols;
+  int depth;
+  int pitch;
+
+  __device__ __forceinline__ ResidentStages(unsigned char* shared, int64_t dim)
+      : rows(reinterpret_cast<Element*>(shared)),
+        cols(rows + Tiles::kRows * Tiles::resident_pitch(dim)),
+        depth(static_cast<int>(Tiles::resident_depth(dim))),
+        pitch(static_cast<int>(Tiles::resident_pitch(dim))) {}
+
+  __device__ __forceinline__ Element* stage(int index) const {
+    return cols + index * Tiles::kCols * pitch;
+  }
 };
 
 // How the block multiplies a staged chunk into score registers, and which scores a thread
@@ -209,11 +254,21 @@ struct MmaMultiply {
     return score[c / 2][2 * h + c % 2];
   }
 
-  // score += rows . cols over one staged chunk, with ldmatrix.x4 operands: lanes 8 m .. 8 m + 7
-  // supply the row addresses of matrix m.
+  // score += rows . cols over one staged chunk of Tiles::kDepth columns.
   static __device__ __forceinline__ void accumulate(Scores& score,
                                                     const Element* __restrict__ rows,
                                                     const Element* __restrict__ cols) {
+    accumulate_depth<Tiles::kDepth>(score, rows, cols, Tiles::kPitch, Tiles::kDepth);
+  }
+
+  // score += rows . cols over the first `depth` columns (a multiple of kStep, at most
+  // kMaxDepth) of tiles whose rows are `pitch` elements apart, with ldmatrix.x4 operands:
+  // lanes 8 m .. 8 m + 7 supply the row addresses of matrix m.
+  template <int kMaxDepth>
+  static __device__ __forceinline__ void accumulate_depth(Scores& score,
+                                                          const Element* __restrict__ rows,
+                                                          const Element* __restrict__ cols,
+                                                          int pitch, int depth) {
     const int lane = threadIdx.x % 32;
     const int matrix = lane / 8;
     const int matrix_row = lane % 8;
@@ -226,9 +281,10 @@ struct MmaMultiply {
     const int b_row = (matrix >> 1) * 8 + matrix_row;
     const int b_col = (matrix & 1) * Tiles::kVector;
 #pragma unroll
-    for (int kk = 0; kk < Tiles::kDepth; kk += Tiles::kStep) {
+    for (int kk = 0; kk < kMaxDepth; kk += Tiles::kStep) {
+      if (kk >= depth) break;
       uint32_t a[4];
-      ptx::ldmatrix_x4(a, rows + a_row * Tiles::kPitch + kk + a_col);
+      ptx::ldmatrix_x4(a, rows + a_row * pitch + kk + a_col);
       if constexpr (Tiles::kTf32) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) a[e] = tf32_operand(a[e]);
@@ -236,7 +292,7 @@ struct MmaMultiply {
 #pragma unroll
       for (int pair = 0; pair < Tiles::kColFragments / 2; ++pair) {
         uint32_t b[4];
-        ptx::ldmatrix_x4(b, cols + (16 * pair + b_row) * Tiles::kPitch + kk + b_col);
+        ptx::ldmatrix_x4(b, cols + (16 * pair + b_row) * pitch + kk + b_col);
         if constexpr (Tiles::kTf32) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) b[e] = tf32_operand(b[e]);
@@ -296,6 +352,30 @@ struct FmaMultiply {
   }
 };
 
+template <typename Multiply>
+__device__ __forceinline__ void clear_scores(typename Multiply::Scores& score) {
+#pragma unroll
+  for (int h = 0; h < Multiply::kRowsPerThread; ++h) {
+#pragma unroll
+    for (int c = 0; c < Multiply::kColsPerThread; ++c) Multiply::at(score, h, c) = 0.0f;
+  }
+}
+
+// The pipeline's step `step` of `steps`: issues the next step's copies, so that they overlap
+// this step's multiplies, and returns once this step's copies (all groups but the newest) have
+// landed and every thread of the block is past that wait.
+template <typename Issue>
+__device__ __forceinline__ void issue_next_and_wait(int64_t step, int64_t steps,
+                                                    const Issue& issue) {
+  if (step + 1 < steps) {
+    issue(step + 1);
+    ptx::cp_async_wait<1>();
+  } else {
+    ptx::cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 // Streams the score tiles z_I z_J^T of a block: step s is column tile s / chunks and depth chunk
 // s % chunks. Called by all threads of the block with the same arguments, for the column tiles
 // [col_begin, col_begin + tiles * kCols) (clipped to col_end):
@@ -319,10 +399,11 @@ __device__ __forceinline__ void for_each_score_tile(ScoreStages<typename Multipl
     const int stage = static_cast<int>(step % Tiles::kStages);
     const int64_t col0 = col_begin + step / chunks * Tiles::kCols;
     const int64_t k0 = step % chunks * Tiles::kDepth;
-    load_tile<Tiles::kRows, Tiles::kDepth, Tiles::kPitch>(
-        stages.rows[stage], z, dim, block.row_begin, block.row_end, k0, vectorized);
-    load_tile<Tiles::kCols, Tiles::kDepth, Tiles::kPitch>(stages.cols[stage], z, dim, col0,
-                                                          col_end, k0, vectorized);
+    load_tile<Tiles::kRows, Tiles::kDepth>(stages.rows[stage], Tiles::kPitch, z, dim,
+                                           block.row_begin, block.row_end, k0, Tiles::kDepth,
+                                           vectorized);
+    load_tile<Tiles::kCols, Tiles::kDepth>(stages.cols[stage], Tiles::kPitch, z, dim, col0,
+                                           col_end, k0, Tiles::kDepth, vectorized);
     ptx::cp_async_commit();
   };
 
@@ -332,27 +413,51 @@ __device__ __forceinline__ void for_each_score_tile(ScoreStages<typename Multipl
   for (int64_t step = 0; step < steps; ++step) {
     const int64_t chunk = step % chunks;
     const int64_t tile = step / chunks;
-    if (chunk == 0) {
-#pragma unroll
-      for (int h = 0; h < Multiply::kRowsPerThread; ++h) {
-#pragma unroll
-        for (int c = 0; c < Multiply::kColsPerThread; ++c) Multiply::at(score, h, c) = 0.0f;
-      }
-    }
-    // The next step's copies overlap this step's multiplies.
-    if (step + 1 < steps) {
-      issue(step + 1);
-      ptx::cp_async_wait<1>();
-    } else {
-      ptx::cp_async_wait<0>();
-    }
-    __syncthreads();
+    if (chunk == 0) clear_scores<Multiply>(score);
+    issue_next_and_wait(step, steps, issue);
     const int stage = static_cast<int>(step % Tiles::kStages);
     Multiply::accumulate(score, stages.rows[stage], stages.cols[stage]);
     if (chunk == chunks - 1) end(tile, col_begin + tile * Tiles::kCols, score);
     // Every warp is done with this stage (and the tile's staged data) before it is refilled.
     __syncthreads();
     if (chunk == chunks - 1 && tile + 1 < tiles) begin(tile + 1);
+  }
+}
+
+// The same contract on the resident tiles of the fast path: the block's rows are copied once,
+// in the first cp.async group, and step s is the whole of column tile s, brought into stage
+// s % 2 while the other stage feeds the multiplies.
+template <typename Multiply, typename scalar_t, typename Begin, typename End>
+__device__ __forceinline__ void for_each_score_tile(
+    const ResidentStages<typename Multiply::Tiles>& stages, const scalar_t* __restrict__ z,
+    int64_t dim, const RowBlock& block, int64_t col_begin, int64_t col_end, int64_t tiles,
+    bool vectorized, const Begin& begin, const End& end) {
+  using Tiles = typename Multiply::Tiles;
+  if (tiles == 0) return;
+
+  const auto issue = [&](int64_t tile) {
+    load_tile<Tiles::kCols, Tiles::kResidentDepth>(
+        stages.stage(static_cast<int>(tile % Tiles::kStages)), stages.pitch, z, dim,
+        col_begin + tile * Tiles::kCols, col_end, 0, stages.depth, vectorized);
+    ptx::cp_async_commit();
+  };
+
+  typename Multiply::Scores score;
+  begin(int64_t{0});
+  load_tile<Tiles::kRows, Tiles::kResidentDepth>(stages.rows, stages.pitch, z, dim,
+                                                 block.row_begin, block.row_end, 0,
+                                                 stages.depth, vectorized);
+  issue(0);
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    clear_scores<Multiply>(score);
+    issue_next_and_wait(tile, tiles, issue);
+    Multiply::template accumulate_depth<Tiles::kResidentDepth>(
+        score, stages.rows, stages.stage(static_cast<int>(tile % Tiles::kStages)),
+        stages.pitch, stages.depth);
+    end(tile, col_begin + tile * Tiles::kCols, score);
+    // Every warp is done with this stage (and the tile's staged data) before it is refilled.
+    __syncthreads();
+    if (tile + 1 < tiles) begin(tile + 1);
   }
 }
 
@@ -394,9 +499,9 @@ __device__ __forceinline__ float row_max(float value) {
 // The forward of one block over the column tiles of its split: masks, pair weights, exp2 and
 // the online log-sum-exp applied to the score registers; the partial results are those of
 // supcon_forward_kernel, merged by supcon_forward_combine_kernel.
-template <typename Multiply, typename scalar_t>
+template <typename Multiply, typename Stages, typename scalar_t>
 __device__ __forceinline__ void forward_block(
-    const scalar_t* __restrict__ z, int64_t dim, const int32_t* __restrict__ classes,
+    Stages& stages, const scalar_t* __restrict__ z, int64_t dim, const int32_t* __restrict__ classes,
     const int32_t* __restrict__ positives, const int64_t* __restrict__ offsets,
     const int64_t* __restrict__ block_offsets, int64_t num_segments, float inv_temperature,
     bool prevalence, int64_t rows, int64_t num_splits, ForwardPartials<float> partials) {
@@ -407,7 +512,6 @@ __device__ __forceinline__ void forward_block(
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr float kLn2 = 0.6931471805599453f;
 
-  __shared__ ScoreStages<Tiles> stages;
   __shared__ int32_t col_class[Tiles::kCols];
   __shared__ float col_contrast_weight[Tiles::kCols];
 
@@ -500,8 +604,10 @@ __device__ __forceinline__ void forward_block(
 }
 
 // Forward per (row block, column split): Multiply is MmaMultiply<scalar_t> (fp16/bf16, TF32) or
-// FmaMultiply (float32 without TF32; cp.async needs sm_80 too).
-template <typename Multiply, typename scalar_t>
+// FmaMultiply (float32 without TF32; cp.async needs sm_80 too). With kResident (MmaMultiply
+// and dim <= kResidentDepth only) on the resident tiles in MmaTiles::resident_bytes(dim) of
+// dynamic shared memory, else on the chunked stages.
+template <typename Multiply, typename scalar_t, bool kResident>
 __global__ void __launch_bounds__(kThreads, Multiply::kForwardBlocksPerSM)
     supcon_forward_tiled_kernel(const scalar_t* __restrict__ z, int64_t dim,
                                 const int32_t* __restrict__ classes,
@@ -512,8 +618,18 @@ __global__ void __launch_bounds__(kThreads, Multiply::kForwardBlocksPerSM)
                                 int64_t rows, int64_t num_splits,
                                 ForwardPartials<float> partials) {
 #if defined(MCSC_AMPERE_TENSOR_CORES)
-  forward_block<Multiply>(z, dim, classes, positives, offsets, block_offsets, num_segments,
-                          inv_temperature, prevalence, rows, num_splits, partials);
+  if constexpr (kResident) {
+    MCSC_DYNAMIC_SHARED_MEMORY(shared);
+    const ResidentStages<typename Multiply::Tiles> stages(shared, dim);
+    forward_block<Multiply>(stages, z, dim, classes, positives, offsets, block_offsets,
+                            num_segments, inv_temperature, prevalence, rows, num_splits,
+                            partials);
+  } else {
+    __shared__ ScoreStages<typename Multiply::Tiles> stages;
+    forward_block<Multiply>(stages, z, dim, classes, positives, offsets, block_offsets,
+                            num_segments, inv_temperature, prevalence, rows, num_splits,
+                            partials);
+  }
 #else
   __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80
 #endif
@@ -527,28 +643,21 @@ __device__ __forceinline__ int coefficient_exponent(float largest_grad) {
   return max(-126, min(126, 10 - ilogbf(largest_grad)));
 }
 
-// Backward per (row block, kOutCols feature columns of dz): for every column tile J of the
-// segment, the score fragments again, H_IJ in registers, then dz_I += H_IJ z_J[:, columns].
-// One block per SM (up to 255 registers per thread): the score, coefficient and dz fragments
-// (96 floats) do not fit 128 without spilling, as in FlashAttention-2's backward.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 1)
-    supcon_backward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
-                               const int32_t* __restrict__ classes,
-                               const int32_t* __restrict__ positives,
-                               const float* __restrict__ lse,
-                               const float* __restrict__ grad_loss,
-                               const float* __restrict__ largest_grad,
-                               const int64_t* __restrict__ offsets,
-                               const int64_t* __restrict__ block_offsets, int64_t num_segments,
-                               float inv_temperature, bool prevalence,
-                               scalar_t* __restrict__ grad) {
-#if defined(MCSC_AMPERE_TENSOR_CORES)
+// The backward of one (row block, kOutCols feature columns of dz) on the given score stages:
+// for every column tile J of the segment, the score fragments again, H_IJ in registers, then
+// dz_I += H_IJ z_J[:, columns].
+template <typename Stages, typename scalar_t>
+__device__ __forceinline__ void backward_block(
+    Stages& stages, const scalar_t* __restrict__ z, int64_t dim,
+    const int32_t* __restrict__ classes, const int32_t* __restrict__ positives,
+    const float* __restrict__ lse, const float* __restrict__ grad_loss,
+    const float* __restrict__ largest_grad, const int64_t* __restrict__ offsets,
+    const int64_t* __restrict__ block_offsets, int64_t num_segments, float inv_temperature,
+    bool prevalence, scalar_t* __restrict__ grad) {
   using Tiles = MmaTiles<scalar_t>;
   using Element = typename Tiles::Element;
   using Multiply = MmaMultiply<scalar_t>;
 
-  __shared__ ScoreStages<Tiles> stages;
   __shared__ __align__(16) Element values[Tiles::kCols * Tiles::kOutPitch];
   __shared__ BackwardRow<float> columns[Tiles::kCols];
 
@@ -580,8 +689,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       columns[j] = backward_row(col0 + j, col0 + j < block.segment_end, classes, positives,
                                 grad_loss, lse, prevalence);
     }
-    load_tile<Tiles::kCols, Tiles::kOutCols, Tiles::kOutPitch>(
-        values, z, dim, col0, block.segment_end, out_col0, vectorized);
+    load_tile<Tiles::kCols, Tiles::kOutCols>(values, Tiles::kOutPitch, z, dim, col0,
+                                             block.segment_end, out_col0, Tiles::kOutCols,
+                                             vectorized);
     ptx::cp_async_commit();
   };
   const auto end = [&](int64_t, int64_t col0, const typename Multiply::Scores& score) {
@@ -660,6 +770,34 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+  }
+}
+
+// Backward per (row block, kOutCols feature columns of dz); kResident as for the forward.
+// One block per SM (up to 255 registers per thread): the score, coefficient and dz fragments
+// (96 floats) do not fit 128 without spilling, as in FlashAttention-2's backward.
+template <typename scalar_t, bool kResident>
+__global__ void __launch_bounds__(kThreads, 1)
+    supcon_backward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
+                               const int32_t* __restrict__ classes,
+                               const int32_t* __restrict__ positives,
+                               const float* __restrict__ lse,
+                               const float* __restrict__ grad_loss,
+                               const float* __restrict__ largest_grad,
+                               const int64_t* __restrict__ offsets,
+                               const int64_t* __restrict__ block_offsets, int64_t num_segments,
+                               float inv_temperature, bool prevalence,
+                               scalar_t* __restrict__ grad) {
+#if defined(MCSC_AMPERE_TENSOR_CORES)
+  if constexpr (kResident) {
+    MCSC_DYNAMIC_SHARED_MEMORY(shared);
+    const ResidentStages<MmaTiles<scalar_t>> stages(shared, dim);
+    backward_block(stages, z, dim, classes, positives, lse, grad_loss, largest_grad, offsets,
+                   block_offsets, num_segments, inv_temperature, prevalence, grad);
+  } else {
+    __shared__ ScoreStages<MmaTiles<scalar_t>> stages;
+    backward_block(stages, z, dim, classes, positives, lse, grad_loss, largest_grad, offsets,
+                   block_offsets, num_segments, inv_temperature, prevalence, grad);
   }
 #else
   __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80

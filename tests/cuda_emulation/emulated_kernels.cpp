@@ -28,6 +28,21 @@ struct EmulatedLaunch {
     cuda_emulator::launch(kernel, grid_x, grid_y, mcsc::cuda::kThreads, descending,
                           std::forward<Args>(args)...);
   }
+
+  template <typename... Params, typename... Args>
+  void with_dynamic_shared(int64_t bytes, void (*kernel)(Params...), int64_t grid_x,
+                           int64_t grid_y, Args&&... args) const {
+    cuda_emulator::launch_with_dynamic_shared(kernel, grid_x, grid_y, mcsc::cuda::kThreads,
+                                              static_cast<size_t>(bytes), descending,
+                                              std::forward<Args>(args)...);
+  }
+
+  // As on an H100 or H200, whose 227 KiB per block hold the resident tiles (at most 132 KiB)
+  // beside any kernel's static shared memory.
+  template <typename Kernel>
+  bool holds_dynamic_shared(Kernel, int64_t bytes) const {
+    return bytes <= 227 * 1024;
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& features,
