@@ -12,7 +12,8 @@ Checks, each with a message saying what is wrong:
 
 No GPU is needed. The architectures are read from the headers of the CUDA fat binary in the
 library's .nv_fatbin section (they are not compressed even when the payloads are), with
-cuobjdump --list-elf as a cross-check when a cuobjdump is on PATH or in $CUDA_HOME/bin.
+cuobjdump --list-elf as a cross-check; a cuobjdump (in $CUDA_HOME/bin, on PATH or in triton's
+wheel) is required, since it also reads the kernels' resource usage and SASS.
 Usage: python .ci/check_cuda_build.py [--arch 90 ...]
 """
 

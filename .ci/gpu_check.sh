@@ -98,7 +98,7 @@ step synccheck 90 compute-sanitizer --tool synccheck "${case[@]}"
 step initcheck 90 compute-sanitizer --tool initcheck "${case[@]}"
 step bench 300 "$python" benchmarks/run.py --device cuda --targets --out "$out/bench"
 if [ -f .ci/gpu_train_check.sh ]; then
-  step train 240 bash .ci/gpu_train_check.sh "$out/train"
+  step train 420 bash .ci/gpu_train_check.sh "$out/train"  # its own steps: 150 + 60 + 60 + 150 s
 fi
 summary
 exit "$failures"

@@ -22,11 +22,6 @@ def package_directory() -> str:
     return os.path.dirname(os.path.abspath(mcsc.__file__))
 
 
-def package_parent() -> str:
-    """The directory to put first on ``PYTHONPATH`` so a child process imports this package."""
-    return os.path.dirname(package_directory())
-
-
 def refusal(device: str, flag: str = ALLOW_FLAG) -> str:
     """Why timing ``mcsc.supcon_loss`` on ``device`` would time the dense fallback, and how to
     install the compiled kernel ('' when the compiled kernel runs)."""

@@ -4,8 +4,10 @@
         python benchmarks/profile_step.py --n 16384 --dtype bfloat16
 
 A warm-up call comes first (so the profiled launches are not the first), then --repeat timed
-calls of the same size; the median forward and backward times (CUDA events) are printed. Kernel names:
-supcon_forward_kernel, supcon_backward_kernel and classify_rows_kernel. Like ``run.py``, it profiles
+calls of the same size; the median forward and backward times (CUDA events) are printed. Kernel names
+(all match ``regex:supcon``): supcon_forward_kernel, supcon_forward_combine_kernel,
+supcon_backward_kernel and classify_rows_kernel; with MCSC_CUDA_KERNELS=mma also
+supcon_forward_tiled_kernel and supcon_backward_mma_kernel. Like ``run.py``, it profiles
 the ``mcsc`` Python imports and refuses one without its CUDA kernel unless ``--allow-reference``.
 """
 

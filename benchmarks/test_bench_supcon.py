@@ -18,9 +18,9 @@ pytest.importorskip("pytest_benchmark")
 
 import implementations as impls  # noqa: E402
 import torch  # noqa: E402
+from timing import TEMPERATURE  # noqa: E402
 
 N, D, C = 2048, 128, 4
-TEMPERATURE = 0.1
 
 
 @pytest.fixture(scope="module")

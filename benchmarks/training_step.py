@@ -18,7 +18,7 @@ backward): ``1 - baseline step / step``. Writes ``OUT/training_step.csv`` and pr
     python benchmarks/training_step.py --device cuda --out runs/training_step
 
 It imports the installed ``mcsc`` (or the one on ``PYTHONPATH``) and refuses to time the dense
-fallback of an uncompiled op unless ``--allow-fallback`` is given.
+fallback of an uncompiled op unless ``--allow-reference`` is given (as the other benchmarks).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import installed
 import torch
 
 import mcsc
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         help="stop timing a variant after this long (at least one step is timed)",
     )
     parser.add_argument(
-        "--allow-fallback",
+        installed.ALLOW_FLAG,
         action="store_true",
         help="time even when the op runs its dense pure-PyTorch fallback",
     )
@@ -220,13 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    if mcsc.backend(device) == "reference" and not args.allow_fallback:
-        print(
-            f"mcsc ({Path(mcsc.__file__).parent}) has no compiled {device.type} kernel: the numbers "
-            "would time the dense fallback; build the extension or pass --allow-fallback",
-            file=sys.stderr,
-        )
-        return 2
+    installed.require_compiled(device.type, args.allow_reference)
     base = preset("synthetic", "paper")
     if args.config:
         values = load_yaml(args.config)

@@ -10,7 +10,7 @@ class-prevalence weights; it never builds the N x N similarity matrix. Use it as
   (one per scale) and (B, H, W) labels, with pixel samplers;
 * :func:`backend` — which implementation runs on a device (compiled or the reference).
 
-``import mcsc`` and these losses need torch (and numpy) alone. The method's trainer lives in
+``import mcsc`` and these losses need torch alone. The method's trainer lives in
 subpackages that need the training extras: ``mcsc.models`` (U-Net, Swin-UNet, projection
 heads), ``mcsc.data``, ``mcsc.training``, ``mcsc.evaluation``; ``mcsc.losses`` also holds the
 method's ``MultiScaleContrastiveLoss`` and segmentation losses.

@@ -188,7 +188,7 @@ def test_published_label_order_mispairs_pixels_of_different_maps():
 
 
 def test_block_rows_structure():
-    targets = torch.ones(3, 20, 20, dtype=torch.long)
+    targets = torch.arange(1, 3 * 400 + 1).reshape(3, 20, 20)  # every pixel its own class
     rows, labels, lengths = block_rows(
         targets, 6, shuffle=True, generator=torch.Generator().manual_seed(0)
     )

@@ -93,7 +93,8 @@ class FileSlices(SliceTable):
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         path = self.paths[index]
         image, label = self.reader(path)
-        return check_pair(image, label, None, str(path), ndim=2)
+        # check_files checked every slice at start-up: convert only, on the loader's hot path
+        return image_array(image, str(path)), label_array(label, str(path))
 
 
 @dataclass
@@ -208,7 +209,7 @@ def label_array(values, where: str) -> np.ndarray:
             raise DataError(f"{where}: label map has non-integer values")
         if values.size and np.abs(values).max() >= 2**31:
             raise DataError(f"{where}: label value {float(np.abs(values).max()):g} out of range")
-    return values.astype(np.int64)
+    return values.astype(np.int64, copy=False)
 
 
 def check_pair(

@@ -347,9 +347,8 @@ def build_nifti(
         images.extend(image)
         labels.extend([None] * len(image))
         slice_cases.extend([name] * len(image))
-    if labelled is None:
-        share = 1.0 if images_without_labels else DEFAULT_LABELLED_SHARE
-        labelled = max(1, round(share * len(split["train"])))
+    if labelled is None and not images_without_labels:  # else all cases with labels
+        labelled = max(1, round(DEFAULT_LABELLED_SHARE * len(split["train"])))
 
     def source(name: str) -> VolumeSource:
         return VolumeSource(name, lambda: volumes[name])

@@ -35,7 +35,8 @@ class DataConfig:
 
     dataset: str = "synthetic"
     path: str | None = None
-    labeled: int | None = 4  # labelled training cases; None: 10 % of them (NIfTI)
+    labeled: int | None = 4  # labelled training cases; None: every case with labels when the
+    # folder also has images without labels, else 10 % of them (at least one)
     patch_size: int = 224
     num_classes: int | None = None  # None: from the dataset (dataset.json or the labels)
     class_names: list[str] | None = None
@@ -216,8 +217,8 @@ def preset(dataset: str, recipe: str | None = None) -> Config:
       thread, and a busy machine makes two much slower).
 
     Datasets: ``synthetic`` 4 labelled cases; ``acdc`` 7 labelled patients and 4 classes;
-    ``synapse`` 4 labelled cases and its 9 classes with their names; ``nifti`` 10 % of the
-    training cases labelled, classes from ``dataset.json`` or the labels.
+    ``synapse`` 4 labelled cases and its 9 classes with their names; ``nifti`` every case with labels
+    when the folder has images without labels, else 10 % of them, classes from ``dataset.json`` or the labels.
 
     Args:
         dataset: one of :data:`DATASETS`.

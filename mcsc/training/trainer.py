@@ -524,14 +524,21 @@ class Trainer:
     def save(self, which: str) -> None:
         """Write ``checkpoints/<which>.pt``, unless the model state is no longer finite: then the
         previous file stays and :class:`NonFiniteLossError` stops the run."""
-        for name, model in self.models.items():
-            for key, tensor in model.state_dict().items():
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise NonFiniteLossError(
-                        f"iteration {self.iteration}: {name}.{key} is no longer finite; training "
-                        f"stopped and {self.checkpoint_path(which)} left as it was"
-                    )
-        save_checkpoint(self.state(), self.checkpoint_path(which))
+        state = self.state()
+        tensors = [
+            (f"{name}.{key}", tensor)
+            for name, weights in state["models"].items()
+            for key, tensor in weights.items()
+            if tensor.is_floating_point()
+        ]
+        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in tensors]).tolist()
+        for (name, _), is_finite in zip(tensors, finite):  # one device sync for all tensors
+            if not is_finite:
+                raise NonFiniteLossError(
+                    f"iteration {self.iteration}: {name} is no longer finite; training "
+                    f"stopped and {self.checkpoint_path(which)} left as it was"
+                )
+        save_checkpoint(state, self.checkpoint_path(which))
 
     def state(self) -> dict:
         """The whole training state as one weights-only-loadable dict."""
