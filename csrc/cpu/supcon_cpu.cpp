@@ -105,9 +105,10 @@ std::vector<int64_t> segment_offsets(const at::Tensor& segments, int64_t rows) {
   return result;
 }
 
-// Class ids 0..C-1 (-1 for ignored rows) and the number C. Small ids are used as they are; large
-// or negative ones are replaced by their rank among the ids present, so that the per-class
-// state stays O(N + D) whatever the ids (e.g. 10**9).
+// Class ids 0..C-1 (-1 for ignored rows) and the number C. Ids below N are used as they are;
+// larger or negative ones are replaced by their rank among the ids present, so that the
+// per-class state (C <= N classes x D) is never larger than the features, whatever the ids
+// (e.g. 10**9, or {0, 60000} in two rows).
 struct ClassIds {
   std::vector<int32_t> label;
   int32_t num_classes = 0;
@@ -123,7 +124,7 @@ ClassIds compact_class_ids(const int64_t* raw, int64_t n, const IsIgnored& is_ig
     high = std::max(high, raw[i]);
   }
   if (low > high) return ids;  // no valid row
-  if (low >= 0 && high < std::max<int64_t>(n, 65536)) {
+  if (low >= 0 && high < n) {
     for (int64_t i = 0; i < n; ++i) {
       if (!is_ignored(i)) ids.label[i] = static_cast<int32_t>(raw[i]);
     }

@@ -13,7 +13,7 @@
 //   forward_combine   per row: the splits' partial results merged in split order, then lse
 //                     and the loss. Splitting the columns gives a small batch enough blocks
 //                     to fill the GPU (flash-decoding's split-KV).
-//   backward          per (row block, 128 feature columns): the same score tiles, turned into
+//   backward          per (row block, Tiles::kOutCols feature columns): the same score tiles, turned into
 //                     P_ij = G_ij + G_ji - [j in P(i)] (b_i + b_j) in shared memory, then
 //                     dz_I += P z_J (TF32 tensor cores whenever the scores use tensor cores);
 //                     so dz_i = (1/t) sum_j P_ij z_j covers the pairwise and the positive terms
@@ -23,7 +23,8 @@
 // forward_combine.
 // Every row's result is reduced by a fixed set of threads in a fixed order: no atomics, so the
 // outputs are bitwise reproducible. State kept between forward and backward is O(N): lse and
-// positives. Shared memory is O(tile^2) per block; nothing is O(N^2).
+// positives. Shared memory is O(tile^2) per block (O(tile x D) for the mma kernels' resident
+// row tiles, at most 512 bytes a row); nothing is O(N^2).
 //
 // The host functions at the end launch kernels through a `launch(kernel, grid_x, grid_y,
 // args...)` callable rather than with <<<...>>>: supcon_cuda.cu passes one that launches on the

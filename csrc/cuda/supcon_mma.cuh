@@ -9,7 +9,7 @@
 // reducing each row over the 4 lanes that share it with shuffles; the backward turns the
 // fragments into the pair coefficients H_ij = G_ij + G_ji - [j in P(i)] (b_i + b_j), packs them
 // into the A operand of the next mma and accumulates dz_I += H z_J, with z_J read by
-// ldmatrix.trans.
+// ldmatrix.trans (fp16/bf16; TF32 reads it with scalar shared loads).
 //
 // Up to 512 bytes of features per row (D <= 256 fp16/bf16, D <= 128 float32), the block's row
 // tile is copied once with cp.async into dynamic shared memory and stays resident for the
