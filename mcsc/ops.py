@@ -2,11 +2,17 @@
 
 The compiled extension (``mcsc._C``) defines two operators in the ``mcsc`` namespace:
 
-* ``mcsc::supcon_forward(features, labels, segments, temperature, prevalence, ignore_index)``
-  returns the per-anchor loss (N,), the log-denominator ``lse`` (N,) and the number of
-  positives (N,) int32 (-1 for ignored rows);
+* ``mcsc::supcon_forward(features, labels, segments, temperature, prevalence, ignore_index,
+  ref_features=None, ref_labels=None, ref_segments=None, ref_self_index=None,
+  anchor_gradient=False)`` returns the per-anchor loss (M,), the log-denominator ``lse`` (M,),
+  the number of positives (M,) int32 (-1 for ignored rows) and, with a reference set and
+  ``anchor_gradient``, d loss_i / d features_i (M, D) (else an empty (0, D));
 * ``mcsc::supcon_backward(grad_loss, features, labels, segments, lse, positives, temperature,
-  prevalence)`` returns the gradient with respect to ``features``.
+  prevalence, ignore_index=-1, ref_features=None, ...)`` returns the gradient with respect to
+  the contrast rows: ``features`` without a reference set, ``ref_features`` with one.
+
+The single-set call is the two-set call with the anchors as their own reference set and each
+row's own pair excluded; the kernels run it with one schedule that uses s_ij = s_ji.
 
 Autograd and fake (meta) kernels are registered here with ``torch.library`` so the op works with
 ``torch.compile``. When the extension cannot be loaded, ``supcon_loss`` falls back to the dense
@@ -19,6 +25,7 @@ import math
 import numbers
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +35,8 @@ WEIGHTINGS = ("prevalence", "none")
 _REDUCTIONS = ("mean", "sum", "none")
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The kernels index rows with int32.
+_MAX_ROWS = 2**31 - 1
 
 
 # How to rebuild the library against the torch that runs it; --no-deps keeps that torch.
@@ -123,14 +132,24 @@ def similarity_limit(dtype: torch.dtype) -> float:
     return 2.0**-10 / torch.finfo(accumulation_dtype(dtype)).eps
 
 
-def _largest_similarity(features: torch.Tensor, temperature: float) -> torch.Tensor:
-    """max_i |z_i|^2 / temperature as a 0-dim float64 tensor (inf where a norm overflows)."""
-    if features.shape[0] == 0:
-        return torch.zeros((), dtype=torch.float64, device=features.device)
-    return torch.linalg.vector_norm(features, dim=1).amax().double().square() / temperature
+def _largest_norm(rows: torch.Tensor) -> torch.Tensor:
+    """max_i |z_i| as a 0-dim float64 tensor (0 for no rows, inf where a norm overflows)."""
+    if rows.shape[0] == 0:
+        return torch.zeros((), dtype=torch.float64, device=rows.device)
+    return torch.linalg.vector_norm(rows, dim=1).amax().double()
 
 
-def _value_checks(features, labels, offsets, temperature, ignore_index, num_classes):
+def _largest_similarity(
+    features: torch.Tensor, temperature: float, ref_features: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The bound max_i |z_i| max_j |k_j| / temperature of every s_ij (k = the reference rows,
+    or the features themselves) as a 0-dim float64 tensor (inf where a norm overflows)."""
+    largest = _largest_norm(features)
+    other = largest if ref_features is None else _largest_norm(ref_features)
+    return largest * other / temperature
+
+
+def _value_checks(features, labels, offsets, temperature, ignore_index, num_classes, ref=None):
     """The checks that need the data: a (K,) bool tensor, True where check k fails, and the K
     functions that write each check's message. Eager calls read the flags with one device sync
     and raise on the first that fails; compiled calls, which cannot branch on data, poison the
@@ -138,7 +157,12 @@ def _value_checks(features, labels, offsets, temperature, ignore_index, num_clas
     n = features.shape[0]
     valid = labels != ignore_index
     limit = similarity_limit(features.dtype)
-    largest = _largest_similarity(features, temperature)
+    largest = _largest_similarity(features, temperature, None if ref is None else ref.features)
+    similarity_name = (
+        "max_i |z_i|^2 / temperature"
+        if ref is None
+        else "max_i |features_i| max_j |ref_features_j| / temperature"
+    )
     problems = [
         (
             (valid & (labels < 0)).any(),
@@ -148,10 +172,20 @@ def _value_checks(features, labels, offsets, temperature, ignore_index, num_clas
             ),
         ),
         (~torch.isfinite(features).all(), lambda: "features contain NaN or infinite values"),
+        *(
+            []
+            if ref is None
+            else [
+                (
+                    ~torch.isfinite(ref.features).all(),
+                    lambda: "ref_features contain NaN or infinite values",
+                )
+            ]
+        ),
         (
             largest > limit,
             lambda: (
-                f"features are too large: max_i |z_i|^2 / temperature = {float(largest):.4g} "
+                f"features are too large: {similarity_name} = {float(largest):.4g} "
                 f"exceeds {limit:.4g} for {features.dtype}, past which the gradient's rounding "
                 f"error exceeds 1e-3; normalise the features or raise the temperature"
             ),
@@ -165,23 +199,192 @@ def _value_checks(features, labels, offsets, temperature, ignore_index, num_clas
         ),
         ((offsets[1:] < offsets[:-1]).any(), lambda: "segments must be non-decreasing offsets"),
     ]
+    if ref is not None:
+        problems += _reference_value_checks(labels, offsets, ignore_index, ref)
     if num_classes is not None:
+        checked = labels if ref is None else torch.cat([labels, ref.labels])
+        valid = checked != ignore_index
         problems.append(
             (
-                (valid & (labels >= num_classes)).any(),
+                (valid & (checked >= num_classes)).any(),
                 lambda: (
                     f"labels must be < num_classes={num_classes} (or ignore_index); found "
-                    f"{int(labels[valid].max())}"
+                    f"{int(checked[valid].max())}"
                 ),
             )
         )
     return torch.stack([failed for failed, _ in problems]), [message for _, message in problems]
 
 
+class ReferenceSet(NamedTuple):
+    """The checked reference set of a two-set call."""
+
+    features: torch.Tensor  # (K, D), the features' dtype and device
+    labels: torch.Tensor  # (K,) int64 or int32
+    offsets: torch.Tensor  # (S + 1,) int64, one reference segment per anchor segment
+    self_index: torch.Tensor | None  # (M,) int64: each anchor's own reference row, or -1
+
+
+def _reference_value_checks(labels, offsets, ignore_index, ref: ReferenceSet):
+    """The value checks of a reference set, as (failed, message) pairs for _value_checks."""
+    k = ref.features.shape[0]
+    ref_valid = ref.labels != ignore_index
+    problems = [
+        (
+            (ref_valid & (ref.labels < 0)).any(),
+            lambda: (
+                f"ref_labels must be in [0, C) or equal ignore_index={ignore_index}; found "
+                f"{int(ref.labels[ref_valid].min())}"
+            ),
+        ),
+        (
+            (ref.offsets[0] != 0) | (ref.offsets[-1] != k),
+            lambda: (
+                f"ref_segments must start at 0 and end at K={k}, got {int(ref.offsets[0])} ... "
+                f"{int(ref.offsets[-1])}"
+            ),
+        ),
+        (
+            (ref.offsets[1:] < ref.offsets[:-1]).any(),
+            lambda: "ref_segments must be non-decreasing offsets",
+        ),
+    ]
+    if ref.self_index is None:
+        return problems
+    index = ref.self_index
+    marked = index >= 0
+    # the reference segment each anchor belongs to, and that segment's row range
+    anchor_segment = (
+        torch.searchsorted(offsets, torch.arange(labels.shape[0], device=labels.device), right=True)
+        - 1
+    ).clamp(0, offsets.shape[0] - 2)
+    low, high = ref.offsets[anchor_segment], ref.offsets[anchor_segment + 1]
+    safe = index.clamp(0, max(k - 1, 0))
+    outside = marked & ((index < low) | (index >= high))
+    own_label = ref.labels[safe] if k > 0 else labels
+    problems += [
+        (
+            (index < -1).any() | (index >= k).any(),
+            lambda: f"ref_self_index must be -1 or a row of ref_features in [0, {k})",
+        ),
+        (
+            outside.any(),
+            lambda: (
+                "ref_self_index must name a reference row of the anchor's own segment; anchor "
+                f"{int(outside.nonzero()[0])} names row {int(index[outside][0])}"
+            ),
+        ),
+        (
+            (marked & ~outside & (own_label != labels)).any(),
+            lambda: (
+                "ref_self_index must name reference rows with the anchor's own label "
+                "(the anchor's copy in the reference set)"
+            ),
+        ),
+    ]
+    return problems
+
+
+def _check_reference(
+    features, labels, segments, ref_features, ref_labels, ref_segments, ref_self_index
+) -> ReferenceSet | None:
+    """Checks of the reference set's types, shapes, dtypes and devices (not of its values)."""
+    if ref_features is None:
+        for name, value in (
+            ("ref_labels", ref_labels),
+            ("ref_segments", ref_segments),
+            ("ref_self_index", ref_self_index),
+        ):
+            if value is not None:
+                raise ValueError(f"{name} was given without ref_features")
+        return None
+    if not isinstance(ref_features, torch.Tensor):
+        raise TypeError(
+            f"ref_features must be None or a torch.Tensor, got {type(ref_features).__name__}"
+        )
+    if ref_labels is None:
+        raise ValueError("ref_labels must be given with ref_features (one label per row)")
+    if not isinstance(ref_labels, torch.Tensor):
+        raise TypeError(f"ref_labels must be a torch.Tensor, got {type(ref_labels).__name__}")
+    d = features.shape[1]
+    if ref_features.dim() != 2 or ref_features.shape[1] != d:
+        raise ValueError(
+            f"ref_features must have shape (K, D) with D = {d} like features, got shape "
+            f"{tuple(ref_features.shape)}"
+        )
+    if ref_features.dtype != features.dtype:
+        raise TypeError(
+            f"ref_features must have the features' dtype {features.dtype}, got {ref_features.dtype}"
+        )
+    if ref_features.device != features.device:
+        raise ValueError(
+            f"ref_features are on {ref_features.device} but features are on {features.device}; "
+            f"put both on the same device"
+        )
+    k = ref_features.shape[0]
+    if k > _MAX_ROWS:
+        raise ValueError(f"ref_features may have at most {_MAX_ROWS} rows, got {k}")
+    if ref_labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ref_labels must be int64 or int32, got {ref_labels.dtype}")
+    if ref_labels.dim() != 1 or ref_labels.shape[0] != k:
+        raise ValueError(
+            f"ref_labels must have shape (K,) = ({k},) to match ref_features, got "
+            f"{tuple(ref_labels.shape)}"
+        )
+    if ref_labels.device != features.device:
+        raise ValueError(
+            f"ref_labels are on {ref_labels.device} but features are on {features.device}"
+        )
+    if (segments is None) != (ref_segments is None):
+        raise ValueError(
+            "segments and ref_segments go together: give both (anchor segment k contrasts "
+            "against reference segment k) or neither"
+        )
+    offsets = _segment_offsets(ref_segments, k, features.device, name="ref_segments")
+    if segments is not None and offsets.shape[0] != segments.shape[0]:
+        raise ValueError(
+            f"ref_segments must have one offset per offset of segments ({segments.shape[0]}), "
+            f"got {offsets.shape[0]}"
+        )
+    self_index = None
+    if ref_self_index is not None:
+        if not isinstance(ref_self_index, torch.Tensor):
+            raise TypeError(
+                f"ref_self_index must be None or a torch.Tensor, got "
+                f"{type(ref_self_index).__name__}"
+            )
+        if ref_self_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ref_self_index must be int64 or int32, got {ref_self_index.dtype}")
+        if ref_self_index.shape != labels.shape:
+            raise ValueError(
+                f"ref_self_index must have shape (M,) = ({labels.shape[0]},), one entry per "
+                f"anchor, got {tuple(ref_self_index.shape)}"
+            )
+        if ref_self_index.device != features.device:
+            raise ValueError(
+                f"ref_self_index is on {ref_self_index.device} but features are on "
+                f"{features.device}"
+            )
+        self_index = ref_self_index.to(torch.int64).contiguous()
+    return ReferenceSet(ref_features, ref_labels, offsets, self_index)
+
+
 def validate_inputs(
-    features, labels, temperature, segments, weighting, ignore_index, reduction, num_classes
-) -> torch.Tensor:
-    """Check every argument of ``supcon_loss``; returns the int64 segment offsets (S + 1,).
+    features,
+    labels,
+    temperature,
+    segments,
+    weighting,
+    ignore_index,
+    reduction,
+    num_classes,
+    ref_features=None,
+    ref_labels=None,
+    ref_segments=None,
+    ref_self_index=None,
+) -> tuple[torch.Tensor, ReferenceSet | None]:
+    """Check every argument of ``supcon_loss``; returns the int64 segment offsets (S + 1,) and
+    the checked reference set (None without one).
 
     The one place input checks live: both compiled backends and the reference rely on it. Under
     ``torch.compile`` the checks of values (labels, feature values and norms, segment offsets)
@@ -196,6 +399,8 @@ def validate_inputs(
     n, d = features.shape
     if d == 0:
         raise ValueError("features must have at least one column (D >= 1), got D = 0")
+    if n > _MAX_ROWS:
+        raise ValueError(f"features may have at most {_MAX_ROWS} rows, got {n}")
     allowed = _CUDA_DTYPES if features.device.type == "cuda" else _CPU_DTYPES
     if features.dtype not in allowed:
         names = ", ".join(str(t).replace("torch.", "") for t in allowed)
@@ -237,36 +442,43 @@ def validate_inputs(
     ):
         raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
     offsets = _segment_offsets(segments, n, features.device)
+    ref = _check_reference(
+        features, labels, segments, ref_features, ref_labels, ref_segments, ref_self_index
+    )
     if not torch.compiler.is_compiling():
         failed, messages = _value_checks(
-            features, labels, offsets, temperature, ignore_index, num_classes
+            features, labels, offsets, temperature, ignore_index, num_classes, ref
         )
         for check_failed, message in zip(failed.tolist(), messages):
             if check_failed:
                 raise ValueError(message())
-    return offsets
+    return offsets, ref
 
 
-def _segment_offsets(segments, n: int, device: torch.device) -> torch.Tensor:
+def _segment_offsets(
+    segments, n: int, device: torch.device, name: str = "segments"
+) -> torch.Tensor:
     if segments is None:
         return torch.tensor([0, n], dtype=torch.int64, device=device)
     if not isinstance(segments, torch.Tensor):
-        raise TypeError(f"segments must be None or a torch.Tensor, got {type(segments).__name__}")
+        raise TypeError(f"{name} must be None or a torch.Tensor, got {type(segments).__name__}")
     if segments.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"segments must be an int64 (or int32) tensor, got {segments.dtype}")
+        raise TypeError(f"{name} must be an int64 (or int32) tensor, got {segments.dtype}")
     if segments.dim() != 1 or segments.numel() < 2:
         raise ValueError(
-            f"segments must be 1-D offsets [0, ..., N] of length S + 1 >= 2, "
+            f"{name} must be 1-D offsets [0, ..., N] of length S + 1 >= 2, "
             f"got shape {tuple(segments.shape)}"
         )
     return segments.to(device=device, dtype=torch.int64).contiguous()
 
 
-def _compiled_call_poison(features, labels, offsets, temperature, ignore_index, num_classes):
+def _compiled_call_poison(features, labels, offsets, temperature, ignore_index, num_classes, ref):
     """NaN (0-dim, accumulation dtype) when any value check fails, else 1: the compiled-call
     policy multiplies the per-anchor losses by it, so that a bad input gives a NaN loss and,
     through the upstream gradient, a NaN gradient, never a plausible number."""
-    failed, _ = _value_checks(features, labels, offsets, temperature, ignore_index, num_classes)
+    failed, _ = _value_checks(
+        features, labels, offsets, temperature, ignore_index, num_classes, ref
+    )
     one = torch.ones((), dtype=accumulation_dtype(features.dtype), device=features.device)
     return torch.where(failed.any(), torch.full_like(one, float("nan")), one)
 
@@ -276,6 +488,17 @@ def _in_range_offsets(offsets: torch.Tensor, n: int) -> torch.Tensor:
     ones never indexes outside the rows; the result is poisoned anyway when they were not."""
     inner = offsets[1:-1].clamp(0, n).cummax(0).values
     return torch.cat([offsets.new_zeros(1), inner, offsets.new_full((1,), n)])
+
+
+def _in_range_reference(ref: ReferenceSet | None) -> ReferenceSet | None:
+    """The reference set with offsets and self indices made valid (see _in_range_offsets)."""
+    if ref is None:
+        return None
+    k = ref.features.shape[0]
+    self_index = ref.self_index
+    if self_index is not None:
+        self_index = torch.where((self_index >= -1) & (self_index < k), self_index, -1)
+    return ref._replace(offsets=_in_range_offsets(ref.offsets, k), self_index=self_index)
 
 
 def supcon_loss(
@@ -288,61 +511,111 @@ def supcon_loss(
     ignore_index: int = -1,
     reduction: str = "mean",
     num_classes: int | None = None,
+    ref_features: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    ref_segments: torch.Tensor | None = None,
+    ref_self_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pixel supervised contrastive loss, fused: never builds the N x N similarity matrix.
+    """Pixel supervised contrastive loss, fused: never builds the anchors x contrasts matrix.
 
-    For a valid anchor i with positives P(i) = {p != i : y_p = y_i} in its segment,
-    ``s_ij = z_i . z_j / temperature`` and
+    For a valid anchor i with contrasts C(i) and positives P(i) = {p in C(i) : y_p = y_i},
+    ``s_ij = z_i . k_j / temperature`` and
 
-        loss_i = log(sum_{j != i, valid} w_i(y_j) exp(s_ij)) - mean_{p in P(i)} s_ip
+        loss_i = log(sum_{j in C(i)} w_i(y_j) exp(s_ij)) - mean_{p in P(i)} s_ip
 
-    with ``w_i(c) = 1 / (n_c - [c == y_i])`` for ``weighting="prevalence"`` (MCSC: every class
-    contributes the mean of its exp-similarities; n_c counts the valid rows of class c in the
-    segment) and ``w = 1`` for ``weighting="none"`` (SupCon, Khosla et al. 2020).
+    with ``w_i(c) = 1 / |{j in C(i) : y_j = c}|`` for ``weighting="prevalence"`` (MCSC: every
+    class contributes the mean of its exp-similarities) and ``w = 1`` for ``weighting="none"``
+    (SupCon, Khosla et al. 2020).
+
+    * One set (no ``ref_features``): the rows of ``features`` are the anchors and the contrasts,
+      ``k = z``; C(i) holds the valid rows of i's segment except i itself, so
+      ``w_i(c) = 1 / (n_c - [c == y_i])`` with n_c the valid rows of class c in the segment.
+    * A reference set (``ref_features``, ``ref_labels``; e.g. a cross-batch memory): anchor i of
+      segment k contrasts against the valid reference rows of reference segment k, minus the row
+      ``ref_self_index[i]`` when that is >= 0 (the anchor's own copy, which then is no positive
+      of its own). Anchors are not contrasted with each other. Memory stays O((M + K) D).
 
     Args:
-        features: (N, D) float32/float64 on CPU; float32/float16/bfloat16 (or float64) on CUDA.
-            Used as given (normalise them yourself). Gradient flows to it.
-        labels: (N,) int64 or int32, values in [0, C) or ``ignore_index``.
+        features: (M, D) anchors; float32/float64 on CPU; float32/float16/bfloat16 (or float64)
+            on CUDA. Used as given (normalise them yourself). Gradient flows to it.
+        labels: (M,) int64 or int32, values in [0, C) or ``ignore_index``.
         temperature: float > 0.
         segments: None (all rows in one set) or (S + 1,) int64 offsets ``0 = o_0 <= ... <=
-            o_S = N`` ("cu_seqlens"); rows only interact within ``[o_k, o_{k+1})``.
+            o_S = M`` ("cu_seqlens"); rows only interact within ``[o_k, o_{k+1})``.
         weighting: "prevalence" or "none".
-        ignore_index: rows with this label are neither anchors nor contrasts.
+        ignore_index: rows with this label (anchors or reference rows) take no part.
         reduction: "mean" (over anchors that have a positive; 0 when there is none), "sum", or
-            "none" (the (N,) per-anchor losses, 0 for rows that are not anchors).
+            "none" (the (M,) per-anchor losses, 0 for rows that are not anchors).
         num_classes: accepted for API compatibility with callers that know C; the kernels need
             only the labels, so it is used to check them.
+        ref_features: None, or (K, D) reference rows of the features' dtype and device. Gradient
+            flows to it when it requires grad.
+        ref_labels: (K,) int64 or int32, required with ``ref_features``.
+        ref_segments: with ``segments``, (S + 1,) int64 offsets ``0 = r_0 <= ... <= r_S = K``:
+            anchor segment k contrasts against reference rows ``[r_k, r_{k+1})``. Give both or
+            neither.
+        ref_self_index: None, or (M,) int64/int32: for each anchor the reference row that holds
+            the anchor itself (same label, same segment), excluded from its contrasts, or -1.
 
     Returns:
-        A scalar (or (N,) for ``reduction="none"``) of ``features.dtype``.
+        A scalar (or (M,) for ``reduction="none"``) of ``features.dtype``.
 
     Raises:
-        TypeError, ValueError: naming the argument, for bad types, shapes, devices, options,
-            labels, non-finite features, features past ``similarity_limit`` or bad segments.
+        TypeError, ValueError: naming the argument, for bad types, shapes, dtypes, devices,
+            options, labels, non-finite features, features past ``similarity_limit`` (the bound
+            ``max |z_i| max |k_j| / temperature`` of every similarity) or bad segments.
             Under ``torch.compile`` the checks of values cannot run in Python: the CPU kernel
             raises them itself (as ValueError), and wherever a kernel cannot (CUDA, and
             ``num_classes`` everywhere) the loss and its gradient become NaN instead.
     """
-    offsets = validate_inputs(
-        features, labels, temperature, segments, weighting, ignore_index, reduction, num_classes
+    offsets, ref = validate_inputs(
+        features,
+        labels,
+        temperature,
+        segments,
+        weighting,
+        ignore_index,
+        reduction,
+        num_classes,
+        ref_features,
+        ref_labels,
+        ref_segments,
+        ref_self_index,
     )
     prevalence = weighting == "prevalence"
     compiling = torch.compiler.is_compiling()
     if compiling:
         poison = _compiled_call_poison(
-            features, labels, offsets, temperature, ignore_index, num_classes
+            features, labels, offsets, temperature, ignore_index, num_classes, ref
         )
         if features.device.type != "cpu":
-            # The CPU kernel checks the offsets itself and raises; other kernels may not.
+            # The CPU kernel checks offsets and indices itself and raises; other kernels may not.
             offsets = _in_range_offsets(offsets, features.shape[0])
+            ref = _in_range_reference(ref)
+    reference_args = () if ref is None else tuple(ref)
     if _has_kernel(features.device.type):
-        per_anchor, _, positives = torch.ops.mcsc.supcon_forward(
-            features, labels, offsets, float(temperature), prevalence, int(ignore_index)
+        # With a reference set, the anchors' gradient is computed by the forward's pass over the
+        # pairs when it will be needed.
+        anchor_gradient = ref is not None and features.requires_grad and torch.is_grad_enabled()
+        per_anchor, _, positives, _ = torch.ops.mcsc.supcon_forward(
+            features,
+            labels,
+            offsets,
+            float(temperature),
+            prevalence,
+            int(ignore_index),
+            *reference_args,
+            anchor_gradient=anchor_gradient,
         )
     else:
         per_anchor, positives = reference.supcon_per_anchor_reference(
-            features, labels, offsets, float(temperature), prevalence, int(ignore_index)
+            features,
+            labels,
+            offsets,
+            float(temperature),
+            prevalence,
+            int(ignore_index),
+            *reference_args,
         )
     if compiling:
         per_anchor = (per_anchor * poison).to(features.dtype)
@@ -356,48 +629,130 @@ def supcon_loss(
     return (total / num_anchors).to(features.dtype)
 
 
+# Positions of the forward's inputs, as torch.library passes them to the autograd functions.
+_FEATURES, _REF_FEATURES = 0, 6
+
+
 def _setup_context(ctx, inputs, output):
-    features, labels, segments, temperature, prevalence, _ = inputs
-    _, lse, positives = output
-    ctx.save_for_backward(features, labels, segments, lse, positives)
-    ctx.temperature = temperature
-    ctx.prevalence = prevalence
-    ctx.mark_non_differentiable(lse, positives)
+    features, labels, segments, temperature, prevalence, ignore_index = inputs[:6]
+    ref_features, ref_labels, ref_segments, ref_self_index = (list(inputs[6:10]) + [None] * 4)[:4]
+    _, lse, positives, anchor_grad = output
+    ctx.save_for_backward(
+        features,
+        labels,
+        segments,
+        lse,
+        positives,
+        anchor_grad,
+        ref_features,
+        ref_labels,
+        ref_segments,
+        ref_self_index,
+    )
+    ctx.options = temperature, prevalence, ignore_index
+    ctx.num_inputs = len(inputs)
+    ctx.mark_non_differentiable(lse, positives, anchor_grad)
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_positives):
-    features, labels, segments, lse, positives = ctx.saved_tensors
-    grad_features = None
-    if ctx.needs_input_grad[0]:
-        grad_features = torch.ops.mcsc.supcon_backward(
+def _backward(ctx, grad_loss, grad_lse, grad_positives, grad_anchor_grad):
+    (
+        features,
+        labels,
+        segments,
+        lse,
+        positives,
+        anchor_grad,
+        ref_features,
+        ref_labels,
+        ref_segments,
+        ref_self_index,
+    ) = ctx.saved_tensors
+    temperature, prevalence, ignore_index = ctx.options
+    grads = [None] * ctx.num_inputs
+    if ref_features is None:
+        if ctx.needs_input_grad[_FEATURES]:
+            grads[_FEATURES] = torch.ops.mcsc.supcon_backward(
+                grad_loss.contiguous(),
+                features,
+                labels,
+                segments,
+                lse,
+                positives,
+                temperature,
+                prevalence,
+                ignore_index,
+            )
+        return tuple(grads)
+    if ctx.needs_input_grad[_FEATURES]:
+        if anchor_grad.shape[0] != features.shape[0]:
+            raise RuntimeError(
+                "mcsc::supcon_forward was called with anchor_gradient=False, so the gradient "
+                "of its anchors was not kept; call it with anchor_gradient=True"
+            )
+        scale = grad_loss.to(anchor_grad.dtype).unsqueeze(1)
+        grads[_FEATURES] = (scale * anchor_grad).to(features.dtype)
+    if ctx.needs_input_grad[_REF_FEATURES]:
+        grads[_REF_FEATURES] = torch.ops.mcsc.supcon_backward(
             grad_loss.contiguous(),
             features,
             labels,
             segments,
             lse,
             positives,
-            ctx.temperature,
-            ctx.prevalence,
+            temperature,
+            prevalence,
+            ignore_index,
+            ref_features,
+            ref_labels,
+            ref_segments,
+            ref_self_index,
         )
-    return grad_features, None, None, None, None, None
+    return tuple(grads)
 
 
 def _register_python_kernels() -> None:
     torch.library.register_autograd("mcsc::supcon_forward", _backward, setup_context=_setup_context)
 
     @torch.library.register_fake("mcsc::supcon_forward")
-    def _forward_fake(features, labels, segments, temperature, prevalence, ignore_index):
-        n = features.shape[0]
-        loss = features.new_empty((n,))
-        lse = features.new_empty((n,), dtype=accumulation_dtype(features.dtype))
-        positives = features.new_empty((n,), dtype=torch.int32)
-        return loss, lse, positives
+    def _forward_fake(
+        features,
+        labels,
+        segments,
+        temperature,
+        prevalence,
+        ignore_index,
+        ref_features=None,
+        ref_labels=None,
+        ref_segments=None,
+        ref_self_index=None,
+        anchor_gradient=False,
+    ):
+        m, d = features.shape
+        accumulation = accumulation_dtype(features.dtype)
+        loss = features.new_empty((m,))
+        lse = features.new_empty((m,), dtype=accumulation)
+        positives = features.new_empty((m,), dtype=torch.int32)
+        kept = m if anchor_gradient and ref_features is not None else 0
+        anchor_grad = features.new_empty((kept, d), dtype=accumulation)
+        return loss, lse, positives, anchor_grad
 
     @torch.library.register_fake("mcsc::supcon_backward")
     def _backward_fake(
-        grad_loss, features, labels, segments, lse, positives, temperature, prevalence
+        grad_loss,
+        features,
+        labels,
+        segments,
+        lse,
+        positives,
+        temperature,
+        prevalence,
+        ignore_index=-1,
+        ref_features=None,
+        ref_labels=None,
+        ref_segments=None,
+        ref_self_index=None,
     ):
-        return torch.empty_like(features)
+        return torch.empty_like(features if ref_features is None else ref_features)
 
 
 if _EXTENSION_LOADED:
