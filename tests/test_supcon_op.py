@@ -405,3 +405,221 @@ def test_reference_set_float32_error_within_twice_eager_float32(case):
     upstream = torch.rand(inputs.features.shape[0], generator=torch.Generator().manual_seed(3))
     results = reference_set_loss_and_grads_of_op(inputs, "prevalence", upstream)
     assert_reference_set_within_twice_eager_error(inputs, results, upstream)
+
+
+def reference_arguments():
+    """A good reference-set call of supcon_loss on 4 anchors (two segments) and 6 keys."""
+    return {
+        "features": torch.nn.functional.normalize(torch.randn(4, 3), dim=1),
+        "labels": torch.tensor([0, 1, 0, 1]),
+        "segments": torch.tensor([0, 2, 4]),
+        "ref_features": torch.nn.functional.normalize(torch.randn(6, 3), dim=1),
+        "ref_labels": torch.tensor([0, 1, 1, 0, 1, 0]),
+        "ref_segments": torch.tensor([0, 3, 6]),
+        "ref_self_index": torch.tensor([-1, 1, 3, -1]),
+    }
+
+
+REFERENCE_BAD_INPUTS = [
+    ({"ref_features": [[1.0, 0.0, 0.0]] * 6}, TypeError, "ref_features must be None or a torch"),
+    ({"ref_features": torch.randn(6, 2)}, ValueError, r"ref_features must have shape \(K, D\)"),
+    ({"ref_features": torch.randn(6)}, ValueError, r"ref_features must have shape \(K, D\)"),
+    ({"ref_features": torch.randn(6, 3).double()}, TypeError, "ref_features must have the"),
+    ({"ref_features": torch.randn(6, 3, device="meta")}, ValueError, "ref_features are on meta"),
+    ({"ref_labels": None}, ValueError, "ref_labels must be given with ref_features"),
+    ({"ref_labels": [0, 1, 1, 0, 1, 0]}, TypeError, "ref_labels must be a torch.Tensor"),
+    ({"ref_labels": torch.zeros(6)}, TypeError, "ref_labels must be int64 or int32"),
+    ({"ref_labels": torch.zeros(5, dtype=torch.int64)}, ValueError, "ref_labels must have shape"),
+    (
+        {"ref_labels": torch.zeros(6, dtype=torch.int64, device="meta")},
+        ValueError,
+        "ref_labels are on meta",
+    ),
+    ({"ref_labels": torch.tensor([0, 1, -3, 0, 1, 0])}, ValueError, "ref_labels must be in"),
+    ({"labels": torch.tensor([0, -2, 0, 1])}, ValueError, "labels must be in"),
+    (
+        {"ref_labels": torch.tensor([0, 1, 1, 0, 9, 0]), "num_classes": 4},
+        ValueError,
+        "num_classes",
+    ),
+    ({"ref_segments": None}, ValueError, "segments and ref_segments go together"),
+    ({"segments": None}, ValueError, "segments and ref_segments go together"),
+    ({"ref_segments": torch.tensor([0, 6])}, ValueError, "ref_segments must have one offset"),
+    ({"ref_segments": torch.tensor([0, 2.0, 6])}, TypeError, "ref_segments must be an int64"),
+    ({"ref_segments": torch.tensor([1, 3, 6])}, ValueError, "ref_segments must start at 0"),
+    ({"ref_segments": torch.tensor([0, 3, 5])}, ValueError, "ref_segments must start at 0 and end"),
+    ({"ref_segments": torch.tensor([0, 7, 6])}, ValueError, "ref_segments must be non-decreasing"),
+    ({"ref_self_index": [0, 1, 3, -1]}, TypeError, "ref_self_index must be None or a torch"),
+    ({"ref_self_index": torch.tensor([0.0, 1, 3, -1])}, TypeError, "ref_self_index must be int64"),
+    ({"ref_self_index": torch.tensor([0, 1, 3])}, ValueError, r"ref_self_index must have shape"),
+    ({"ref_self_index": torch.tensor([-2, 1, 3, -1])}, ValueError, "ref_self_index must be -1 or"),
+    ({"ref_self_index": torch.tensor([-1, 6, 3, -1])}, ValueError, "ref_self_index must be -1 or"),
+    ({"ref_self_index": torch.tensor([-1, 4, 3, -1])}, ValueError, "anchor's own segment"),
+    ({"ref_self_index": torch.tensor([-1, 0, 3, -1])}, ValueError, "anchor's own label"),
+    (
+        {"ref_features": torch.tensor([[float("nan"), 0, 0]] * 6)},
+        ValueError,
+        "ref_features contain NaN",
+    ),
+    ({"ref_features": torch.full((6, 3), 1e4)}, ValueError, "features are too large"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,message", REFERENCE_BAD_INPUTS)
+def test_reference_set_bad_input_raises_clear_error(overrides, error, message):
+    arguments = reference_arguments()
+    arguments.update(overrides)
+    features, labels = arguments.pop("features"), arguments.pop("labels")
+    with pytest.raises(error, match=message):
+        mcsc.supcon_loss(features, labels, **arguments)
+
+
+@pytest.mark.parametrize("name", ["ref_labels", "ref_segments", "ref_self_index"])
+def test_reference_arguments_without_ref_features_raise(name):
+    arguments = reference_arguments()
+    features, labels = arguments.pop("features"), arguments.pop("labels")
+    with pytest.raises(ValueError, match=f"{name} was given without ref_features"):
+        mcsc.supcon_loss(features, labels, **{name: arguments[name]})
+
+
+@pytest.mark.parametrize(
+    "overrides,error,message",
+    # num_classes is no argument of the op: compiled, a label past it makes the loss NaN
+    # (test_supcon_contract.py); meta tensors are no compiled CPU call
+    [
+        case
+        for case in REFERENCE_BAD_INPUTS
+        if case[2] != "num_classes" and "meta" not in str(case[0])
+    ],
+)
+def test_reference_set_bad_input_raises_under_torch_compile(overrides, error, message):
+    """Compiled (graph breaks allowed), each bad input raises the eager error: the structural
+    ones from the Python checks while tracing, the bad values from the CPU kernel."""
+    arguments = reference_arguments()
+    arguments.update(overrides)
+    features, labels = arguments.pop("features"), arguments.pop("labels")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda z, y: mcsc.supcon_loss(z, y, **arguments), backend="aot_eager")
+    with pytest.raises(error, match=message):
+        compiled(features, labels)
+
+
+def test_direct_reference_op_calls_are_checked_in_cpp():
+    """torch.ops.mcsc called directly (no Python checks): ValueError/TypeError naming the
+    argument before a kernel could index out of bounds."""
+    arguments = reference_arguments()
+    z, y, offsets = arguments["features"], arguments["labels"], arguments["segments"]
+    keys, key_labels = arguments["ref_features"], arguments["ref_labels"]
+    key_offsets, own = arguments["ref_segments"], arguments["ref_self_index"]
+    forward = torch.ops.mcsc.supcon_forward
+    with pytest.raises(ValueError, match="anchor_gradient=True needs ref_features"):
+        forward(z, y, offsets, 0.1, True, -1, anchor_gradient=True)
+    with pytest.raises(ValueError, match="ref_labels was given without ref_features"):
+        forward(z, y, offsets, 0.1, True, -1, None, key_labels)
+    with pytest.raises(ValueError, match="ref_self_index was given without ref_features"):
+        forward(z, y, offsets, 0.1, True, -1, ref_self_index=own)
+    bad_calls = [
+        ((keys[:, :2], key_labels, key_offsets, own), ValueError, "ref_features must have shape"),
+        ((keys.double(), key_labels, key_offsets, own), TypeError, "ref_features must have the"),
+        ((keys, None, key_offsets, own), ValueError, "ref_labels must be given"),
+        ((keys, key_labels[:5], key_offsets, own), ValueError, "ref_labels must have shape"),
+        ((keys, key_labels.float(), key_offsets, own), TypeError, "ref_labels must be int64"),
+        ((keys, key_labels, None, own), ValueError, "ref_segments must be given"),
+        ((keys, key_labels, key_offsets[1:], own), ValueError, r"ref_segments must have shape"),
+        ((keys, key_labels, key_offsets.int(), own), TypeError, "ref_segments must be int64"),
+        ((keys, key_labels, key_offsets, own.int()), TypeError, "ref_self_index must be int64"),
+        ((keys, key_labels, key_offsets, own[:3]), ValueError, "ref_self_index must have shape"),
+        ((keys, key_labels, torch.tensor([0, 3, 9]), own), ValueError, "end at K=6"),
+        ((keys, key_labels, key_offsets, own + 7), ValueError, "ref_self_index must be -1 or"),
+    ]
+    for reference_args, error, message in bad_calls:
+        with pytest.raises(error, match=message):
+            forward(z, y, offsets, 0.1, True, -1, *reference_args, anchor_gradient=True)
+    loss, lse, positives, anchor_grad = forward(
+        z, y, offsets, 0.1, True, -1, keys, key_labels, key_offsets, own, anchor_gradient=True
+    )
+    assert anchor_grad.shape == z.shape and anchor_grad.dtype == torch.float32
+    assert forward(z, y, offsets, 0.1, True, -1, keys, key_labels, key_offsets)[3].shape == (0, 3)
+    backward = torch.ops.mcsc.supcon_backward
+    grad_loss = torch.ones_like(loss)
+    grad_keys = backward(
+        grad_loss, z, y, offsets, lse, positives, 0.1, True, -1, keys, key_labels, key_offsets, own
+    )
+    assert grad_keys.shape == keys.shape
+    for reference_args, error, message in bad_calls[:-2]:
+        with pytest.raises(error, match=message):
+            backward(grad_loss, z, y, offsets, lse, positives, 0.1, True, -1, *reference_args)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reference_set_reductions(reduction):
+    inputs = make_reference_inputs(**REFERENCE_CASES["varlen-self"], dtype=torch.float64)
+    per_anchor, _, _ = reference_set_call(inputs)
+    result, _, _ = reference_set_call(inputs, reduction=reduction)
+    expected, positives, _, _ = reference_set_loss_and_grads(inputs, True, per_anchor)
+    torch.testing.assert_close(per_anchor.detach(), expected)
+    anchors = positives > 0
+    assert per_anchor[~anchors].eq(0).all()
+    wanted = {
+        "none": per_anchor,
+        "sum": per_anchor.sum(),
+        "mean": per_anchor[anchors].mean(),
+    }[reduction]
+    torch.testing.assert_close(result, wanted)
+
+
+def test_reference_set_without_any_anchor_is_zero_with_zero_gradients():
+    arguments = reference_arguments()
+    arguments["ref_labels"] = torch.tensor([2, 2, 2, 3, 3, 3])  # no key shares an anchor's class
+    arguments["ref_self_index"] = None
+    features = arguments.pop("features").requires_grad_(True)
+    keys = arguments.pop("ref_features").requires_grad_(True)
+    loss = mcsc.supcon_loss(features, arguments.pop("labels"), ref_features=keys, **arguments)
+    loss.backward()
+    assert loss.item() == 0.0 and features.grad.eq(0).all() and keys.grad.eq(0).all()
+
+
+def test_reference_set_repeated_calls_are_bit_identical_at_any_thread_count():
+    """Each anchor (key) row is owned by one thread at a time and summed in a fixed order, and
+    a forward's key chunks are fixed by the sizes alone: the same bits at 1 and 2 threads."""
+    inputs = make_reference_inputs([700, 0, 100], [3000, 50, 1500], 32, 4, 0.1, "memory")
+    upstream = torch.rand(inputs.features.shape[0], generator=torch.Generator().manual_seed(9))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (2, 1, 2):
+            torch.set_num_threads(count)
+            results.append(reference_set_loss_and_grads_of_op(inputs, "prevalence", upstream))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        for value, first in zip(result, results[0]):
+            assert torch.equal(value, first)
+
+
+def test_reference_set_large_norms_stay_finite_and_accurate():
+    """Similarities up to 7 * 7 / 0.01 = 4900: the wide-range tiles (own shifts) and the key
+    sums' rescaling when a row's running maximum grows."""
+    inputs = make_reference_inputs(
+        [300, 90], [900, 700], 16, 3, 0.1, "some", dtype=torch.float64, max_norm=7.0, seed=4
+    )
+    upstream = torch.rand(inputs.features.shape[0], dtype=torch.float64)
+    loss, features, keys = reference_set_call(inputs, temperature=0.01)
+    grads = torch.autograd.grad((loss * upstream).sum(), (features, keys))
+    expected_loss, _, expected_features, expected_keys = reference_set_loss_and_grads_at(
+        inputs, upstream, 0.01
+    )
+    torch.testing.assert_close(loss.detach(), expected_loss, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(grads[0], expected_features, rtol=1e-9, atol=1e-7)
+    torch.testing.assert_close(grads[1], expected_keys, rtol=1e-9, atol=1e-7)
+
+
+def reference_set_loss_and_grads_at(inputs, upstream, temperature):
+    """reference_set_loss_and_grads (float64, prevalence) at another temperature."""
+    features = inputs.features.detach().clone().requires_grad_(True)
+    keys = inputs.ref_features.detach().clone().requires_grad_(True)
+    loss, positives = supcon_per_anchor_reference(
+        features, inputs.labels, inputs.offsets, temperature, True, -1, keys, *inputs[4:]
+    )
+    grads = torch.autograd.grad((loss * upstream).sum(), (features, keys))
+    return loss.detach(), positives, *grads
