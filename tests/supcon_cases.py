@@ -252,7 +252,9 @@ def make_reference_inputs(
     )
 
 
-def reference_set_loss_and_grads(inputs: ReferenceInputs, prevalence, upstream, *, exact=True):
+def reference_set_loss_and_grads(
+    inputs: ReferenceInputs, prevalence, upstream, *, exact=True, temperature=TEMPERATURE
+):
     """The dense reference's per-anchor loss (M,), positives (M,) int64 and the gradients of
     sum(upstream * loss) with respect to the anchors (M, D) and the keys (K, D): in float64 on
     the CPU (``exact``), or else eager PyTorch at the inputs' own dtype and device."""
@@ -274,7 +276,7 @@ def reference_set_loss_and_grads(inputs: ReferenceInputs, prevalence, upstream, 
         features,
         inputs.labels,
         inputs.offsets,
-        TEMPERATURE,
+        temperature,
         prevalence,
         IGNORE,
         keys,
@@ -293,12 +295,14 @@ def reference_set_loss_and_grads(inputs: ReferenceInputs, prevalence, upstream, 
 
 
 def assert_reference_set_within_twice_eager_error(
-    inputs: ReferenceInputs, results, upstream, prevalence=True
+    inputs: ReferenceInputs, results, upstream, prevalence=True, temperature=TEMPERATURE
 ):
     """The 2x-eager rule of assert_within_twice_eager_error for a reference-set call's
     (loss, grad_features, grad_ref_features)."""
-    eager = reference_set_loss_and_grads(inputs, prevalence, upstream, exact=False)
-    truth = reference_set_loss_and_grads(inputs, prevalence, upstream)
+    eager = reference_set_loss_and_grads(
+        inputs, prevalence, upstream, exact=False, temperature=temperature
+    )
+    truth = reference_set_loss_and_grads(inputs, prevalence, upstream, temperature=temperature)
     for name, value, eager_value, true_value in zip(
         ("loss", "grad_features", "grad_ref_features"),
         results,

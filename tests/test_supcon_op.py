@@ -623,3 +623,47 @@ def reference_set_loss_and_grads_at(inputs, upstream, temperature):
     )
     grads = torch.autograd.grad((loss * upstream).sum(), (features, keys))
     return loss.detach(), positives, *grads
+
+
+MEMORY_SCRIPT = """
+import torch, mcsc
+torch.set_num_threads(2)
+m, k, d = 512, 65536, 64
+generator = torch.Generator().manual_seed(0)
+features = torch.nn.functional.normalize(torch.randn(m, d, generator=generator), dim=1)
+keys = torch.nn.functional.normalize(torch.randn(k, d, generator=generator), dim=1)
+labels = torch.randint(0, 10, (m,), generator=generator)
+key_labels = torch.randint(0, 10, (k,), generator=generator)
+
+def step(rows, key_rows):
+    z = features[:rows].clone().requires_grad_(True)
+    y = keys[:key_rows].clone().requires_grad_(True)
+    loss = mcsc.supcon_loss(z, labels[:rows], ref_features=y, ref_labels=key_labels[:key_rows])
+    loss.backward()
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+
+step(300, 200)  # threads, BLAS buffers and the op loaded at a small size
+with open("/proc/self/clear_refs", "w") as reset:
+    reset.write("5")  # VmHWM := VmRSS
+before = peak()
+step(m, k)
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_reference_set_memory_stays_linear():
+    """512 anchors against 65536 keys (D = 64, both needing grad): the call's extra peak memory
+    (a fresh process's VmHWM) is the inputs' copies and gradients, far below the 128 MiB of one
+    dense (M, K) float32 similarity matrix."""
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    extra = int(result.stdout.split()[-1]) / 2**20
+    # the key copy and the key gradient are 16 MiB each
+    assert extra < 48, f"{extra:.1f} MiB"
