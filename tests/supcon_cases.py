@@ -136,7 +136,8 @@ def assert_compiled_matches_eager(features, labels, segments=None, backend="aot_
 # anchors; empty and one-row segments on either side (an anchor segment without keys, keys
 # without anchors); ignored rows on both sides; classes absent from the keys and classes with a
 # single key; self pairs marked for some anchors, and the cross-batch-memory layout (each
-# segment's keys = its memory rows, then copies of the anchors that were enqueued).
+# segment's keys = its memory rows, then copies of the anchors that were enqueued); many short
+# segments.
 REFERENCE_CASES = {
     "keys-much-more": {"anchors": [300], "keys": [5000], "dim": 16, "classes": 4},
     "anchors-more": {"anchors": [1100], "keys": [300], "dim": 33, "classes": 4},
@@ -158,6 +159,14 @@ REFERENCE_CASES = {
     },
     "rare-key-classes": {"anchors": [150], "keys": [400], "dim": 8, "classes": 6, "rare": True},
     "deep": {"anchors": [100], "keys": [700], "dim": 257, "classes": 3},
+    # 16 non-empty anchor segments: the CPU forward's key ranges are not cut into chunks
+    "many-segments": {
+        "anchors": [6, 1, 0, 9, 4] * 4,
+        "keys": [30, 0, 12, 1, 50] * 4,
+        "dim": 8,
+        "classes": 3,
+        "self_index": "some",
+    },
 }
 
 
