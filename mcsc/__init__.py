@@ -10,7 +10,8 @@ class-prevalence weights; it never builds the N x N similarity matrix. Use it as
 * :class:`CrossBatchMemory` — that loss against a queue of the last ``memory_size`` embeddings
   (pytorch-metric-learning's ``CrossBatchMemory``), never the batch x memory matrix;
 * :class:`PixelContrastiveLoss` — for any segmentation network: (B, D, h, w) embedding maps
-  (one per scale) and (B, H, W) labels, with pixel samplers;
+  (one per scale) and (B, H, W) labels, with pixel samplers and an optional per-class pixel
+  memory (``memory_per_class``);
 * :func:`backend` — which implementation runs on a device (compiled or the reference).
 
 ``import mcsc`` and these losses need torch alone. The method's trainer lives in

@@ -99,6 +99,19 @@ def test_supcon_ref_emb_never_depends_on_label_identity():
     assert loss(embeddings, labels).item() != pytest.approx(same.item(), rel=1e-6)
 
 
+def test_supcon_one_class_batch_keeps_its_loss():
+    """PML returns 0 when no negative pair exists anywhere; the formula does not."""
+    g = torch.Generator().manual_seed(8)
+    anchors, keys = torch.randn(5, DIM, generator=g), torch.randn(7, DIM, generator=g)
+    labels, key_labels = torch.zeros(5, dtype=torch.long), torch.zeros(7, dtype=torch.long)
+    value = mcsc.SupConLoss(0.1, weighting="none")(
+        anchors, labels, ref_emb=keys, ref_labels=key_labels
+    )
+    expected = dense_two_set(anchors, labels, keys, key_labels, torch.full((5,), -1), 0.1, False)
+    assert value.item() == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert pml.SupConLoss(0.1)(anchors, labels, None, keys, key_labels).item() == 0
+
+
 def test_supcon_ref_emb_with_segments_and_prevalence():
     g = torch.Generator().manual_seed(5)
     anchors, keys = torch.randn(10, DIM, generator=g), torch.randn(14, DIM, generator=g)
@@ -353,3 +366,185 @@ def test_cross_batch_memory_bad_input():
         memory.label_memory, before[1]
     )
     assert memory.queue_idx == before[2]
+
+
+# --------------------------------------------------------------------------- pixel memory
+def pixel_batch(seed, batch=2, dim=4, sizes=((4, 6), (2, 3)), classes=3, dtype=torch.float64):
+    """Unit embedding maps per scale and (B, 4, 6) labels with a few ignored pixels."""
+    g = torch.Generator().manual_seed(seed)
+    maps = [
+        F.normalize(torch.randn(batch, dim, h, w, generator=g, dtype=dtype), dim=1).requires_grad_()
+        for h, w in sizes
+    ]
+    labels = torch.randint(0, classes, (batch,) + sizes[0], generator=g)
+    labels[0, 0, :2] = -1
+    return maps, labels
+
+
+def scale_rows(embedding, labels, ignore_index=-1):
+    """The 'all' sampler's rows of one scale: every valid pixel in (map, y, x) order."""
+    targets = mcsc.losses.resize_labels(labels, embedding.shape[2:]).reshape(-1)
+    rows = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+    valid = targets != ignore_index
+    return rows[valid], targets[valid]
+
+
+def dense_memory_loss(anchors, labels, stored, stored_labels, temperature, prevalence):
+    """The memory loss of one scale, densely with autograd: keys = cat(anchors, stored), each
+    anchor's own key excluded, mean over anchors with a positive."""
+    keys = torch.cat([anchors, stored])
+    key_labels = torch.cat([labels, stored_labels])
+    n = anchors.shape[0]
+    similarity = anchors @ keys.T / temperature
+    contrast = torch.ones_like(similarity, dtype=torch.bool)
+    contrast[torch.arange(n), torch.arange(n)] = False
+    same = (labels[:, None] == key_labels[None, :]) & contrast
+    if prevalence:
+        counts = contrast[:, :, None] & (key_labels[None, :, None] == key_labels[None, None, :])
+        per_class = (counts & contrast[:, None, :]).sum(2).to(similarity.dtype)
+        weight = 1.0 / per_class.clamp(min=1)
+    else:
+        weight = torch.ones_like(similarity)
+    terms = torch.where(contrast, weight * torch.exp(similarity), torch.zeros_like(similarity))
+    positives = same.sum(1)
+    mean_positive = (similarity * same).sum(1) / positives.clamp(min=1)
+    per_anchor = torch.log(terms.sum(1)) - mean_positive
+    anchor = positives > 0
+    return per_anchor[anchor].sum() / anchor.sum().clamp(min=1)
+
+
+def memory_loss(capacity=6, **options):
+    options = {"sampler": "all", "temperature": 0.2, **options}
+    return mcsc.PixelContrastiveLoss(memory_per_class=capacity, **options)
+
+
+@pytest.mark.parametrize("weighting", ["prevalence", "none"])
+def test_pixel_memory_loss_equals_the_dense_definition(weighting):
+    loss = memory_loss(weighting=weighting)
+    history = {}
+    for step in range(4):
+        maps, labels = pixel_batch(step)
+        before = [
+            [loss.memory_rows(scale, c).clone() for c in range(3)] if step else []
+            for scale in range(2)
+        ]
+        value = loss(maps, labels)
+        value.backward()
+        copies = [m.detach().clone().requires_grad_() for m in maps]
+        expected = 0
+        for scale, embedding in enumerate(copies):
+            anchors, anchor_labels = scale_rows(embedding, labels)
+            stored = torch.cat(before[scale]) if step else anchors.new_zeros((0, 4))
+            stored_labels = (
+                torch.cat([torch.full((len(r),), c) for c, r in enumerate(before[scale])])
+                if step
+                else torch.zeros(0, dtype=torch.long)
+            )
+            expected = expected + dense_memory_loss(
+                anchors, anchor_labels, stored, stored_labels, 0.2, weighting == "prevalence"
+            )
+        expected.backward()
+        torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12)
+        for mine, theirs in zip(maps, copies):
+            assert theirs.grad.abs().sum() > 0
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-8, atol=1e-12)
+        history[step] = value.item()
+    # the memory changes the loss: a module without it differs after the first step
+    plain = mcsc.PixelContrastiveLoss(sampler="all", temperature=0.2, weighting=weighting)
+    maps, labels = pixel_batch(0)
+    assert plain(maps, labels).item() == pytest.approx(history[0], rel=1e-12)
+    maps, labels = pixel_batch(3)
+    assert plain(maps, labels).item() != pytest.approx(history[3], rel=1e-4)
+
+
+def test_pixel_memory_is_fifo_per_class_with_capacity():
+    capacity = 5
+    loss = memory_loss(capacity)
+    arrived = {(scale, c): [] for scale in range(2) for c in range(3)}
+    for step in range(5):
+        maps, labels = pixel_batch(10 + step)
+        loss(maps, labels)
+        for scale, embedding in enumerate(maps):
+            rows, row_labels = scale_rows(embedding.detach(), labels)
+            for c in range(3):
+                arrived[scale, c] += list(rows[row_labels == c])
+            for c in range(3):
+                held = loss.memory_rows(scale, c)
+                expected = arrived[scale, c][-capacity:]
+                assert held.shape[0] == len(expected) == min(capacity, len(arrived[scale, c]))
+                if expected:
+                    torch.testing.assert_close(held, torch.stack(expected), rtol=0, atol=0)
+    assert loss.memory_embeddings.shape == (2, 3, capacity, 4)
+    assert not loss.memory_embeddings.requires_grad and loss.memory_embeddings.grad_fn is None
+    assert int(loss.memory_count.max()) == capacity  # more than capacity arrived
+
+
+def test_pixel_memory_keeps_the_newest_rows_of_a_large_step():
+    loss = memory_loss(3)
+    maps, labels = pixel_batch(20, sizes=((4, 6),))
+    loss(maps, labels)
+    rows, row_labels = scale_rows(maps[0].detach(), labels)
+    for c in range(3):
+        torch.testing.assert_close(
+            loss.memory_rows(0, c), rows[row_labels == c][-3:], rtol=0, atol=0
+        )
+    arrived = [int((row_labels == c).sum()) for c in range(3)]
+    assert max(arrived) > 3  # a class brought more than the capacity
+    # the next write goes after the newest row: min(arrived, capacity) slots from 0
+    assert loss.memory_position.tolist() == [[min(n, 3) % 3 for n in arrived]]
+    assert loss.memory_count.tolist() == [[min(n, 3) for n in arrived]]
+
+
+def test_pixel_memory_state_dict_eval_and_growth():
+    loss = memory_loss(4, sampler="balanced", pixels_per_class=3, seed=5)
+    assert "memory_embeddings" in loss.state_dict()
+    for step in range(3):
+        loss(*pixel_batch(30 + step))
+    saved = {k: v.clone() for k, v in loss.state_dict().items()}
+    twin = memory_loss(4, sampler="balanced", pixels_per_class=3, seed=5)
+    twin.load_state_dict(saved)
+    twin.generator.set_state(loss.generator.get_state())
+    for step in range(3, 5):
+        maps, labels = pixel_batch(30 + step)
+        assert loss(maps, labels).item() == twin(maps, labels).item()
+    assert torch.equal(loss.memory_embeddings, twin.memory_embeddings)
+    # outside training the memory is read, not written
+    frozen = loss.memory_embeddings.clone()
+    loss.eval()
+    loss(*pixel_batch(40))
+    assert torch.equal(loss.memory_embeddings, frozen)
+    loss.train()
+    # a larger class id grows the memory, the stored rows stay
+    kept = [loss.memory_rows(0, c).clone() for c in range(3)]
+    maps, labels = pixel_batch(41, classes=5)
+    loss.eval()
+    loss(maps, labels)  # read with the grown class count, nothing written
+    loss.train()
+    for c in range(3):
+        torch.testing.assert_close(loss.memory_rows(0, c), kept[c], rtol=0, atol=0)
+    loss(maps, labels)
+    assert loss.memory_embeddings.shape[:2] == (2, 5)
+    assert (loss.memory_count[:, 3:] > 0).any()
+    moved = loss.to(torch.float32)
+    assert moved.memory_embeddings.dtype == torch.float32 and moved.memory_count.dtype == torch.long
+    loss.reset_memory()
+    assert loss.memory_embeddings.numel() == 0
+    maps, labels = pixel_batch(42)
+    loss(maps, labels)
+    assert loss.memory_embeddings.shape[:2] == (2, 3)
+
+
+def test_pixel_memory_bad_settings():
+    with pytest.raises(ValueError, match="memory_per_class"):
+        mcsc.PixelContrastiveLoss(sampler="blocks", memory_per_class=4)
+    with pytest.raises(ValueError, match="memory_per_class"):
+        mcsc.PixelContrastiveLoss(sampler="all", memory_per_class=-1)
+    with pytest.raises(TypeError, match="memory_per_class"):
+        mcsc.PixelContrastiveLoss(sampler="all", memory_per_class=2.5)
+    with pytest.raises(ValueError, match="memory_per_class"):
+        mcsc.PixelContrastiveLoss(sampler="all").memory_rows(0, 0)
+    assert "memory_embeddings" not in mcsc.PixelContrastiveLoss(sampler="all").state_dict()
+    loss = memory_loss()
+    loss(*pixel_batch(50))
+    with pytest.raises(ValueError, match="reset_memory"):
+        loss(*pixel_batch(51, sizes=((4, 6),)))

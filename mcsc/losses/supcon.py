@@ -20,13 +20,12 @@ class SupConLoss(nn.Module):
     denominator the weight of its mean exp-similarity, so rare classes count as much as frequent
     ones (MCSC). The formula is documented in :func:`mcsc.supcon_loss`.
 
-    Differences from pytorch-metric-learning 2.9.0 (all in degenerate batches; the loss of
-    every anchor that has a positive and a negative is the same):
+    Differences from pytorch-metric-learning 2.9.0, each an edge case:
 
     * ``reduction="mean"`` averages over the anchors that have a positive; PML's
       ``AvgNonZeroReducer`` averages over the anchors whose loss is > 0, which leaves out, in
-      addition, anchors whose only contrast is their one positive (loss exactly 0) and anchors
-      whose loss rounds to 0.
+      addition, anchors whose loss rounds to exactly 0 (all negatives far below the positives,
+      e.g. a cosine gap above about 1.7 at temperature 0.1 in float32).
     * PML returns 0 (no gradient) when the whole batch has no positive pair or no negative
       pair, or at most one of each; here every anchor with a positive keeps its loss (a batch
       of one class still has the loss log-sum-exp over positives minus their mean).
