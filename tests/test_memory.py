@@ -548,3 +548,33 @@ def test_pixel_memory_bad_settings():
     loss(*pixel_batch(50))
     with pytest.raises(ValueError, match="reset_memory"):
         loss(*pixel_batch(51, sizes=((4, 6),)))
+
+
+# ---------------------------------------------------------------- the trainer's config key
+def test_trainer_config_key_for_the_pixel_memory(tmp_path):
+    from mcsc_fixtures import tiny_config
+
+    from mcsc.training.config import Config, preset
+    from mcsc.training.trainer import Trainer
+
+    assert Config().loss.contrastive_memory_per_class == 0
+    assert preset("acdc", "paper").loss.contrastive_memory_per_class == 0
+    for bad in (-1, 2.5, True):
+        config = tiny_config()
+        config.loss.contrastive_memory_per_class = bad
+        with pytest.raises(ValueError, match="contrastive_memory_per_class"):
+            config.validate()
+    config = tiny_config()
+    config.loss.contrastive_sampler = "blocks"
+    config.loss.contrastive_memory_per_class = 8
+    with pytest.raises(ValueError, match="contrastive_sampler"):
+        config.validate()
+
+    config = tiny_config(iterations=3)
+    config.set("loss.contrastive_memory_per_class=16")
+    config.validate()
+    trainer = Trainer(config, tmp_path, progress=False)
+    trainer.fit()
+    pixel = trainer.losses["contrastive"].loss.pixel_loss  # inside the DDP-ready wrapper
+    assert pixel.memory_per_class == 16
+    assert pixel.memory_count.sum() > 0 and int(pixel.memory_count.max()) <= 16
