@@ -270,6 +270,27 @@ def test_cross_batch_memory_prevalence_equals_the_definition():
         assert value.item() == pytest.approx(expected, rel=1e-9), step
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cross_batch_memory_accumulates_gradients_over_calls(normalize):
+    """Two calls, one backward: the second call's write must not break the first's graph."""
+    batches = list(stream(9, (6, 6, 6)))
+    grads = []
+    for deferred in (True, False):
+        memory = mcsc.CrossBatchMemory(mcsc.SupConLoss(0.5, normalize=normalize), DIM, 10)
+        rows = [F.normalize(e, dim=1).requires_grad_() for e, _ in batches]
+        values = []
+        for row, (_, labels) in zip(rows, batches):
+            values.append(memory(row, labels))
+            if not deferred:
+                values[-1].backward()
+        if deferred:  # gradient accumulation: one backward after all calls
+            sum(values).backward()
+        grads.append([r.grad for r in rows])
+    for deferred, immediate in zip(*grads):
+        assert deferred.abs().sum() > 0
+        torch.testing.assert_close(deferred, immediate)
+
+
 def test_cross_batch_memory_never_builds_the_batch_by_memory_matrix(monkeypatch):
     calls = []
     real = supcon_module.supcon_loss

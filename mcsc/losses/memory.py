@@ -129,10 +129,14 @@ class CrossBatchMemory(nn.Module):
         self._enqueue(queued_rows, queued_labels, slots)
         try:
             stored = self.stored
+            keys = self.embedding_memory[:stored]
+            # the loss keeps its keys for the backward: a copy, not a view of the queue, so
+            # that the next call's write into the queue cannot precede a pending backward
+            keys = self.loss.prepare(keys) if self.loss.normalize else keys.clone()
             return self.loss.reference_loss(
                 self.loss.prepare(anchors),
                 anchor_labels,
-                ref_features=self.loss.prepare(self.embedding_memory[:stored]),
+                ref_features=keys,
                 ref_labels=self.label_memory[:stored],
                 # each anchor's own copy is the slot it was just written to
                 ref_self_index=slots if enqueue_mask is None else None,
