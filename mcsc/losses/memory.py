@@ -130,14 +130,15 @@ class CrossBatchMemory(nn.Module):
         try:
             stored = self.stored
             keys = self.embedding_memory[:stored]
-            # the loss keeps its keys for the backward: a copy, not a view of the queue, so
-            # that the next call's write into the queue cannot precede a pending backward
+            # the loss keeps its keys and their labels for the backward: copies, not views of
+            # the queue, so that the next call's write cannot precede a pending backward
             keys = self.loss.prepare(keys) if self.loss.normalize else keys.clone()
+            key_labels = self.label_memory[:stored].clone()
             return self.loss.reference_loss(
                 self.loss.prepare(anchors),
                 anchor_labels,
                 ref_features=keys,
-                ref_labels=self.label_memory[:stored],
+                ref_labels=key_labels,
                 # each anchor's own copy is the slot it was just written to
                 ref_self_index=slots if enqueue_mask is None else None,
             )
