@@ -51,6 +51,16 @@ def tolerance(dtype):
     return {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-12}
 
 
+def assert_gradient_close(ours, theirs):
+    """Within 1e-5 (float32) or 1e-9 (float64) of the gradient's scale: element by element
+    relative to the largest entry, since float32 entries near 0 are sums that cancel, which
+    two implementations round differently."""
+    scale = float(theirs.abs().max())
+    assert scale > 0
+    relative = 1e-5 if theirs.dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(ours, theirs, rtol=relative, atol=relative * scale)
+
+
 # -------------------------------------------------------------------- SupConLoss(ref_emb=...)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("ref_grad", [True, False])
@@ -71,10 +81,10 @@ def test_supcon_ref_emb_equals_pytorch_metric_learning(dtype, ref_grad):
         (ours, ours_grad, ours_ref_grad), (theirs, theirs_grad, theirs_ref_grad) = results
         assert theirs > 0
         torch.testing.assert_close(ours, theirs, **tolerance(dtype))
-        torch.testing.assert_close(ours_grad, theirs_grad, **tolerance(dtype))
+        assert_gradient_close(ours_grad, theirs_grad)
         if ref_grad:
             assert theirs_ref_grad.abs().sum() > 0
-            torch.testing.assert_close(ours_ref_grad, theirs_ref_grad, **tolerance(dtype))
+            assert_gradient_close(ours_ref_grad, theirs_ref_grad)
         else:
             assert ours_ref_grad is None
 
@@ -203,7 +213,7 @@ def test_cross_batch_memory_equals_pytorch_metric_learning(dtype):
         (value, grad), (expected, expected_grad) = results
         assert expected > 0
         torch.testing.assert_close(value, expected, **tolerance(dtype))
-        torch.testing.assert_close(grad, expected_grad, **tolerance(dtype))
+        assert_gradient_close(grad, expected_grad)
         assert (ours.queue_idx, ours.has_been_filled) == (theirs.queue_idx, theirs.has_been_filled)
         torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
         assert torch.equal(ours.label_memory, theirs.label_memory)
@@ -226,7 +236,7 @@ def test_cross_batch_memory_enqueue_mask_equals_pytorch_metric_learning(dtype):
             results.append((value.detach(), rows.grad))
         (value, grad), (expected, expected_grad) = results
         torch.testing.assert_close(value, expected, **tolerance(dtype))
-        torch.testing.assert_close(grad, expected_grad, **tolerance(dtype))
+        assert_gradient_close(grad, expected_grad)
         assert (
             grad[mask].abs().sum() == 0
         )  # enqueued rows are not anchors and the queue is detached
