@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from mcsc.data.distributed_sampling import ShardedTwoStreamBatchSampler
 from mcsc.data.sampling import TwoStreamBatchSampler
-from mcsc.losses import MultiScaleContrastiveLoss
+from mcsc.losses import MultiScaleContrastiveLoss, PixelContrastiveLoss
 from mcsc.models import SwinUNet, UNet, build_projection_heads, feature_index
 from mcsc.training import distributed as mdist
 from mcsc.training.trainer import method_losses
@@ -192,6 +192,64 @@ def contrastive_only(context: mdist.DistributedContext, sampler: str, use_unlabe
     }
 
 
+MEMORY_STEPS = 3
+
+
+def memory_steps(context: mdist.DistributedContext) -> dict:
+    """Pixel memories over a few steps, two ways: the method's gathered loss (its set is already
+    global) and per-rank plain losses that share their rows through ``gather_memory_rows``."""
+    batch = LABELLED + UNLABELLED
+    mine = local_indices(context.rank, context.world_size)
+    everyone = [i for r in range(context.world_size) for i in local_indices(r, context.world_size)]
+    layout = mdist.batch_layout(len(mine), LABELLED // context.world_size)
+    global_images = torch.tensor(everyone)[layout.global_order()]
+    _, labels = global_data()
+    labels = labels[:, ::2, ::2].contiguous()
+    method = mdist.DistributedContrastiveLoss(
+        MultiScaleContrastiveLoss(
+            sampler="balanced", pixels_per_class=6, seed=3, memory_per_class=10
+        )
+    )
+    plain = PixelContrastiveLoss(sampler="all", temperature=0.2, memory_per_class=12)
+    rank_order = [i for r in range(WORLD) for i in local_indices(r, WORLD)]
+    if context.enabled:
+        plain.memory_gather = mdist.gather_memory_rows
+    losses = []
+    for step in range(MEMORY_STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        maps = [
+            [
+                torch.nn.functional.normalize(torch.randn(batch, 8, s, s, generator=g), dim=1)
+                for s in (16, 8)
+            ]
+            for _ in range(2)
+        ]
+        logits = torch.randn(2, batch, CLASSES, 16, 16, generator=g)
+        cnn = [m[mine].requires_grad_() for m in maps[0]]
+        swin = [m[mine].requires_grad_() for m in maps[1]]
+        value = method(
+            cnn,
+            swin,
+            labels[global_images][:LABELLED],
+            logits[0][global_images],
+            logits[1][global_images],
+            LABELLED,
+            layout=layout,
+        )
+        value.backward()
+        # the plain loss of this rank's own images; one process takes all ranks' images in
+        # rank order, which is the order in which the ranks' gathered rows are written
+        own = local_indices(context.rank, WORLD) if context.enabled else rank_order
+        plain(maps[0][1][own], labels[own])
+        losses.append(float(value.detach()))
+    pixel = method.loss.pixel_loss
+    return {
+        "losses": losses,
+        "method": {k: v.clone() for k, v in pixel.state_dict().items()},
+        "plain": {k: v.clone() for k, v in plain.state_dict().items()},
+    }
+
+
 CONTRASTIVE_CASES = [("blocks", True), ("balanced", True), ("all", True), ("blocks", False)]
 
 
@@ -211,6 +269,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             "step": train_step(context),
             "contrastive": {case: contrastive_only(context, *case) for case in CONTRASTIVE_CASES},
             "mean": mdist.all_reduce_mean({"a": float(rank), "b": 2.0 * rank}),
+            "memory": memory_steps(context),
         }
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -323,6 +382,23 @@ def test_gathered_contrastive_loss_equals_one_process(ranks, case):
         position = [single["indices"].index(i) for i in part["indices"]]
         for mine, whole in zip(part["grads"], single["grads"]):
             torch.testing.assert_close(mine / WORLD, whole[position], rtol=1e-4, atol=1e-7)
+
+
+def test_pixel_memories_are_identical_on_all_ranks_and_equal_one_process(ranks):
+    single = memory_steps(mdist.DistributedContext())
+    for name in ("method", "plain"):
+        first = ranks[0]["memory"][name]
+        assert first["memory_count"].sum() > 0
+        # 10 per class and scale: the method's memory is full after 3 steps of 6 x 16 maps
+        if name == "method":
+            assert int(first["memory_count"].min()) == 10
+        for r in ranks[1:]:
+            for key, tensor in first.items():
+                assert torch.equal(r["memory"][name][key], tensor), f"{name}.{key}"
+        for key, tensor in first.items():
+            torch.testing.assert_close(tensor, single[name][key], rtol=0, atol=0, msg=key)
+    for r in ranks:
+        assert r["memory"]["losses"] == pytest.approx(single["losses"], rel=1e-5)
 
 
 # ------------------------------------------------------------- the trainer under DDP

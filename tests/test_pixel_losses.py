@@ -256,7 +256,7 @@ def test_import_mcsc_needs_torch_alone():
 
 def test_help_lists_the_public_names_with_shapes():
     text = pydoc.render_doc(mcsc, renderer=pydoc.plaintext)
-    for name in ("SupConLoss", "PixelContrastiveLoss"):
+    for name in ("SupConLoss", "CrossBatchMemory", "PixelContrastiveLoss"):
         assert f"class {name}(" in text, name
     for name in ("supcon_loss", "backend"):
         assert f"\n    {name}(" in text, name

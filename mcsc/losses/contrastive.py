@@ -31,9 +31,10 @@ class MultiScaleContrastiveLoss(nn.Module):
             uses every entry. With heads built as in :func:`mcsc.models.build_projection_heads`'s
             docstring, entry 0 is the full-resolution level and entry 1 the 1/8 level.
         sampler, temperature, weighting, block_sizes, shuffle_blocks, pixels_per_class,
-            max_pixels_per_image, ignore_index, published_label_order, seed: as in
-            :class:`PixelContrastiveLoss` (one map there is one network's map of one image here;
-            per-scale values follow ``scales``).
+            max_pixels_per_image, ignore_index, published_label_order, seed, memory_per_class:
+            as in :class:`PixelContrastiveLoss` (one map there is one network's map of one
+            image here; per-scale values follow ``scales``; the pixel memory, off by default,
+            holds both networks' sampled pixels of each scale).
         confidence_threshold: if set, pseudo-labelled pixels whose teacher's softmax maximum is
             below it become ``ignore_index`` (neither anchors nor contrasts).
 
@@ -55,6 +56,7 @@ class MultiScaleContrastiveLoss(nn.Module):
         ignore_index: int = -1,
         published_label_order: bool = False,
         seed: int = 0,
+        memory_per_class: int = 0,
     ):
         super().__init__()
         if scales is not None:
@@ -77,6 +79,7 @@ class MultiScaleContrastiveLoss(nn.Module):
             ignore_index=ignore_index,
             published_label_order=published_label_order,
             seed=seed,
+            memory_per_class=memory_per_class,
         )
 
     @property

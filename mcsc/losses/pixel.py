@@ -9,7 +9,7 @@ two-network loss) is built on its :meth:`PixelContrastiveLoss.contrast` step.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -167,6 +167,37 @@ class PixelContrastiveLoss(nn.Module):
             Only for reproducing the published numbers.
         seed: seed of the module's own generator (block orders, pixel draws): the same seed and
             inputs give the same loss. ``generator`` holds its state (checkpoint it to resume).
+        memory_per_class: Q > 0 keeps a pixel memory of Q rows per class and scale (see below);
+            0 (default) keeps none. Needs the ``"balanced"`` or ``"all"`` sampler.
+
+    **Pixel memory** (``memory_per_class`` = Q > 0; ContrastiveSeg's per-class pixel queue,
+    Wang et al. 2021). For every scale and class the module keeps the last Q sampled pixel
+    embeddings of that class as a first-in first-out queue, detached. At a training step
+    (``self.training``), per scale:
+
+    1. anchors: the step's sampled pixels A (n rows);
+    2. contrasts of anchor i: the other sampled pixels of the step and every stored row of the
+       memory as it was before the step (all classes), with the same weighting rules over that
+       union; anchors with no positive there take no part. In the op's terms the reference set
+       is ``cat([A, memory])`` with ``ref_self_index[i] = i``, so gradient reaches A both as
+       anchors and as contrasts and none reaches the memory; with an empty memory the loss
+       and its gradient are those of the module without memory;
+    3. after the loss is computed, A (detached) is written to the memory, class by class in
+       sample order, the oldest rows making room; when one step brings more than Q pixels of a
+       class, its last Q (in sample order) are kept.
+
+    The memory follows the first call's embedding width, dtype and number of scales and grows
+    when a larger class id appears. Buffers (``state_dict``, ``.to()``): ``memory_embeddings``
+    (S, C, Q, D) float, ``memory_count`` (S, C) int64 (rows held), ``memory_position`` (S, C)
+    int64 (next slot), empty until the first step. Outside training (``.eval()``) the memory
+    is used but not written. ``memory_gather``, when set, maps a scale's (n, D) detached rows
+    and (n,) labels to the rows to enqueue: under DistributedDataParallel with per-rank
+    losses, :func:`mcsc.training.distributed.gather_memory_rows` makes every rank enqueue all
+    ranks' rows, so all memories stay identical (the trainer's
+    :class:`~mcsc.training.distributed.DistributedContrastiveLoss` already contrasts the
+    gathered global set and needs none). Cost per step and scale: the op runs against
+    n + C * Q rows instead of n (time about (1 + C Q / n) times), and the memory holds
+    S * C * Q * D floats.
 
     Call: ``loss(embeddings, labels)`` with ``embeddings`` one (B, D, h, w) float tensor or a
     list of them (one per scale, any h, w, the same B and D; normalise them first if the
@@ -187,6 +218,7 @@ class PixelContrastiveLoss(nn.Module):
         ignore_index: int = -1,
         published_label_order: bool = False,
         seed: int = 0,
+        memory_per_class: int = 0,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -219,8 +251,26 @@ class PixelContrastiveLoss(nn.Module):
             int(ignore_index),
             bool(published_label_order),
         )
+        if isinstance(memory_per_class, bool) or not isinstance(memory_per_class, numbers.Integral):
+            raise TypeError(
+                f"memory_per_class must be an int, got {type(memory_per_class).__name__}"
+            )
+        if memory_per_class < 0:
+            raise ValueError(f"memory_per_class must be >= 0, got {memory_per_class}")
+        if memory_per_class > 0 and sampler == "blocks":
+            raise ValueError(
+                "memory_per_class needs the 'balanced' or 'all' sampler: the 'blocks' sampler's "
+                "block groups each have their own contrasts, so the memory would be copied into "
+                "every group"
+            )
         self.generator = torch.Generator().manual_seed(int(seed))
         self.diagnostics: ContrastiveDiagnostics | None = None
+        self.memory_per_class = int(memory_per_class)
+        self.memory_gather: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None
+        if self.memory_per_class:
+            self.register_buffer("memory_embeddings", torch.zeros(0, 0, self.memory_per_class, 0))
+            self.register_buffer("memory_count", torch.zeros(0, 0, dtype=torch.long))
+            self.register_buffer("memory_position", torch.zeros(0, 0, dtype=torch.long))
 
     def forward(
         self, embeddings: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor
@@ -296,7 +346,12 @@ class PixelContrastiveLoss(nn.Module):
                     temperatures[position],
                 )
             )
+        if self.memory_per_class:
+            num_classes = self._prepare_memory(sets, num_classes)
         per_scale = self._losses(sets, num_classes)
+        if self.memory_per_class and self.training:
+            for scale, scale_set in enumerate(sets):
+                self._enqueue(scale, scale_set.features.detach(), scale_set.labels)
         device = per_scale.device
         self.diagnostics = ContrastiveDiagnostics(
             sampler=self.sampler,
@@ -354,6 +409,14 @@ class PixelContrastiveLoss(nn.Module):
             lengths = torch.cat([sets[i].lengths for i in members])
             scale_of_segment = torch.cat([torch.full_like(sets[i].lengths, i) for i in members])
             offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            segment_of_row = torch.repeat_interleave(
+                torch.arange(lengths.numel(), device=device), lengths
+            )
+            reference = {}
+            if self.memory_per_class:
+                reference = self._memory_reference(
+                    members, sets, features, labels, offsets, segment_of_row
+                )
             row_loss = supcon_loss(
                 features,
                 labels,
@@ -362,28 +425,167 @@ class PixelContrastiveLoss(nn.Module):
                 weighting=self.weighting,
                 ignore_index=self.ignore_index,
                 reduction="none",
-            )
-            segment_of_row = torch.repeat_interleave(
-                torch.arange(lengths.numel(), device=device), lengths
+                **reference,
             )
             segment_sum = torch.zeros(lengths.numel(), device=device, dtype=row_loss.dtype)
             segment_sum = segment_sum.index_add(0, segment_of_row, row_loss)
             if self.sampler == "blocks":
                 # mean over the group's pixels, then mean over the scale's groups
                 groups = torch.bincount(scale_of_segment, minlength=len(sets))
-                weight = 1.0 / (lengths.clamp(min=1) * groups[scale_of_segment])
+                count = lengths.clamp(min=1) * groups[scale_of_segment]
             else:
-                # mean over the anchors (rows with a positive in their segment) of the scale
+                # mean over the anchors (rows with a positive among their contrasts) of the scale
                 pair = segment_of_row * num_classes + labels
                 class_counts = torch.bincount(pair, minlength=lengths.numel() * num_classes)
+                positives = class_counts[pair] - 1
+                if self.memory_per_class:
+                    # the stored rows of the anchor's class in its scale's memory count too
+                    positives = (
+                        positives + self.memory_count[scale_of_segment[segment_of_row], labels]
+                    )
                 anchors = torch.zeros_like(lengths).index_add(
-                    0, segment_of_row, (class_counts[pair] > 1).long()
+                    0, segment_of_row, (positives > 0).long()
                 )
-                weight = 1.0 / anchors.clamp(min=1)
+                count = anchors.clamp(min=1)
             per_scale = per_scale.index_add(
-                0, scale_of_segment, segment_sum * weight.to(segment_sum.dtype)
+                0, scale_of_segment, segment_sum / count.to(segment_sum.dtype)
             )
         return per_scale
+
+    # ------------------------------------------------------------------------ pixel memory
+    def _prepare_memory(self, sets: Sequence[ScaleSet], num_classes: int) -> int:
+        """Allocate the memory at the first step (or grow its classes); returns the class count
+        the step's bookkeeping uses (at least the memory's)."""
+        scales, width = len(sets), sets[0].features.shape[1]
+        reference = sets[0].features
+        if self.memory_embeddings.numel() == 0 and self.memory_count.numel() == 0:
+            self.memory_embeddings = reference.new_zeros(
+                (scales, num_classes, self.memory_per_class, width)
+            ).detach()
+            self.memory_count = torch.zeros(
+                (scales, num_classes), dtype=torch.long, device=reference.device
+            )
+            self.memory_position = torch.zeros_like(self.memory_count)
+        held_scales, held_classes, _, held_width = self.memory_embeddings.shape
+        if held_scales != scales or held_width != width:
+            raise ValueError(
+                f"the pixel memory holds {held_scales} scales of width {held_width}, but this call "
+                f"has {scales} scales of width {width}; call reset_memory() to start a new one"
+            )
+        if self.memory_embeddings.device != reference.device or (
+            self.memory_embeddings.dtype != reference.dtype
+        ):
+            self.memory_embeddings = self.memory_embeddings.to(reference.device, reference.dtype)
+            self.memory_count = self.memory_count.to(reference.device)
+            self.memory_position = self.memory_position.to(reference.device)
+        if num_classes > held_classes:
+            extra = num_classes - held_classes
+            self.memory_embeddings = torch.cat(
+                [
+                    self.memory_embeddings,
+                    self.memory_embeddings.new_zeros((scales, extra, self.memory_per_class, width)),
+                ],
+                dim=1,
+            )
+            self.memory_count = torch.cat(
+                [self.memory_count, self.memory_count.new_zeros((scales, extra))], dim=1
+            )
+            self.memory_position = torch.cat(
+                [self.memory_position, self.memory_position.new_zeros((scales, extra))], dim=1
+            )
+        return max(num_classes, held_classes)
+
+    def _memory_reference(self, members, sets, features, labels, offsets, segment_of_row):
+        """The op's reference arguments for one temperature's call: per member scale, its
+        sampled rows followed by its whole memory (empty slots carry ``ignore_index``)."""
+        classes, capacity = self.memory_embeddings.shape[1:3]
+        slot = torch.arange(capacity, device=features.device)
+        ref_features, ref_labels, ref_lengths = [], [], []
+        for scale in members:
+            stored = self.memory_embeddings[scale].to(features.dtype).reshape(-1, features.shape[1])
+            held = slot[None, :] < self.memory_count[scale][:, None]  # (C, Q)
+            class_of_slot = torch.arange(classes, device=features.device)[:, None].expand(
+                classes, capacity
+            )
+            stored_labels = torch.where(held, class_of_slot, self.ignore_index).reshape(-1)
+            ref_features += [sets[scale].features, stored]
+            ref_labels += [sets[scale].labels, stored_labels]
+            ref_lengths.append(sets[scale].features.shape[0] + stored.shape[0])
+        ref_lengths = torch.tensor(ref_lengths, dtype=torch.long, device=features.device)
+        ref_offsets = torch.cat([ref_lengths.new_zeros(1), ref_lengths.cumsum(0)])
+        # anchor r of segment k is row r - offsets[k] of that segment's part of the reference
+        rows = torch.arange(features.shape[0], device=features.device)
+        self_index = ref_offsets[segment_of_row] + rows - offsets[segment_of_row]
+        return {
+            "ref_features": torch.cat(ref_features),
+            "ref_labels": torch.cat(ref_labels),
+            "ref_segments": ref_offsets,
+            "ref_self_index": self_index,
+        }
+
+    def _enqueue(self, scale: int, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write one scale's (n, D) detached rows with (n,) labels to its per-class queues."""
+        if self.memory_gather is not None:
+            rows, labels = self.memory_gather(rows, labels)
+            rows = rows.detach()
+        classes, capacity = self.memory_embeddings.shape[1:3]
+        if labels.numel() and int(labels.max()) >= classes:
+            raise ValueError(
+                f"memory_gather returned label {int(labels.max())} beyond the memory's {classes} "
+                f"classes"
+            )
+        order = torch.argsort(labels, stable=True)  # grouped by class, sample order kept
+        sorted_labels = labels[order]
+        arrived = torch.bincount(labels, minlength=classes)
+        rank = (
+            torch.arange(labels.numel(), device=labels.device)
+            - (arrived.cumsum(0) - arrived)[sorted_labels]
+        )
+        # only the newest `capacity` rows of a class can survive this step
+        dropped = (arrived - capacity).clamp(min=0)
+        keep = rank >= dropped[sorted_labels]
+        kept_labels = sorted_labels[keep]
+        written = rank[keep] - dropped[kept_labels]
+        position = self.memory_position[scale]
+        slots = (position[kept_labels] + written) % capacity
+        self.memory_embeddings[scale, kept_labels, slots] = rows[order[keep]].to(
+            self.memory_embeddings.dtype
+        )
+        stored = arrived.clamp(max=capacity)
+        self.memory_position[scale] = (position + stored) % capacity
+        self.memory_count[scale] = (self.memory_count[scale] + stored).clamp(max=capacity)
+
+    def memory_rows(self, scale: int, class_index: int) -> torch.Tensor:
+        """The (count, D) rows the memory holds for ``class_index`` at ``scale``, oldest first."""
+        if not self.memory_per_class:
+            raise ValueError("this loss keeps no pixel memory (memory_per_class=0)")
+        if self.memory_count.numel() == 0 or class_index >= self.memory_count.shape[1]:
+            width = self.memory_embeddings.shape[-1]
+            return self.memory_embeddings.new_zeros((0, width))
+        count = int(self.memory_count[scale, class_index])
+        capacity = self.memory_per_class
+        position = int(self.memory_position[scale, class_index])
+        slots = (position - count + torch.arange(count)) % capacity
+        return self.memory_embeddings[scale, class_index, slots.to(self.memory_embeddings.device)]
+
+    def reset_memory(self) -> None:
+        """Empty the pixel memory (it is allocated again at the next step)."""
+        if not self.memory_per_class:
+            return
+        device = self.memory_count.device
+        self.memory_embeddings = torch.zeros(0, 0, self.memory_per_class, 0, device=device)
+        self.memory_count = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self.memory_position = torch.zeros(0, 0, dtype=torch.long, device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the memory's shape is set by the first step: take the saved one before loading
+        for name in ("memory_embeddings", "memory_count", "memory_position"):
+            key = prefix + name
+            if self.memory_per_class and key in state_dict:
+                current = getattr(self, name)
+                saved = state_dict[key]
+                setattr(self, name, current.new_empty(saved.shape, dtype=saved.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

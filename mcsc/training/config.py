@@ -79,6 +79,10 @@ class LossConfig:
     contrastive_sampler: str = "blocks"
     contrastive_block_sizes: list[int] = field(default_factory=lambda: [19, 14])  # per scale
     contrastive_pixels_per_class: int = 256  # per image and network ("balanced" sampler)
+    # pixel memory: Q sampled pixels kept per class and scale across steps (0: off, as in the
+    # paper); needs the "balanced" or "all" sampler. Costs S*C*Q*D floats and an op call
+    # against n + C*Q rows per scale instead of n (see PixelContrastiveLoss)
+    contrastive_memory_per_class: int = 0
     temperature: float = 0.1
     labelled_only_until: int = 3000  # before this iteration only labelled pixels contrast
 
@@ -180,6 +184,16 @@ class Config:
             raise ValueError("train.iterations must be >= 1")
         if len(self.loss.contrastive_block_sizes) != len(self.loss.contrastive_strides):
             raise ValueError("loss.contrastive_block_sizes needs one entry per contrastive stride")
+        memory = self.loss.contrastive_memory_per_class
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+            raise ValueError(
+                f"loss.contrastive_memory_per_class must be an int >= 0, got {memory!r}"
+            )
+        if memory > 0 and self.loss.contrastive_sampler == "blocks":
+            raise ValueError(
+                "loss.contrastive_memory_per_class needs loss.contrastive_sampler 'balanced' or "
+                "'all' (the 'blocks' sampler's groups each have their own contrasts)"
+            )
         if not 0.0 <= self.train.warmup_fraction < 1.0:
             raise ValueError(
                 f"train.warmup_fraction must be in [0, 1), got {self.train.warmup_fraction}"

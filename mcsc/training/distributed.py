@@ -263,6 +263,27 @@ def gather_rows(
     return _GatherRows.apply(tensor, list(sizes), group), list(sizes)
 
 
+def gather_memory_rows(
+    rows: torch.Tensor, labels: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' (n_r, D) ``rows`` (detached) and (n_r,) ``labels``, concatenated in rank order.
+
+    The ``memory_gather`` of a :class:`mcsc.losses.PixelContrastiveLoss` whose ranks each compute
+    the loss of their own pixels (``loss.memory_gather = gather_memory_rows``): every rank then
+    writes all ranks' sampled pixels to its pixel memory, in the same order, so the memories
+    stay identical. No gradient flows through it. One process: the inputs (rows detached).
+    The trainer's :class:`DistributedContrastiveLoss` needs none: its loss already sees the
+    gathered global set.
+    """
+    rows = rows.detach()
+    if get_world_size() == 1:
+        return rows, labels
+    sizes = _all_gather_sizes(rows.shape[0], rows.device, group)
+    gathered_rows, _ = gather_rows(rows, group, sizes)
+    gathered_labels, _ = gather_rows(labels, group, sizes)
+    return gathered_rows.detach(), gathered_labels
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """How a global two-stream batch is split over ranks: per rank, labelled and unlabelled counts.

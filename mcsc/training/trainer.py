@@ -275,6 +275,7 @@ class Trainer:
                 temperature=loss.temperature,
                 block_sizes=tuple(loss.contrastive_block_sizes),
                 pixels_per_class=loss.contrastive_pixels_per_class,
+                memory_per_class=loss.contrastive_memory_per_class,
                 seed=self.config.train.seed,
             )
         }
