@@ -136,7 +136,7 @@ def markdown_largest_k(rows: list[dict]) -> str:
         largest = "" if row.get("largest_K") is None else f"{row['largest_K']:,}"
         if row.get("extrapolated"):
             largest += " (extrapolated)"
-        fit = row.get("fit_terms") or row.get("note", "")
+        fit = row.get("fit_terms") or ""
         out.append(
             f"| {row['dtype']} | {row['M']} | {NAMES.get(row['impl'], row['impl'])} | "
             f"{largest or row.get('note', '')} | {_fmt(row.get('largest_measured_K'), ',')} | "

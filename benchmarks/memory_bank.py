@@ -9,8 +9,8 @@ into a full memory of K keys, then every anchor against the K keys except its ow
 forward and backward. Sizes: the CPU grid is a cross through the key size M = 4096, K = 65536
 (K = 4096 .. 262144 at M = 4096, M = 1024 .. 8192 at K = 65536) and M = 1024, K = 4096, the only
 size where PML's CrossBatchMemory fits the budget; ``--grid full`` (the GPU's default) every
-M <= K. The key size runs first with more rounds and again at the end (``key_repeat``): on a
-shared machine the two runs show how far the ratios move.
+M <= K. The key size runs first and again at the end (``key_repeat``, the implementations of
+its goals only): on a shared machine the two runs show how far the ratios move.
 
 An implementation runs at a size only when its inputs and estimated peak fit ``--mem-budget-gb``
 (8 GiB; ``--key-mem-budget-gb`` for the key size) and 80 % of the free memory; otherwise its rows
@@ -67,6 +67,7 @@ class Point:
     dtype: str
     rounds: Rounds
     budget_bytes: float
+    impls: tuple = bank.ALL_IMPLS  # those of --impls that run here
     memory: bool = True  # measure CPU peak memory (the repeat does not)
 
 
@@ -149,6 +150,17 @@ def parse_args(argv=None):
         help="stop adding rounds at a size after this many seconds",
     )
     parser.add_argument("--no-repeat", action="store_true", help="do not repeat the key size")
+    parser.add_argument(
+        "--repeat-impls",
+        default="gemm,fused,pml_loss,pml_xbm",
+        help="the implementations of the repeated key size (those of its goals)",
+    )
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="start no size after this many seconds (default: 240 on cuda, none on cpu)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="no CPU memory workers")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -163,7 +175,8 @@ def parse_args(argv=None):
     args.grid = args.grid or ("full" if cuda else "cross")
     args.key_m, args.key_k = (int(value) for value in args.key.lower().split("x"))
     args.impls = tuple(name for name in args.impls.split(",") if name)
-    unknown = set(args.impls) - set(bank.ALL_IMPLS)
+    args.repeat_impls = tuple(name for name in args.repeat_impls.split(",") if name)
+    unknown = (set(args.impls) | set(args.repeat_impls)) - set(bank.ALL_IMPLS)
     if unknown:
         parser.error(f"unknown implementations {sorted(unknown)}; known: {bank.ALL_IMPLS}")
     if args.min_reps is None:
@@ -171,9 +184,11 @@ def parse_args(argv=None):
     if args.max_reps is None:
         args.max_reps = max(args.min_reps, 20 if cuda else 5)
     if args.key_reps is None:
-        args.key_reps = max(args.min_reps, 10 if cuda else 5)
+        args.key_reps = max(args.min_reps, 10 if cuda else 3)
     if args.point_budget_s is None:
         args.point_budget_s = 5.0 if cuda else 15.0
+    if args.time_budget_s is None and cuda:
+        args.time_budget_s = 240.0
     if args.key_mem_budget_gb is None:
         args.key_mem_budget_gb = args.mem_budget_gb
     return args
@@ -200,9 +215,17 @@ def points(args) -> list[Point]:
         out.append(Point("key", args.key_m, args.key_k, dtype, key_rounds, key_budget))
         out += [Point("grid", m, k, dtype, rounds, budget) for m, k in grid_sizes(args)]
         if not args.no_repeat:
-            out.append(
-                Point("key_repeat", args.key_m, args.key_k, dtype, key_rounds, key_budget, False)
+            repeat = Point(
+                "key_repeat",
+                args.key_m,
+                args.key_k,
+                dtype,
+                key_rounds,
+                key_budget,
+                args.repeat_impls,
+                memory=False,
             )
+            out.append(repeat)
     return out
 
 
@@ -218,7 +241,7 @@ def point_rows(
     size = measure.itemsize(point.dtype)
     gemm = stats.get(("gemm", "fwd"))
     rows = []
-    for name in args.impls:
+    for name in (name for name in args.impls if name in point.impls):
         for mode in ("fwd",) if name == "gemm" else measure.MODES:
             row = dict(
                 common,
@@ -258,7 +281,7 @@ def point_rows(
 
 
 def run_point(point: Point, args, common: dict, failed: dict, log=print) -> list[dict]:
-    names = [name for name in args.impls if name not in failed]
+    names = [name for name in args.impls if name in point.impls and name not in failed]
     runnable, skipped = measure.plan_point(
         names,
         point.m,
@@ -466,10 +489,12 @@ def evaluate(rows: list[dict], args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_outputs(rows, args, common, results=None) -> None:
+def write_outputs(rows, args, common, results=None) -> list[dict]:
+    """The CSV; with ``results`` (the targets) also the largest-K CSV, the markdown, the JSON
+    and the plots. Returns the largest-K rows ([] without ``results``)."""
     report.write_csv(rows, os.path.join(args.out, "memory_bank.csv"), report.COLUMNS)
     if results is None:
-        return
+        return []
     largest = largest_k_rows(rows, args)
     report.write_csv(
         largest, os.path.join(args.out, "memory_bank_largest_k.csv"), report.LARGEST_K_COLUMNS
@@ -483,10 +508,20 @@ def write_outputs(rows, args, common, results=None) -> None:
             f"Cross-batch memory step, D = {args.d}, C = {args.classes}, SupCon weighting "
             f"'none', forward + backward; {title}\n\n{report.markdown_table(rows)}\n\n"
             f"Largest memory in {args.mem_budget_gb:g} GiB (inputs + fitted peak):\n\n"
-            f"{report.markdown_largest_k(largest)}\n\n{reporting.markdown_targets(results)}\n"
+            f"{report.markdown_largest_k(largest)}\n\n{reporting.markdown_targets(results)}\n\n"
+            f"PML's chunked peer: {bank.pml_chunked_problem()}; not timed.\n"
         )
     with open(os.path.join(args.out, "memory_bank_targets.json"), "w") as handle:
-        json.dump({"common": common, "targets": results, "largest_k": largest}, handle, indent=1)
+        json.dump(
+            {
+                "common": common,
+                "pml_chunked": bank.pml_chunked_problem(),
+                "targets": results,
+                "largest_k": largest,
+            },
+            handle,
+            indent=1,
+        )
     for dtype in args.dtypes:
         report.plot(
             rows,
@@ -497,6 +532,7 @@ def write_outputs(rows, args, common, results=None) -> None:
             os.path.join(args.out, f"{args.device}_memory_bank_{dtype}.png"),
             f"cross-batch memory step, D={args.d}, {dtype}: {title}",
         )
+    return largest
 
 
 def main(argv=None) -> int:
@@ -535,34 +571,40 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for dtype in args.dtypes:
+            if stopped:
+                break
             failed_here = dict(failed)
             failed_here.update(
                 measure.warm_up(args.impls, args.d, dtype, args.classes, args.device)
             )
             for point in (p for p in points(args) if p.dtype == dtype):
+                elapsed = time.perf_counter() - started
+                if args.time_budget_s is not None and elapsed > args.time_budget_s:
+                    stopped = f"time budget of {args.time_budget_s:.0f}s spent"
+                    break
                 rows += run_point(point, args, common, failed_here)
                 write_outputs(rows, args, common)  # partial results survive a kill
     except (Interrupted, KeyboardInterrupt):
         stopped = "interrupted"
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        print(f"stopped early: {stopped}; the sizes left were not run")
     results = evaluate(rows, args)
-    write_outputs(rows, args, common, results)
+    largest = write_outputs(rows, args, common, results)
     print()
     print(report.console_table(rows))
     print(
         f"\nwrote {args.out}/memory_bank.csv ({len(rows)} rows) in "
         f"{time.perf_counter() - started:.0f}s" + (f"; {stopped}" if stopped else "")
     )
-    with open(os.path.join(args.out, "memory_bank.md")) as handle:
-        largest = handle.read().split("Largest memory", 1)[1].split("\n\n", 2)[1]
-    print(f"\nlargest K in {args.mem_budget_gb:g} GiB:\n{largest}\n")
+    print(f"\nlargest K in {args.mem_budget_gb:g} GiB:\n{report.markdown_largest_k(largest)}\n")
     print(
         reporting.format_targets(
             results, f"targets ({args.device}; ratios from medians of this run)"
         )
     )
-    if stopped:
+    if stopped == "interrupted":
         return 3
     return 1 if disagrees else 0
 
