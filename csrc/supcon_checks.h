@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 
 namespace mcsc {
 
@@ -81,6 +82,65 @@ inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor&
   TORCH_CHECK(lse.scalar_type() == accumulation_dtype(features), "mcsc: lse must be ",
               accumulation_dtype(features));
   TORCH_CHECK(positives.scalar_type() == at::kInt, "mcsc: positives must be int32");
+}
+
+// The reference set of a two-set call (shapes, dtypes, devices; the kernels check values):
+// ref_features (K, D) like features; ref_labels (K,) int64/int32; ref_segments int64 offsets
+// with as many entries as segments; ref_self_index None or (M,) int64. Without ref_features
+// none of the others may be given. Errors are ValueError/TypeError naming the argument.
+inline void check_reference_inputs(const at::Tensor& features, const at::Tensor& segments,
+                                   const std::optional<at::Tensor>& ref_features,
+                                   const std::optional<at::Tensor>& ref_labels,
+                                   const std::optional<at::Tensor>& ref_segments,
+                                   const std::optional<at::Tensor>& ref_self_index) {
+  if (!ref_features.has_value()) {
+    TORCH_CHECK_VALUE(!ref_labels.has_value(), "mcsc: ref_labels was given without ref_features");
+    TORCH_CHECK_VALUE(!ref_segments.has_value(),
+                      "mcsc: ref_segments was given without ref_features");
+    TORCH_CHECK_VALUE(!ref_self_index.has_value(),
+                      "mcsc: ref_self_index was given without ref_features");
+    return;
+  }
+  const at::Tensor& keys = *ref_features;
+  TORCH_CHECK_VALUE(keys.device() == features.device(), "mcsc: ref_features must be on ",
+                    features.device(), " like features, got ", keys.device());
+  TORCH_CHECK_VALUE(keys.dim() == 2 && keys.size(1) == features.size(1),
+                    "mcsc: ref_features must have shape (K, D) with D = ", features.size(1),
+                    " like features, got ", keys.sizes());
+  TORCH_CHECK_TYPE(keys.scalar_type() == features.scalar_type(),
+                   "mcsc: ref_features must have the features' dtype ", features.scalar_type(),
+                   ", got ", keys.scalar_type());
+  TORCH_CHECK_VALUE(keys.size(0) <= std::numeric_limits<int32_t>::max(),
+                    "mcsc: ref_features may have at most 2^31 - 1 rows");
+  TORCH_CHECK_VALUE(ref_labels.has_value(), "mcsc: ref_labels must be given with ref_features");
+  const at::Tensor& key_labels = *ref_labels;
+  TORCH_CHECK_VALUE(key_labels.device() == features.device(), "mcsc: ref_labels must be on ",
+                    features.device());
+  TORCH_CHECK_VALUE(key_labels.dim() == 1 && key_labels.size(0) == keys.size(0),
+                    "mcsc: ref_labels must have shape (K,) = (", keys.size(0), ",), got ",
+                    key_labels.sizes());
+  TORCH_CHECK_TYPE(key_labels.scalar_type() == at::kLong || key_labels.scalar_type() == at::kInt,
+                   "mcsc: ref_labels must be int64 or int32, got ", key_labels.scalar_type());
+  TORCH_CHECK_VALUE(ref_segments.has_value(),
+                    "mcsc: ref_segments must be given with ref_features ([0, K] for one set)");
+  const at::Tensor& key_segments = *ref_segments;
+  TORCH_CHECK_VALUE(key_segments.device() == features.device(), "mcsc: ref_segments must be on ",
+                    features.device());
+  TORCH_CHECK_TYPE(key_segments.scalar_type() == at::kLong,
+                   "mcsc: ref_segments must be int64 offsets, got ", key_segments.scalar_type());
+  TORCH_CHECK_VALUE(key_segments.dim() == 1 && key_segments.numel() == segments.numel(),
+                    "mcsc: ref_segments must have shape (S + 1,) = (", segments.numel(),
+                    ",) like segments, got ", key_segments.sizes());
+  if (ref_self_index.has_value()) {
+    const at::Tensor& self_index = *ref_self_index;
+    TORCH_CHECK_VALUE(self_index.device() == features.device(),
+                      "mcsc: ref_self_index must be on ", features.device());
+    TORCH_CHECK_TYPE(self_index.scalar_type() == at::kLong,
+                     "mcsc: ref_self_index must be int64, got ", self_index.scalar_type());
+    TORCH_CHECK_VALUE(self_index.dim() == 1 && self_index.size(0) == features.size(0),
+                      "mcsc: ref_self_index must have shape (M,) = (", features.size(0),
+                      ",), got ", self_index.sizes());
+  }
 }
 
 }  // namespace mcsc

@@ -49,7 +49,7 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         os.environ["MCSC_CUDA_KERNELS"] = kernels
         inputs = features.to(device, dtype, copy=True).requires_grad_(True)
-        loss, _, _ = torch.ops.mcsc.supcon_forward(
+        loss, _, _, _ = torch.ops.mcsc.supcon_forward(
             inputs, labels.to(device), offsets.to(device), TEMPERATURE, True, IGNORE
         )
         (loss * upstream.to(device, dtype)).sum().backward()

@@ -59,9 +59,10 @@ class OpBackend:
 
     def per_anchor(self, features, labels, offsets, prevalence, temperature, ignore_index):
         """(loss, lse, positives), differentiable in features."""
-        return torch.ops.mcsc.supcon_forward(
+        loss, lse, positives, _ = torch.ops.mcsc.supcon_forward(
             features, labels, offsets, temperature, prevalence, ignore_index
         )
+        return loss, lse, positives
 
 
 class _EmulatedForward(torch.autograd.Function):
@@ -382,7 +383,7 @@ def test_opcheck(backend):
         torch.ops.mcsc.supcon_forward.default,
         (features, labels, offsets, TEMPERATURE, True, IGNORE),
     )
-    _, lse, positives = torch.ops.mcsc.supcon_forward(
+    _, lse, positives, _ = torch.ops.mcsc.supcon_forward(
         features.detach(), labels, offsets, TEMPERATURE, True, IGNORE
     )
     grad_loss = torch.rand(features.shape[0], device=backend.device).to(backend.dtype)

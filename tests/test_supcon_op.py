@@ -10,9 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from supcon_cases import (
+    REFERENCE_CASES,
+    TEMPERATURE,
+    ReferenceInputs,
+    assert_reference_set_within_twice_eager_error,
     assert_within_twice_eager_error,
     make_inputs,
+    make_reference_inputs,
     reference_loss_and_grad,
+    reference_set_loss_and_grads,
 )
 
 import mcsc
@@ -277,7 +283,10 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.mcsc.supcon_forward(features[:, 0], labels, segments, 0.1, True, -1)
     with pytest.raises(RuntimeError, match="segments must be int64"):
         torch.ops.mcsc.supcon_forward(features, labels, segments.int(), 0.1, True, -1)
-    loss, lse, positives = torch.ops.mcsc.supcon_forward(features, labels, segments, 0.1, True, -1)
+    loss, lse, positives, anchor_grad = torch.ops.mcsc.supcon_forward(
+        features, labels, segments, 0.1, True, -1
+    )
+    assert anchor_grad.shape == (0, 4)  # kept only for a reference set's anchors
     with pytest.raises(RuntimeError, match="positives must be int32"):
         torch.ops.mcsc.supcon_backward(
             torch.ones_like(loss), features, labels, segments, lse, positives.long(), 0.1, True
@@ -286,3 +295,113 @@ def test_direct_op_calls_are_checked_in_cpp():
         torch.ops.mcsc.supcon_backward(
             torch.ones_like(loss), features, labels, segments, lse[:5], positives, 0.1, True
         )
+
+
+# ---- The reference set ----------------------------------------------------------------------
+
+
+def reference_set_call(
+    inputs: ReferenceInputs, weighting="prevalence", reduction="none", **options
+):
+    """supcon_loss over a reference set, with both inputs requiring grad; returns the result and
+    the leaf tensors (features, ref_features)."""
+    features = inputs.features.detach().clone().requires_grad_(True)
+    keys = inputs.ref_features.detach().clone().requires_grad_(True)
+    result = mcsc.supcon_loss(
+        features,
+        inputs.labels,
+        temperature=options.pop("temperature", TEMPERATURE),
+        segments=inputs.offsets,
+        weighting=weighting,
+        reduction=reduction,
+        ref_features=keys,
+        ref_labels=inputs.ref_labels,
+        ref_segments=inputs.ref_offsets,
+        ref_self_index=inputs.ref_self_index,
+        **options,
+    )
+    return result, features, keys
+
+
+def reference_set_loss_and_grads_of_op(inputs, weighting, upstream):
+    loss, features, keys = reference_set_call(inputs, weighting)
+    grads = torch.autograd.grad((loss * upstream).sum(), (features, keys), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, (features, keys))]
+    return loss.detach(), *grads
+
+
+@pytest.mark.parametrize("weighting", ["prevalence", "none"])
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_reference_set_float64_matches_reference(case, weighting):
+    inputs = make_reference_inputs(**REFERENCE_CASES[case], dtype=torch.float64, seed=3)
+    m = inputs.features.shape[0]
+    upstream = torch.rand(m, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    loss, grad_features, grad_keys = reference_set_loss_and_grads_of_op(inputs, weighting, upstream)
+    expected_loss, positives, expected_features, expected_keys = reference_set_loss_and_grads(
+        inputs, weighting == "prevalence", upstream
+    )
+    _, _, op_positives, _ = torch.ops.mcsc.supcon_forward(
+        inputs.features,
+        inputs.labels,
+        inputs.offsets,
+        TEMPERATURE,
+        weighting == "prevalence",
+        -1,
+        *inputs[3:],
+    )
+    assert torch.equal(op_positives.long(), positives)
+    assert bool((positives > 0).any()) and bool((positives <= 0).any())
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_features, expected_features, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad_keys, expected_keys, rtol=1e-9, atol=1e-9)
+
+
+def test_reference_set_of_the_anchors_themselves_is_the_single_set_call():
+    """Keys = the anchors, each anchor marked as its own key: the single-set loss, and the sum
+    of the two gradients is the single-set gradient (the features play both roles there)."""
+    features, labels, offsets = make_inputs([0, 300, 1, 129], 16, 4, 0.1, dtype=torch.float64)
+    own = torch.arange(features.shape[0])
+    inputs = ReferenceInputs(features, labels, offsets, features, labels, offsets, own)
+    upstream = torch.rand(features.shape[0], dtype=torch.float64)
+    loss, grad_features, grad_keys = reference_set_loss_and_grads_of_op(
+        inputs, "prevalence", upstream
+    )
+    single_loss, single_grad = fused_loss_and_grad(
+        features, labels, offsets, TEMPERATURE, "prevalence", upstream
+    )
+    torch.testing.assert_close(loss, single_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_features + grad_keys, single_grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["varlen-self", "rare-key-classes"])
+def test_reference_set_gradcheck_in_both_sets(case):
+    options = dict(REFERENCE_CASES[case], dim=3)
+    options["anchors"] = [min(length, 9) for length in options["anchors"]]
+    options["keys"] = [min(length, 13) for length in options["keys"]]
+    inputs = make_reference_inputs(**options, dtype=torch.float64, seed=5)
+    for weighting in ("prevalence", "none"):
+        assert torch.autograd.gradcheck(
+            lambda z, k, weighting=weighting: mcsc.supcon_loss(
+                z,
+                inputs.labels,
+                segments=inputs.offsets,
+                weighting=weighting,
+                reduction="none",
+                ref_features=k,
+                ref_labels=inputs.ref_labels,
+                ref_segments=inputs.ref_offsets,
+                ref_self_index=inputs.ref_self_index,
+            ),
+            (
+                inputs.features.clone().requires_grad_(True),
+                inputs.ref_features.clone().requires_grad_(True),
+            ),
+        )
+
+
+@pytest.mark.parametrize("case", ["keys-much-more", "anchors-more", "memory-and-batch"])
+def test_reference_set_float32_error_within_twice_eager_float32(case):
+    inputs = make_reference_inputs(**REFERENCE_CASES[case], seed=11)
+    upstream = torch.rand(inputs.features.shape[0], generator=torch.Generator().manual_seed(3))
+    results = reference_set_loss_and_grads_of_op(inputs, "prevalence", upstream)
+    assert_reference_set_within_twice_eager_error(inputs, results, upstream)

@@ -95,7 +95,7 @@ def test_op_matches_reference(
     upstream = torch.rand(n, generator=generator, dtype=torch.float64).to(dtype)
 
     z = features.clone().requires_grad_(True)
-    loss, _, positives = torch.ops.mcsc.supcon_forward(
+    loss, _, positives, _ = torch.ops.mcsc.supcon_forward(
         z, labels, offsets, temperature, prevalence, IGNORE
     )
     (loss * upstream).sum().backward()
