@@ -11,6 +11,7 @@ largest K that fits the budget, from a fit of the measured peaks (:data:`LARGEST
 from __future__ import annotations
 
 import csv
+import textwrap
 
 from reporting import _fmt, _ms
 
@@ -134,7 +135,9 @@ def markdown_largest_k(rows: list[dict]) -> str:
     ]
     for row in rows:
         largest = "" if row.get("largest_K") is None else f"{row['largest_K']:,}"
-        if row.get("extrapolated"):
+        if row.get("largest_K") == 0 and row.get("note"):
+            largest = f"none: {row['note']}"
+        elif row.get("extrapolated"):
             largest += " (extrapolated)"
         fit = row.get("fit_terms") or ""
         out.append(
@@ -188,7 +191,9 @@ def plot(
                 ax_time.plot(*zip(*times), **style)
             if peaks:
                 ax_mem.plot(*zip(*peaks), **style)
-        ax_mem.axhline(budget_mib, color="grey", linestyle=":", label="budget")
+        ax_mem.axhline(
+            budget_mib, color="grey", linestyle=":", label="budget (less the inputs held)"
+        )
         for ax in (ax_time, ax_mem):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -200,7 +205,7 @@ def plot(
         ax_mem.set_ylabel("peak extra MiB, fwd+bwd")
     axes[0][0].legend(fontsize=7)
     axes[0][1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 130), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

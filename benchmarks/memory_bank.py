@@ -28,6 +28,7 @@ Writes ``DIR/memory_bank.csv`` (rewritten after every size), ``memory_bank_large
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -169,6 +170,12 @@ def parse_args(argv=None):
         help="time mcsc even when it runs the dense pure-PyTorch fallback",
     )
     parser.add_argument("--machine-note", default="", help="appended to the machine column")
+    parser.add_argument(
+        "--from-csv",
+        default=None,
+        help="measure nothing: the tables, targets and plots of a memory_bank.csv written "
+        "before (with the same --device, --dtypes, sizes and budget)",
+    )
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.dtypes = (args.dtypes or ("float32,bfloat16" if cuda else "float32")).split(",")
@@ -406,11 +413,14 @@ def largest_k_rows(rows: list[dict], args) -> list[dict]:
                     )
                     row.update(
                         largest_K=largest,
-                        extrapolated=largest > max(k for _, k, _ in measured),
+                        # no size measured at this M reaches the answer
+                        extrapolated=not any(mm == m and k >= largest for mm, k, _ in measured),
                         fit_terms=" + ".join(f"{c:.3g}*{t}" for t, c in fit["terms"].items()),
                         fit_worst_relative_error=fit["worst_relative_error"],
                         fit_points=fit["points"],
                     )
+                    if largest < m:  # a memory holds at least one batch
+                        row.update(largest_K=0, note=f"no memory of K >= M = {m} rows fits")
                 out.append(row)
     return out
 
@@ -535,11 +545,43 @@ def write_outputs(rows, args, common, results=None) -> list[dict]:
     return largest
 
 
+INTEGER_COLUMNS = ("M", "K", "D", "C", "reps", "threads")
+FLOAT_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "held_mb", "x_gemm", "x_fused")
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of a ``memory_bank.csv``, numbers as numbers and empty cells as None."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key in INTEGER_COLUMNS + FLOAT_COLUMNS:
+            value = row.get(key)
+            row[key] = (
+                None if value in (None, "") else (int if key in INTEGER_COLUMNS else float)(value)
+            )
+    return rows
+
+
+def report_csv(args) -> int:
+    """``--from-csv``: the outputs of a run that already measured."""
+    rows = read_rows(args.from_csv)
+    os.makedirs(args.out, exist_ok=True)
+    common = {key: rows[0][key] for key in ("device", "threads", "torch", "pml", "machine")}
+    common["backend"] = next((r["backend"] for r in rows if r["impl"] == "fused"), "")
+    results = evaluate(rows, args)
+    largest = write_outputs(rows, args, common, results)
+    print(f"largest K in {args.mem_budget_gb:g} GiB:\n{report.markdown_largest_k(largest)}\n")
+    print(reporting.format_targets(results, f"targets ({args.device}; from {args.from_csv})"))
+    return 0
+
+
 def main(argv=None) -> int:
     """Exit status: 0; 1 when an implementation disagrees with fused; 2 without CUDA; 3 when
     interrupted (SIGTERM)."""
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.from_csv:
+        return report_csv(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available", file=sys.stderr)
         return 2

@@ -340,6 +340,8 @@ def test_spread_is_the_linear_20th_and_80th_percentile():
 def test_memory_bank_smoke(tmp_path, capsys):
     """Every implementation at every size of a tiny full grid, the key size twice, the tables,
     the plot and the targets; timings are not asserted."""
+    sizes_args = ["--grid", "full", "--m", "32,64", "--k", "64,256", "--key", "64x256"]
+    csv_path = tmp_path / "memory_bank.csv"
     status = memory_bank.main(
         [
             "--out",
@@ -403,6 +405,17 @@ def test_memory_bank_smoke(tmp_path, capsys):
     markdown = (tmp_path / "memory_bank.md").read_text()
     assert "| float32 | 64 | 256 | PML CrossBatchMemory |" in markdown
     assert printed.rstrip().splitlines()[-1].startswith("PML CrossBatchMemory / fused (M=32")
+    # the same tables and targets again from the CSV alone (numbers rounded to 4 digits there)
+    again = tmp_path / "again"
+    assert memory_bank.main(sizes_args + ["--out", str(again), "--from-csv", str(csv_path)]) == 0
+    with open(again / "memory_bank_targets.json") as handle:
+        redone = json.load(handle)["targets"]
+    assert [t["verdict"] for t in redone] == [t["verdict"] for t in summary["targets"]]
+    for first, second in zip(summary["targets"], redone):
+        if first["value"] is None:
+            assert second["value"] is None
+        else:
+            assert second["value"] == pytest.approx(first["value"], rel=2e-3)
 
 
 def test_memory_bank_pair_indices_are_pmls():
