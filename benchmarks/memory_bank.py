@@ -322,6 +322,23 @@ def run_point(point: Point, args, common: dict, failed: dict, log=print) -> list
         for name in runnable:
             if name not in timed or name == "gemm":
                 continue
+            # the worker builds the step anew: check the free memory again (a shared machine)
+            _, late = measure.plan_point(
+                [name],
+                point.m,
+                point.k,
+                args.d,
+                point.dtype,
+                args.classes,
+                point.budget_bytes,
+                measure.available_bytes(args.device),
+            )
+            if late:
+                for row in rows:
+                    if row["impl"] == name:
+                        row["note"] = row["note"] + "; memory not measured: " + late[name]
+                        row["note"] = row["note"].strip("; ")
+                continue
             job = measure.memory_job(
                 name, point.m, point.k, args.d, args.classes, point.dtype, common["threads"]
             )
