@@ -268,11 +268,10 @@ def fit_memory(name: str, points: list[tuple[int, int, float]]) -> dict | None:
     return None
 
 
-def _term_value(label: str, m: int, k: int) -> tuple[float, float]:
+def _term_value(label: str, m: int) -> tuple[float, float]:
     """``(constant part, per-K part)`` of a term at M = m."""
-    return {"1": (1.0, 0.0), "M": (m, 0.0), "K": (0.0, 1.0), "MK": (0.0, m), "M^2 K": (0.0, m * m)}[
-        label
-    ]
+    parts = {"1": (1.0, 0.0), "M": (m, 0.0), "K": (0.0, 1.0), "MK": (0.0, m), "M^2 K": (0.0, m * m)}
+    return parts[label]
 
 
 def largest_k(name: str, fit: dict, m: int, d: int, size: int, budget_bytes: float) -> int:
@@ -281,7 +280,7 @@ def largest_k(name: str, fit: dict, m: int, d: int, size: int, budget_bytes: flo
     constant = bank.held_bytes(name, m, 0, d, size)
     per_key = bank.held_bytes(name, m, 1, d, size) - constant
     for label, coefficient in fit["terms"].items():
-        fixed, per_k = _term_value(label, m, 0)
+        fixed, per_k = _term_value(label, m)
         constant += coefficient * fixed
         per_key += coefficient * per_k
     if constant >= budget_bytes:

@@ -3,6 +3,7 @@ pytorch-metric-learning's CrossBatchMemory, its SupConLoss call alone and the de
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/memory_bank.py --out DIR      # CPU, float32
     python benchmarks/memory_bank.py --device cuda --out DIR                # float32 and bf16
+    python benchmarks/memory_bank.py --from-csv DIR/memory_bank.csv --out DIR  # outputs again
 
 One step of a cross-batch memory (``bank_implementations.py``): M anchors (D = 128) written
 into a full memory of K keys, then every anchor against the K keys except its own copy;
