@@ -203,17 +203,20 @@ def child_pythonpath(package_parent: str) -> str:
     return os.pathsep.join(paths)
 
 
-def measure_cpu_jobs(jobs: list[dict], package_parent: str, timeout: float = 1800.0) -> list[dict]:
+def measure_cpu_jobs(
+    jobs: list[dict], package_parent: str, timeout: float = 1800.0, script: str | None = None
+) -> list[dict]:
     """Run ``jobs`` in one fresh worker process that imports the ``mcsc`` package found in
     ``package_parent``; returns one dict (or {"error": ...}) per job, each with the ``package``
-    directory and ``backend`` the worker ran."""
+    directory and ``backend`` the worker ran. ``script``: the worker (default this file); it
+    takes the jobs as JSON in its first argument and prints one ``MEMJSON`` line per job."""
     env = dict(os.environ)
     env.update(MALLOC_ENV)
     env["PYTHONWARNINGS"] = "ignore"
     env["PYTHONPATH"] = child_pythonpath(package_parent)
     try:
         proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), json.dumps(jobs)],
+            [sys.executable, script or os.path.abspath(__file__), json.dumps(jobs)],
             env=env,
             capture_output=True,
             text=True,

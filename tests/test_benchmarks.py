@@ -20,13 +20,17 @@ BENCHMARKS = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
 import agreement  # noqa: E402
+import bank_implementations as bank  # noqa: E402
+import bank_measure  # noqa: E402
 import implementations as impls  # noqa: E402
 import installed  # noqa: E402
 import memory  # noqa: E402
+import memory_bank  # noqa: E402
 import run  # noqa: E402
 import targets  # noqa: E402
 import timing  # noqa: E402
 
+import mcsc  # noqa: E402
 from mcsc import reference  # noqa: E402
 
 
@@ -56,13 +60,17 @@ def _environment(pythonpath: str) -> dict:
 
 def test_every_script_refuses_the_fallback(unbuilt_package, tmp_path):
     """Run from the repository root with an unbuilt package first on the path, none of the
-    three entry points puts the repository first or times the fallback."""
+    entry points puts the repository first or times the fallback."""
     out = tmp_path / "out"
     elsewhere = tmp_path / "elsewhere"  # `python -m` puts the current directory on sys.path
     elsewhere.mkdir()
     commands = {
         "run.py": ([sys.executable, "benchmarks/run.py", "--quick", "--out", str(out)], ROOT),
         "profile_step.py": ([sys.executable, "benchmarks/profile_step.py"], ROOT),
+        "memory_bank.py": (
+            [sys.executable, "benchmarks/memory_bank.py", "--out", str(out)],
+            ROOT,
+        ),
         "pytest": (
             [
                 sys.executable,
@@ -322,3 +330,154 @@ def test_spread_is_the_linear_20th_and_80th_percentile():
     values = [5.0, 1.0, 4.0, 2.5, 9.0, 3.0, 7.5]
     assert timing.spread(values) == pytest.approx(tuple(np.percentile(values, [20, 80])))
     assert timing.spread([3.0]) == (3.0, 3.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the cross-batch memory benchmark (memory_bank.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_memory_bank_smoke(tmp_path, capsys):
+    """Every implementation at every size of a tiny full grid, the key size twice, the tables,
+    the plot and the targets; timings are not asserted."""
+    sizes_args = ["--grid", "full", "--m", "32,64", "--k", "64,256", "--key", "64x256"]
+    csv_path = tmp_path / "memory_bank.csv"
+    status = memory_bank.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--allow-reference",
+            "--grid",
+            "full",
+            "--m",
+            "32,64",
+            "--k",
+            "64,256",
+            "--key",
+            "64x256",
+            "--d",
+            "16",
+            "--min-reps",
+            "1",
+            "--max-reps",
+            "1",
+            "--key-reps",
+            "2",
+            "--no-memory",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert f"has no {bank.PML_CHUNKED}" in printed
+    agreeing = [line.split()[0] for line in printed.splitlines() if line.endswith("  ok")]
+    assert agreeing == ["pml_xbm", "pml_loss", "dense"]
+    with open(tmp_path / "memory_bank.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    sizes = {("key", 64, 256), ("grid", 32, 64), ("grid", 32, 256), ("grid", 64, 64)}
+    sizes.add(("key_repeat", 64, 256))
+    assert {(r["workload"], int(r["M"]), int(r["K"])) for r in rows} == sizes
+    for workload, m, k in sizes:
+        here = [r for r in rows if (r["workload"], int(r["M"]), int(r["K"])) == (workload, m, k)]
+        losses = ("fused", "pml_loss", "pml_xbm") if workload == "key_repeat" else bank.LOSS_IMPLS
+        assert {(r["impl"], r["mode"]) for r in here} == {("gemm", "fwd")} | {
+            (name, mode) for name in losses for mode in ("fwd", "bwd", "fwd+bwd")
+        }
+        assert all(r["median_ms"] for r in here), here
+        assert {r["x_fused"] for r in here if r["impl"] == "fused"} == {"1"}
+        assert {r["backend"] for r in here if r["impl"] == "fused"} == {mcsc.backend("cpu")}
+    assert {int(r["reps"]) for r in rows if r["workload"] == "key"} == {2}
+    with open(tmp_path / "memory_bank_targets.json") as handle:
+        summary = json.load(handle)
+    titles = [t["measure"] for t in summary["targets"]]
+    assert [
+        m.title
+        for m in memory_bank.measures(
+            memory_bank.parse_args(
+                ["--out", "x", "--m", "32,64", "--k", "64,256", "--key", "64x256"]
+            ),
+            "float32",
+        )
+    ] == titles
+    # the key size's goals all ran (no memory workers: the peak is not measured)
+    verdicts = {t["measure"]: t["verdict"] for t in summary["targets"]}
+    assert all(v in ("PASS", "FAIL", "context") for t, v in verdicts.items() if "MiB" not in t)
+    assert (tmp_path / "cpu_memory_bank_float32.png").stat().st_size > 10_000
+    markdown = (tmp_path / "memory_bank.md").read_text()
+    assert "| float32 | 64 | 256 | PML CrossBatchMemory |" in markdown
+    assert printed.rstrip().splitlines()[-1].startswith("PML CrossBatchMemory / fused (M=32")
+    # the same tables and targets again from the CSV alone (numbers rounded to 4 digits there)
+    again = tmp_path / "again"
+    assert memory_bank.main(sizes_args + ["--out", str(again), "--from-csv", str(csv_path)]) == 0
+    with open(again / "memory_bank_targets.json") as handle:
+        redone = json.load(handle)["targets"]
+    assert [t["verdict"] for t in redone] == [t["verdict"] for t in summary["targets"]]
+    for first, second in zip(summary["targets"], redone):
+        if first["value"] is None:
+            assert second["value"] is None
+        else:
+            assert second["value"] == pytest.approx(first["value"], rel=2e-3)
+
+
+def test_memory_bank_pair_indices_are_pmls():
+    """The pair indices handed to pml_loss are those CrossBatchMemory builds, with the batch
+    wrapping around the end of the memory."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    step = bank.make_step(40, 100, 8, 3, seed=2)
+    assert step.slots.tolist() == [(80 + i) % 100 for i in range(40)]
+    expected = lmu.remove_self_comparisons(
+        lmu.get_all_pairs_indices(step.labels, step.memory_labels), step.slots, 100
+    )
+    mine = bank.pair_indices(step)
+    assert len(mine) == 4 and all(torch.equal(a, b) for a, b in zip(mine, expected))
+
+
+def test_memory_bank_skips_what_does_not_fit():
+    """PML at the key size is over an 8 GiB budget (its self-pair removal alone: ~435 GiB);
+    the fused op, the dense formula and the GEMMs are not; free memory also limits."""
+    names = list(bank.ALL_IMPLS)
+    run_names, skipped = bank_measure.plan_point(
+        names, 4096, 65536, 128, "float32", 4, 8 * 2**30, float("inf")
+    )
+    assert run_names == ["gemm", "fused", "dense"]
+    assert set(skipped) == {"pml_xbm", "pml_loss"}
+    assert all(why.startswith("over budget: estimated") for why in skipped.values())
+    removal = bank.same_class_fraction(4) * 4096 * 4096 * 65536
+    assert float(skipped["pml_xbm"].split()[3]) * 2**30 > removal > 400 * 2**30
+    run_names, skipped = bank_measure.plan_point(
+        names, 4096, 65536, 128, "float32", 4, 8 * 2**30, 2 * 2**30
+    )
+    assert run_names == ["gemm", "fused"]  # the GEMMs hold one 1 GiB M x K product
+    assert "80 % of the free memory 1.6 GiB" in skipped["dense"]
+
+
+def test_memory_bank_largest_k_inverts_the_fit():
+    """Peaks made from a known model are fitted back, and the largest K fits the budget while
+    1024 keys more do not."""
+    model = {"1": 3e6, "MK": 30.0}
+    points = [
+        (m, k, model["1"] + model["MK"] * m * k)
+        for m, k in [(1024, 4096), (4096, 4096), (4096, 65536)]
+    ]
+    fit = bank_measure.fit_memory("dense", points)
+    assert fit["terms"] == pytest.approx(model, rel=1e-9)
+    budget = 8 * 2**30
+    for m in (1024, 8192):
+        largest = bank_measure.largest_k("dense", fit, m, 128, 4, budget)
+
+        def total(k, m=m):
+            return bank.held_bytes("dense", m, k, 128, 4) + model["1"] + model["MK"] * m * k
+
+        assert total(largest) <= budget < total(largest + 1024)
+    # a term with a negative coefficient is dropped: fused memory that does not grow with M
+    flat = [(m, k, 1e6 + 600.0 * k) for m, k in [(1024, 4096), (4096, 4096), (4096, 65536)]]
+    assert bank_measure.fit_memory("fused", flat)["terms"].keys() <= {"1", "K"}
+    assert bank_measure.fit_memory("dense", points[:1]) is None
+
+
+def test_memory_bank_worker_measures_a_fresh_process(unbuilt_package):
+    job = bank_measure.memory_job("fused", 32, 128, 16, 3, "float32", 1)
+    result = bank_measure.measure_cpu_memory(job, unbuilt_package, timeout=120)
+    assert "error" not in result, result
+    assert result["package"] == os.path.join(unbuilt_package, "mcsc")
+    assert set(result) >= {"fwd", "bwd", "fwd+bwd"} and result["fwd+bwd"] >= 0
