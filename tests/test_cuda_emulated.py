@@ -78,7 +78,7 @@ def run(
     temperature=TEMPERATURE,
 ):
     """(loss, lse, positives, d(sum upstream * loss)/dz) from the emulated kernels of `path`."""
-    loss, lse, positives = emulation.forward(
+    loss, lse, positives, _ = emulation.forward(
         emulated, path, features, labels, offsets, temperature, prevalence, IGNORE, descending
     )
     grad = emulation.backward(
@@ -143,7 +143,7 @@ def test_forward_column_splits_merge_to_one_split(emulated, path):
         )
         for target in (1, 4096)
     }
-    (one_loss, one_lse, one_positives), (loss, lse, positives) = outputs[1], outputs[4096]
+    (one_loss, one_lse, one_positives, _), (loss, lse, positives, _) = outputs[1], outputs[4096]
     assert torch.equal(positives, one_positives)
     anchors = positives > 0
     relative = TOLERANCE.get(path, 1e-2)  # the loss is rounded to bfloat16
@@ -167,7 +167,7 @@ def test_matches_cpu_op(emulated, case):
         emulated, features, labels, offsets, True, upstream, PATHS["float32-fma"], False
     )
     z = features.clone().requires_grad_(True)
-    cpu_loss, cpu_lse, cpu_positives = torch.ops.mcsc.supcon_forward(
+    cpu_loss, cpu_lse, cpu_positives, _ = torch.ops.mcsc.supcon_forward(
         z, labels, offsets, TEMPERATURE, True, IGNORE
     )
     (cpu_loss * upstream).sum().backward()

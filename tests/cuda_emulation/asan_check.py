@@ -26,7 +26,7 @@ def main() -> None:
     for name, case in CASES.items():
         for path in emulation.PATHS.values():
             features, labels, offsets = make_inputs(*case, dtype=path.dtype)
-            _, lse, positives = emulation.forward(
+            _, lse, positives, _ = emulation.forward(
                 kernels, path, features, labels, offsets, TEMPERATURE, True, IGNORE
             )
             upstream = torch.rand(features.shape[0])
