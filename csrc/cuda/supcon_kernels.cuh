@@ -561,20 +561,27 @@ int64_t resident_shared_bytes(const Launch& launch, Kernel resident_kernel, int6
   return launch.holds_dynamic_shared(resident_kernel, bytes) ? bytes : 0;
 }
 
-// One set of the pair kernels (PairRows) from tensors on the kernels' device.
+// How a set's pair tags are made (see PairRows): the rows' own indices (the single set, and
+// the keys), or the anchors' self indices, -1 where ref_self_index is not given.
+enum class Tags { Index, SelfIndex };
+
+// One set of the pair kernels (PairRows) from tensors on the kernels' device; self_index is
+// read with Tags::SelfIndex (undefined: no own pairs).
 template <typename scalar_t>
 PairRows<scalar_t> pair_rows(const at::Tensor& features, const at::Tensor& segments,
                              const at::Tensor& classes, const at::Tensor& positives,
-                             const at::Tensor& self_index = at::Tensor(),
+                             Tags tags = Tags::Index, const at::Tensor& self_index = at::Tensor(),
                              const at::Tensor& lse = at::Tensor(),
                              const at::Tensor& grad_loss = at::Tensor()) {
   using acc_t = acc_type<scalar_t>;
+  const bool self = tags == Tags::SelfIndex && self_index.defined();
   return PairRows<scalar_t>{
       features.const_data_ptr<scalar_t>(),
       segments.const_data_ptr<int64_t>(),
       classes.const_data_ptr<int32_t>(),
       positives.const_data_ptr<int32_t>(),
-      self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr,
+      self ? self_index.const_data_ptr<int64_t>() : nullptr,
+      tags == Tags::Index,
       lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr,
       grad_loss.defined() ? grad_loss.const_data_ptr<acc_t>() : nullptr};
 }
@@ -665,8 +672,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "mcsc_supcon_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
+    // The anchors' own pairs: themselves in the single set, else their self indices.
+    const Tags anchor_tags = keys == nullptr ? Tags::Index : Tags::SelfIndex;
     const PairRows<scalar_t> anchors =
-        pair_rows<scalar_t>(features, segments, classes, positives, self_index);
+        pair_rows<scalar_t>(features, segments, classes, positives, anchor_tags, self_index);
     const PairRows<scalar_t> contrast_rows = pair_rows<scalar_t>(
         contrast_features, contrast_segments, contrast_classes, contrast_positives);
     with_mma_kind<scalar_t>(allow_tf32, family, [&](auto tag) {
@@ -695,8 +704,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_supcon_forward
              partials, positives.const_data_ptr<int32_t>(), rows, splits,
              loss.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
       if (with_anchor_grad) {
-        const PairRows<scalar_t> anchors_with_lse =
-            pair_rows<scalar_t>(features, segments, classes, positives, self_index, lse);
+        const PairRows<scalar_t> anchors_with_lse = pair_rows<scalar_t>(
+            features, segments, classes, positives, anchor_tags, self_index, lse);
         backward_of_kind<scalar_t, kind, acc_t>(
             launch, anchors_with_lse, contrast_rows, rows, dim, segments,
             /*largest_grad=*/nullptr, temperature, prevalence,
@@ -748,15 +757,16 @@ at::Tensor launch_supcon_backward(const Launch& launch, const at::Tensor& grad_l
           largest_grad.defined() ? largest_grad.const_data_ptr<float>() : nullptr;
       if (keys == nullptr) {
         const PairRows<scalar_t> both = pair_rows<scalar_t>(
-            features, segments, classes, positives, at::Tensor(), lse, grad_loss);
+            features, segments, classes, positives, Tags::Index, at::Tensor(), lse, grad_loss);
         backward_of_kind<scalar_t, kind, scalar_t>(
             launch, both, both, rows, dim, segments, largest, temperature, prevalence,
             grad.mutable_data_ptr<scalar_t>());
       } else {
         const PairRows<scalar_t> key_rows = pair_rows<scalar_t>(
             keys->features, keys->segments, table.classes, table.positives);
-        const PairRows<scalar_t> anchors = pair_rows<scalar_t>(
-            features, segments, classes, positives, keys->self_index, lse, grad_loss);
+        const PairRows<scalar_t> anchors =
+            pair_rows<scalar_t>(features, segments, classes, positives, Tags::SelfIndex,
+                                keys->self_index, lse, grad_loss);
         backward_of_kind<scalar_t, kind, scalar_t>(
             launch, key_rows, anchors, keys->features.size(0), dim, keys->segments, largest,
             temperature, prevalence, grad.mutable_data_ptr<scalar_t>());

@@ -147,10 +147,13 @@ constexpr int kForwardBlocksPerSM = 4;
 //   positives   as anchors |P(i)|, as contrasts n_{y_j} - 1 (the row's class size in its
 //               segment, less one), -1 for ignored rows. In the single-set call both are the
 //               same number; contrast_weight and same_class_weight read them.
-//   self_index  nullptr: a row's pair tag is its own index; else the pair tag of row i is
-//               self_index[i], the index in the other set of row i's own pair (-1: none). A
-//               pair whose row and column have equal tags is excluded, so the single set
-//               excludes i == j, and a reference set the pairs (i, self_index[i]).
+//   self_index, index_tags
+//               the rows' pair tags: self_index[i] when self_index is given (the index in the
+//               other set of row i's own pair, -1 for none); else i with index_tags, -1
+//               without. A pair whose row and column have equal tags is excluded: the single
+//               set (index tags on both sides) excludes i == j, a reference set the pairs
+//               (i, self_index[i]) (index tags on the keys), and anchors without
+//               ref_self_index (no index tags) nothing.
 //   lse, grad_loss
 //               backward only: the rows' lse and upstream gradient a_i when they act as
 //               anchors; lse == nullptr when they do not (keys); grad_loss == nullptr gives
@@ -162,6 +165,7 @@ struct PairRows {
   const int32_t* classes;
   const int32_t* positives;
   const int64_t* self_index;
+  bool index_tags;
   const acc_type<scalar_t>* lse;
   const acc_type<scalar_t>* grad_loss;
 };
@@ -170,7 +174,7 @@ struct PairRows {
 // self indices outside int32 (which no row index reaches), so that it matches no index.
 template <typename scalar_t>
 __device__ __forceinline__ int32_t pair_tag(const PairRows<scalar_t>& set, int64_t row) {
-  if (set.self_index == nullptr) return static_cast<int32_t>(row);
+  if (set.self_index == nullptr) return set.index_tags ? static_cast<int32_t>(row) : -1;
   const int64_t partner = set.self_index[row];
   return partner >= 0 && partner <= std::numeric_limits<int32_t>::max()
              ? static_cast<int32_t>(partner)
