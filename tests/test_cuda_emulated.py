@@ -40,10 +40,8 @@ from cuda_emulation.reference_sets import (
     REFERENCE_CASES,
     ReferenceCase,
     ReferenceInputs,
-    assert_close_to_reference,
-    assert_within_twice_eager_error,
+    assert_matches_reference_set,
     make_reference_inputs,
-    reference_expected,
 )
 from supcon_cases import (
     CASES,
@@ -311,43 +309,10 @@ def reference_upstream(inputs, seed=1):
 
 
 def assert_reference_set_matches(results, inputs, prevalence, upstream, path):
-    """The emulated two-set results against the float64 reference: positives exactly; loss,
-    lse (of anchors), anchor_grad and ref_grad within the path's tolerance, or, for fp16/bf16,
-    within twice eager PyTorch's error at that dtype (lse, in float32 from exact products,
-    within 1e-4)."""
-    loss, lse, positives, anchor_grad, ref_grad = results
-    expected = reference_expected(inputs, prevalence, upstream)
-    m, d = inputs.features.shape
-    accumulation = torch.float64 if PATHS[path].dtype == torch.float64 else torch.float32
-    assert loss.dtype == PATHS[path].dtype and ref_grad.dtype == PATHS[path].dtype
-    assert lse.dtype == anchor_grad.dtype == accumulation
-    assert anchor_grad.shape == (m, d) and ref_grad.shape == inputs.ref_features.shape
-    assert positives.dtype == torch.int32
-    assert torch.equal(positives.long(), expected.positives)
-    anchors = expected.positives > 0
-    assert bool(torch.isfinite(lse[anchors]).all())
-    relative = TOLERANCE.get(path)
-    torch.testing.assert_close(
-        lse[anchors].double(),
-        expected.lse[anchors],
-        rtol=relative or 1e-4,
-        atol=scaled_atol(expected.lse, relative or 1e-4),
+    """The emulated two-set results of `path` against the float64 reference."""
+    assert_matches_reference_set(
+        results, inputs, prevalence, upstream, PATHS[path].dtype, TOLERANCE.get(path)
     )
-    if relative is None:
-        assert_within_twice_eager_error(
-            (loss, anchor_grad, ref_grad),
-            inputs,
-            prevalence,
-            upstream,
-            ("loss", "anchor_grad", "ref_grad"),
-        )
-    else:
-        assert_close_to_reference(
-            (loss, anchor_grad, ref_grad),
-            (expected.loss, expected.anchor_grad, expected.ref_grad),
-            relative,
-            ("loss", "anchor_grad", "ref_grad"),
-        )
 
 
 @pytest.mark.parametrize("path", list(PATHS))

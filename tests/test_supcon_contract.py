@@ -196,6 +196,25 @@ class EmulatedBackend:
             (temperature, prevalence, ignore_index, self.path),
         )
 
+    def per_anchor_reference(
+        self, inputs, prevalence, temperature, ignore_index, features=None, ref_features=None
+    ):
+        """(loss, lse, positives) of a reference-set call on ``inputs`` (anchors features,
+        labels, offsets; keys ref_features, ref_labels, ref_offsets; ref_self_index),
+        differentiable in ``features`` and ``ref_features`` (default: those of ``inputs``)."""
+        return self.per_anchor(
+            inputs.features if features is None else features,
+            inputs.labels,
+            inputs.offsets,
+            prevalence,
+            temperature,
+            ignore_index,
+            inputs.ref_features if ref_features is None else ref_features,
+            inputs.ref_labels,
+            inputs.ref_offsets,
+            inputs.ref_self_index,
+        )
+
 
 BACKENDS = {
     "cpu-float64": OpBackend("cpu", torch.float64),

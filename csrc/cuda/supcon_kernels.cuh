@@ -2,29 +2,40 @@
 // and launches them.
 //
 // Four kernels, each over (segment, row block) pairs with a grid sized without reading the
-// segment offsets on the host (supcon_tiles.cuh, locate_row_block):
+// segment offsets on the host (supcon_tiles.cuh, locate_row_block). They pair the rows of one
+// set with the columns of another (PairRows): in the single-set call both are the features and
+// the excluded pair is i == j; with a reference set the anchors' segment s pairs with the
+// reference rows' ("keys'") segment s and the excluded pair is (i, ref_self_index[i]).
 //   classify_rows     per row: |P(i)| (-1 for ignored rows) and a class id, the index of the
-//                     first row of the segment with the same label. Ids are int32 whatever the
-//                     label type, so the pairwise kernels compare them exactly and cheaply.
+//                     first column of the segment with the same label, so that anchors and keys
+//                     get comparable ids (anchors of a label no key has: kAbsentClass). Ids are
+//                     int32 whatever the label type, so the pairwise kernels compare them
+//                     exactly and cheaply. Run on the keys against themselves it gives the key
+//                     table: their ids and n_{y_j} - 1, whence contrast_weight_j = 1 / n_{y_j}.
 //   forward           per (row block, column split), over the split's column tiles of the
-//                     segment: the score tile z_I . z_J (tensor cores for fp16/bf16/TF32),
-//                     then per row an online log-sum-exp of w_i(y_j) exp(s_ij) and the sum of
-//                     s_ip over positives, written as the split's partial result.
+//                     block's columns: the score tile z_I . k_J (tensor cores for
+//                     fp16/bf16/TF32), then per row an online log-sum-exp of w_i(y_j) exp(s_ij)
+//                     and the sum of s_ip over positives, written as the split's partial result.
 //   forward_combine   per row: the splits' partial results merged in split order, then lse
 //                     and the loss. Splitting the columns gives a small batch enough blocks
 //                     to fill the GPU (flash-decoding's split-KV).
-//   backward          per (row block, Tiles::kOutCols feature columns): the same score tiles, turned into
-//                     P_ij = G_ij + G_ji - [j in P(i)] (b_i + b_j) in shared memory, then
-//                     dz_I += P z_J (TF32 tensor cores whenever the scores use tensor cores);
-//                     so dz_i = (1/t) sum_j P_ij z_j covers the pairwise and the positive terms
-//                     of the gradient without class sums.
+//   backward          per (row block, Tiles::kOutCols feature columns): the same score tiles,
+//                     turned into H_ij = G_ij + G_ji - [j in P(i)] (b_i + b_j) in shared memory,
+//                     then out_I += H k_J (TF32 tensor cores whenever the scores use tensor
+//                     cores); so out_i = (1/t) sum_j H_ij k_j covers the pairwise and the
+//                     positive terms of the gradient without class sums. A set that is no
+//                     anchor has a = b = 0, so the same kernel gives the keys' gradient (rows =
+//                     keys, columns = anchors: G_ji - [i in P(j)] b_j) and, run by the forward,
+//                     each anchor's own gradient d loss_i / d z_i (rows = anchors with a_i = 1,
+//                     columns = keys: p_ij - [j in P(i)] / |P(i)|).
 // With MCSC_CUDA_KERNELS=mma, the tensor-core paths (fp16/bf16, float32 with TF32) take the
 // mma.sync forward and backward of supcon_mma.cuh instead, with the same classify_rows and
 // forward_combine.
 // Every row's result is reduced by a fixed set of threads in a fixed order: no atomics, so the
-// outputs are bitwise reproducible. State kept between forward and backward is O(N): lse and
-// positives. Shared memory is O(tile^2) per block (O(tile x D) for the mma kernels' resident
-// row tiles, at most 512 bytes a row); nothing is O(N^2).
+// outputs are bitwise reproducible. State kept between forward and backward is O(M): lse and
+// positives (and the anchors' gradients, O(M D), with a reference set); the key table is
+// O(K). Shared memory is O(tile^2) per block (O(tile x D) for the mma kernels' resident row
+// tiles, at most 512 bytes a row); nothing is O(M K).
 //
 // The host functions at the end launch kernels through a `launch(kernel, grid_x, grid_y,
 // args...)` callable rather than with <<<...>>>: supcon_cuda.cu passes one that launches on the

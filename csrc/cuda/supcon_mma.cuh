@@ -23,6 +23,9 @@
 // TF32 too: a 16-byte row is 4 floats, and the b16 matrices' thread layout is then exactly the
 // m16n8k8 A and B layout.
 //
+// Rows and columns come from two PairRows (supcon_tiles.cuh): the features twice in the
+// single-set call; anchors and keys, in either role, with a reference set.
+//
 // Each output element is owned by one thread and summed in a fixed order: no atomics, bitwise
 // deterministic. Class ids come from classify_rows, so label values never index memory.
 #pragma once

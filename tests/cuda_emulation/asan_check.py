@@ -5,7 +5,9 @@ stops the run with ASan's report, which names the kernel line.
 Start it with libasan preloaded, as tests/test_cuda_emulated.py does:
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
         python tests/cuda_emulation/asan_check.py
-Prints one line per case and "all cases ran" at the end.
+Runs every single-set case and every reference-set case (also with self indices and labels the
+Python checks reject) on every multiply path. Prints one line per case and "all cases ran" at
+the end.
 """
 
 from __future__ import annotations
@@ -17,7 +19,58 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cuda_emulation import emulation  # noqa: E402
+from cuda_emulation.reference_sets import REFERENCE_CASES, make_reference_inputs  # noqa: E402
 from supcon_cases import CASES, IGNORE, TEMPERATURE, make_inputs  # noqa: E402
+
+
+def unchecked(inputs):
+    """The inputs with values the Python checks reject and compiled calls poison, which the
+    kernels must still read safely: self indices past K, far past int32, negative, of another
+    segment or label; labels that are negative or huge on either side."""
+    k = inputs.ref_features.shape[0]
+    m = inputs.features.shape[0]
+    self_index = torch.full((m,), -1, dtype=torch.int64)
+    if inputs.ref_self_index is not None:
+        self_index = inputs.ref_self_index.clone()
+    bad = [k, k + 5, 1 << 40, -7, -(1 << 40), 0, k - 1]
+    self_index[: len(bad)] = torch.tensor(bad[:m])
+    labels = inputs.labels.clone()
+    labels[1::7] = -5
+    ref_labels = inputs.ref_labels.clone()
+    ref_labels[2::5] = 1 << 50
+    return inputs._replace(labels=labels, ref_labels=ref_labels, ref_self_index=self_index)
+
+
+def run_reference_set(kernels, path, inputs):
+    """The two-set forward (with the anchors' gradient) and the keys' backward."""
+    keys = inputs.reference_args()
+    _, lse, positives, _ = emulation.forward(
+        kernels,
+        path,
+        inputs.features,
+        inputs.labels,
+        inputs.segments,
+        TEMPERATURE,
+        True,
+        IGNORE,
+        anchor_gradient=True,
+        **keys,
+    )
+    emulation.backward(
+        kernels,
+        path,
+        torch.rand(inputs.features.shape[0]),
+        inputs.features,
+        inputs.labels,
+        inputs.segments,
+        lse,
+        positives,
+        TEMPERATURE,
+        True,
+        False,
+        IGNORE,
+        **keys,
+    )
 
 
 def main() -> None:
@@ -43,6 +96,12 @@ def main() -> None:
                 True,
             )
         print(f"{name}: ok", flush=True)
+    for name, case in REFERENCE_CASES.items():
+        for path in emulation.PATHS.values():
+            inputs = make_reference_inputs(case, dtype=path.dtype)
+            run_reference_set(kernels, path, inputs)
+            run_reference_set(kernels, path, unchecked(inputs))
+        print(f"reference set {name}: ok", flush=True)
     print("all cases ran")
 
 

@@ -168,7 +168,7 @@ def reference_expected(
         found = torch.autograd.grad(loss.sum(), anchors, retain_graph=True, allow_unused=True)[0]
         anchor_grad = anchor_grad if found is None else found
         found = torch.autograd.grad(
-            (loss * upstream.to(loss.dtype)).sum(), keys, allow_unused=True
+            (loss * upstream.to(loss.device, loss.dtype)).sum(), keys, allow_unused=True
         )[0]
         ref_grad = ref_grad if found is None else found
     return ReferenceExpected(
@@ -237,4 +237,43 @@ def assert_within_twice_eager_error(results, inputs, prevalence, upstream, names
             name,
             error,
             eager_error,
+        )
+
+
+def assert_matches_reference_set(results, inputs, prevalence, upstream, dtype, relative):
+    """Two-set results (loss, lse, positives, anchor_grad, ref_grad) of kernels run on features
+    of `dtype` against the float64 reference: dtypes and shapes, positives exactly; lse of the
+    anchors within `relative` (1e-4 for fp16/bf16, whose products are exact); loss, anchor_grad
+    and ref_grad within `relative` of the largest expected magnitude, or, with relative None
+    (fp16/bf16), within twice eager PyTorch's error at that dtype."""
+    loss, lse, positives, anchor_grad, ref_grad = results
+    expected = reference_expected(inputs, prevalence, upstream)
+    m, d = inputs.features.shape
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == dtype and ref_grad.dtype == dtype
+    assert lse.dtype == anchor_grad.dtype == accumulation
+    assert anchor_grad.shape == (m, d) and ref_grad.shape == inputs.ref_features.shape
+    assert positives.dtype == torch.int32
+    assert torch.equal(positives.cpu().long(), expected.positives)
+    anchors = expected.positives > 0
+    lse = lse.cpu()
+    assert bool(torch.isfinite(lse[anchors]).all())
+    lse_relative = relative or 1e-4
+    torch.testing.assert_close(
+        lse[anchors].double(),
+        expected.lse[anchors],
+        rtol=lse_relative,
+        atol=scaled_atol(expected.lse, lse_relative),
+    )
+    names = ("loss", "anchor_grad", "ref_grad")
+    if relative is None:
+        assert_within_twice_eager_error(
+            (loss, anchor_grad, ref_grad), inputs, prevalence, upstream, names
+        )
+    else:
+        assert_close_to_reference(
+            (loss, anchor_grad, ref_grad),
+            (expected.loss, expected.anchor_grad, expected.ref_grad),
+            relative,
+            names,
         )
