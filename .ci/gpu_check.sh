@@ -19,10 +19,9 @@
 #               confirm)
 #   memcheck, racecheck, synccheck, initcheck
 #               compute-sanitizer's four tools on tests/sanitizer_case.py: one small varlen
-#               forward and backward per multiply path, checked against the reference
-#   memcheck-reference, racecheck-reference
-#               memcheck and racecheck on tests/cuda_emulation/reference_set_sanitizer_case.py:
-#               the same for the reference-set call (anchors' and keys' gradients)
+#               forward and backward per multiply path, then a reference-set forward (with the
+#               anchors' gradients) and backward (the keys' gradient), checked against the
+#               reference
 #   bench       benchmarks/run.py --device cuda --targets: the GPU targets with fused, flex,
 #               dense, compiled and gemm in one run (OUT_DIR/bench)
 #   train       .ci/gpu_train_check.sh OUT_DIR/train, where that script exists: the trainer
@@ -100,9 +99,6 @@ step memcheck 90 compute-sanitizer --tool memcheck "${case[@]}"
 step racecheck 150 compute-sanitizer --tool racecheck "${case[@]}"
 step synccheck 90 compute-sanitizer --tool synccheck "${case[@]}"
 step initcheck 90 compute-sanitizer --tool initcheck "${case[@]}"
-reference_case=(--error-exitcode 1 "$python" tests/cuda_emulation/reference_set_sanitizer_case.py)
-step memcheck-reference 90 compute-sanitizer --tool memcheck "${reference_case[@]}"
-step racecheck-reference 150 compute-sanitizer --tool racecheck "${reference_case[@]}"
 step bench 300 "$python" benchmarks/run.py --device cuda --targets --out "$out/bench"
 if [ -f .ci/gpu_train_check.sh ]; then
   step train 420 bash .ci/gpu_train_check.sh "$out/train"  # its own steps: 150 + 60 + 60 + 150 s

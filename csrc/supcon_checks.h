@@ -84,58 +84,62 @@ inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor&
   TORCH_CHECK(positives.scalar_type() == at::kInt, "mcsc: positives must be int32");
 }
 
-// The reference-set arguments of either op: all absent, or ref_features (K, D) of the
-// features' D, dtype and device with ref_labels (K,) int64/int32, ref_segments (S + 1,) int64
-// (one offset per offset of segments) and, optionally, ref_self_index (M,) int64/int32. With
-// `anchor_gradient` (the forward's) ref_features must be given.
-inline void check_reference_inputs(const at::Tensor& features, const at::Tensor& labels,
-                                   const at::Tensor& segments,
+// The reference set of a two-set call (shapes, dtypes, devices; the kernels check values):
+// ref_features (K, D) like features; ref_labels (K,) int64/int32; ref_segments int64 offsets
+// with as many entries as segments; ref_self_index None or (M,) int64. Without ref_features
+// none of the others may be given. Errors are ValueError/TypeError naming the argument.
+inline void check_reference_inputs(const at::Tensor& features, const at::Tensor& segments,
                                    const std::optional<at::Tensor>& ref_features,
                                    const std::optional<at::Tensor>& ref_labels,
                                    const std::optional<at::Tensor>& ref_segments,
-                                   const std::optional<at::Tensor>& ref_self_index,
-                                   bool anchor_gradient = false) {
+                                   const std::optional<at::Tensor>& ref_self_index) {
   if (!ref_features.has_value()) {
-    TORCH_CHECK_VALUE(!anchor_gradient,
-                      "mcsc: anchor_gradient=True needs ref_features (with one set of rows "
-                      "the backward computes the features' gradient)");
-    TORCH_CHECK_VALUE(!ref_labels.has_value() && !ref_segments.has_value() &&
-                          !ref_self_index.has_value(),
-                      "mcsc: ref_labels, ref_segments and ref_self_index need ref_features");
+    TORCH_CHECK_VALUE(!ref_labels.has_value(), "mcsc: ref_labels was given without ref_features");
+    TORCH_CHECK_VALUE(!ref_segments.has_value(),
+                      "mcsc: ref_segments was given without ref_features");
+    TORCH_CHECK_VALUE(!ref_self_index.has_value(),
+                      "mcsc: ref_self_index was given without ref_features");
     return;
   }
   const at::Tensor& keys = *ref_features;
-  TORCH_CHECK(keys.device() == features.device(), "mcsc: ref_features must be on ",
-              features.device());
-  TORCH_CHECK(keys.dim() == 2 && keys.size(1) == features.size(1),
-              "mcsc: ref_features must have shape (K, D) with D = ", features.size(1),
-              ", got ", keys.sizes());
-  TORCH_CHECK(keys.scalar_type() == features.scalar_type(),
-              "mcsc: ref_features must have the features' dtype ", features.scalar_type());
-  TORCH_CHECK(keys.size(0) <= std::numeric_limits<int32_t>::max(),
-              "mcsc: at most 2^31 - 1 reference rows are supported");
-  TORCH_CHECK(ref_labels.has_value() && ref_segments.has_value(),
-              "mcsc: ref_labels and ref_segments must be given with ref_features");
-  TORCH_CHECK(ref_labels->device() == features.device(), "mcsc: ref_labels must be on ",
-              features.device());
-  TORCH_CHECK(ref_labels->dim() == 1 && ref_labels->size(0) == keys.size(0),
-              "mcsc: ref_labels must have shape (K,) = (", keys.size(0), ",)");
-  TORCH_CHECK(ref_labels->scalar_type() == at::kLong || ref_labels->scalar_type() == at::kInt,
-              "mcsc: ref_labels must be int64 or int32");
-  TORCH_CHECK(ref_segments->device() == features.device(), "mcsc: ref_segments must be on ",
-              features.device());
-  TORCH_CHECK(ref_segments->dim() == 1 && ref_segments->numel() == segments.numel() &&
-                  ref_segments->scalar_type() == at::kLong,
-              "mcsc: ref_segments must be int64 offsets of shape (S + 1,) = (", segments.numel(),
-              ",), like segments");
+  TORCH_CHECK_VALUE(keys.device() == features.device(), "mcsc: ref_features must be on ",
+                    features.device(), " like features, got ", keys.device());
+  TORCH_CHECK_VALUE(keys.dim() == 2 && keys.size(1) == features.size(1),
+                    "mcsc: ref_features must have shape (K, D) with D = ", features.size(1),
+                    " like features, got ", keys.sizes());
+  TORCH_CHECK_TYPE(keys.scalar_type() == features.scalar_type(),
+                   "mcsc: ref_features must have the features' dtype ", features.scalar_type(),
+                   ", got ", keys.scalar_type());
+  TORCH_CHECK_VALUE(keys.size(0) <= std::numeric_limits<int32_t>::max(),
+                    "mcsc: ref_features may have at most 2^31 - 1 rows");
+  TORCH_CHECK_VALUE(ref_labels.has_value(), "mcsc: ref_labels must be given with ref_features");
+  const at::Tensor& key_labels = *ref_labels;
+  TORCH_CHECK_VALUE(key_labels.device() == features.device(), "mcsc: ref_labels must be on ",
+                    features.device());
+  TORCH_CHECK_VALUE(key_labels.dim() == 1 && key_labels.size(0) == keys.size(0),
+                    "mcsc: ref_labels must have shape (K,) = (", keys.size(0), ",), got ",
+                    key_labels.sizes());
+  TORCH_CHECK_TYPE(key_labels.scalar_type() == at::kLong || key_labels.scalar_type() == at::kInt,
+                   "mcsc: ref_labels must be int64 or int32, got ", key_labels.scalar_type());
+  TORCH_CHECK_VALUE(ref_segments.has_value(),
+                    "mcsc: ref_segments must be given with ref_features ([0, K] for one set)");
+  const at::Tensor& key_segments = *ref_segments;
+  TORCH_CHECK_VALUE(key_segments.device() == features.device(), "mcsc: ref_segments must be on ",
+                    features.device());
+  TORCH_CHECK_TYPE(key_segments.scalar_type() == at::kLong,
+                   "mcsc: ref_segments must be int64 offsets, got ", key_segments.scalar_type());
+  TORCH_CHECK_VALUE(key_segments.dim() == 1 && key_segments.numel() == segments.numel(),
+                    "mcsc: ref_segments must have shape (S + 1,) = (", segments.numel(),
+                    ",) like segments, got ", key_segments.sizes());
   if (ref_self_index.has_value()) {
-    TORCH_CHECK(ref_self_index->device() == features.device(),
-                "mcsc: ref_self_index must be on ", features.device());
-    TORCH_CHECK(ref_self_index->dim() == 1 && ref_self_index->size(0) == labels.size(0),
-                "mcsc: ref_self_index must have shape (M,) = (", labels.size(0), ",)");
-    TORCH_CHECK(ref_self_index->scalar_type() == at::kLong ||
-                    ref_self_index->scalar_type() == at::kInt,
-                "mcsc: ref_self_index must be int64 or int32");
+    const at::Tensor& self_index = *ref_self_index;
+    TORCH_CHECK_VALUE(self_index.device() == features.device(),
+                      "mcsc: ref_self_index must be on ", features.device());
+    TORCH_CHECK_TYPE(self_index.scalar_type() == at::kLong,
+                     "mcsc: ref_self_index must be int64, got ", self_index.scalar_type());
+    TORCH_CHECK_VALUE(self_index.dim() == 1 && self_index.size(0) == features.size(0),
+                      "mcsc: ref_self_index must have shape (M,) = (", features.size(0),
+                      ",), got ", self_index.sizes());
   }
 }
 

@@ -149,6 +149,16 @@ def _largest_similarity(
     return largest * other / temperature
 
 
+def _not_finite(rows: torch.Tensor) -> torch.Tensor:
+    """True (0-dim bool) when ``rows`` hold a NaN or an infinity. amin and amax propagate NaN,
+    so two reductions decide it without the (N, D) bool temporary of isfinite(rows).all()
+    (32 MiB for a 65536 x 128 reference set)."""
+    if rows.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=rows.device)
+    low, high = torch.aminmax(rows)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _value_checks(features, labels, offsets, temperature, ignore_index, num_classes, ref=None):
     """The checks that need the data: a (K,) bool tensor, True where check k fails, and the K
     functions that write each check's message. Eager calls read the flags with one device sync
@@ -171,13 +181,13 @@ def _value_checks(features, labels, offsets, temperature, ignore_index, num_clas
                 f"{int(labels[valid].min())}"
             ),
         ),
-        (~torch.isfinite(features).all(), lambda: "features contain NaN or infinite values"),
+        (_not_finite(features), lambda: "features contain NaN or infinite values"),
         *(
             []
             if ref is None
             else [
                 (
-                    ~torch.isfinite(ref.features).all(),
+                    _not_finite(ref.features),
                     lambda: "ref_features contain NaN or infinite values",
                 )
             ]

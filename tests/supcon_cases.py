@@ -5,6 +5,8 @@ property-based tests (test_supcon_properties.py) and the compute-sanitizer case.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from mcsc import supcon_loss
@@ -126,3 +128,194 @@ def assert_compiled_matches_eager(features, labels, segments=None, backend="aot_
     result.backward()
     torch.testing.assert_close(result, eager)
     torch.testing.assert_close(compiled_z.grad, eager_z.grad)
+
+
+# ---- The reference set (anchors against separate key rows) ------------------------------------
+
+# name -> options of make_reference_inputs. Key sets much larger and much smaller than the
+# anchors; empty and one-row segments on either side (an anchor segment without keys, keys
+# without anchors); ignored rows on both sides; classes absent from the keys and classes with a
+# single key; self pairs marked for some anchors, and the cross-batch-memory layout (each
+# segment's keys = its memory rows, then copies of the anchors that were enqueued).
+REFERENCE_CASES = {
+    "keys-much-more": {"anchors": [300], "keys": [5000], "dim": 16, "classes": 4},
+    "anchors-more": {"anchors": [1100], "keys": [300], "dim": 33, "classes": 4},
+    "varlen-self": {
+        "anchors": [0, 70, 1, 129, 0, 64, 5],
+        "keys": [40, 0, 600, 1, 0, 300, 0],
+        "dim": 8,
+        "classes": 5,
+        "ignored": 0.2,
+        "self_index": "some",
+    },
+    "memory-and-batch": {
+        "anchors": [200, 57],
+        "keys": [1000, 130],
+        "dim": 16,
+        "classes": 6,
+        "ignored": 0.05,
+        "self_index": "memory",
+    },
+    "rare-key-classes": {"anchors": [150], "keys": [400], "dim": 8, "classes": 6, "rare": True},
+    "deep": {"anchors": [100], "keys": [700], "dim": 257, "classes": 3},
+}
+
+
+class ReferenceInputs(NamedTuple):
+    """Anchors (M, D), labels (M,), offsets (S + 1,), keys (K, D), key labels (K,), key offsets
+    (S + 1,) and each anchor's own key row (M,) int64 (-1 for none) or None."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    offsets: torch.Tensor
+    ref_features: torch.Tensor
+    ref_labels: torch.Tensor
+    ref_offsets: torch.Tensor
+    ref_self_index: torch.Tensor | None
+
+
+def make_reference_inputs(
+    anchors,
+    keys,
+    dim,
+    classes,
+    ignored=0.1,
+    self_index=None,
+    rare=False,
+    *,
+    dtype=torch.float32,
+    seed=0,
+    device="cpu",
+    max_norm=None,
+):
+    """A reference-set call's inputs: ``anchors`` and ``keys`` are the segment lengths of both
+    sets (the same number of segments), rows as in make_inputs.
+
+    self_index: None (no self pairs); "some" (about half of the anchors get a distinct key of
+    their segment overwritten with their own row and label); "memory" (each segment's keys are
+    its ``keys`` memory rows followed by copies of the anchors that were enqueued, every anchor
+    but one in seven; the key lengths grow by those copies). rare: class 0 is removed from the
+    keys (anchors of class 0 have no positive) and class 1 keeps a single key per segment.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def rows(n):
+        z = torch.nn.functional.normalize(
+            torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=1
+        )
+        if max_norm is not None:
+            z *= max_norm * (0.2 + 0.8 * torch.rand(n, 1, generator=generator, dtype=torch.float64))
+        return z
+
+    def row_labels(n):
+        labels = torch.randint(0, classes, (n,), generator=generator)
+        labels[torch.rand(n, generator=generator) < ignored] = IGNORE
+        return labels
+
+    anchor_offsets = torch.tensor([0, *anchors]).cumsum(0)
+    features, labels = rows(sum(anchors)), row_labels(sum(anchors))
+    key_parts, label_parts, own = [], [], torch.full((sum(anchors),), -1, dtype=torch.int64)
+    key_start = 0
+    for segment, memory in enumerate(keys):
+        begin, end = int(anchor_offsets[segment]), int(anchor_offsets[segment + 1])
+        key_rows, key_labels = rows(memory), row_labels(memory)
+        if rare:
+            key_labels[key_labels == 0] = 2 % classes
+            single = (key_labels == 1).nonzero().flatten()
+            key_labels[single[1:]] = IGNORE
+        if self_index == "some" and memory > 0:
+            order = torch.randperm(memory, generator=generator)
+            for position, i in enumerate(range(begin, end)):
+                if position < memory and torch.rand(1, generator=generator) < 0.5:
+                    j = int(order[position])
+                    key_rows[j], key_labels[j], own[i] = features[i], labels[i], key_start + j
+        elif self_index == "memory":
+            enqueued = [i for i in range(begin, end) if i % 7 != 3]
+            for position, i in enumerate(enqueued):
+                own[i] = key_start + memory + position
+            key_rows = torch.cat([key_rows, features[enqueued]])
+            key_labels = torch.cat([key_labels, labels[enqueued]])
+        key_parts.append(key_rows)
+        label_parts.append(key_labels)
+        key_start += key_rows.shape[0]
+    ref_features = torch.cat(key_parts) if key_parts else rows(0)
+    ref_labels = torch.cat(label_parts)
+    ref_offsets = torch.tensor([0, *(part.shape[0] for part in key_parts)]).cumsum(0)
+    return ReferenceInputs(
+        features.to(device=device, dtype=dtype),
+        labels.to(device),
+        anchor_offsets.to(device),
+        ref_features.to(device=device, dtype=dtype),
+        ref_labels.to(device),
+        ref_offsets.to(device),
+        None if self_index is None else own.to(device),
+    )
+
+
+def reference_set_loss_and_grads(
+    inputs: ReferenceInputs, prevalence, upstream, *, exact=True, temperature=TEMPERATURE
+):
+    """The dense reference's per-anchor loss (M,), positives (M,) int64 and the gradients of
+    sum(upstream * loss) with respect to the anchors (M, D) and the keys (K, D): in float64 on
+    the CPU (``exact``), or else eager PyTorch at the inputs' own dtype and device."""
+    if exact:
+        inputs = ReferenceInputs(
+            *(
+                None
+                if value is None
+                else value.cpu().double()
+                if value.is_floating_point()
+                else value.cpu()
+                for value in inputs
+            )
+        )
+        upstream = upstream.cpu().double()
+    features = inputs.features.detach().clone().requires_grad_(True)
+    keys = inputs.ref_features.detach().clone().requires_grad_(True)
+    loss, positives = supcon_per_anchor_reference(
+        features,
+        inputs.labels,
+        inputs.offsets,
+        temperature,
+        prevalence,
+        IGNORE,
+        keys,
+        inputs.ref_labels,
+        inputs.ref_offsets,
+        inputs.ref_self_index,
+    )
+    grad_features, grad_keys = torch.zeros_like(features), torch.zeros_like(keys)
+    if loss.requires_grad:  # not when no anchor segment has a row
+        grads = torch.autograd.grad(
+            (loss * upstream.to(loss.dtype)).sum(), (features, keys), allow_unused=True
+        )
+        grad_features = grads[0] if grads[0] is not None else grad_features
+        grad_keys = grads[1] if grads[1] is not None else grad_keys
+    return loss.detach(), positives, grad_features, grad_keys
+
+
+def assert_reference_set_within_twice_eager_error(
+    inputs: ReferenceInputs, results, upstream, prevalence=True, temperature=TEMPERATURE
+):
+    """The 2x-eager rule of assert_within_twice_eager_error for a reference-set call's
+    (loss, grad_features, grad_ref_features)."""
+    eager = reference_set_loss_and_grads(
+        inputs, prevalence, upstream, exact=False, temperature=temperature
+    )
+    truth = reference_set_loss_and_grads(inputs, prevalence, upstream, temperature=temperature)
+    for name, value, eager_value, true_value in zip(
+        ("loss", "grad_features", "grad_ref_features"),
+        results,
+        (eager[0], eager[2], eager[3]),
+        (truth[0], truth[2], truth[3]),
+    ):
+        assert bool(torch.isfinite(value).all()), f"{name} is not finite"
+        if true_value.numel() == 0:
+            continue
+        error = float((value.detach().cpu().double() - true_value).abs().max())
+        eager_error = float((eager_value.cpu().double() - true_value).abs().max())
+        assert error <= 2 * eager_error + 1e-6 * scaled_atol(true_value, 1.0), (
+            name,
+            error,
+            eager_error,
+        )

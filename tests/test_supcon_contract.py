@@ -8,6 +8,9 @@ empty input; no anchor anywhere; label dtypes and values; features at both sides
 similarity limit; and, for the registered ops (not the emulator, which is called directly),
 opcheck, torch.compile, non-contiguous inputs and the compiled-call policy for bad values.
 Backend-specific tests stay in test_supcon_op.py, test_cuda.py and test_cuda_emulated.py.
+
+The reference set (anchors against separate key rows, tests/supcon_cases.py REFERENCE_CASES)
+has the same contract, run on every backend with a ``per_anchor_reference`` method.
 """
 
 from __future__ import annotations
@@ -20,11 +23,16 @@ from cuda_emulation import emulation
 from supcon_cases import (
     CASES,
     IGNORE,
+    REFERENCE_CASES,
     TEMPERATURE,
+    ReferenceInputs,
     assert_compiled_matches_eager,
+    assert_reference_set_within_twice_eager_error,
     assert_within_twice_eager_error,
     make_inputs,
+    make_reference_inputs,
     reference_loss_and_grad,
+    reference_set_loss_and_grads,
     scaled_atol,
 )
 
@@ -59,9 +67,32 @@ class OpBackend:
 
     def per_anchor(self, features, labels, offsets, prevalence, temperature, ignore_index):
         """(loss, lse, positives), differentiable in features."""
-        return torch.ops.mcsc.supcon_forward(
+        loss, lse, positives, _ = torch.ops.mcsc.supcon_forward(
             features, labels, offsets, temperature, prevalence, ignore_index
         )
+        return loss, lse, positives
+
+    def per_anchor_reference(
+        self, inputs, prevalence, temperature, ignore_index, features=None, ref_features=None
+    ):
+        """(loss, lse, positives) of a reference-set call on ``inputs`` (a ReferenceInputs),
+        differentiable in ``features`` and ``ref_features`` (default: those of ``inputs``)."""
+        features = inputs.features if features is None else features
+        ref_features = inputs.ref_features if ref_features is None else ref_features
+        loss, lse, positives, _ = torch.ops.mcsc.supcon_forward(
+            features,
+            inputs.labels,
+            inputs.offsets,
+            temperature,
+            prevalence,
+            ignore_index,
+            ref_features,
+            inputs.ref_labels,
+            inputs.ref_offsets,
+            inputs.ref_self_index,
+            anchor_gradient=features.requires_grad,
+        )
+        return loss, lse, positives
 
 
 class _EmulatedForward(torch.autograd.Function):
@@ -439,7 +470,7 @@ def test_opcheck(backend):
         torch.ops.mcsc.supcon_forward.default,
         (features, labels, offsets, TEMPERATURE, True, IGNORE),
     )
-    _, lse, positives = torch.ops.mcsc.supcon_forward(
+    _, lse, positives, _ = torch.ops.mcsc.supcon_forward(
         features.detach(), labels, offsets, TEMPERATURE, True, IGNORE
     )
     grad_loss = torch.rand(features.shape[0], device=backend.device).to(backend.dtype)
@@ -595,3 +626,344 @@ def test_emulated_kernels_carry_the_compiled_call_poison(backend):
     upstream = torch.full((features.shape[0],), float("nan"))
     _, _, positives, grad = loss_and_grad(backend, features, labels, offsets, True, upstream)
     assert bool(torch.isnan(grad[positives > 0]).all())
+
+
+# ---- The reference set ---------------------------------------------------------------------
+
+REFERENCE_BACKENDS = [
+    name for name, backend in BACKENDS.items() if hasattr(backend, "per_anchor_reference")
+]
+
+
+def reference_inputs(backend, case, **options):
+    return make_reference_inputs(
+        **REFERENCE_CASES[case], dtype=backend.dtype, device=backend.device, **options
+    )
+
+
+def reference_set_results(backend, inputs, prevalence, upstream, ignore_index=IGNORE):
+    """(loss, lse, positives, grad features, grad ref_features) of sum(upstream * loss)."""
+    features = inputs.features.detach().requires_grad_(True)  # keeps the layout
+    keys = inputs.ref_features.detach().requires_grad_(True)
+    loss, lse, positives = backend.per_anchor_reference(
+        inputs, prevalence, TEMPERATURE, ignore_index, features, keys
+    )
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    return loss.detach(), lse, positives, features.grad, keys.grad
+
+
+@on_backends(REFERENCE_BACKENDS)
+@pytest.mark.parametrize("prevalence", [True, False], ids=["prevalence", "none"])
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_reference_set_matches_reference(backend, case, prevalence):
+    inputs = reference_inputs(backend, case)
+    upstream = torch.rand(
+        inputs.features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    ).to(backend.device)
+    loss, lse, positives, grad_features, grad_keys = reference_set_results(
+        backend, inputs, prevalence, upstream
+    )
+    ref_loss, ref_positives, ref_features, ref_keys = reference_set_loss_and_grads(
+        inputs, prevalence, upstream
+    )
+    assert loss.dtype == grad_features.dtype == grad_keys.dtype == backend.dtype
+    assert lse.dtype == (torch.float64 if backend.dtype == torch.float64 else torch.float32)
+    assert positives.dtype == torch.int32
+    assert torch.equal(positives.cpu().long(), ref_positives)
+    assert bool(torch.isfinite(lse[positives > 0]).all())
+    relative = TOLERANCE.get((backend.dtype, backend.allow_tf32))
+    if relative is None:
+        assert_reference_set_within_twice_eager_error(
+            inputs, (loss, grad_features, grad_keys), upstream.to(backend.dtype), prevalence
+        )
+        return
+    for value, expected in ((loss, ref_loss), (grad_features, ref_features), (grad_keys, ref_keys)):
+        torch.testing.assert_close(
+            value.cpu().double(), expected, rtol=relative, atol=scaled_atol(expected, relative)
+        )
+
+
+@on_backends([name for name in REFERENCE_BACKENDS if name in FLOAT64])
+def test_reference_set_gradcheck(backend):
+    inputs = make_reference_inputs(
+        [1, 7, 0, 6],
+        [9, 4, 3, 0],
+        4,
+        3,
+        0.1,
+        "some",
+        dtype=torch.float64,
+        device=backend.device,
+        seed=8,
+    )
+    for prevalence in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda z, k, prevalence=prevalence: backend.per_anchor_reference(
+                inputs, prevalence, TEMPERATURE, IGNORE, z, k
+            )[0],
+            (
+                inputs.features.clone().requires_grad_(True),
+                inputs.ref_features.clone().requires_grad_(True),
+            ),
+        )
+
+
+@on_backends(REFERENCE_BACKENDS)
+@pytest.mark.parametrize("empty", ["anchors", "keys"])
+def test_reference_set_with_an_empty_side(backend, empty):
+    """No anchors: empty outputs and a zero key gradient. No keys: no anchor has a positive, so
+    zero losses and zero gradients (and positives 0 for valid anchors)."""
+    anchors, keys = ([0, 0], [40, 9]) if empty == "anchors" else ([30, 9], [0, 0])
+    inputs = make_reference_inputs(
+        anchors, keys, 8, 3, 0.1, dtype=backend.dtype, device=backend.device
+    )
+    m = inputs.features.shape[0]
+    loss, lse, positives, grad_features, grad_keys = reference_set_results(
+        backend, inputs, True, torch.ones(m, device=backend.device)
+    )
+    assert loss.shape == lse.shape == positives.shape == (m,)
+    assert grad_features.shape == inputs.features.shape
+    assert grad_keys.shape == inputs.ref_features.shape
+    expected_positives = torch.where(inputs.labels == IGNORE, -1, 0).int()
+    assert torch.equal(positives.cpu(), expected_positives.cpu())
+    for value in (loss, grad_features, grad_keys):
+        assert torch.equal(value, torch.zeros_like(value))
+
+
+@on_backends(REFERENCE_BACKENDS)
+def test_reference_set_label_types_and_values(backend):
+    """int32 labels, huge sparse int64 ids and another ignore_index on both sides give bitwise
+    the results of compact int64 ids."""
+    inputs = reference_inputs(backend, "varlen-self")
+    upstream = torch.rand(inputs.features.shape[0], generator=torch.Generator().manual_seed(4))
+    upstream = upstream.to(backend.device)
+    expected = reference_set_results(backend, inputs, True, upstream)
+
+    def relabelled(change):
+        return inputs._replace(labels=change(inputs.labels), ref_labels=change(inputs.ref_labels))
+
+    variants = [
+        (relabelled(lambda y: y.int()), IGNORE),
+        (relabelled(lambda y: torch.where(y == IGNORE, y, y * (1 << 40) + 7)), IGNORE),
+        (relabelled(lambda y: torch.where(y == IGNORE, torch.full_like(y, 255), y)), 255),
+    ]
+    for these, ignore_index in variants:
+        result = reference_set_results(backend, these, True, upstream, ignore_index)
+        for name, value, expected_value in zip(
+            ("loss", "lse", "positives", "grad_features", "grad_ref_features"), result, expected
+        ):
+            assert torch.equal(value, expected_value), name
+
+
+@on_backends([name for name in REFERENCE_BACKENDS if BACKENDS[name].registered])
+def test_reference_set_opcheck(backend):
+    inputs = make_reference_inputs(
+        [40, 0, 57],
+        [90, 20, 130],
+        20,
+        3,
+        0.1,
+        "some",
+        dtype=backend.dtype,
+        device=backend.device,
+    )
+    features = inputs.features.clone().requires_grad_(True)
+    keys = inputs.ref_features.clone().requires_grad_(True)
+    reference_args = (keys, inputs.ref_labels, inputs.ref_offsets, inputs.ref_self_index)
+    # anchor_gradient keeps the anchors' gradient; without it only the keys may need one
+    for anchors, anchor_gradient in ((features, True), (features.detach(), False)):
+        torch.library.opcheck(
+            torch.ops.mcsc.supcon_forward.default,
+            (anchors, inputs.labels, inputs.offsets, TEMPERATURE, True, IGNORE, *reference_args),
+            {"anchor_gradient": anchor_gradient},
+        )
+    _, lse, positives, _ = torch.ops.mcsc.supcon_forward(
+        inputs.features, inputs.labels, inputs.offsets, TEMPERATURE, True, IGNORE, *inputs[3:]
+    )
+    grad_loss = torch.rand(features.shape[0], device=backend.device).to(backend.dtype)
+    torch.library.opcheck(
+        torch.ops.mcsc.supcon_backward.default,
+        (
+            grad_loss,
+            inputs.features,
+            inputs.labels,
+            inputs.offsets,
+            lse,
+            positives,
+            TEMPERATURE,
+            False,
+            IGNORE,
+            *(inputs.ref_features, *inputs[4:]),
+        ),
+    )
+
+
+def reference_set_step(inputs, **options):
+    """normalise both sets + supcon_loss over the reference set, as a function of both."""
+
+    def step(z, k):
+        return supcon_loss(
+            torch.nn.functional.normalize(z, dim=1),
+            inputs.labels,
+            segments=inputs.offsets,
+            ref_features=torch.nn.functional.normalize(k, dim=1),
+            ref_labels=inputs.ref_labels,
+            ref_segments=inputs.ref_offsets,
+            ref_self_index=inputs.ref_self_index,
+            **options,
+        )
+
+    return step
+
+
+@on_backends(
+    [name for name in REFERENCE_BACKENDS if BACKENDS[name].registered and name.endswith("32")]
+)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("keys_need_grad", [True, False], ids=["keys-grad", "keys-fixed"])
+def test_reference_set_torch_compile_fullgraph_matches_eager(backend, compiler, keys_need_grad):
+    inputs = reference_inputs(backend, "memory-and-batch")
+    step = reference_set_step(inputs)
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    results = []
+    for function in (step, compiled):
+        z = inputs.features.clone().requires_grad_(True)
+        k = inputs.ref_features.clone().requires_grad_(keys_need_grad)
+        loss = function(z, k)
+        loss.backward()
+        results.append((loss.detach(), z.grad, k.grad))
+    (eager, eager_z, eager_k), (result, result_z, result_k) = results
+    torch.testing.assert_close(result, eager)
+    torch.testing.assert_close(result_z, eager_z)
+    if keys_need_grad:
+        torch.testing.assert_close(result_k, eager_k)
+    else:
+        assert result_k is None and eager_k is None
+
+
+@on_backends([name for name in REFERENCE_BACKENDS if BACKENDS[name].registered])
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_reference_set_non_contiguous_inputs(backend, layout):
+    inputs = reference_inputs(backend, "varlen-self")
+
+    def relaid(dense):
+        if layout == "transposed":
+            return dense.t().contiguous().t()
+        wide = torch.zeros(
+            dense.shape[0], 2 * dense.shape[1], dtype=dense.dtype, device=dense.device
+        )
+        return wide[:, ::2].copy_(dense)
+
+    strided = inputs._replace(
+        features=relaid(inputs.features), ref_features=relaid(inputs.ref_features)
+    )
+    assert not strided.features.is_contiguous() and not strided.ref_features.is_contiguous()
+    upstream = torch.rand(inputs.features.shape[0], device=backend.device)
+    result = reference_set_results(backend, strided, True, upstream)
+    expected = reference_set_results(backend, inputs, True, upstream)
+    for value, expected_value in zip(result, expected):
+        assert torch.equal(value, expected_value)
+    assert result[3].stride() == torch.empty_like(strided.features).stride()
+    assert result[4].stride() == torch.empty_like(strided.ref_features).stride()
+
+
+def bad_reference_values(inputs: ReferenceInputs):
+    """(name, inputs) per bad reference-set value that eager calls reject; ``inputs`` are two
+    segments in the memory layout whose first segment's first 50 keys are memory rows, with
+    self indices on anchors 0 and 1."""
+    keys, key_labels, own = inputs.ref_features, inputs.ref_labels, inputs.ref_self_index
+    k = keys.shape[0]
+    device = keys.device
+
+    def with_key(row, value):
+        changed = keys.clone()
+        changed[row, 1] = value
+        return inputs._replace(ref_features=changed)
+
+    def with_self(anchor, row):
+        changed = own.clone()
+        changed[anchor] = row
+        return inputs._replace(ref_self_index=changed)
+
+    negative = key_labels.clone()
+    negative[7] = -5
+    other_label = int((key_labels[:50] != inputs.labels[0]).nonzero()[0])
+    return [
+        ("nan-ref-feature", with_key(3, float("nan"))),
+        ("inf-ref-feature", with_key(k - 1, float("inf"))),
+        ("negative-ref-label", inputs._replace(ref_labels=negative)),
+        ("ref-too-large", inputs._replace(ref_features=keys * 1e20)),
+        (
+            "ref-segments-past-k",
+            inputs._replace(ref_offsets=torch.tensor([0, 50, k + 7], device=device)),
+        ),
+        (
+            "ref-segments-decreasing",
+            inputs._replace(ref_offsets=torch.tensor([0, k + 5, k], device=device)),
+        ),
+        ("self-index-past-k", with_self(0, k + 5)),
+        ("self-index-below-minus-one", with_self(0, -2)),
+        ("self-index-outside-segment", with_self(1, k - 1)),
+        ("self-index-other-label", with_self(0, other_label)),
+    ]
+
+
+BAD_REFERENCE_VALUE_NAMES = [
+    name
+    for name, _ in bad_reference_values(
+        make_reference_inputs([20, 20], [50, 50], 4, 3, 0.0, "memory", seed=1)
+    )
+]
+# What the CPU kernel reports for each bad reference value.
+CPU_KERNEL_REFERENCE_ERRORS = {
+    "nan-ref-feature": "ref_features contain NaN or infinite",
+    "inf-ref-feature": "ref_features contain NaN or infinite",
+    "negative-ref-label": "ref_labels must be in",
+    "ref-too-large": "features are too large",
+    "ref-segments-past-k": "ref_segments must start at 0 and end at K",
+    "ref-segments-decreasing": "ref_segments must be non-decreasing",
+    "self-index-past-k": "ref_self_index must be -1 or a row",
+    "self-index-below-minus-one": "ref_self_index must be -1 or a row",
+    "self-index-outside-segment": "anchor's own segment",
+    "self-index-other-label": "anchor's own label",
+}
+
+
+@on_backends(
+    [name for name in REFERENCE_BACKENDS if BACKENDS[name].registered and name.endswith("32")]
+)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("bad", BAD_REFERENCE_VALUE_NAMES)
+def test_reference_set_compiled_call_with_bad_values_is_never_silent(backend, compiler, bad):
+    """Bad reference values raise the eager call's ValueError; compiled, the CPU kernel raises
+    it, and elsewhere loss and gradient are NaN."""
+    inputs = make_reference_inputs(
+        [20, 20], [50, 50], 4, 3, 0.0, "memory", seed=1, dtype=backend.dtype, device=backend.device
+    )
+    assert int(inputs.ref_self_index[0]) >= 0 and int(inputs.ref_self_index[1]) >= 0
+    bad_inputs = dict(bad_reference_values(inputs))[bad]
+
+    def call(z, k):
+        return supcon_loss(
+            z,
+            bad_inputs.labels,
+            segments=bad_inputs.offsets,
+            ref_features=k,
+            ref_labels=bad_inputs.ref_labels,
+            ref_segments=bad_inputs.ref_offsets,
+            ref_self_index=bad_inputs.ref_self_index,
+        )
+
+    with pytest.raises(ValueError):
+        call(bad_inputs.features, bad_inputs.ref_features)
+    compiled = torch.compile(call, fullgraph=True, backend=compiler)
+    z = bad_inputs.features.clone().requires_grad_(True)
+    k = bad_inputs.ref_features.clone().requires_grad_(True)
+    if backend.device == "cpu":
+        with pytest.raises(ValueError, match=CPU_KERNEL_REFERENCE_ERRORS[bad]):
+            compiled(z, k)
+        return
+    loss = compiled(z, k)
+    loss.backward()
+    assert bool(torch.isnan(loss)), f"compiled call returned {float(loss)} for {bad}"
+    assert bool(torch.isnan(z.grad).any()), "the gradient is not poisoned"

@@ -88,8 +88,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     const std::optional<at::Tensor>& ref_segments,
     const std::optional<at::Tensor>& ref_self_index, bool anchor_gradient) {
   check_op_inputs(features, labels, segments, c10::DeviceType::CUDA, kFeatureDtypes);
-  check_reference_inputs(features, labels, segments, ref_features, ref_labels, ref_segments,
-                         ref_self_index, anchor_gradient);
+  check_reference_inputs(features, segments, ref_features, ref_labels, ref_segments,
+                         ref_self_index);
+  TORCH_CHECK_VALUE(!anchor_gradient || ref_features.has_value(),
+                    "mcsc: anchor_gradient=True needs ref_features (a single-set call's "
+                    "gradient comes from supcon_backward)");
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t multiprocessors =
       at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -114,7 +117,7 @@ at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& f
                                 const std::optional<at::Tensor>& ref_self_index) {
   check_backward_inputs(grad_loss, features, labels, segments, lse, positives,
                         c10::DeviceType::CUDA, kFeatureDtypes);
-  check_reference_inputs(features, labels, segments, ref_features, ref_labels, ref_segments,
+  check_reference_inputs(features, segments, ref_features, ref_labels, ref_segments,
                          ref_self_index);
   const c10::cuda::CUDAGuard guard(features.device());
   const auto keys = reference_rows(ref_features, ref_labels, ref_segments, ref_self_index);
