@@ -43,7 +43,7 @@ REFERENCE_CASES = {
     # M >> K, without ref_self_index.
     "many-anchors": ReferenceCase([300, 10], [20, 0], 16, 3, 3, 0.1, None),
     # D past the backward's 128 output columns and the mma kernels' resident depth.
-    "deep": ReferenceCase([65], [130], 257, 4, 4, 0.0, 1.0),
+    "deep": ReferenceCase([33], [70], 257, 4, 4, 0.0, 1.0),
 }
 
 
