@@ -227,6 +227,12 @@ class EmulatedBackend:
             (temperature, prevalence, ignore_index, self.path),
         )
 
+
+class ReferenceSetEmulatedBackend(EmulatedBackend):
+    """An emulated path that also runs the reference-set contract. Only some paths do (one per
+    kernel family and multiply: the emulation is slow); tests/test_cuda_emulated.py runs the
+    reference set on every path."""
+
     def per_anchor_reference(
         self, inputs, prevalence, temperature, ignore_index, features=None, ref_features=None
     ):
@@ -247,6 +253,9 @@ class EmulatedBackend:
         )
 
 
+# The emulated paths that run the reference-set contract.
+REFERENCE_SET_PATHS = ("float64-fma", "bfloat16-wmma", "float16-mma", "float32-tf32-mma")
+
 BACKENDS = {
     "cpu-float64": OpBackend("cpu", torch.float64),
     "cpu-float32": OpBackend("cpu", torch.float32),
@@ -254,7 +263,12 @@ BACKENDS = {
     "cuda-float32": OpBackend("cuda", torch.float32),
     "cuda-float16": OpBackend("cuda", torch.float16),
     "cuda-bfloat16": OpBackend("cuda", torch.bfloat16),
-    **{f"emulated-{path}": EmulatedBackend(path) for path in emulation.PATHS},
+    **{
+        f"emulated-{path}": (
+            ReferenceSetEmulatedBackend if path in REFERENCE_SET_PATHS else EmulatedBackend
+        )(path)
+        for path in emulation.PATHS
+    },
 }
 REGISTERED = [name for name, backend in BACKENDS.items() if backend.registered]
 FLOAT64 = [name for name, backend in BACKENDS.items() if backend.dtype == torch.float64]
