@@ -5,7 +5,9 @@ Checks, each with a message saying what is wrong:
 2. mcsc::supcon_forward and mcsc::supcon_backward have kernels for the CUDA dispatch key;
 3. the shared library contains sm_90 machine code (a cubin, not only PTX);
 4. with a cuobjdump (CUDA_HOME, PATH, or the one triton's wheel carries), for every cubin:
-   the mma.sync kernels (fp16/bf16 and float32 TF32, MCSC_CUDA_KERNELS=mma) have no stack frame
+   the mma.sync kernels (fp16/bf16 and float32 TF32, MCSC_CUDA_KERNELS=mma; every
+   instantiation, including the backward's float32-output ones that compute the reference-set
+   call's anchor gradients for fp16/bf16 features, which must be present) have no stack frame
    and no local memory (so no register spills) in --dump-resource-usage, and their SASS
    contains HMMA, LDSM and LDGSTS (tensor-core multiplies, ldmatrix and cp.async really made it
    into the machine code). The WMMA kernels' usage is printed, not checked.
@@ -108,6 +110,12 @@ def cuobjdump_cubin_archs(tool: str, path: str) -> set[int]:
 # kernel with the MmaMultiply policy (its FmaMultiply instantiation has no HMMA and is not
 # checked).
 MMA_KERNELS = ("supcon_forward_tiled_kernelINS0_11MmaMultiply", "supcon_backward_mma_kernel")
+# The mma backward with float32 output for fp16 and bf16 features (the reference-set call's
+# anchor gradients, written in the accumulation dtype), by a fragment of their mangled names.
+ANCHOR_GRADIENT_KERNELS = (
+    "supcon_backward_mma_kernelIN3c104HalfEf",
+    "supcon_backward_mma_kernelIN3c108BFloat16Ef",
+)
 # Instructions every mma.sync kernel's SASS must contain: tensor-core multiply, ldmatrix, and
 # cp.async (LDGSTS: global to shared without registers).
 MMA_INSTRUCTIONS = ("HMMA", "LDSM", "LDGSTS")
@@ -158,6 +166,10 @@ def register_kernel_failures(tool: str, path: str) -> list[str]:
             "no mma.sync kernel (supcon_forward_tiled_kernel<MmaMultiply>, "
             "supcon_backward_mma_kernel) in the library"
         )
+    for arch in sorted({arch for arch, _, _ in usage}):
+        for kernel in ANCHOR_GRADIENT_KERNELS:
+            if not any(kernel in name for other, name, _ in usage if other == arch):
+                failures.append(f"{arch} lacks the anchor-gradient kernel {kernel}")
     for arch, name, fields in usage:
         checked = any(kernel in name for kernel in MMA_KERNELS)
         print(

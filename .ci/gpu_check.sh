@@ -12,13 +12,16 @@
 #               H200)
 #   registered  .ci/check_cuda_build.py for that architecture
 #   tests-wmma, tests-mma
-#               tests/test_cuda.py and the CUDA cases of tests/test_supcon_contract.py, once per
-#               fp16/bf16 kernel family (MCSC_CUDA_KERNELS=wmma:
-#               the WMMA kernels validated on hardware; mma: the mma.sync/ldmatrix/cp.async
-#               kernels, whose fragment layouts only hardware can confirm)
+#               tests/test_cuda.py (the single-set and the reference-set call) and the CUDA
+#               cases of tests/test_supcon_contract.py, once per fp16/bf16 kernel family
+#               (MCSC_CUDA_KERNELS=wmma: the WMMA kernels validated on hardware; mma: the
+#               mma.sync/ldmatrix/cp.async kernels, whose fragment layouts only hardware can
+#               confirm)
 #   memcheck, racecheck, synccheck, initcheck
 #               compute-sanitizer's four tools on tests/sanitizer_case.py: one small varlen
-#               forward and backward per multiply path, checked against the reference
+#               forward and backward per multiply path, then a reference-set forward (with the
+#               anchors' gradients) and backward (the keys' gradient), checked against the
+#               reference
 #   bench       benchmarks/run.py --device cuda --targets: the GPU targets with fused, flex,
 #               dense, compiled and gemm in one run (OUT_DIR/bench)
 #   train       .ci/gpu_train_check.sh OUT_DIR/train, where that script exists: the trainer

@@ -1,9 +1,12 @@
 """CUDA kernels of mcsc::supcon_forward / supcon_backward.
 
 The CUDA-specific checks, under each kernel family: N = 262144, D = 128 in under 1 GiB of extra
-GPU memory; N * D above 2^31; bitwise determinism; agreement with the compiled CPU op. What every
-backend must pass (reference, fp16/bf16 rule, gradcheck, opcheck, compile) is in
-test_supcon_contract.py.
+GPU memory; N * D above 2^31; bitwise determinism; agreement with the compiled CPU op; and the
+reference-set (two-set) call: every dtype against the float64 reference (the emulator's cases,
+tests/cuda_emulation/reference_sets.py), through supcon_loss's autograd, the single set as the
+reference set of itself, determinism, non-contiguous inputs, and 4096 anchors against 65536 keys
+in O((M + K) D) memory. What every backend must pass (reference, fp16/bf16 rule, gradcheck,
+opcheck, compile) is in test_supcon_contract.py.
 Every test is skipped with "needs a CUDA GPU" when no GPU is visible.
 """
 
@@ -14,6 +17,13 @@ import os
 import pytest
 import supcon_cases
 import torch
+from cuda_emulation.reference_sets import (
+    REFERENCE_CASES,
+    ReferenceInputs,
+    assert_matches_reference_set,
+    make_reference_inputs,
+    reference_expected,
+)
 from supcon_cases import (
     CASES,
     IGNORE,
@@ -50,7 +60,7 @@ def make_inputs(*case, **options):
 
 def op_loss_and_grad(features, labels, offsets, prevalence, upstream):
     z = features.detach().requires_grad_(True)  # keeps the layout (clone would not, if strided)
-    loss, lse, positives = torch.ops.mcsc.supcon_forward(
+    loss, lse, positives, _ = torch.ops.mcsc.supcon_forward(
         z, labels, offsets, TEMPERATURE, prevalence, IGNORE
     )
     (loss * upstream.to(loss.dtype)).sum().backward()
@@ -117,7 +127,7 @@ def test_64_bit_indexing():
     labels = torch.randint(0, 3, (n,), device="cuda", generator=generator)
     offsets = torch.arange(0, n + 1, length, device="cuda", dtype=torch.int64)
     features.requires_grad_(True)
-    loss, _, positives = torch.ops.mcsc.supcon_forward(
+    loss, _, positives, _ = torch.ops.mcsc.supcon_forward(
         features, labels, offsets, TEMPERATURE, True, IGNORE
     )
     upstream = torch.rand(n, device="cuda", dtype=torch.bfloat16)
@@ -192,3 +202,173 @@ def test_unknown_kernel_family_is_rejected(monkeypatch):
     monkeypatch.setenv("MCSC_CUDA_KERNELS", "fastest")
     with pytest.raises(ValueError, match="MCSC_CUDA_KERNELS must be 'wmma' or 'mma'"):
         torch.ops.mcsc.supcon_forward(features, labels, offsets, TEMPERATURE, True, IGNORE)
+
+
+# ---- The reference-set (two-set) call -----------------------------------------------------
+
+# Relative tolerance against the float64 reference; fp16/bf16 follow the 2x-eager rule.
+REFERENCE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def reference_set_op(inputs, prevalence, upstream):
+    """(loss, lse, positives, anchor_grad, ref_grad) from torch.ops.mcsc on the GPU."""
+    keys = inputs.reference_args()
+    loss, lse, positives, anchor_grad = torch.ops.mcsc.supcon_forward(
+        inputs.features,
+        inputs.labels,
+        inputs.segments,
+        TEMPERATURE,
+        prevalence,
+        IGNORE,
+        **keys,
+        anchor_gradient=True,
+    )
+    ref_grad = torch.ops.mcsc.supcon_backward(
+        upstream.to(device="cuda", dtype=lse.dtype),
+        inputs.features,
+        inputs.labels,
+        inputs.segments,
+        lse,
+        positives,
+        TEMPERATURE,
+        prevalence,
+        IGNORE,
+        **keys,
+    )
+    return loss, lse, positives, anchor_grad, ref_grad
+
+
+def cuda_reference_inputs(case, dtype, seed=0):
+    return make_reference_inputs(REFERENCE_CASES[case], dtype=dtype, device="cuda", seed=seed)
+
+
+@pytest.mark.parametrize("prevalence", [True, False], ids=["prevalence", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_reference_set_matches_reference(case, dtype, prevalence):
+    inputs = cuda_reference_inputs(case, dtype)
+    upstream = torch.rand(inputs.features.shape[0], dtype=torch.float64)
+    results = reference_set_op(inputs, prevalence, upstream)
+    assert_matches_reference_set(
+        results, inputs, prevalence, upstream, dtype, REFERENCE_TOLERANCE.get(dtype)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_set_through_supcon_loss(dtype):
+    """supcon_loss's autograd on the GPU: the anchors' gradient from the forward's anchor_grad,
+    the keys' from the backward, both as the reference's."""
+    inputs = cuda_reference_inputs("varlen", dtype)
+    features = inputs.features.clone().requires_grad_(True)
+    keys = inputs.ref_features.clone().requires_grad_(True)
+    loss = supcon_loss(
+        features,
+        inputs.labels,
+        temperature=TEMPERATURE,
+        segments=inputs.segments,
+        reduction="sum",
+        ref_features=keys,
+        ref_labels=inputs.ref_labels,
+        ref_segments=inputs.ref_segments,
+        ref_self_index=inputs.ref_self_index,
+    )
+    loss.backward()
+    upstream = torch.ones(inputs.features.shape[0], dtype=torch.float64)
+    expected = reference_expected(inputs, True, upstream)
+    relative = REFERENCE_TOLERANCE.get(dtype, 2e-2)
+    for name, value, truth in (
+        ("loss", loss.detach().reshape(1), expected.loss.sum().reshape(1)),
+        ("features.grad", features.grad, expected.anchor_grad),
+        ("ref_features.grad", keys.grad, expected.ref_grad),
+    ):
+        torch.testing.assert_close(
+            value.cpu().double(),
+            truth,
+            rtol=relative,
+            atol=scaled_atol(truth, relative),
+            msg=name,
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_set_is_the_reference_set_of_itself(dtype):
+    """Keys = anchors with own pairs i -> i: the single set's forward bits."""
+    features, labels, offsets = make_inputs(*CASES["varlen-empty-segments"], dtype=dtype)
+    itself = ReferenceInputs(
+        features,
+        labels,
+        offsets,
+        features,
+        labels,
+        offsets,
+        torch.arange(features.shape[0], device="cuda"),
+    )
+    upstream = torch.rand(features.shape[0], dtype=torch.float64)
+    loss, lse, positives, _, _ = reference_set_op(itself, True, upstream)
+    one_loss, one_lse, one_positives, _ = torch.ops.mcsc.supcon_forward(
+        features, labels, offsets, TEMPERATURE, True, IGNORE
+    )
+    assert torch.equal(loss, one_loss)
+    assert torch.equal(lse, one_lse)
+    assert torch.equal(positives, one_positives)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_reference_set_deterministic(dtype):
+    inputs = cuda_reference_inputs("many-keys", dtype)
+    upstream = torch.rand(inputs.features.shape[0], dtype=torch.float64)
+    first = reference_set_op(inputs, True, upstream)
+    second = reference_set_op(inputs, True, upstream)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_reference_set_non_contiguous_inputs():
+    inputs = cuda_reference_inputs("varlen", torch.float32)
+    upstream = torch.rand(inputs.features.shape[0], dtype=torch.float64)
+    dense = reference_set_op(inputs, True, upstream)
+    keys = inputs.ref_features
+    strided_keys = torch.zeros(keys.shape[0], 2 * keys.shape[1], dtype=keys.dtype, device="cuda")[
+        :, ::2
+    ]
+    strided_keys.copy_(keys)
+    strided = inputs._replace(
+        features=inputs.features.t().contiguous().t(),
+        labels=torch.stack([inputs.labels, inputs.labels], dim=1)[:, 0],
+        ref_features=strided_keys,
+    )
+    for a, b in zip(dense, reference_set_op(strided, True, upstream)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_reference_set_of_65536_keys_in_linear_memory(dtype):
+    """4096 anchors against 65536 keys, D = 128, forward and both gradients: under 64 MiB of GPU
+    memory beyond the inputs and their gradients (the similarity matrix alone would take 1 GiB
+    in float32), with finite results."""
+    m, k, dim = 4096, 65536, 128
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    features = torch.nn.functional.normalize(
+        torch.randn(m, dim, device="cuda", generator=generator), dim=1
+    ).to(dtype)
+    keys = torch.nn.functional.normalize(
+        torch.randn(k, dim, device="cuda", generator=generator), dim=1
+    ).to(dtype)
+    labels = torch.randint(0, 10, (m,), device="cuda", generator=generator)
+    key_labels = torch.randint(0, 10, (k,), device="cuda", generator=generator)
+    features.requires_grad_(True)
+    keys.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    loss = supcon_loss(
+        features, labels, temperature=TEMPERATURE, ref_features=keys, ref_labels=key_labels
+    )
+    loss.backward()
+    torch.cuda.synchronize()
+    gradients = (features.numel() + keys.numel()) * features.element_size()
+    extra = torch.cuda.max_memory_allocated() - baseline - gradients
+    assert extra < 64 * (1 << 20), f"used {extra / (1 << 20):.0f} MiB beyond the gradients"
+    assert bool(torch.isfinite(loss))
+    assert bool(torch.isfinite(features.grad).all()) and bool(torch.isfinite(keys.grad).all())

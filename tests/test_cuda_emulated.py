@@ -26,6 +26,7 @@ compute-sanitizer's, on a GPU.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -35,6 +36,13 @@ import pytest
 import torch
 from cuda_emulation import emulation
 from cuda_emulation.emulation import PATHS
+from cuda_emulation.reference_sets import (
+    REFERENCE_CASES,
+    ReferenceCase,
+    ReferenceInputs,
+    assert_matches_reference_set,
+    make_reference_inputs,
+)
 from supcon_cases import (
     CASES,
     IGNORE,
@@ -78,7 +86,7 @@ def run(
     temperature=TEMPERATURE,
 ):
     """(loss, lse, positives, d(sum upstream * loss)/dz) from the emulated kernels of `path`."""
-    loss, lse, positives = emulation.forward(
+    loss, lse, positives, _ = emulation.forward(
         emulated, path, features, labels, offsets, temperature, prevalence, IGNORE, descending
     )
     grad = emulation.backward(
@@ -143,7 +151,7 @@ def test_forward_column_splits_merge_to_one_split(emulated, path):
         )
         for target in (1, 4096)
     }
-    (one_loss, one_lse, one_positives), (loss, lse, positives) = outputs[1], outputs[4096]
+    (one_loss, one_lse, one_positives, _), (loss, lse, positives, _) = outputs[1], outputs[4096]
     assert torch.equal(positives, one_positives)
     anchors = positives > 0
     relative = TOLERANCE.get(path, 1e-2)  # the loss is rounded to bfloat16
@@ -167,7 +175,7 @@ def test_matches_cpu_op(emulated, case):
         emulated, features, labels, offsets, True, upstream, PATHS["float32-fma"], False
     )
     z = features.clone().requires_grad_(True)
-    cpu_loss, cpu_lse, cpu_positives = torch.ops.mcsc.supcon_forward(
+    cpu_loss, cpu_lse, cpu_positives, _ = torch.ops.mcsc.supcon_forward(
         z, labels, offsets, TEMPERATURE, True, IGNORE
     )
     (cpu_loss * upstream).sum().backward()
@@ -238,6 +246,267 @@ def test_unknown_kernel_family_is_rejected(emulated):
         emulated.forward(
             features, labels, offsets, TEMPERATURE, True, IGNORE, False, False, kernels="fastest"
         )
+
+
+# ---- The reference-set (two-set) call: anchors against keys ------------------------------
+
+
+def run_reference_set(emulated, inputs, prevalence, upstream, path, descending, **options):
+    """(loss, lse, positives, anchor_grad, ref_grad) of the emulated kernels of `path` for the
+    two-set call: the forward with anchor_gradient, then the keys' backward."""
+    keys = inputs.reference_args()
+    loss, lse, positives, anchor_grad = emulation.forward(
+        emulated,
+        path,
+        inputs.features,
+        inputs.labels,
+        inputs.segments,
+        TEMPERATURE,
+        prevalence,
+        IGNORE,
+        descending,
+        anchor_gradient=True,
+        **keys,
+        **options,
+    )
+    ref_grad = emulation.backward(
+        emulated,
+        path,
+        upstream,
+        inputs.features,
+        inputs.labels,
+        inputs.segments,
+        lse,
+        positives,
+        TEMPERATURE,
+        prevalence,
+        descending,
+        IGNORE,
+        **keys,
+    )
+    return loss, lse, positives, anchor_grad, ref_grad
+
+
+REFERENCE_OUTPUTS = ("loss", "lse", "positives", "anchor_grad", "ref_grad")
+
+
+def run_reference_set_both_orders(emulated, inputs, prevalence, upstream, path, **options):
+    """run_reference_set's results, checked bitwise equal between the two thread orders."""
+    ascending = run_reference_set(emulated, inputs, prevalence, upstream, path, False, **options)
+    descending = run_reference_set(emulated, inputs, prevalence, upstream, path, True, **options)
+    for name, first, second in zip(REFERENCE_OUTPUTS, ascending, descending):
+        assert torch.equal(first, second), (
+            f"{name} depends on the order threads run between barriers: a barrier is missing, "
+            f"or shared memory is read before the block writes it"
+        )
+    return ascending
+
+
+def reference_upstream(inputs, seed=1):
+    return torch.rand(
+        inputs.features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def assert_reference_set_matches(results, inputs, prevalence, upstream, path):
+    """The emulated two-set results of `path` against the float64 reference."""
+    assert_matches_reference_set(
+        results, inputs, prevalence, upstream, PATHS[path].dtype, TOLERANCE.get(path)
+    )
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize(
+    ("case", "prevalence"),
+    [
+        ("varlen", True),
+        ("varlen", False),
+        ("many-keys", True),
+        ("many-anchors", True),
+        ("deep", True),
+    ],
+)
+def test_reference_set_matches_reference(emulated, path, case, prevalence):
+    """Anchors against keys: forward (loss, lse, positives), the anchors' own gradients and the
+    keys' gradient against the float64 reference, differentiated with autograd."""
+    inputs = make_reference_inputs(REFERENCE_CASES[case], dtype=PATHS[path].dtype)
+    upstream = reference_upstream(inputs)
+    results = run_reference_set_both_orders(emulated, inputs, prevalence, upstream, PATHS[path])
+    assert_reference_set_matches(results, inputs, prevalence, upstream, path)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_one_set_is_the_reference_set_of_itself(emulated, path):
+    """The single-set call is the two-set call with keys = anchors and own pairs i -> i: the
+    same forward bits, and gradients (anchors' and keys' summed) that agree with the single
+    set's."""
+    features, labels, offsets = make_inputs(
+        *CASES["varlen-empty-segments"], dtype=PATHS[path].dtype
+    )
+    upstream = torch.rand(
+        features.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(6)
+    )
+    one_set = run_both_orders(emulated, features, labels, offsets, True, upstream, PATHS[path])
+    itself = ReferenceInputs(
+        features, labels, offsets, features, labels, offsets, torch.arange(features.shape[0])
+    )
+    loss, lse, positives, anchor_grad, ref_grad = run_reference_set_both_orders(
+        emulated, itself, True, upstream, PATHS[path]
+    )
+    assert torch.equal(loss, one_set[0])
+    assert torch.equal(lse, one_set[1])
+    assert torch.equal(positives, one_set[2])
+    both = (upstream.to(anchor_grad.dtype)[:, None] * anchor_grad).double() + ref_grad.double()
+    relative = TOLERANCE.get(path, 1e-2)  # fp16/bf16 gradients are rounded to their dtype
+    single = one_set[3].double()
+    torch.testing.assert_close(both, single, rtol=relative, atol=scaled_atol(single, relative))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_reference_set_unaligned_rows_match_vector_loads(emulated, path):
+    """Anchors and keys off 16-byte boundaries take the scalar loads: the same bits."""
+    inputs = make_reference_inputs(
+        ReferenceCase([70, 0, 20], [30, 9, 129], 16, 4, 4, 0.1, 0.5), dtype=PATHS[path].dtype
+    )
+    upstream = reference_upstream(inputs)
+    aligned = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False)
+    shifted = inputs._replace(
+        features=misaligned_copy(inputs.features), ref_features=misaligned_copy(inputs.ref_features)
+    )
+    unaligned = run_reference_set_both_orders(emulated, shifted, True, upstream, PATHS[path])
+    for name, first, second in zip(REFERENCE_OUTPUTS, aligned, unaligned):
+        assert torch.equal(first, second), f"{name} differs between vector and scalar loads"
+
+
+@pytest.mark.parametrize("path", ["float32-fma", "bfloat16-wmma", "float16-mma"])
+def test_reference_set_non_contiguous_inputs(emulated, path):
+    """Transposed anchors, strided keys and strided labels and self indices: the bits of their
+    contiguous copies."""
+    inputs = make_reference_inputs(REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
+    upstream = reference_upstream(inputs)
+    dense = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False)
+    keys = inputs.ref_features
+    strided_keys = torch.zeros(keys.shape[0], 2 * keys.shape[1], dtype=keys.dtype)[:, ::2]
+    strided_keys.copy_(keys)
+    strided = inputs._replace(
+        features=inputs.features.t().contiguous().t(),
+        labels=torch.stack([inputs.labels, inputs.labels], dim=1)[:, 0],
+        ref_features=strided_keys,
+        ref_labels=torch.stack([inputs.ref_labels, inputs.ref_labels], dim=1)[:, 1],
+        ref_self_index=torch.stack([inputs.ref_self_index] * 2, dim=1)[:, 0],
+    )
+    assert not any(t.is_contiguous() for t in strided[:2] + strided[3:5] + strided[6:])
+    for name, first, second in zip(
+        REFERENCE_OUTPUTS,
+        dense,
+        run_reference_set(emulated, strided, True, upstream, PATHS[path], False),
+    ):
+        assert torch.equal(first, second), name
+
+
+@pytest.mark.parametrize("path", ["float64-fma", "bfloat16-mma"])
+def test_reference_set_label_types_and_values(emulated, path):
+    """int32 anchor labels with int64 keys' labels, and huge sparse ids: the bits of compact
+    int64 ids."""
+    inputs = make_reference_inputs(REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
+    upstream = reference_upstream(inputs)
+    expected = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False)
+
+    def huge(labels):
+        return torch.where(labels == IGNORE, labels, labels * (1 << 40) + 7)
+
+    for other in (
+        inputs._replace(labels=inputs.labels.int()),
+        inputs._replace(ref_labels=inputs.ref_labels.int()),
+        inputs._replace(labels=huge(inputs.labels), ref_labels=huge(inputs.ref_labels)),
+    ):
+        result = run_reference_set(emulated, other, True, upstream, PATHS[path], False)
+        for name, value, expected_value in zip(REFERENCE_OUTPUTS, result, expected):
+            assert torch.equal(value, expected_value), name
+
+
+@pytest.mark.parametrize("path", ["float64-fma", "float32-tf32-mma"])
+def test_reference_set_column_splits_merge_to_one_split(emulated, path):
+    """Few anchors against many keys split the forward's columns over up to 16 blocks; the
+    merged results match those of one split."""
+    inputs = make_reference_inputs(REFERENCE_CASES["many-keys"], dtype=PATHS[path].dtype)
+    upstream = reference_upstream(inputs)
+    one = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False, multiprocessors=1)
+    many = run_reference_set(
+        emulated, inputs, True, upstream, PATHS[path], False, multiprocessors=4096
+    )
+    assert torch.equal(one[2], many[2])
+    relative = TOLERANCE[path]
+    for name, first, second in zip(REFERENCE_OUTPUTS, one, many):
+        torch.testing.assert_close(
+            second.double(), first.double(), rtol=relative, atol=relative, msg=name
+        )
+
+
+@pytest.mark.parametrize("path", ["float64-fma", "float16-wmma", "bfloat16-mma"])
+def test_reference_set_unchecked_self_indices_follow_the_reference(emulated, path):
+    """Self indices that the Python checks reject (and that compiled calls poison) are read
+    safely. Where the dense reference defines their meaning -- a key of another segment, past
+    K, far past int32, negative, an ignored key of the anchor's segment: no own pair is
+    counted off -- the kernels give its values; a key of another label gives finite ones."""
+    inputs = make_reference_inputs(REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
+    k = inputs.ref_features.shape[0]
+    self_index = inputs.ref_self_index.clone()
+    for row, value in ((1, 101), (3, k + 3), (4, 1 << 40), (5, -7), (6, k)):
+        self_index[row] = value
+    segment_3 = torch.arange(103, 167)
+    self_index[80] = int(segment_3[inputs.ref_labels[segment_3] == IGNORE][0])
+    unchecked = inputs._replace(ref_self_index=self_index)
+    upstream = reference_upstream(inputs)
+    results = run_reference_set_both_orders(emulated, unchecked, True, upstream, PATHS[path])
+    assert_reference_set_matches(results, unchecked, True, upstream, path)
+
+    other_label = self_index.clone()
+    key = int(torch.nonzero(inputs.ref_labels[:100] != inputs.labels[0])[0])
+    other_label[0] = key
+    results = run_reference_set_both_orders(
+        emulated, inputs._replace(ref_self_index=other_label), True, upstream, PATHS[path]
+    )
+    for name, value in zip(REFERENCE_OUTPUTS, results):
+        assert bool(torch.isfinite(value.double()[value.double() > -math.inf]).all()), name
+
+
+@pytest.mark.parametrize("path", ["float64-fma", "float32-tf32", "bfloat16-mma"])
+def test_reference_set_with_an_empty_side(emulated, path):
+    """No anchors: the keys' gradient is zero. No keys: no anchor has a positive, the losses
+    and the anchors' gradients are zero, and the keys' gradient is empty."""
+    dtype = PATHS[path].dtype
+    inputs = make_reference_inputs(ReferenceCase([0, 0], [30, 7], 12, 3, 3, 0.1, None), dtype=dtype)
+    upstream = reference_upstream(inputs)
+    loss, lse, positives, anchor_grad, ref_grad = run_reference_set_both_orders(
+        emulated, inputs, True, upstream, PATHS[path]
+    )
+    assert loss.shape == lse.shape == positives.shape == (0,) and anchor_grad.shape == (0, 12)
+    assert torch.equal(ref_grad, torch.zeros(37, 12, dtype=dtype))
+
+    inputs = make_reference_inputs(ReferenceCase([25, 6], [0, 0], 12, 3, 3, 0.2, 0.5), dtype=dtype)
+    upstream = reference_upstream(inputs)
+    loss, _, positives, anchor_grad, ref_grad = run_reference_set_both_orders(
+        emulated, inputs, True, upstream, PATHS[path]
+    )
+    valid = inputs.labels != IGNORE
+    assert torch.equal(positives.long(), torch.where(valid, 0, -1))
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(anchor_grad, torch.zeros_like(anchor_grad))
+    assert ref_grad.shape == (0, 12)
+
+
+@pytest.mark.parametrize("path", ["float32-fma", "float16-mma"])
+def test_reference_set_nan_upstream_poisons_the_keys_gradient(emulated, path):
+    """The compiled-call policy's poison reaches the keys: a NaN upstream gradient makes the
+    gradient of every valid key that valid anchors contrast against NaN."""
+    inputs = make_reference_inputs(REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
+    upstream = torch.full((inputs.features.shape[0],), float("nan"), dtype=torch.float64)
+    *_, ref_grad = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False)
+    # Keys of segments 0 and 3, where many anchors with positives are.
+    keys = torch.cat([torch.arange(0, 100), torch.arange(103, 167)])
+    valid = inputs.ref_labels[keys] != IGNORE
+    assert bool(torch.isnan(ref_grad[keys[valid]]).all())
 
 
 # ---- The emulator's own checks: each would catch a real mistake in a kernel ----------------

@@ -96,11 +96,23 @@ class OpBackend:
 
 
 class _EmulatedForward(torch.autograd.Function):
+    """The emulated kernels as an autograd function of the anchors (features) and, with a
+    reference set, the reference rows (ref_features), as mcsc.ops registers the op's: the
+    anchors' gradient from the forward's anchor_grad, the reference rows' from the backward."""
+
     @staticmethod
-    def forward(
-        ctx, features, kernels, labels, offsets, prevalence, temperature, ignore_index, path
-    ):
-        loss, lse, positives = run_both_orders(
+    def forward(ctx, features, ref_features, kernels, labels, offsets, reference, options):
+        temperature, prevalence, ignore_index, path = options
+        ref_labels, ref_segments, ref_self_index = reference
+        keys = {}
+        if ref_features is not None:
+            keys = {
+                "ref_features": ref_features,
+                "ref_labels": ref_labels,
+                "ref_segments": ref_segments,
+                "ref_self_index": ref_self_index,
+            }
+        loss, lse, positives, anchor_grad = run_both_orders(
             lambda descending: emulation.forward(
                 kernels,
                 path,
@@ -111,21 +123,25 @@ class _EmulatedForward(torch.autograd.Function):
                 prevalence,
                 ignore_index,
                 descending,
+                anchor_gradient=ref_features is not None,
+                **keys,
             )
         )
-        ctx.save_for_backward(features, labels, offsets, lse, positives)
-        ctx.options = kernels, temperature, prevalence, path
+        ctx.save_for_backward(features, labels, offsets, lse, positives, anchor_grad)
+        ctx.keys, ctx.kernels, ctx.options = keys, kernels, options
         ctx.mark_non_differentiable(lse, positives)
         return loss, lse, positives
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_positives):
-        features, labels, offsets, lse, positives = ctx.saved_tensors
-        kernels, temperature, prevalence, path = ctx.options
-        (grad,) = run_both_orders(
-            lambda descending: (
+        features, labels, offsets, lse, positives, anchor_grad = ctx.saved_tensors
+        temperature, prevalence, ignore_index, path = ctx.options
+        grad_features = grad_keys = None
+
+        def kernel_backward(descending):
+            return (
                 emulation.backward(
-                    kernels,
+                    ctx.kernels,
                     path,
                     grad_loss.contiguous(),
                     features,
@@ -136,10 +152,20 @@ class _EmulatedForward(torch.autograd.Function):
                     temperature,
                     prevalence,
                     descending,
+                    ignore_index,
+                    **ctx.keys,
                 ),
             )
-        )
-        return grad, None, None, None, None, None, None, None
+
+        if not ctx.keys:
+            (grad_features,) = run_both_orders(kernel_backward)
+        else:
+            grad_features = (grad_loss.to(anchor_grad.dtype)[:, None] * anchor_grad).to(
+                features.dtype
+            )
+            if ctx.needs_input_grad[1]:
+                (grad_keys,) = run_both_orders(kernel_backward)
+        return grad_features, grad_keys, None, None, None, None, None
 
 
 def run_both_orders(kernel_call):
@@ -177,18 +203,58 @@ class EmulatedBackend:
             EmulatedBackend._kernels = emulation.load()
         return ""
 
-    def per_anchor(self, features, labels, offsets, prevalence, temperature, ignore_index):
+    def per_anchor(
+        self,
+        features,
+        labels,
+        offsets,
+        prevalence,
+        temperature,
+        ignore_index,
+        ref_features=None,
+        ref_labels=None,
+        ref_segments=None,
+        ref_self_index=None,
+    ):
+        """(loss, lse, positives), differentiable in features and ref_features."""
         return _EmulatedForward.apply(
             features,
+            ref_features,
             EmulatedBackend._kernels,
             labels,
             offsets,
+            (ref_labels, ref_segments, ref_self_index),
+            (temperature, prevalence, ignore_index, self.path),
+        )
+
+
+class ReferenceSetEmulatedBackend(EmulatedBackend):
+    """An emulated path that also runs the reference-set contract. Only some paths do (one per
+    kernel family and multiply: the emulation is slow); tests/test_cuda_emulated.py runs the
+    reference set on every path."""
+
+    def per_anchor_reference(
+        self, inputs, prevalence, temperature, ignore_index, features=None, ref_features=None
+    ):
+        """(loss, lse, positives) of a reference-set call on ``inputs`` (anchors features,
+        labels, offsets; keys ref_features, ref_labels, ref_offsets; ref_self_index),
+        differentiable in ``features`` and ``ref_features`` (default: those of ``inputs``)."""
+        return self.per_anchor(
+            inputs.features if features is None else features,
+            inputs.labels,
+            inputs.offsets,
             prevalence,
             temperature,
             ignore_index,
-            self.path,
+            inputs.ref_features if ref_features is None else ref_features,
+            inputs.ref_labels,
+            inputs.ref_offsets,
+            inputs.ref_self_index,
         )
 
+
+# The emulated paths that run the reference-set contract.
+REFERENCE_SET_PATHS = ("float64-fma", "bfloat16-wmma", "float16-mma", "float32-tf32-mma")
 
 BACKENDS = {
     "cpu-float64": OpBackend("cpu", torch.float64),
@@ -197,7 +263,12 @@ BACKENDS = {
     "cuda-float32": OpBackend("cuda", torch.float32),
     "cuda-float16": OpBackend("cuda", torch.float16),
     "cuda-bfloat16": OpBackend("cuda", torch.bfloat16),
-    **{f"emulated-{path}": EmulatedBackend(path) for path in emulation.PATHS},
+    **{
+        f"emulated-{path}": (
+            ReferenceSetEmulatedBackend if path in REFERENCE_SET_PATHS else EmulatedBackend
+        )(path)
+        for path in emulation.PATHS
+    },
 }
 REGISTERED = [name for name, backend in BACKENDS.items() if backend.registered]
 FLOAT64 = [name for name, backend in BACKENDS.items() if backend.dtype == torch.float64]

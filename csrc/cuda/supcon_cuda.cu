@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -80,34 +81,55 @@ KernelFamily selected_kernels() {
   return family;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& segments,
-    double temperature, bool prevalence, int64_t ignore_index) {
+    double temperature, bool prevalence, int64_t ignore_index,
+    const std::optional<at::Tensor>& ref_features, const std::optional<at::Tensor>& ref_labels,
+    const std::optional<at::Tensor>& ref_segments,
+    const std::optional<at::Tensor>& ref_self_index, bool anchor_gradient) {
   check_op_inputs(features, labels, segments, c10::DeviceType::CUDA, kFeatureDtypes);
+  check_reference_inputs(features, segments, ref_features, ref_labels, ref_segments,
+                         ref_self_index);
+  TORCH_CHECK_VALUE(!anchor_gradient || ref_features.has_value(),
+                    "mcsc: anchor_gradient=True needs ref_features (a single-set call's "
+                    "gradient comes from supcon_backward)");
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t multiprocessors =
       at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const auto keys = reference_rows(ref_features, ref_labels, ref_segments, ref_self_index);
   return launch_supcon_forward(StreamLaunch{at::cuda::getCurrentCUDAStream()},
                                features.contiguous(), labels.contiguous(),
                                segments.contiguous(), temperature, prevalence, ignore_index,
+                               keys.has_value() ? &*keys : nullptr, anchor_gradient,
                                float32_matmul_allows_tf32(), multiprocessors, selected_kernels());
 }
 
+// The gradient with respect to the contrast rows: features (N, D) without ref_features,
+// ref_features (K, D) with them; laid out like empty_like of that tensor, as the fake kernel
+// promises.
 at::Tensor supcon_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& features,
                                 const at::Tensor& labels, const at::Tensor& segments,
                                 const at::Tensor& lse, const at::Tensor& positives,
-                                double temperature, bool prevalence) {
+                                double temperature, bool prevalence, int64_t ignore_index,
+                                const std::optional<at::Tensor>& ref_features,
+                                const std::optional<at::Tensor>& ref_labels,
+                                const std::optional<at::Tensor>& ref_segments,
+                                const std::optional<at::Tensor>& ref_self_index) {
   check_backward_inputs(grad_loss, features, labels, segments, lse, positives,
                         c10::DeviceType::CUDA, kFeatureDtypes);
+  check_reference_inputs(features, segments, ref_features, ref_labels, ref_segments,
+                         ref_self_index);
   const c10::cuda::CUDAGuard guard(features.device());
+  const auto keys = reference_rows(ref_features, ref_labels, ref_segments, ref_self_index);
   const at::Tensor grad = launch_supcon_backward(
       StreamLaunch{at::cuda::getCurrentCUDAStream()},
       grad_loss.to(accumulation_dtype(features)).contiguous(), features.contiguous(),
       labels.contiguous(), segments.contiguous(), lse.contiguous(), positives.contiguous(),
-      temperature, prevalence, float32_matmul_allows_tf32(), selected_kernels());
-  // Laid out like empty_like(features), as the fake kernel promises.
-  if (features.is_contiguous()) return grad;
-  at::Tensor grad_in_layout = at::empty_like(features);
+      temperature, prevalence, ignore_index, keys.has_value() ? &*keys : nullptr,
+      float32_matmul_allows_tf32(), selected_kernels());
+  const at::Tensor& rows = ref_features.has_value() ? *ref_features : features;
+  if (rows.is_contiguous()) return grad;
+  at::Tensor grad_in_layout = at::empty_like(rows);
   grad_in_layout.copy_(grad);
   return grad_in_layout;
 }

@@ -23,6 +23,9 @@
 // TF32 too: a 16-byte row is 4 floats, and the b16 matrices' thread layout is then exactly the
 // m16n8k8 A and B layout.
 //
+// Rows and columns come from two PairRows (supcon_tiles.cuh): the features twice in the
+// single-set call; anchors and keys, in either role, with a reference set.
+//
 // Each output element is owned by one thread and summed in a fixed order: no atomics, bitwise
 // deterministic. Class ids come from classify_rows, so label values never index memory.
 #pragma once
@@ -376,16 +379,18 @@ __device__ __forceinline__ void issue_next_and_wait(int64_t step, int64_t steps,
   __syncthreads();
 }
 
-// Streams the score tiles z_I z_J^T of a block: step s is column tile s / chunks and depth chunk
-// s % chunks. Called by all threads of the block with the same arguments, for the column tiles
-// [col_begin, col_begin + tiles * kCols) (clipped to col_end):
+// Streams the score tiles z_I k_J^T of a block (z = row_z, the block's rows; k = col_z, its
+// columns; the same features in the single-set call): step s is column tile s / chunks and
+// depth chunk s % chunks. Called by all threads of the block with the same arguments, for the
+// column tiles [col_begin, col_begin + tiles * kCols) (clipped to col_end):
 //   begin(tile)            before the tile's first step, after every thread is done with the
 //                          previous tile; may stage per-column data and commit cp.async groups
 //                          (they are waited for before end(tile));
 //   end(tile, col0, score) the finished fragments of the tile starting at column col0.
 template <typename Multiply, typename scalar_t, typename Begin, typename End>
 __device__ __forceinline__ void for_each_score_tile(ScoreStages<typename Multiply::Tiles>& stages,
-                                                    const scalar_t* __restrict__ z, int64_t dim,
+                                                    const scalar_t* __restrict__ row_z,
+                                                    const scalar_t* __restrict__ col_z, int64_t dim,
                                                     const RowBlock& block, int64_t col_begin,
                                                     int64_t col_end, int64_t tiles,
                                                     bool vectorized, const Begin& begin,
@@ -399,10 +404,10 @@ __device__ __forceinline__ void for_each_score_tile(ScoreStages<typename Multipl
     const int stage = static_cast<int>(step % Tiles::kStages);
     const int64_t col0 = col_begin + step / chunks * Tiles::kCols;
     const int64_t k0 = step % chunks * Tiles::kDepth;
-    load_tile<Tiles::kRows, Tiles::kDepth>(stages.rows[stage], Tiles::kPitch, z, dim,
+    load_tile<Tiles::kRows, Tiles::kDepth>(stages.rows[stage], Tiles::kPitch, row_z, dim,
                                            block.row_begin, block.row_end, k0, Tiles::kDepth,
                                            vectorized);
-    load_tile<Tiles::kCols, Tiles::kDepth>(stages.cols[stage], Tiles::kPitch, z, dim, col0,
+    load_tile<Tiles::kCols, Tiles::kDepth>(stages.cols[stage], Tiles::kPitch, col_z, dim, col0,
                                            col_end, k0, Tiles::kDepth, vectorized);
     ptx::cp_async_commit();
   };
@@ -429,22 +434,22 @@ __device__ __forceinline__ void for_each_score_tile(ScoreStages<typename Multipl
 // s % 2 while the other stage feeds the multiplies.
 template <typename Multiply, typename scalar_t, typename Begin, typename End>
 __device__ __forceinline__ void for_each_score_tile(
-    const ResidentStages<typename Multiply::Tiles>& stages, const scalar_t* __restrict__ z,
-    int64_t dim, const RowBlock& block, int64_t col_begin, int64_t col_end, int64_t tiles,
+    const ResidentStages<typename Multiply::Tiles>& stages, const scalar_t* __restrict__ row_z,
+    const scalar_t* __restrict__ col_z, int64_t dim, const RowBlock& block, int64_t col_begin, int64_t col_end, int64_t tiles,
     bool vectorized, const Begin& begin, const End& end) {
   using Tiles = typename Multiply::Tiles;
   if (tiles == 0) return;
 
   const auto issue = [&](int64_t tile) {
     load_tile<Tiles::kCols, Tiles::kResidentDepth>(
-        stages.stage(static_cast<int>(tile % Tiles::kStages)), stages.pitch, z, dim,
+        stages.stage(static_cast<int>(tile % Tiles::kStages)), stages.pitch, col_z, dim,
         col_begin + tile * Tiles::kCols, col_end, 0, stages.depth, vectorized);
     ptx::cp_async_commit();
   };
 
   typename Multiply::Scores score;
   begin(int64_t{0});
-  load_tile<Tiles::kRows, Tiles::kResidentDepth>(stages.rows, stages.pitch, z, dim,
+  load_tile<Tiles::kRows, Tiles::kResidentDepth>(stages.rows, stages.pitch, row_z, dim,
                                                  block.row_begin, block.row_end, 0,
                                                  stages.depth, vectorized);
   issue(0);
@@ -501,10 +506,9 @@ __device__ __forceinline__ float row_max(float value) {
 // supcon_forward_kernel, merged by supcon_forward_combine_kernel.
 template <typename Multiply, typename Stages, typename scalar_t>
 __device__ __forceinline__ void forward_block(
-    Stages& stages, const scalar_t* __restrict__ z, int64_t dim, const int32_t* __restrict__ classes,
-    const int32_t* __restrict__ positives, const int64_t* __restrict__ offsets,
+    Stages& stages, const PairRows<scalar_t>& rows, const PairRows<scalar_t>& cols, int64_t dim,
     const int64_t* __restrict__ block_offsets, int64_t num_segments, float inv_temperature,
-    bool prevalence, int64_t rows, int64_t num_splits, ForwardPartials<float> partials) {
+    bool prevalence, int64_t num_rows, int64_t num_splits, ForwardPartials<float> partials) {
   using Tiles = typename Multiply::Tiles;
   constexpr int kRowsPerThread = Multiply::kRowsPerThread;
   constexpr int kColsPerThread = Multiply::kColsPerThread;
@@ -516,12 +520,14 @@ __device__ __forceinline__ void forward_block(
   __shared__ float col_contrast_weight[Tiles::kCols];
 
   RowBlock block;
-  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, Tiles::kRows,
-                        block)) {
+  if (!locate_row_block(rows.offsets, cols.offsets, block_offsets, num_segments, blockIdx.x,
+                        Tiles::kRows, block)) {
     return;
   }
   const ThreadRows<Multiply> own(block);
   int32_t row_class[kRowsPerThread];
+  // The column excluded from each row's contrasts (its pair tag, see PairRows).
+  int32_t row_tag[kRowsPerThread];
   float row_same_weight[kRowsPerThread];
   // Per row, in log2 units: the running maximum (shared by the row's lanes) and this lane's
   // share of sum_j w exp2(x_j - max); the lane's share of the positives' similarities.
@@ -530,9 +536,10 @@ __device__ __forceinline__ void forward_block(
   float positive_sum[kRowsPerThread];
 #pragma unroll
   for (int h = 0; h < kRowsPerThread; ++h) {
-    row_class[h] = own.exists[h] ? classes[own.row[h]] : kNoClass;
+    row_class[h] = own.exists[h] ? rows.classes[own.row[h]] : kNoClass;
+    row_tag[h] = own.exists[h] ? pair_tag(rows, own.row[h]) : -1;
     row_same_weight[h] =
-        same_class_weight<float>(own.exists[h] ? positives[own.row[h]] : -1, prevalence);
+        same_class_weight<float>(own.exists[h] ? rows.positives[own.row[h]] : -1, prevalence);
     running_max[h] = kMinusInf;
     running_sum[h] = 0.0f;
     positive_sum[h] = 0.0f;
@@ -541,32 +548,33 @@ __device__ __forceinline__ void forward_block(
   const float scale_log2 = inv_temperature * kLog2e;
 
   const int64_t column_tiles =
-      (block.segment_end - block.segment_begin + Tiles::kCols - 1) / Tiles::kCols;
+      (block.column_end - block.column_begin + Tiles::kCols - 1) / Tiles::kCols;
   const int64_t tiles_per_split = (column_tiles + num_splits - 1) / num_splits;
   const int64_t split_tile = min(static_cast<int64_t>(blockIdx.y) * tiles_per_split,
                                  column_tiles);
   const int64_t tiles = min(tiles_per_split, column_tiles - split_tile);
-  const int64_t col_begin = block.segment_begin + split_tile * Tiles::kCols;
+  const int64_t col_begin = block.column_begin + split_tile * Tiles::kCols;
 
   const auto begin = [&](int64_t tile) {
     for (int j = threadIdx.x; j < Tiles::kCols; j += kThreads) {
       const int64_t col = col_begin + tile * Tiles::kCols + j;
-      const bool inside = col < block.segment_end;
-      col_class[j] = inside ? classes[col] : kNoClass;
-      col_contrast_weight[j] = inside ? contrast_weight<float>(positives[col], prevalence) : 0;
+      const bool inside = col < block.column_end;
+      col_class[j] = inside ? cols.classes[col] : kNoClass;
+      col_contrast_weight[j] =
+          inside ? contrast_weight<float>(cols.positives[col], prevalence) : 0;
     }
   };
   const auto end = [&](int64_t, int64_t col0, const typename Multiply::Scores& score) {
 #pragma unroll
     for (int h = 0; h < kRowsPerThread; ++h) {
-      // Masked pairs (ignored rows or columns, the diagonal, columns past the segment) are
+      // Masked pairs (ignored rows or columns, own pairs, columns past the segment) are
       // -inf: they add nothing, and a row of them leaves the running values as they were.
       float x[kColsPerThread];
       float tile_max = kMinusInf;
 #pragma unroll
       for (int c = 0; c < kColsPerThread; ++c) {
         const int j = Multiply::col(c);
-        const bool valid = row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != own.row[h];
+        const bool valid = row_class[h] >= 0 && col_class[j] >= 0 && col0 + j != row_tag[h];
         const float s = Multiply::at(score, h, c);
         if (valid && col_class[j] == row_class[h]) positive_sum[h] += s * inv_temperature;
         x[c] = valid ? s * scale_log2 : kMinusInf;
@@ -588,15 +596,17 @@ __device__ __forceinline__ void forward_block(
       running_sum[h] = sum;
     }
   };
-  for_each_score_tile<Multiply>(stages, z, dim, block, col_begin, block.segment_end, tiles,
-                                rows_are_vector_aligned(z, dim), begin, end);
+  for_each_score_tile<Multiply>(
+      stages, rows.features, cols.features, dim, block, col_begin, block.column_end, tiles,
+      rows_are_vector_aligned(rows.features, dim) && rows_are_vector_aligned(cols.features, dim),
+      begin, end);
 
 #pragma unroll
   for (int h = 0; h < kRowsPerThread; ++h) {
     const float sum = row_sum<Multiply::kRowLanes>(running_sum[h]);
     const float positive = row_sum<Multiply::kRowLanes>(positive_sum[h]);
     if (!own.exists[h] || threadIdx.x % Multiply::kRowLanes != 0) continue;
-    const int64_t index = blockIdx.y * rows + own.row[h];
+    const int64_t index = blockIdx.y * num_rows + own.row[h];
     partials.running_max[index] = running_max[h] * kLn2;
     partials.running_sum[index] = sum;
     partials.positive_sum[index] = positive;
@@ -609,26 +619,21 @@ __device__ __forceinline__ void forward_block(
 // dynamic shared memory, else on the chunked stages.
 template <typename Multiply, typename scalar_t, bool kResident>
 __global__ void __launch_bounds__(kThreads, Multiply::kForwardBlocksPerSM)
-    supcon_forward_tiled_kernel(const scalar_t* __restrict__ z, int64_t dim,
-                                const int32_t* __restrict__ classes,
-                                const int32_t* __restrict__ positives,
-                                const int64_t* __restrict__ offsets,
+    supcon_forward_tiled_kernel(PairRows<scalar_t> rows, PairRows<scalar_t> cols, int64_t dim,
                                 const int64_t* __restrict__ block_offsets,
                                 int64_t num_segments, float inv_temperature, bool prevalence,
-                                int64_t rows, int64_t num_splits,
+                                int64_t num_rows, int64_t num_splits,
                                 ForwardPartials<float> partials) {
 #if defined(MCSC_AMPERE_TENSOR_CORES)
   if constexpr (kResident) {
     MCSC_DYNAMIC_SHARED_MEMORY(shared);
     const ResidentStages<typename Multiply::Tiles> stages(shared, dim);
-    forward_block<Multiply>(stages, z, dim, classes, positives, offsets, block_offsets,
-                            num_segments, inv_temperature, prevalence, rows, num_splits,
-                            partials);
+    forward_block<Multiply>(stages, rows, cols, dim, block_offsets, num_segments,
+                            inv_temperature, prevalence, num_rows, num_splits, partials);
   } else {
     __shared__ ScoreStages<typename Multiply::Tiles> stages;
-    forward_block<Multiply>(stages, z, dim, classes, positives, offsets, block_offsets,
-                            num_segments, inv_temperature, prevalence, rows, num_splits,
-                            partials);
+    forward_block<Multiply>(stages, rows, cols, dim, block_offsets, num_segments,
+                            inv_temperature, prevalence, num_rows, num_splits, partials);
   }
 #else
   __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80
@@ -643,17 +648,15 @@ __device__ __forceinline__ int coefficient_exponent(float largest_grad) {
   return max(-126, min(126, 10 - ilogbf(largest_grad)));
 }
 
-// The backward of one (row block, kOutCols feature columns of dz) on the given score stages:
-// for every column tile J of the segment, the score fragments again, H_IJ in registers, then
-// dz_I += H_IJ z_J[:, columns].
-template <typename Stages, typename scalar_t>
+// The backward of one (row block, kOutCols feature columns of the output) on the given score
+// stages: for every column tile J of the block's column range, the score fragments again, H_IJ
+// in registers, then out_I += H_IJ k_J[:, columns] (rows and columns as for
+// supcon_backward_kernel). largest_grad: max |a_i| on the device, or nullptr for a_i = 1.
+template <typename Stages, typename scalar_t, typename out_t>
 __device__ __forceinline__ void backward_block(
-    Stages& stages, const scalar_t* __restrict__ z, int64_t dim,
-    const int32_t* __restrict__ classes, const int32_t* __restrict__ positives,
-    const float* __restrict__ lse, const float* __restrict__ grad_loss,
-    const float* __restrict__ largest_grad, const int64_t* __restrict__ offsets,
-    const int64_t* __restrict__ block_offsets, int64_t num_segments, float inv_temperature,
-    bool prevalence, scalar_t* __restrict__ grad) {
+    Stages& stages, const PairRows<scalar_t>& rows, const PairRows<scalar_t>& cols, int64_t dim,
+    const float* __restrict__ largest_grad, const int64_t* __restrict__ block_offsets,
+    int64_t num_segments, float inv_temperature, bool prevalence, out_t* __restrict__ grad) {
   using Tiles = MmaTiles<scalar_t>;
   using Element = typename Tiles::Element;
   using Multiply = MmaMultiply<scalar_t>;
@@ -662,21 +665,21 @@ __device__ __forceinline__ void backward_block(
   __shared__ BackwardRow<float> columns[Tiles::kCols];
 
   RowBlock block;
-  if (!locate_row_block(offsets, block_offsets, num_segments, blockIdx.x, Tiles::kRows,
-                        block)) {
+  if (!locate_row_block(rows.offsets, cols.offsets, block_offsets, num_segments, blockIdx.x,
+                        Tiles::kRows, block)) {
     return;
   }
   const int64_t out_col0 = static_cast<int64_t>(blockIdx.y) * Tiles::kOutCols;
-  const bool vectorized = rows_are_vector_aligned(z, dim);
-  const int exponent = coefficient_exponent(*largest_grad);
+  const bool values_vectorized = rows_are_vector_aligned(cols.features, dim);
+  const bool vectorized = rows_are_vector_aligned(rows.features, dim) && values_vectorized;
+  const int exponent = coefficient_exponent(largest_grad != nullptr ? *largest_grad : 1.0f);
   const float coefficient_scale = ldexpf(1.0f, exponent);
 
   const ThreadRows<Multiply> own(block);
   BackwardRow<float> row_data[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    row_data[h] = backward_row(own.row[h], own.exists[h], classes, positives, grad_loss, lse,
-                               prevalence);
+    row_data[h] = backward_row(rows, own.row[h], own.exists[h], prevalence);
   }
 
   const int lane = threadIdx.x % 32;
@@ -684,17 +687,16 @@ __device__ __forceinline__ void backward_block(
   float out[Tiles::kOutFragments][4] = {};
 
   const auto begin = [&](int64_t tile) {
-    const int64_t col0 = block.segment_begin + tile * Tiles::kCols;
+    const int64_t col0 = block.column_begin + tile * Tiles::kCols;
     for (int j = threadIdx.x; j < Tiles::kCols; j += kThreads) {
-      columns[j] = backward_row(col0 + j, col0 + j < block.segment_end, classes, positives,
-                                grad_loss, lse, prevalence);
+      columns[j] = backward_row(cols, col0 + j, col0 + j < block.column_end, prevalence);
     }
-    load_tile<Tiles::kCols, Tiles::kOutCols>(values, Tiles::kOutPitch, z, dim, col0,
-                                             block.segment_end, out_col0, Tiles::kOutCols,
-                                             vectorized);
+    load_tile<Tiles::kCols, Tiles::kOutCols>(values, Tiles::kOutPitch, cols.features, dim, col0,
+                                             block.column_end, out_col0, Tiles::kOutCols,
+                                             values_vectorized);
     ptx::cp_async_commit();
   };
-  const auto end = [&](int64_t, int64_t col0, const typename Multiply::Scores& score) {
+  const auto end = [&](int64_t, int64_t, const typename Multiply::Scores& score) {
     // H_ij (scaled) in the score fragments' layout: coefficient[f][e] pairs the fragment row
     // lane / 4 + 8 (e / 2) with the tile's column 8 f + 2 (lane % 4) + e % 2.
     float coefficient[Tiles::kColFragments][4];
@@ -704,9 +706,9 @@ __device__ __forceinline__ void backward_block(
       for (int e = 0; e < 4; ++e) {
         const int h = e / 2;
         const int j = 8 * f + lane_col + e % 2;
-        coefficient[f][e] = pair_coefficient(score[f][e] * inv_temperature, row_data[h],
-                                             columns[j], col0 + j == own.row[h]) *
-                            coefficient_scale;
+        coefficient[f][e] =
+            pair_coefficient(score[f][e] * inv_temperature, row_data[h], columns[j]) *
+            coefficient_scale;
       }
     }
     if constexpr (Tiles::kTf32) {
@@ -751,9 +753,10 @@ __device__ __forceinline__ void backward_block(
     }
   };
   const int64_t tiles =
-      (block.segment_end - block.segment_begin + Tiles::kCols - 1) / Tiles::kCols;
-  for_each_score_tile<Multiply>(stages, z, dim, block, block.segment_begin, block.segment_end,
-                                tiles, vectorized, begin, end);
+      (block.column_end - block.column_begin + Tiles::kCols - 1) / Tiles::kCols;
+  for_each_score_tile<Multiply>(stages, rows.features, cols.features, dim, block,
+                                block.column_begin, block.column_end, tiles, vectorized, begin,
+                                end);
 
   // dz = (1/t) sum_j H_ij z_j, with the coefficient scale undone (a power of two: exact).
   const float scale = ldexpf(inv_temperature, -exponent);
@@ -766,38 +769,33 @@ __device__ __forceinline__ void backward_block(
       for (int e = 0; e < 2; ++e) {
         const int64_t col = out_col0 + 8 * f + lane_col + e;
         if (col < dim) {
-          grad[own.row[h] * dim + col] = static_cast<scalar_t>(out[f][2 * h + e] * scale);
+          grad[own.row[h] * dim + col] = static_cast<out_t>(out[f][2 * h + e] * scale);
         }
       }
     }
   }
 }
 
-// Backward per (row block, kOutCols feature columns of dz); kResident as for the forward.
-// One block per SM (up to 255 registers per thread): the score, coefficient and dz fragments
-// (96 floats) do not fit 128 without spilling, as in FlashAttention-2's backward.
-template <typename scalar_t, bool kResident>
+// Backward per (row block, kOutCols feature columns of the output); kResident as for the
+// forward. One block per SM (up to 255 registers per thread): the score, coefficient and dz
+// fragments (96 floats) do not fit 128 without spilling, as in FlashAttention-2's backward.
+template <typename scalar_t, typename out_t, bool kResident>
 __global__ void __launch_bounds__(kThreads, 1)
-    supcon_backward_mma_kernel(const scalar_t* __restrict__ z, int64_t dim,
-                               const int32_t* __restrict__ classes,
-                               const int32_t* __restrict__ positives,
-                               const float* __restrict__ lse,
-                               const float* __restrict__ grad_loss,
+    supcon_backward_mma_kernel(PairRows<scalar_t> rows, PairRows<scalar_t> cols, int64_t dim,
                                const float* __restrict__ largest_grad,
-                               const int64_t* __restrict__ offsets,
                                const int64_t* __restrict__ block_offsets, int64_t num_segments,
                                float inv_temperature, bool prevalence,
-                               scalar_t* __restrict__ grad) {
+                               out_t* __restrict__ grad) {
 #if defined(MCSC_AMPERE_TENSOR_CORES)
   if constexpr (kResident) {
     MCSC_DYNAMIC_SHARED_MEMORY(shared);
     const ResidentStages<MmaTiles<scalar_t>> stages(shared, dim);
-    backward_block(stages, z, dim, classes, positives, lse, grad_loss, largest_grad, offsets,
-                   block_offsets, num_segments, inv_temperature, prevalence, grad);
+    backward_block(stages, rows, cols, dim, largest_grad, block_offsets, num_segments,
+                   inv_temperature, prevalence, grad);
   } else {
     __shared__ ScoreStages<MmaTiles<scalar_t>> stages;
-    backward_block(stages, z, dim, classes, positives, lse, grad_loss, largest_grad, offsets,
-                   block_offsets, num_segments, inv_temperature, prevalence, grad);
+    backward_block(stages, rows, cols, dim, largest_grad, block_offsets, num_segments,
+                   inv_temperature, prevalence, grad);
   }
 #else
   __trap();  // the host refuses MCSC_CUDA_KERNELS=mma below sm_80

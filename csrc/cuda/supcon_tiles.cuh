@@ -138,12 +138,56 @@ struct ForwardPartials {
 // splits by it.
 constexpr int kForwardBlocksPerSM = 4;
 
+// One of the two sets of rows the pairwise kernels pair up: the rows of the score tiles (the
+// anchors in the forward) or their columns (the contrasts). The single-set call passes the
+// features as both; with a reference set the anchors are one and the reference rows ("keys")
+// the other, in either role (the backward of the keys takes them as rows).
+//   classes     ids shared by both sets (classify_rows): equal ids, equal labels; < 0 for rows
+//               that take no part.
+//   positives   as anchors |P(i)|, as contrasts n_{y_j} - 1 (the row's class size in its
+//               segment, less one), -1 for ignored rows. In the single-set call both are the
+//               same number; contrast_weight and same_class_weight read them.
+//   self_index, index_tags
+//               the rows' pair tags: self_index[i] when self_index is given (the index in the
+//               other set of row i's own pair, -1 for none); else i with index_tags, -1
+//               without. A pair whose row and column have equal tags is excluded: the single
+//               set (index tags on both sides) excludes i == j, a reference set the pairs
+//               (i, self_index[i]) (index tags on the keys), and anchors without
+//               ref_self_index (no index tags) nothing.
+//   lse, grad_loss
+//               backward only: the rows' lse and upstream gradient a_i when they act as
+//               anchors; lse == nullptr when they do not (keys); grad_loss == nullptr gives
+//               a_i = 1 (the forward's gradient of each anchor's own loss).
+template <typename scalar_t>
+struct PairRows {
+  const scalar_t* features;  // (rows, dim), row-major
+  const int64_t* offsets;    // (S + 1,) segment offsets into these rows
+  const int32_t* classes;
+  const int32_t* positives;
+  const int64_t* self_index;
+  bool index_tags;
+  const acc_type<scalar_t>* lse;
+  const acc_type<scalar_t>* grad_loss;
+};
+
+// The pair tag of `row` of `set` (see PairRows): -1 when the row has no own pair, and for
+// self indices outside int32 (which no row index reaches), so that it matches no index.
+template <typename scalar_t>
+__device__ __forceinline__ int32_t pair_tag(const PairRows<scalar_t>& set, int64_t row) {
+  if (set.self_index == nullptr) return set.index_tags ? static_cast<int32_t>(row) : -1;
+  const int64_t partner = set.self_index[row];
+  return partner >= 0 && partner <= std::numeric_limits<int32_t>::max()
+             ? static_cast<int32_t>(partner)
+             : -1;
+}
+
 // What the backward's pair coefficient needs of one row, as anchor and as contrast: the class
 // id (kNoClass past a block's or segment's end), the two weights, a_i, b_i and lse_i (0 where
-// the row is no anchor, so that lse is never read for it).
+// the row is no anchor, so that lse is never read for it), and the pair tag.
 template <typename acc_t>
 struct BackwardRow {
   int32_t class_id;
+  int32_t tag;
   acc_t same_weight;
   acc_t contrast_weight;
   acc_t anchor;
@@ -151,31 +195,36 @@ struct BackwardRow {
   acc_t lse;
 };
 
-template <typename acc_t>
-__device__ __forceinline__ BackwardRow<acc_t> backward_row(
-    int64_t row, bool exists, const int32_t* __restrict__ classes,
-    const int32_t* __restrict__ positives, const acc_t* __restrict__ grad_loss,
-    const acc_t* __restrict__ lse, bool prevalence) {
-  const int32_t row_positives = exists ? positives[row] : -1;
-  const acc_t row_grad = exists ? grad_loss[row] : acc_t(0);
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+__device__ __forceinline__ BackwardRow<acc_t> backward_row(const PairRows<scalar_t>& set,
+                                                           int64_t row, bool exists,
+                                                           bool prevalence) {
+  const int32_t row_positives = exists ? set.positives[row] : -1;
+  // Rows that are no anchors (keys) get a_i = b_i = 0: their own terms vanish.
+  const bool anchors = set.lse != nullptr;
+  const acc_t row_grad =
+      exists && anchors ? (set.grad_loss != nullptr ? set.grad_loss[row] : acc_t(1)) : acc_t(0);
   BackwardRow<acc_t> data;
-  data.class_id = exists ? classes[row] : kNoClass;
+  data.class_id = exists ? set.classes[row] : kNoClass;
+  data.tag = exists ? pair_tag(set, row) : -1;
   data.same_weight = same_class_weight<acc_t>(row_positives, prevalence);
   data.contrast_weight = contrast_weight<acc_t>(row_positives, prevalence);
-  data.anchor = anchor_grad_weight(row_grad, row_positives);
-  data.positive_grad = positive_grad_weight(row_grad, row_positives);
-  data.lse = data.anchor != 0 ? lse[row] : acc_t(0);
+  data.anchor = anchors ? anchor_grad_weight(row_grad, row_positives) : acc_t(0);
+  data.positive_grad = anchors ? positive_grad_weight(row_grad, row_positives) : acc_t(0);
+  data.lse = data.anchor != 0 ? set.lse[row] : acc_t(0);
   return data;
 }
 
 // The backward's coefficient of z_j in dz_i (before the 1/t): G_ij + G_ji, minus b_i + b_j
-// for a positive pair (the positive term -(1/t) sum_{p in P(i)} (b_i + b_p) z_p). Pairs with an
-// ignored row or a row past the end (class < 0) and the diagonal give 0; skipping them also
-// avoids exp overflow times a zero weight.
+// for a positive pair (the positive term -(1/t) sum_{p in P(i)} (b_i + b_p) z_p); a side that
+// is no anchor has a = b = 0, which leaves G_ji - [i in P(j)] b_j for a key row i and an anchor
+// column j, and G_ij - [j in P(i)] b_i for an anchor row and a key column. Pairs with an
+// ignored row or a row past the end (class < 0) and excluded pairs (equal tags) give 0;
+// skipping them also avoids exp overflow times a zero weight.
 template <typename acc_t>
 __device__ __forceinline__ acc_t pair_coefficient(acc_t similarity, const BackwardRow<acc_t>& i,
-                                                  const BackwardRow<acc_t>& j, bool diagonal) {
-  if (i.class_id < 0 || j.class_id < 0 || diagonal) return acc_t(0);
+                                                  const BackwardRow<acc_t>& j) {
+  if (i.class_id < 0 || j.class_id < 0 || i.tag == j.tag) return acc_t(0);
   acc_t coefficient = symmetric_pair_gradient(similarity, i.class_id, j.class_id, i.anchor,
                                               i.lse, i.same_weight, i.contrast_weight, j.anchor,
                                               j.lse, j.same_weight, j.contrast_weight);
@@ -183,18 +232,24 @@ __device__ __forceinline__ acc_t pair_coefficient(acc_t similarity, const Backwa
   return coefficient;
 }
 
-// Rows of one segment handled by one thread block.
+// Rows of one segment handled by one thread block, and the columns they pair with: the same
+// segment of the same rows in the single-set call, the segment's reference rows with a
+// reference set.
 struct RowBlock {
   int64_t segment_begin;
   int64_t segment_end;
   int64_t row_begin;
   int64_t row_end;
+  int64_t column_begin;
+  int64_t column_end;
 };
 
 // Segment s owns the thread blocks [block_offsets[s], block_offsets[s + 1]), each of
-// `rows_per_block` rows (flash attention's cu_seqlens scheme). The grid is sized by an upper
-// bound so the host never reads the offsets; surplus blocks get false and must exit.
+// `rows_per_block` rows (flash attention's cu_seqlens scheme); its columns are
+// [column_offsets[s], column_offsets[s + 1]). The grid is sized by an upper bound so the host
+// never reads the offsets; surplus blocks get false and must exit.
 __device__ __forceinline__ bool locate_row_block(const int64_t* __restrict__ offsets,
+                                                 const int64_t* __restrict__ column_offsets,
                                                  const int64_t* __restrict__ block_offsets,
                                                  int64_t num_segments, int64_t block,
                                                  int rows_per_block, RowBlock& out) {
@@ -215,6 +270,8 @@ __device__ __forceinline__ bool locate_row_block(const int64_t* __restrict__ off
   out.segment_end = offsets[low + 1];
   out.row_begin = out.segment_begin + (block - block_offsets[low]) * rows_per_block;
   out.row_end = min(out.row_begin + rows_per_block, out.segment_end);
+  out.column_begin = column_offsets[low];
+  out.column_end = column_offsets[low + 1];
   return true;
 }
 
@@ -289,9 +346,9 @@ struct ScoreStaging {
   alignas(32) Stage cols[T::kCols * kLd];
 };
 
-// scores[r * kScoreLd + c] = z_{row0 + r} . z_{col0 + c} (not yet divided by the temperature;
-// zero for rows or columns outside the ranges) for a kRows x kCols tile, D streamed through
-// `staging`. compute() is called by all threads of the block; it starts with a barrier, so the
+// scores[r * kScoreLd + c] = row_z_{row0 + r} . col_z_{col0 + c} (not yet divided by the
+// temperature; zero for rows or columns outside the ranges) for a kRows x kCols tile, D
+// streamed through `staging`. compute() is called by all threads of the block; it starts with a barrier, so the
 // caller may reuse `scores` and `staging` right up to the call, and must barrier before reading
 // scores. FMA version: thread (ty, tx) of a 16 x 16 grid owns rows ty + 16 r and columns
 // tx + 16 c; the strided ownership makes a half-warp read one broadcast row value and 16
@@ -304,7 +361,8 @@ struct ScoreTile {
   using Buffers = ScoreStaging<scalar_t, kind>;
 
   static __device__ void compute(acc_t* __restrict__ scores, Buffers& staging,
-                                 const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
+                                 const scalar_t* __restrict__ row_z,
+                                 const scalar_t* __restrict__ col_z, int64_t dim, int64_t row0,
                                  int64_t row_end, int64_t col0, int64_t col_end,
                                  bool vectorized) {
     constexpr int kLd = Buffers::kLd;
@@ -316,8 +374,8 @@ struct ScoreTile {
     acc_t sums[kRowsPerThread][kColsPerThread] = {};
     for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
       __syncthreads();
-      stage_window<T::kRows, kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0, vectorized);
-      stage_window<T::kCols, kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0, vectorized);
+      stage_window<T::kRows, kDepth, kLd>(staging.rows, row_z, dim, row0, row_end, k0, vectorized);
+      stage_window<T::kCols, kDepth, kLd>(staging.cols, col_z, dim, col0, col_end, k0, vectorized);
       __syncthreads();
 #pragma unroll 4
       for (int k = 0; k < kDepth; ++k) {
@@ -360,7 +418,8 @@ struct ScoreTile<scalar_t, kind, true> {
                 "the warp layout below covers a 64 x 64 tile with 8 warps");
 
   static __device__ void compute(acc_t* __restrict__ scores, Buffers& staging,
-                                 const scalar_t* __restrict__ z, int64_t dim, int64_t row0,
+                                 const scalar_t* __restrict__ row_z,
+                                 const scalar_t* __restrict__ col_z, int64_t dim, int64_t row0,
                                  int64_t row_end, int64_t col0, int64_t col_end,
                                  bool vectorized) {
     constexpr int kLd = Buffers::kLd;
@@ -383,9 +442,9 @@ struct ScoreTile<scalar_t, kind, true> {
     wmma::fill_fragment(accumulators[1], 0.0f);
     for (int64_t k0 = 0; k0 < dim; k0 += kDepth) {
       __syncthreads();
-      stage_window<T::kRows, kDepth, kLd>(staging.rows, z, dim, row0, row_end, k0,
+      stage_window<T::kRows, kDepth, kLd>(staging.rows, row_z, dim, row0, row_end, k0,
                                              vectorized);
-      stage_window<T::kCols, kDepth, kLd>(staging.cols, z, dim, col0, col_end, k0,
+      stage_window<T::kCols, kDepth, kLd>(staging.cols, col_z, dim, col0, col_end, k0,
                                              vectorized);
       __syncthreads();
 #pragma unroll

@@ -5,7 +5,10 @@ stops the run with ASan's report, which names the kernel line.
 Start it with libasan preloaded, as tests/test_cuda_emulated.py does:
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
         python tests/cuda_emulation/asan_check.py
-Prints one line per case and "all cases ran" at the end.
+Runs every single-set case on every multiply path, and the reference-set cases (also with self
+indices and labels the Python checks reject): the varlen one on every path, the others on one
+path per kernel family and multiply. Prints one line per case and "all cases ran" at
+the end.
 """
 
 from __future__ import annotations
@@ -17,7 +20,61 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cuda_emulation import emulation  # noqa: E402
+from cuda_emulation.reference_sets import REFERENCE_CASES, make_reference_inputs  # noqa: E402
 from supcon_cases import CASES, IGNORE, TEMPERATURE, make_inputs  # noqa: E402
+
+# Paths that run every reference-set case under the sanitizer: FMA, WMMA and mma.sync.
+REFERENCE_ASAN_PATHS = ("float32-fma", "bfloat16-wmma", "float32-tf32-mma", "float16-mma")
+
+
+def unchecked(inputs):
+    """The inputs with values the Python checks reject and compiled calls poison, which the
+    kernels must still read safely: self indices past K, far past int32, negative, of another
+    segment or label; labels that are negative or huge on either side."""
+    k = inputs.ref_features.shape[0]
+    m = inputs.features.shape[0]
+    self_index = torch.full((m,), -1, dtype=torch.int64)
+    if inputs.ref_self_index is not None:
+        self_index = inputs.ref_self_index.clone()
+    bad = [k, k + 5, 1 << 40, -7, -(1 << 40), 0, k - 1]
+    self_index[: len(bad)] = torch.tensor(bad[:m])
+    labels = inputs.labels.clone()
+    labels[1::7] = -5
+    ref_labels = inputs.ref_labels.clone()
+    ref_labels[2::5] = 1 << 50
+    return inputs._replace(labels=labels, ref_labels=ref_labels, ref_self_index=self_index)
+
+
+def run_reference_set(kernels, path, inputs):
+    """The two-set forward (with the anchors' gradient) and the keys' backward."""
+    keys = inputs.reference_args()
+    _, lse, positives, _ = emulation.forward(
+        kernels,
+        path,
+        inputs.features,
+        inputs.labels,
+        inputs.segments,
+        TEMPERATURE,
+        True,
+        IGNORE,
+        anchor_gradient=True,
+        **keys,
+    )
+    emulation.backward(
+        kernels,
+        path,
+        torch.rand(inputs.features.shape[0]),
+        inputs.features,
+        inputs.labels,
+        inputs.segments,
+        lse,
+        positives,
+        TEMPERATURE,
+        True,
+        False,
+        IGNORE,
+        **keys,
+    )
 
 
 def main() -> None:
@@ -26,7 +83,7 @@ def main() -> None:
     for name, case in CASES.items():
         for path in emulation.PATHS.values():
             features, labels, offsets = make_inputs(*case, dtype=path.dtype)
-            _, lse, positives = emulation.forward(
+            _, lse, positives, _ = emulation.forward(
                 kernels, path, features, labels, offsets, TEMPERATURE, True, IGNORE
             )
             upstream = torch.rand(features.shape[0])
@@ -43,6 +100,17 @@ def main() -> None:
                 True,
             )
         print(f"{name}: ok", flush=True)
+    # The reference set: its varlen case on every path, with and without unchecked values;
+    # the larger cases on one path per kernel family and multiply (they add reads past no new
+    # boundary the varlen case leaves out, only more of them).
+    for name, case in REFERENCE_CASES.items():
+        paths = emulation.PATHS if name == "varlen" else REFERENCE_ASAN_PATHS
+        for path_name in paths:
+            path = emulation.PATHS[path_name]
+            inputs = make_reference_inputs(case, dtype=path.dtype)
+            run_reference_set(kernels, path, inputs)
+            run_reference_set(kernels, path, unchecked(inputs))
+        print(f"reference set {name}: ok", flush=True)
     print("all cases ran")
 
 

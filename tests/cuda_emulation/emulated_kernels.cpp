@@ -13,6 +13,7 @@
 #include "mma.h"
 
 #include <map>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -45,29 +46,38 @@ struct EmulatedLaunch {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& features,
-                                                       const at::Tensor& labels,
-                                                       const at::Tensor& segments,
-                                                       double temperature, bool prevalence,
-                                                       int64_t ignore_index, bool allow_tf32,
-                                                       bool descending, int64_t multiprocessors,
-                                                       const std::string& kernels) {
-  return mcsc::cuda::launch_supcon_forward(EmulatedLaunch{descending}, features.contiguous(),
-                                           labels.contiguous(), segments.contiguous(),
-                                           temperature, prevalence, ignore_index, allow_tf32,
-                                           multiprocessors,
-                                           mcsc::cuda::kernel_family(kernels.c_str()));
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& segments,
+    double temperature, bool prevalence, int64_t ignore_index, bool allow_tf32, bool descending,
+    int64_t multiprocessors, const std::string& kernels,
+    const std::optional<at::Tensor>& ref_features, const std::optional<at::Tensor>& ref_labels,
+    const std::optional<at::Tensor>& ref_segments,
+    const std::optional<at::Tensor>& ref_self_index, bool anchor_gradient) {
+  const auto keys =
+      mcsc::cuda::reference_rows(ref_features, ref_labels, ref_segments, ref_self_index);
+  return mcsc::cuda::launch_supcon_forward(
+      EmulatedLaunch{descending}, features.contiguous(), labels.contiguous(),
+      segments.contiguous(), temperature, prevalence, ignore_index,
+      keys.has_value() ? &*keys : nullptr, anchor_gradient, allow_tf32, multiprocessors,
+      mcsc::cuda::kernel_family(kernels.c_str()));
 }
 
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& features,
                     const at::Tensor& labels, const at::Tensor& segments, const at::Tensor& lse,
                     const at::Tensor& positives, double temperature, bool prevalence,
-                    bool allow_tf32, bool descending, const std::string& kernels) {
+                    int64_t ignore_index, bool allow_tf32, bool descending,
+                    const std::string& kernels, const std::optional<at::Tensor>& ref_features,
+                    const std::optional<at::Tensor>& ref_labels,
+                    const std::optional<at::Tensor>& ref_segments,
+                    const std::optional<at::Tensor>& ref_self_index) {
+  const auto keys =
+      mcsc::cuda::reference_rows(ref_features, ref_labels, ref_segments, ref_self_index);
   return mcsc::cuda::launch_supcon_backward(
       EmulatedLaunch{descending},
       grad_loss.to(mcsc::accumulation_dtype(features)).contiguous(),
       features.contiguous(), labels.contiguous(), segments.contiguous(), lse.contiguous(),
-      positives.contiguous(), temperature, prevalence, allow_tf32,
+      positives.contiguous(), temperature, prevalence, ignore_index,
+      keys.has_value() ? &*keys : nullptr, allow_tf32,
       mcsc::cuda::kernel_family(kernels.c_str()));
 }
 
@@ -158,12 +168,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("ignore_index"), pybind11::arg("allow_tf32"),
         pybind11::arg("descending"),
         pybind11::arg("multiprocessors") = 132,
-        pybind11::arg("kernels") = "wmma");
+        pybind11::arg("kernels") = "wmma", pybind11::arg("ref_features") = pybind11::none(),
+        pybind11::arg("ref_labels") = pybind11::none(),
+        pybind11::arg("ref_segments") = pybind11::none(),
+        pybind11::arg("ref_self_index") = pybind11::none(),
+        pybind11::arg("anchor_gradient") = false);
   m.def("backward", &backward, "mcsc::supcon_backward's CUDA kernels, emulated on the CPU",
         pybind11::arg("grad_loss"), pybind11::arg("features"), pybind11::arg("labels"),
         pybind11::arg("segments"), pybind11::arg("lse"), pybind11::arg("positives"),
-        pybind11::arg("temperature"), pybind11::arg("prevalence"), pybind11::arg("allow_tf32"),
-        pybind11::arg("descending"), pybind11::arg("kernels") = "wmma");
+        pybind11::arg("temperature"), pybind11::arg("prevalence"),
+        pybind11::arg("ignore_index"), pybind11::arg("allow_tf32"),
+        pybind11::arg("descending"), pybind11::arg("kernels") = "wmma",
+        pybind11::arg("ref_features") = pybind11::none(),
+        pybind11::arg("ref_labels") = pybind11::none(),
+        pybind11::arg("ref_segments") = pybind11::none(),
+        pybind11::arg("ref_self_index") = pybind11::none());
   m.def("misuse", &misuse, "a kernel with a deliberate barrier or alignment mistake");
   m.def("poison_shared_memory", &poison_shared_memory,
         "fill the kernels' shared memory with a pattern before each block; returns its bytes");

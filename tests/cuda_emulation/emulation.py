@@ -49,7 +49,10 @@ def forward(
     descending=False,
     **options,
 ):
-    """The emulated forward (module: load()'s) on one multiply path: (loss, lse, positives)."""
+    """The emulated forward (module: load()'s) on one multiply path: (loss, lse, positives,
+    anchor_grad), as mcsc::supcon_forward returns them. ``options``: multiprocessors, and the
+    op's reference-set arguments (ref_features, ref_labels, ref_segments, ref_self_index,
+    anchor_gradient)."""
     return module.forward(
         features,
         labels,
@@ -76,8 +79,12 @@ def backward(
     temperature,
     prevalence,
     descending=False,
+    ignore_index=-1,
+    **reference,
 ):
-    """The emulated backward on one multiply path: the gradient with respect to features."""
+    """The emulated backward on one multiply path: the gradient with respect to features, or
+    with the reference-set arguments (``reference``: ref_features, ref_labels, ref_segments,
+    ref_self_index) with respect to ref_features."""
     return module.backward(
         grad_loss,
         features,
@@ -87,9 +94,11 @@ def backward(
         positives,
         temperature,
         prevalence,
+        ignore_index,
         path.allow_tf32,
         descending,
         kernels=path.kernels,
+        **reference,
     )
 
 
