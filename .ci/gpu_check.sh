@@ -24,6 +24,8 @@
 #               reference
 #   bench       benchmarks/run.py --device cuda --targets: the GPU targets with fused, flex,
 #               dense, compiled and gemm in one run (OUT_DIR/bench)
+#   memory_bank benchmarks/memory_bank.py --device cuda: a batch against a cross-batch memory,
+#               fused vs pytorch-metric-learning vs dense, fp32 and bf16 (OUT_DIR/memory_bank)
 #   train       .ci/gpu_train_check.sh OUT_DIR/train, where that script exists: the trainer
 #               end to end on the GPU
 # Last it prints one table of the steps (status, seconds), then the benchmark's targets table.
@@ -100,6 +102,8 @@ step racecheck 150 compute-sanitizer --tool racecheck "${case[@]}"
 step synccheck 90 compute-sanitizer --tool synccheck "${case[@]}"
 step initcheck 90 compute-sanitizer --tool initcheck "${case[@]}"
 step bench 300 "$python" benchmarks/run.py --device cuda --targets --out "$out/bench"
+step memory_bank 300 "$python" benchmarks/memory_bank.py --device cuda --time-budget-s 200 \
+  --out "$out/memory_bank"
 if [ -f .ci/gpu_train_check.sh ]; then
   step train 420 bash .ci/gpu_train_check.sh "$out/train"  # its own steps: 150 + 60 + 60 + 150 s
 fi
