@@ -504,3 +504,41 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
     resumed = [line for line in stdout.splitlines() if line.startswith("mcsc: resuming from")]
     assert len(resumed) == 1 and "at iteration" in resumed[0], stdout[-3000:]
     assert_same_training_state(final_state(straight), final_state(out))
+
+
+def test_checkpoints_by_wall_clock_come_between_the_periodic_ones(tmp_path):
+    saved = []
+
+    class Watched(Trainer):
+        def save_latest(self):
+            saved.append(self.iteration)
+            super().save_latest()
+
+    config = resilience_config(iterations=4)
+    config.train.checkpoint_every = 1000
+    config.train.checkpoint_minutes = 1e-9  # due after every step
+    Watched(config, tmp_path / "clock", progress=False).fit()
+    config = resilience_config(iterations=4)
+    config.train.checkpoint_every = 1000  # 15 minutes are not up: only the last iteration
+    Watched(config, tmp_path / "steps", progress=False).fit()
+    assert saved == [1, 2, 3, 4, 4]
+
+
+def test_a_broken_connection_to_a_loader_worker_is_a_lost_worker():
+    from mcsc.training.resilience import LoaderWorkerLost, loader_batches, loader_worker_error
+
+    class Loader:
+        def __init__(self, workers):
+            self.num_workers = workers
+
+        def __iter__(self):
+            yield {"batch": 0}
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    batches = loader_batches(Loader(2))
+    assert next(batches) == {"batch": 0}
+    with pytest.raises(LoaderWorkerLost, match="Connection reset by peer") as lost:
+        next(batches)
+    assert loader_worker_error(lost.value)
+    with pytest.raises(ConnectionResetError):  # no workers: not theirs
+        list(loader_batches(Loader(0)))

@@ -302,7 +302,7 @@ def _apply_small_recipe(config: Config) -> None:
     config.train.threads = 1
     config.train.lr = 2e-3
     config.train.eval_every = 100
-    config.train.checkpoint_every = 100
+    config.train.checkpoint_every = 20  # a few MB each: cheap, and little work lost to a kill
     config.train.log_every = 10
 
 

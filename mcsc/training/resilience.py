@@ -325,9 +325,11 @@ _COLLECTIVE_MARKS = (
 )
 
 
-def first_line(error: BaseException) -> str:
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, cut at ``limit`` characters."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+    line = f"{type(error).__name__}: {text[0] if text else ''}".strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def is_collective_error(error: BaseException) -> bool:
@@ -339,9 +341,32 @@ def is_collective_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(mark in text for mark in _COLLECTIVE_MARKS)
 
 
+class LoaderWorkerLost(RuntimeError):
+    """The connection to a data loader worker broke: the worker died while sending a batch."""
+
+
+def loader_batches(loader) -> Iterator:
+    """The batches of ``loader``; a broken connection to one of its worker processes (a worker
+    killed while it sends a batch) raises :class:`LoaderWorkerLost`. Errors of the data itself
+    pass unchanged."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (ConnectionError, EOFError) as error:
+            if not loader.num_workers:
+                raise
+            raise LoaderWorkerLost(f"its connection broke: {first_line(error)}") from error
+        yield batch
+
+
 def loader_worker_error(error: BaseException) -> bool:
-    """Whether an error is torch's report of a data loader worker that died."""
-    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+    """Whether an error is the report of a data loader worker that died."""
+    return isinstance(error, LoaderWorkerLost) or (
+        isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+    )
 
 
 def _fault_store():
@@ -352,14 +377,15 @@ def _fault_store():
 
 
 def fault_report(
-    error: BaseException, rank: int, world_size: int, wait_seconds: float
+    error: BaseException, rank: int, world_size: int, wait_seconds: float, give_up=None
 ) -> tuple[bool, list[int], dict[int, str]]:
     """Tell the other ranks through the rendezvous store that this rank failed, and learn which
     of them did too.
 
     A rank whose own work failed (``not is_collective_error(error)``) posts its error and
     returns at once: its exit is what frees the others from their collective. A rank whose
-    collective failed posts that and waits up to ``wait_seconds`` for every other rank's post.
+    collective failed posts that and waits up to ``wait_seconds`` for every other rank's post
+    (less when ``give_up()`` turns true: torchrun's SIGTERM, say).
 
     Returns ``(store_reachable, silent_ranks, posts)``: the ranks that posted nothing in time
     (dead, hung or unreachable) and every rank's post (``"error: ..."`` or ``"collective: ..."``).
@@ -376,7 +402,9 @@ def fault_report(
             return True, [], {}
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline and not store.check(keys):
-            time.sleep(0.2)
+            if give_up is not None and give_up():
+                break
+            time.sleep(0.1)
         posts = {r: store.get(key).decode() for r, key in enumerate(keys) if store.check([key])}
     except Exception:  # noqa: BLE001 (the store's host is gone too)
         return False, [], {}

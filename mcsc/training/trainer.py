@@ -80,6 +80,7 @@ from mcsc.training.resilience import (
     first_line,
     ignore_signals,
     is_collective_error,
+    loader_batches,
     loader_worker_error,
     signal_name,
 )
@@ -797,7 +798,7 @@ class Trainer:
         estimate = RunTimeEstimate(self.iteration, train.iterations)
         if self.validation_pending and self.dist.is_main:  # stopped before this validation
             self.validate_and_keep_best(writer, bar)
-        for batch in loader:
+        for batch in loader_batches(loader):
             if self.dist.enabled:  # own dropout masks per rank, the same again on resume
                 torch.manual_seed(train.seed + 1_000_003 * self.dist.rank + self.iteration)
             logs = self.train_step(batch, self.iteration)
@@ -919,9 +920,15 @@ class Trainer:
         if not self.dist.enabled:
             return error
         timeout = self.config.train.collective_timeout_minutes
+        wait = min(5.0, 60.0 * timeout)
+        reachable, silent, posts = fault_report(
+            error,
+            self.dist.rank,
+            self.dist.world_size,
+            wait,
+            give_up=lambda: self.signals.requested is not None,
+        )
         stopping = self.signals.requested is not None
-        wait = 0.0 if stopping else min(5.0, 60.0 * timeout)
-        reachable, silent, posts = fault_report(error, self.dist.rank, self.dist.world_size, wait)
         if not is_collective_error(error):
             return error
         others = {r: post for r, post in posts.items() if r != self.dist.rank}
@@ -932,17 +939,18 @@ class Trainer:
         ]
         if failed:
             cause = "; ".join(failed)
-        elif stopping:
-            cause = (
-                f"{signal_name(self.signals.requested)} arrived as well (torchrun stops every "
-                f"worker when one fails)"
-            )
         elif silent:
             names = ", ".join(str(r) for r in silent)
+            when = (
+                f"before {signal_name(self.signals.requested)} arrived (torchrun stops every "
+                f"worker when one fails)"
+                if stopping
+                else f"within {wait:g} s"
+            )
             cause = (
                 f"rank{'s' if len(silent) > 1 else ''} {names} stopped responding: dead (killed, "
                 f"out of memory?), hung, or on a lost node; no word from "
-                f"{'them' if len(silent) > 1 else 'it'} within {wait:g} s"
+                f"{'them' if len(silent) > 1 else 'it'} {when}"
             )
         elif not reachable:
             cause = "the rendezvous store is gone as well (rank 0's node, or the torchrun agent)"
