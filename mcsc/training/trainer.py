@@ -648,14 +648,15 @@ class Trainer:
         if self.dist.enabled:
             shared = [None]
             if failure is not None:
-                shared = [(type(failure).__name__, getattr(failure, "errno", None), str(failure))]
+                text = getattr(failure, "strerror", None) or str(failure)
+                shared = [(type(failure).__name__, getattr(failure, "errno", None), text)]
             torch.distributed.broadcast_object_list(shared, src=0)
             if failure is None and shared[0] is not None:
                 kind, errno, text = shared[0]
                 failure = (
                     NonFiniteLossError(text)
                     if kind == "NonFiniteLossError"
-                    else OSError(errno, f"(rank 0) {text}")
+                    else OSError(errno, f"{text} (rank 0 writes the checkpoints)")
                 )
         if failure is not None:
             raise failure
