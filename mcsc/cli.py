@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         help="train a U-Net and a Swin-UNet together, then test",
         description="Train (without --data: the built-in synthetic dataset and the small recipe "
         "of the CPU demo), then evaluate the best checkpoint on the test split.",
+        epilog="SIGTERM, SIGUSR1 and SIGINT (train.stop_signals) finish the current step, write "
+        "OUT/checkpoints/latest.pt and stop. Exit status: 0 done; 2 bad input or a file that "
+        "cannot be written; 3 a NaN/inf loss; 4 a lost rank or data loader worker, or a "
+        "collective timeout; 75 stopped by SIGTERM/SIGUSR1 (checkpoint written: run the same "
+        "command with --resume auto); 130 stopped by Ctrl-C (likewise).",
     )
     train.add_argument("--data", help="dataset folder (ACDC, Synapse or NIfTI layout)")
     train.add_argument(
