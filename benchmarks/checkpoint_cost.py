@@ -22,18 +22,21 @@ import time
 import torch
 
 from mcsc.training.checkpoint import load_checkpoint
-from mcsc.training.config import preset
+from mcsc.training.config import load_yaml, preset
 from mcsc.training.trainer import Trainer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default="paper", choices=("paper", "small"))
+    parser.add_argument("--config", help="YAML file overriding the recipe (as mcsc train's)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", required=True, help="run folder (its disk is measured)")
     args = parser.parse_args()
 
     config = preset("synthetic", args.recipe)
+    if args.config:
+        config.update(load_yaml(args.config), args.config)
     config.train.device = "cpu"
     config.data.num_workers = 0
     trainer = Trainer(config, args.out, progress=False)

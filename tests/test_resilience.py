@@ -542,3 +542,19 @@ def test_a_broken_connection_to_a_loader_worker_is_a_lost_worker():
     assert loader_worker_error(lost.value)
     with pytest.raises(ConnectionResetError):  # no workers: not theirs
         list(loader_batches(Loader(0)))
+
+
+def test_the_checkpoint_cost_benchmark_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "checkpoint_cost.py"), "--recipe", "small"]
+        + ["--config", str(write_yaml(tmp_path / "tiny.yaml", resilience_config()))]
+        + ["--repeat", "1", "--out", str(tmp_path / "run")],
+        cwd=tmp_path,
+        env=cli_environment(),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MiB on disk" in result.stdout and "write (save_latest) median" in result.stdout
