@@ -242,6 +242,7 @@ def test_sigusr1_during_validation_stops_and_the_resume_validates_first(tmp_path
             return super().validate(iteration)
 
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGUSR1)
     with pytest.raises(TrainingStopped, match="stopped by SIGUSR1 after iteration 20") as stop:
         SignalledDuringValidation(resilience_config(), out, progress=False).fit()
     assert stop.value.status == EXIT_STOPPED
@@ -254,10 +255,11 @@ def test_sigusr1_during_validation_stops_and_the_resume_validates_first(tmp_path
         load_checkpoint(run / "checkpoints" / "best.pt") for run in (out, straight)
     )
     assert_same_training_state(straight_best, best)
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGUSR1) is before  # handlers restored
 
 
 def test_a_second_ctrl_c_outside_a_save_stops_at_once():
+    before = signal.getsignal(signal.SIGINT)
     signals = StopSignals(["SIGINT"])
     with signals:
         os.kill(os.getpid(), signal.SIGINT)
@@ -267,7 +269,7 @@ def test_a_second_ctrl_c_outside_a_save_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # --------------------------------------------------------------------- checkpoint writes
@@ -464,9 +466,14 @@ def torchrun_command(*args: str) -> list[str]:
 
 
 def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights(tmp_path):
-    """`torchrun --max-restarts=1 ... --resume auto` with rank 1 SIGKILLed once the first
+    """`torchrun --max-restarts ... --resume auto` with rank 1 SIGKILLed once the first
     checkpoint is written: the group restarts, resumes and ends bitwise where an uninterrupted
-    2-process run ends."""
+    2-process run ends.
+
+    One restart is what the kill needs; a second one is allowed because once, on the loaded
+    2-core machine, the restarted group's gloo rendezvous itself failed ("Gloo connectFullMesh
+    failed ... Connection refused") before any mcsc code ran: a second restart resumes the
+    same way, so the final weights must be equal all the same."""
     config = write_yaml(tmp_path / "tiny.yaml", resilience_config(iterations=24))
     arguments = ["--config", str(config), "--resume", "auto", "--device", "cpu", "--no-progress"]
     env = cli_environment()
@@ -485,7 +492,7 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
     out = tmp_path / "killed"
     latest = out / "checkpoints" / "latest.pt"
     process = subprocess.Popen(
-        torchrun_command("--max-restarts=1") + [*arguments, "--out", str(out)],
+        torchrun_command("--max-restarts=2") + [*arguments, "--out", str(out)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -502,7 +509,7 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
         process.kill()
     assert status == 0, stderr[-4000:]
     resumed = [line for line in stdout.splitlines() if line.startswith("mcsc: resuming from")]
-    assert len(resumed) == 1 and "at iteration" in resumed[0], stdout[-3000:]
+    assert resumed and all("at iteration" in line for line in resumed), stdout[-3000:]
     assert_same_training_state(final_state(straight), final_state(out))
 
 
