@@ -7,6 +7,7 @@ trains the CPU demo on the built-in synthetic dataset.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         help="train a U-Net and a Swin-UNet together, then test",
         description="Train (without --data: the built-in synthetic dataset and the small recipe "
         "of the CPU demo), then evaluate the best checkpoint on the test split.",
+        epilog="SIGTERM, SIGUSR1 and SIGINT (train.stop_signals) finish the current step, write "
+        "OUT/checkpoints/latest.pt and stop. Exit status: 0 done; 2 bad input or a file that "
+        "cannot be written; 3 a NaN/inf loss; 4 a lost rank or data loader worker, or a "
+        "collective timeout; 75 stopped by SIGTERM/SIGUSR1 (checkpoint written: run the same "
+        "command with --resume auto); 130 stopped by Ctrl-C (likewise).",
     )
     train.add_argument("--data", help="dataset folder (ACDC, Synapse or NIfTI layout)")
     train.add_argument(
@@ -53,8 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--resume",
-        action="store_true",
-        help="continue from OUT/checkpoints/latest.pt exactly where it stopped",
+        nargs="?",
+        const="required",
+        choices=("auto", "required"),  # bare --resume is "required"
+        metavar="auto",
+        help="--resume: continue from OUT/checkpoints/latest.pt exactly where it stopped, with "
+        "its configuration; --resume auto: continue when that checkpoint exists and belongs to "
+        "this run (same configuration and data), else start fresh (the same command works for "
+        "every restart; also MCSC_RESUME=auto or train.resume: auto)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--out", required=True, help="run folder")
@@ -95,10 +107,15 @@ def resolve_train_config(args: argparse.Namespace):
     from mcsc.data import infer_dataset
     from mcsc.training.checkpoint import load_checkpoint
     from mcsc.training.config import Config, load_yaml, preset
+    from mcsc.training.resilience import load_newest
 
-    latest = Path(args.out) / "checkpoints" / "latest.pt"
-    if args.resume:
-        config = Config.from_dict(load_checkpoint(latest)["config"], str(latest))
+    if args.resume == "required":
+        folder = Path(args.out) / "checkpoints"
+        path, state, notes = load_newest(folder)
+        if path is None:  # the reason: unreadable files, or none at all
+            load_checkpoint(folder / "latest.pt")
+            raise ValueError("; ".join(notes))
+        config = Config.from_dict(state["config"], str(path))
         if args.iterations is not None:
             config.train.iterations = args.iterations
         if args.device is not None:
@@ -126,29 +143,50 @@ def resolve_train_config(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             setattr(getattr(config, section), key, value)
+    if os.environ.get("MCSC_RESUME"):  # the environment, then the command line
+        config.set(f"train.resume={os.environ['MCSC_RESUME']}")  # checked like the file's value
     for assignment in args.set:
         config.set(assignment)
+    if args.resume == "auto":
+        config.train.resume = "auto"
     config.validate()
     return config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mcsc.training.distributed import destroy_distributed, init_distributed
+    from mcsc.training.resilience import EXIT_FAULT, TrainingFault, TrainingStopped, has_checkpoint
     from mcsc.training.trainer import NonFiniteLossError, Trainer
 
-    latest = Path(args.out) / "checkpoints" / "latest.pt"
-    if not args.resume and latest.exists():
-        raise ValueError(f"{latest} exists: pass --resume to continue, or use another --out")
     config = resolve_train_config(args)
+    resume = "required" if args.resume == "required" else config.train.resume
+    folder = Path(args.out) / "checkpoints"
+    if resume == "no" and has_checkpoint(folder):
+        raise ValueError(
+            f"{folder / 'latest.pt'} exists: pass --resume (or --resume auto) to continue, or "
+            f"use another --out"
+        )
     # this command owns the process group of a torchrun job: it starts and ends it
-    context = init_distributed(config.train.device)
+    context = init_distributed(
+        config.train.device, timeout_minutes=config.train.collective_timeout_minutes
+    )
     try:
         summary = Trainer(
-            config, args.out, resume=args.resume, progress=not args.no_progress, context=context
+            config, args.out, resume=resume, progress=not args.no_progress, context=context
         ).fit()
     except NonFiniteLossError as error:  # the run diverged: not a usage error (status 2)
         print(f"mcsc: error: {error}", file=sys.stderr)
         return 3
+    except TrainingStopped as stop:  # a polite stop: the checkpoint is written
+        if context.is_main:
+            print(f"mcsc: {stop}", file=sys.stderr, flush=True)
+        return stop.status
+    except TrainingFault as error:
+        print(f"mcsc: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_FAULT
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint
+        print("mcsc: interrupted twice: stopped without a checkpoint", file=sys.stderr)
+        return 130
     finally:
         destroy_distributed()
     if not summary:  # a rank > 0 of a torchrun job: rank 0 reports
@@ -278,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mcsc`` and ``python -m mcsc``; returns the exit status.
 
     Bad data, configuration or paths, and a file that cannot be written (disk full, no
-    permission), print ``mcsc: error: <message naming the file>`` and return 2.
+    permission), print ``mcsc: error: <message naming the file>`` and return 2. ``train``
+    also returns 3 (a NaN/inf loss), 4 (a lost rank or data loader worker, a collective
+    timeout), 75 (stopped by SIGTERM/SIGUSR1 after writing its checkpoint) and 130 (Ctrl-C).
     """
     from mcsc.dependencies import training_packages_problem
 

@@ -152,3 +152,47 @@ def test_a_second_save_replaces_the_first(saved):
     save_checkpoint(small_state(5.0), saved)
     assert torch.equal(load_checkpoint(saved)["models"]["cnn"]["weight"], torch.full((64, 64), 5.0))
     assert os.listdir(saved.parent) == ["latest.pt"]
+
+
+def test_the_replaced_checkpoint_is_kept_as_previous_and_a_failed_write_keeps_both(
+    saved, monkeypatch
+):
+    previous = saved.parent / "previous.pt"
+    save_checkpoint(small_state(5.0), saved, previous)
+    assert load_checkpoint(previous)["models"]["cnn"]["weight"][0, 0] == 1.0
+    assert load_checkpoint(saved)["models"]["cnn"]["weight"][0, 0] == 5.0
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", disk_full)
+    with pytest.raises(OSError, match=f"{saved}: cannot write the checkpoint .No space left"):
+        save_checkpoint(small_state(7.0), saved, previous)
+    monkeypatch.undo()
+    assert sorted(os.listdir(saved.parent)) == ["latest.pt", "previous.pt"]
+    assert load_checkpoint(saved)["models"]["cnn"]["weight"][0, 0] == 5.0
+    assert load_checkpoint(previous)["models"]["cnn"]["weight"][0, 0] == 1.0
+
+
+def test_stale_temporaries_are_removed(saved):
+    stale = saved.parent / ".latest.pt.abc123.tmp"
+    stale.write_bytes(b"cut short")
+    assert checkpoint.remove_stale_temporaries(saved.parent) == [stale]
+    assert os.listdir(saved.parent) == ["latest.pt"]
+    assert checkpoint.remove_stale_temporaries(saved.parent / "absent") == []
+
+
+def test_every_global_generator_round_trips_through_a_checkpoint(tmp_path):
+    import random
+
+    np.random.seed(3)
+    random.seed(4)
+    torch.manual_seed(5)
+    state = dict(small_state(), rng=checkpoint.rng_state(everything=True))
+    expected = (np.random.rand(3), random.random(), torch.rand(3))
+    np.random.rand(7), random.random(), torch.rand(9)  # the generators move on
+    save_checkpoint(state, tmp_path / "rng.pt")
+    checkpoint.set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    again = (np.random.rand(3), random.random(), torch.rand(3))
+    assert np.array_equal(expected[0], again[0]) and expected[1] == again[1]
+    assert torch.equal(expected[2], again[2])

@@ -378,7 +378,7 @@ def test_a_checkpoint_that_cannot_be_written_is_an_error_naming_the_file(
 
     from mcsc.training import trainer
 
-    def disk_full(state, path):
+    def disk_full(state, path, previous=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(trainer, "save_checkpoint", disk_full)

@@ -439,6 +439,24 @@ def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
         Trainer(
             Config.from_dict(partial["config"]), Path(out) / "killed", resume=True, progress=False
         ).fit()
+        # the disk fills up on rank 0 at its second checkpoint: every rank stops with the path
+        # in its message (no rank waits for the others), the first checkpoint intact
+        import errno
+
+        from mcsc.training import trainer as trainer_module
+
+        original = trainer_module.save_checkpoint
+
+        def disk_full_at_the_second(state, path, previous=None):
+            if state["iteration"] == 4 and Path(path).name == "latest.pt":
+                raise OSError(errno.ENOSPC, f"{path}: cannot write the checkpoint (disk full)")
+            original(state, path, previous)
+
+        trainer_module.save_checkpoint = disk_full_at_the_second
+        try:
+            Trainer(tiny_config("mcsc", iterations=5), Path(out) / "full", progress=False).fit()
+        except OSError as error:
+            (Path(out) / f"disk_full{rank}.txt").write_text(f"{error.errno} {error}")
     finally:
         mdist.destroy_distributed()
 
@@ -470,6 +488,12 @@ def test_ddp_trainer_resumes_exactly(tmp_path):
         for key, tensor in weights.items():
             assert torch.equal(tensor, resumed["models"][name][key]), f"{name}.{key}"
     assert not list((tmp_path / "straight").glob("**/rank*"))  # nothing written per rank
+    full = tmp_path / "full" / "checkpoints" / "latest.pt"
+    for rank in range(WORLD):
+        message = (tmp_path / f"disk_full{rank}.txt").read_text()
+        assert message.startswith("28 ") and f"{full}: cannot write the checkpoint" in message
+    assert "rank 0 writes the checkpoints" in (tmp_path / "disk_full1.txt").read_text()
+    assert load_checkpoint(full)["iteration"] == 2
 
 
 def test_torchrun_two_processes_train_and_resume(tmp_path):

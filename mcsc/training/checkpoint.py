@@ -5,9 +5,13 @@ A checkpoint holds::
     {"format": 1, "iteration": int, "config": nested dict (the resolved Config),
      "models": {"cnn": state_dict, "swin": state_dict, "heads": state_dict},
      "optimizers": {name: state_dict}, "schedulers": {name: state_dict},
-     "scaler": state_dict, "sampler": {"seed", "start"},
-     "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...]},
-     "best": {"metric": float, "iteration": int}}
+     "losses": {name: state_dict}, "sampler": {"seed", "start"},
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...],
+             "ranks": [{"torch", "cuda", "numpy", "python"} of every rank]},
+     "best": {"metric": float, "iteration": int}, "validation_pending": bool,
+     "data_fingerprint": str}
+
+(No loss-scaler state: autocast runs in bfloat16, which needs no loss scaling.)
 
 It loads with ``torch.load(path, weights_only=True)``: nothing is pickled beyond tensors, numbers,
 strings, lists and dicts. :func:`load_checkpoint` also verifies the checksum of every record of
@@ -33,12 +37,15 @@ class CheckpointError(ValueError):
     """A file that is not a valid mcsc checkpoint; the message names it and says why."""
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
+def save_checkpoint(state: dict, path: str | Path, previous: str | Path | None = None) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then rename.
 
     A crash or a failed write (disk full, no permission) leaves the previous checkpoint at
-    ``path`` intact and no temporary file behind; a failed write raises ``OSError`` naming
-    ``path`` with the system's reason.
+    ``path`` intact and no temporary file behind (a SIGKILL during the write leaves the
+    temporary file, which :func:`remove_stale_temporaries` clears); a failed write raises
+    ``OSError`` naming ``path`` with the system's reason. With ``previous``, the checkpoint
+    being replaced is kept there (renamed, once the new one is on disk): at every moment
+    ``path`` or ``previous`` holds a complete checkpoint.
     """
     path = Path(path)
     # serialised in memory first: torch.save into a file object reports a failed write as a
@@ -55,6 +62,8 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(temporary, path)
         temporary = None
     except OSError as error:
@@ -67,6 +76,16 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
     _sync_folder(path.parent)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that a write killed midway left in ``folder``; returns them.
+
+    Only for a folder that nothing is writing to (the start of a run)."""
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _sync_folder(folder: Path) -> None:
@@ -150,11 +169,27 @@ def _check_archive(path: Path) -> None:
         )
 
 
-def rng_state() -> dict:
-    """The torch CPU (and CUDA) generator states as tensors."""
+def rng_state(everything: bool = False) -> dict:
+    """The torch CPU (and CUDA) generator states as tensors; with ``everything`` also numpy's
+    and Python's global generators (as a tensor and a list of ints: weights-only loadable)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if everything:
+        import random
+
+        import numpy as np
+
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        }
+        version, internal, gauss_next = random.getstate()
+        state["python"] = {"version": version, "state": list(internal), "gauss": gauss_next}
     return state
 
 
@@ -163,3 +198,21 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "numpy" in state:
+        import numpy as np
+
+        saved = state["numpy"]
+        np.random.set_state(
+            (
+                saved["kind"],
+                saved["keys"].numpy().astype(np.uint32),
+                saved["position"],
+                saved["has_gauss"],
+                saved["gauss"],
+            )
+        )
+    if "python" in state:
+        import random
+
+        saved = state["python"]
+        random.setstate((saved["version"], tuple(saved["state"]), saved["gauss"]))

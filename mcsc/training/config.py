@@ -110,7 +110,14 @@ class TrainConfig:
     )
     long_run_hours: float = 8.0  # warn at the start when the estimated training time is longer
     eval_every: int = 1000  # validation pass every K iterations (keeps the best checkpoint)
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # checkpoints/latest.pt every K iterations ...
+    checkpoint_minutes: float = 15.0  # ... or every M minutes of wall clock, whichever is first
+    # long runs: "auto" continues from checkpoints/latest.pt when it exists and matches the run
+    # (also MCSC_RESUME=auto or `mcsc train --resume auto`); "no" starts a new run
+    resume: str = "no"
+    # stop politely on these: finish the step, checkpoint, exit (75; 130 for SIGINT)
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    collective_timeout_minutes: float = 15.0  # torchrun: a rank waits this long for the others
     log_every: int = 20
     eval_network: str = "cnn"  # cnn | swin | ensemble: which network is evaluated
 
@@ -202,10 +209,38 @@ class Config:
             raise ValueError(
                 f"model.swin_drop_path must be in [0, 1), got {self.model.swin_drop_path}"
             )
+        _validate_run_control(self.train)
         if self.train.non_finite not in NON_FINITE_POLICIES:
             raise ValueError(
                 f"train.non_finite must be one of {NON_FINITE_POLICIES}, "
                 f"got {self.train.non_finite!r}"
+            )
+
+
+RESUME_MODES = ("no", "auto")
+
+
+def _validate_run_control(train: TrainConfig) -> None:
+    """The checkpoint cadence, resume mode, stop signals and collective timeout."""
+    import signal
+
+    if train.checkpoint_every < 1:
+        raise ValueError(f"train.checkpoint_every must be >= 1, got {train.checkpoint_every}")
+    if not train.checkpoint_minutes > 0:
+        raise ValueError(f"train.checkpoint_minutes must be > 0, got {train.checkpoint_minutes}")
+    if train.resume not in RESUME_MODES:
+        raise ValueError(f"train.resume must be one of {RESUME_MODES}, got {train.resume!r}")
+    if not train.collective_timeout_minutes > 0:
+        raise ValueError(
+            f"train.collective_timeout_minutes must be > 0, got {train.collective_timeout_minutes}"
+        )
+    for name in train.stop_signals:
+        name = str(name)
+        known = name.startswith("SIG") and not name.startswith("SIG_") and hasattr(signal, name)
+        if not known or name in ("SIGKILL", "SIGSTOP", "SIGCHLD"):
+            raise ValueError(
+                f"train.stop_signals: {name!r} is not a signal that can be caught "
+                f"(e.g. SIGTERM, SIGUSR1, SIGUSR2, SIGINT)"
             )
 
 
@@ -281,7 +316,7 @@ def _apply_small_recipe(config: Config) -> None:
     config.train.threads = 1
     config.train.lr = 2e-3
     config.train.eval_every = 100
-    config.train.checkpoint_every = 100
+    config.train.checkpoint_every = 20  # a few MB each: cheap, and little work lost to a kill
     config.train.log_every = 10
 
 

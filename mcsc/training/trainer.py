@@ -12,19 +12,27 @@ One readable loop with hooks to override (nnU-Net style)::
         def on_iteration_end(self, iteration, logs): ...
 
 ``Trainer(config, out_dir).fit()`` trains, keeps ``checkpoints/latest.pt`` (every
-``checkpoint_every`` iterations) and ``checkpoints/best.pt`` (best validation mean Dice), then
-evaluates the best checkpoint on the test split and writes ``metrics.json``, ``metrics.txt``
-and ``predictions.png``. A NaN or infinite loss term stops the run with a message naming the
-term and the iteration (``train.non_finite = "skip"`` skips the step instead); a checkpoint is
-never overwritten by a non-finite model state.
+``checkpoint_every`` iterations or ``checkpoint_minutes`` minutes, whichever comes first; the
+one it replaces as ``checkpoints/previous.pt``) and ``checkpoints/best.pt`` (best validation
+mean Dice), then evaluates the best checkpoint on the test split and writes ``metrics.json``,
+``metrics.txt`` and ``predictions.png``. A NaN or infinite loss term stops the run with a
+message naming the term and the iteration (``train.non_finite = "skip"`` skips the step
+instead); a checkpoint is never overwritten by a non-finite model state.
+
+Long runs (:mod:`mcsc.training.resilience`): ``resume="auto"`` continues from the latest
+checkpoint of the same run, or starts fresh; a stop signal (``train.stop_signals``) ends the
+run after the current step with a checkpoint (:class:`TrainingStopped`); a lost rank or data
+loader worker ends it with a :class:`TrainingFault` naming it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -45,6 +53,7 @@ from mcsc.models import SwinUNet, UNet, build_projection_heads, feature_index
 from mcsc.training.checkpoint import (
     FORMAT,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -58,6 +67,22 @@ from mcsc.training.distributed import (
     gather_batch,
     init_distributed,
     wrap_models,
+)
+from mcsc.training.resilience import (
+    Interrupted,
+    ResumeDecision,
+    StopSignals,
+    TrainingFault,
+    TrainingStopped,
+    choose_checkpoint,
+    data_fingerprint,
+    fault_report,
+    first_line,
+    ignore_signals,
+    is_collective_error,
+    loader_batches,
+    loader_worker_error,
+    signal_name,
 )
 
 
@@ -232,7 +257,11 @@ class Trainer:
     Args:
         config: the run configuration (completed in place by the data: classes, split).
         out_dir: the run folder.
-        resume: continue from ``out_dir/checkpoints/latest.pt`` exactly where it stopped.
+        resume: ``True`` (or ``"required"``): continue from ``out_dir/checkpoints/latest.pt``
+            (``previous.pt`` when that is unreadable) exactly where it stopped; ``"auto"``: the
+            same when a checkpoint exists and belongs to this run (same configuration and data;
+            else ``ValueError`` naming what differs), a fresh start when none exists;
+            ``False``/``"no"``: a fresh start; ``None``: ``config.train.resume``.
         progress: show a tqdm progress bar.
         context: where this process sits in a ``torchrun`` job. The caller owns the process
             group (``mcsc train`` starts it with :func:`~mcsc.training.distributed.init_distributed`
@@ -243,15 +272,24 @@ class Trainer:
         self,
         config: Config,
         out_dir: str | Path,
-        resume: bool = False,
+        resume: bool | str | None = None,
         progress: bool = True,
         context: DistributedContext | None = None,
     ):
         config.validate()
         self.config = config
         self.out = Path(out_dir)
-        self.resume = resume
+        if resume is None:
+            resume = config.train.resume
+        modes = {False: "no", "no": "no", True: "required", "required": "required"}
+        if resume != "auto" and resume not in modes:
+            raise ValueError(f"resume must be True, False, 'auto' or 'no', got {resume!r}")
+        self.resume = "auto" if resume == "auto" else modes[resume]
         self.progress = progress
+        self.signals = StopSignals([])  # fit() installs the configured handlers
+        self.validation_pending = False  # a validation was due at this iteration, not yet run
+        self.last_saved = -1  # the iteration of checkpoints/latest.pt (-1: none written)
+        self.rank_rng_states: list[dict] | None = None
         self.dist = running_context(config.train.device) if context is None else context
         self.device = self.dist.device
         self.amp = config.train.amp and self.device.type == "cuda"
@@ -469,8 +507,12 @@ class Trainer:
         if self.dist.is_main:  # only rank 0 writes
             self.out.mkdir(parents=True, exist_ok=True)
         self.data = build_data(config.data)
+        self.fingerprint = data_fingerprint(self.data)
+        decision, state = self.decide_resume()
         if self.dist.is_main:
             print(self.data.describe())
+            for note in decision.notes:
+                print(f"mcsc: {note}", flush=True)
             save_yaml(config, self.out / "config.yaml")
             if self.data.split:
                 (self.out / "split.json").write_text(json.dumps(self.data.split, indent=1))
@@ -498,8 +540,49 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         self.skipped_steps = 0
-        if self.resume:
-            self.load_state(load_checkpoint(self.checkpoint_path("latest"), self.device))
+        if state is not None:
+            self.load_state(state)
+            self.last_saved = self.iteration if decision.path.endswith("latest.pt") else -1
+            if self.dist.is_main:
+                print(
+                    f"mcsc: resuming from {decision.path} at iteration {self.iteration} of "
+                    f"{config.train.iterations}",
+                    flush=True,
+                )
+
+    def decide_resume(self) -> tuple[ResumeDecision, dict | None]:
+        """How this run starts (``self.resume``): rank 0 picks the checkpoint (or a fresh start,
+        or a refusal) and broadcasts the decision, so every rank of a torchrun job does the same;
+        returns it with the loaded state (None for a fresh start)."""
+        if self.resume == "no":
+            return ResumeDecision(), None
+        folder = self.checkpoint_path("latest").parent
+        decision, state = ResumeDecision(), None
+        if self.dist.is_main:
+            decision, state = choose_checkpoint(
+                folder, self.resume, self.config.to_dict(), self.fingerprint
+            )
+            if decision.error is None:
+                for path in decision.unreadable:  # set aside, never rotated into previous.pt
+                    os.replace(path, f"{path}.unreadable")
+                    decision.notes.append(f"{path} renamed {Path(path).name}.unreadable")
+                for stale in remove_stale_temporaries(folder):
+                    decision.notes.append(f"removed {stale}, left by a write that was cut short")
+        if self.dist.enabled:
+            shared = [decision]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            decision = shared[0]
+        if decision.error is not None:
+            raise ValueError(decision.error)
+        if decision.path is not None and state is None:  # ranks > 0 read what rank 0 chose
+            state = load_checkpoint(decision.path, "cpu")
+            if int(state["iteration"]) != decision.iteration:
+                raise ValueError(
+                    f"{decision.path}: rank {self.dist.rank} reads iteration {state['iteration']}, "
+                    f"rank 0 iteration {decision.iteration}: every node must see the same run "
+                    f"folder (shared storage)"
+                )
+        return decision, state
 
     def train_loader(self) -> DataLoader:
         """The augmented two-stream batches of the run, from the current iteration on (after
@@ -514,6 +597,8 @@ class Trainer:
             dataset,
             batch_sampler=self.sampler,
             num_workers=self.config.data.num_workers,
+            # a stop signal sent to every process of the job leaves the workers running
+            worker_init_fn=functools.partial(ignore_signals, tuple(self.signals.signals)),
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.config.train.seed),
             persistent_workers=False,
@@ -524,7 +609,8 @@ class Trainer:
 
     def save(self, which: str) -> None:
         """Write ``checkpoints/<which>.pt``, unless the model state is no longer finite: then the
-        previous file stays and :class:`NonFiniteLossError` stops the run."""
+        previous file stays and :class:`NonFiniteLossError` stops the run. ``latest.pt`` keeps
+        the one it replaces as ``previous.pt``; no signal interrupts the write."""
         state = self.state()
         tensors = [
             (f"{name}.{key}", tensor)
@@ -539,7 +625,44 @@ class Trainer:
                     f"iteration {self.iteration}: {name} is no longer finite; training "
                     f"stopped and {self.checkpoint_path(which)} left as it was"
                 )
-        save_checkpoint(state, self.checkpoint_path(which))
+        previous = self.checkpoint_path("previous") if which == "latest" else None
+        with self.signals.saving():
+            save_checkpoint(state, self.checkpoint_path(which), previous)
+
+    def save_latest(self) -> None:
+        """Write ``checkpoints/latest.pt`` of this iteration; under torchrun every rank calls it:
+        the RNG states of all ranks are gathered, rank 0 writes, and its success or error
+        reaches every rank (a full disk stops all of them with the same message)."""
+        local = rng_state(everything=True)
+        if self.dist.enabled:
+            states = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(states, local)
+            self.rank_rng_states = states
+        else:
+            self.rank_rng_states = [local]
+        failure = None
+        if self.dist.is_main:
+            try:
+                self.save("latest")
+            except (OSError, NonFiniteLossError) as error:
+                failure = error
+        if self.dist.enabled:
+            shared = [None]
+            if failure is not None:
+                text = getattr(failure, "strerror", None) or str(failure)
+                shared = [(type(failure).__name__, getattr(failure, "errno", None), text)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            if failure is None and shared[0] is not None:
+                kind, errno, text = shared[0]
+                failure = (
+                    NonFiniteLossError(text)
+                    if kind == "NonFiniteLossError"
+                    else OSError(errno, f"{text} (rank 0 writes the checkpoints)")
+                )
+        if failure is not None:
+            raise failure
+        self.last_saved = self.iteration
+        self.last_save_time = time.monotonic()
 
     def state(self) -> dict:
         """The whole training state as one weights-only-loadable dict."""
@@ -554,10 +677,18 @@ class Trainer:
             "schedulers": {
                 name: scheduler.state_dict() for name, scheduler in self.schedulers.items()
             },
+            "losses": {
+                name: loss.state_dict()
+                for name, loss in self.losses.items()
+                if isinstance(loss, torch.nn.Module)
+            },
             "sampler": {"seed": self.sampler.seed, "start": self.iteration},
             "rng": rng_state(),
             "best": dict(self.best),
+            "validation_pending": self.validation_pending,
+            "data_fingerprint": self.fingerprint,
         }
+        state["rng"]["ranks"] = self.rank_rng_states or [rng_state(everything=True)]
         if "contrastive" in self.losses:
             state["rng"]["contrastive"] = self.losses["contrastive"].generator.get_state()
         return state
@@ -576,19 +707,37 @@ class Trainer:
             "metric": float(state["best"]["metric"]),
             "iteration": int(state["best"]["iteration"]),
         }
-        set_rng_state(state["rng"])
+        for name, loss in self.losses.items():
+            if isinstance(loss, torch.nn.Module) and name in state.get("losses", {}):
+                loss.load_state_dict(state["losses"][name])
+        self.validation_pending = bool(state.get("validation_pending", False))
+        ranks = state["rng"].get("ranks")
+        # every rank its own generators when the number of processes is the same (under
+        # torchrun each step reseeds them anyway, from the seed, the rank and the iteration)
+        set_rng_state(
+            ranks[self.dist.rank] if ranks and len(ranks) == self.dist.world_size else state["rng"]
+        )
         if "contrastive" in self.losses and "contrastive" in state["rng"]:
             self.losses["contrastive"].generator.set_state(state["rng"]["contrastive"].cpu())
 
     def fit(self) -> dict:
         """Train to ``train.iterations``, then test; returns the test metrics summary.
 
-        ``train.threads`` applies for the duration of the call only.
+        ``train.threads`` applies for the duration of the call only. The stop signals
+        (``train.stop_signals``) are handled for its duration: after the current step every
+        rank stops, rank 0 writes ``latest.pt`` and :class:`TrainingStopped` is raised.
+
+        Raises:
+            TrainingStopped: a stop signal ended the run (its checkpoint is written).
+            TrainingFault: a rank, or a data loader worker, was lost (the message names it).
+            NonFiniteLossError: a NaN or infinite loss term (``train.non_finite = "stop"``).
         """
         threads = torch.get_num_threads()
         try:
-            return self._fit()
+            with StopSignals(self.config.train.stop_signals) as self.signals:
+                return self._fit()
         finally:
+            self.signals = StopSignals([])
             torch.set_num_threads(threads)
 
     def _fit(self) -> dict:
@@ -603,10 +752,6 @@ class Trainer:
             if self.dist.is_main
             else NullWriter()
         )
-        for model in self.models.values():
-            model.train()
-        running: dict[str, float] = {}
-        started = time.time()
         bar = tqdm(
             total=train.iterations,
             initial=self.iteration,
@@ -615,8 +760,47 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
+        try:
+            train_time = self._train(loader, writer, bar)
+        except (TrainingStopped, NonFiniteLossError):
+            writer.close()
+            raise
+        except Exception as error:  # noqa: BLE001 (a lost rank or loader worker is reported)
+            writer.close()
+            fault = self.fault(error)
+            if fault is error:
+                raise
+            raise fault from error
+        finally:
+            bar.close()
+        if not self.dist.is_main:  # rank 0 alone keeps the best checkpoint and tests it
+            return {}
+        if not self.data.val:
+            self.best = {"metric": math.nan, "iteration": self.iteration}
+        if not self.data.val or not self.checkpoint_path("best").exists():
+            # no validation split, or no finite validation Dice: the last state is tested
+            self.save("best")
+        try:
+            with self.signals.interruptible():  # latest.pt holds the end: a resume only tests
+                summary = self.test(writer, train_time)
+        except Interrupted:
+            raise self.stopped(self.signals.requested) from None
+        finally:
+            writer.close()
+        return summary
+
+    def _train(self, loader, writer, bar) -> float:
+        """The training loop; returns its wall-clock seconds."""
+        train = self.config.train
+        for model in self.models.values():
+            model.train()
+        running: dict[str, float] = {}
+        started = time.time()
+        self.last_save_time = time.monotonic()
         estimate = RunTimeEstimate(self.iteration, train.iterations)
-        for batch in loader:
+        if self.validation_pending and self.dist.is_main:  # stopped before this validation
+            self.validate_and_keep_best(writer, bar)
+        for batch in loader_batches(loader):
             if self.dist.enabled:  # own dropout masks per rank, the same again on resume
                 torch.manual_seed(train.seed + 1_000_003 * self.dist.rank + self.iteration)
             logs = self.train_step(batch, self.iteration)
@@ -644,33 +828,141 @@ class Trainer:
                     self.iteration % train.eval_every == 0 or self.iteration == train.iterations
                 )
             ):
-                summary = self.validate(self.iteration)
-                writer.add_scalar("val/mean_dice", summary["mean_dice"], self.iteration)
-                writer.add_scalar("val/mean_hd95", summary["mean_hd95"], self.iteration)
-                if summary["mean_dice"] > self.best["metric"]:
-                    self.best = {"metric": summary["mean_dice"], "iteration": self.iteration}
-                    self.save("best")
-                bar.write(
-                    f"iteration {self.iteration}: val mean Dice {summary['mean_dice']:.4f} "
-                    f"(best {self.best['metric']:.4f} at {self.best['iteration']})"
-                )
-            if self.dist.is_main and (
-                self.iteration % train.checkpoint_every == 0 or self.iteration == train.iterations
-            ):
-                self.save("latest")
+                self.validation_pending = True
+                self.validate_and_keep_best(writer, bar)
+            stop, save = self.checkpoint_decision()
+            if save:
+                self.save_latest()
             self.on_iteration_end(self.iteration, logs)
-        bar.close()
-        train_time = time.time() - started
-        if not self.dist.is_main:  # rank 0 alone keeps the best checkpoint and tests it
-            return {}
-        if not self.data.val:
-            self.best = {"metric": math.nan, "iteration": self.iteration}
-        if not self.data.val or not self.checkpoint_path("best").exists():
-            # no validation split, or no finite validation Dice: the last state is tested
+            if stop:
+                raise self.stopped(stop)
+        return time.time() - started
+
+    def validate_and_keep_best(self, writer, bar) -> None:
+        """Validate (rank 0), keep ``best.pt``; a stop signal cuts the validation short and
+        leaves it pending (the checkpoint records it, a resume runs it first)."""
+        try:
+            with self.signals.interruptible():
+                summary = self.validate(self.iteration)
+        except Interrupted:
+            for model in self.models.values():
+                model.train()
+            return
+        self.validation_pending = False
+        writer.add_scalar("val/mean_dice", summary["mean_dice"], self.iteration)
+        writer.add_scalar("val/mean_hd95", summary["mean_hd95"], self.iteration)
+        if summary["mean_dice"] > self.best["metric"]:
+            self.best = {"metric": summary["mean_dice"], "iteration": self.iteration}
             self.save("best")
-        summary = self.test(writer, train_time)
-        writer.close()
-        return summary
+        bar.write(
+            f"iteration {self.iteration}: val mean Dice {summary['mean_dice']:.4f} "
+            f"(best {self.best['metric']:.4f} at {self.best['iteration']})"
+        )
+
+    def checkpoint_decision(self) -> tuple[int, bool]:
+        """After a step: ``(stop signal number or 0, whether to write latest.pt now)``.
+
+        Under torchrun one all-reduce (max) makes every rank decide the same: a stop signal that
+        reached any rank stops all of them after this step, and rank 0's clock decides the
+        wall-clock checkpoint (``train.checkpoint_minutes``)."""
+        train = self.config.train
+        signum = int(self.signals.requested or 0)
+        late = self.dist.is_main and (
+            time.monotonic() - self.last_save_time >= 60.0 * train.checkpoint_minutes
+        )
+        if self.dist.enabled:
+            flags = torch.tensor([signum, int(late)], dtype=torch.long, device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            signum, late = (int(value) for value in flags.tolist())
+            if signum:
+                self.signals.request(signum)
+        due = (
+            signum
+            or late
+            or self.iteration % train.checkpoint_every == 0
+            or self.iteration == train.iterations
+        )
+        return signum, bool(due) and self.iteration != self.last_saved
+
+    def kept(self) -> str:
+        """What the run keeps: 'the last checkpoint <path> (iteration N) is kept' or ..."""
+        if self.last_saved < 0:
+            return "no checkpoint of this run was written yet"
+        return f"the last checkpoint {self.checkpoint_path('latest')} (iteration {self.last_saved}) is kept"
+
+    def stopped(self, signum: int) -> TrainingStopped:
+        how = (
+            "interrupted (Ctrl-C)"
+            if signum == signal.SIGINT
+            else f"stopped by {signal_name(signum)}"
+        )
+        return TrainingStopped(
+            f"{how} after iteration {self.iteration} of {self.config.train.iterations}: "
+            f"checkpoint {self.checkpoint_path('latest')} written; run the same command with "
+            f"--resume auto to continue",
+            signum,
+            self.iteration,
+        )
+
+    def fault(self, error: Exception) -> Exception:
+        """The error to raise for ``error`` from the training loop: a :class:`TrainingFault` naming
+        the lost data loader worker or rank, or ``error`` itself."""
+        rank = f"rank {self.dist.rank}: " if self.dist.enabled else ""
+        again = "rerun with --resume auto (torchrun --max-restarts=N does so by itself)"
+        if loader_worker_error(error):
+            fault = TrainingFault(
+                f"{rank}a data loader worker process died ({first_line(error)}; the "
+                f"out-of-memory killer, or a signal?) in iteration {self.iteration + 1}; training "
+                f"stopped, {self.kept()}: {again}. data.num_workers=0 loads the data in the "
+                f"training process"
+            )
+            if self.dist.enabled:
+                fault_report(fault, self.dist.rank, self.dist.world_size, 0.0)
+            return fault
+        if not self.dist.enabled:
+            return error
+        timeout = self.config.train.collective_timeout_minutes
+        wait = min(5.0, 60.0 * timeout)
+        reachable, silent, posts = fault_report(
+            error,
+            self.dist.rank,
+            self.dist.world_size,
+            wait,
+            give_up=lambda: self.signals.requested is not None,
+        )
+        stopping = self.signals.requested is not None
+        if not is_collective_error(error):
+            return error
+        others = {r: post for r, post in posts.items() if r != self.dist.rank}
+        failed = [
+            f"rank {r} failed ({post.removeprefix('error: ')})"
+            for r, post in sorted(others.items())
+            if post.startswith("error:")
+        ]
+        if failed:
+            cause = "; ".join(failed)
+        elif silent:
+            names = ", ".join(str(r) for r in silent)
+            when = (
+                f"before {signal_name(self.signals.requested)} arrived (torchrun stops every "
+                f"worker when one fails)"
+                if stopping
+                else f"within {wait:g} s"
+            )
+            cause = (
+                f"rank{'s' if len(silent) > 1 else ''} {names} stopped responding: dead (killed, "
+                f"out of memory?), hung, or on a lost node; no word from "
+                f"{'them' if len(silent) > 1 else 'it'} {when}"
+            )
+        elif not reachable:
+            cause = "the rendezvous store is gone as well (rank 0's node, or the torchrun agent)"
+        else:
+            cause = "every rank's collective failed"
+        return TrainingFault(
+            f"{rank}a collective failed in iteration {self.iteration + 1} "
+            f"({first_line(error)}): {cause}. Training stopped, {self.kept()}: {again}. A rank "
+            f"waits at most train.collective_timeout_minutes = {timeout:g} for the others"
+        )
 
     def test(self, writer=None, train_time: float | None = None) -> dict:
         """Evaluate the best checkpoint on the test split; write metrics.json/.txt and the PNG."""
