@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -609,3 +611,41 @@ def test_trainer_config_key_for_the_pixel_memory(tmp_path):
     pixel = trainer.losses["contrastive"].loss.pixel_loss  # inside the DDP-ready wrapper
     assert pixel.memory_per_class == 16
     assert pixel.memory_count.sum() > 0 and int(pixel.memory_count.max()) <= 16
+
+
+def test_a_resumed_run_continues_with_the_pixel_memory(tmp_path):
+    """The pixel memory is training state: it is saved in the checkpoints, so a run resumed
+    halfway ends with the same memory and the same weights as one run straight through."""
+    from mcsc_fixtures import tiny_config
+
+    from mcsc.training import TrainingStopped
+    from mcsc.training.trainer import Trainer
+
+    def config(iterations):
+        settings = tiny_config(iterations=iterations)
+        settings.set("loss.contrastive_memory_per_class=16")
+        settings.validate()
+        return settings
+
+    def pixel_loss(trainer):
+        return trainer.losses["contrastive"].loss.pixel_loss
+
+    class StoppedAfterTwoSteps(Trainer):
+        def train_step(self, batch, iteration):
+            logs = super().train_step(batch, iteration)
+            if iteration == 1:  # stop politely after the second step: it is checkpointed
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return logs
+
+    straight = Trainer(config(4), tmp_path / "straight", progress=False)
+    straight.fit()
+    with pytest.raises(TrainingStopped):
+        StoppedAfterTwoSteps(config(4), tmp_path / "halves", progress=False).fit()
+    resumed = Trainer(config(4), tmp_path / "halves", resume="auto", progress=False)
+    resumed.fit()
+    assert resumed.iteration == straight.iteration == 4
+    for name, value in pixel_loss(straight).state_dict().items():
+        assert torch.equal(pixel_loss(resumed).state_dict()[name], value), name
+    for name, model in straight.models.items():
+        for key, value in model.state_dict().items():
+            assert torch.equal(resumed.models[name].state_dict()[key], value), (name, key)
