@@ -679,21 +679,11 @@ def _backward(ctx, grad_loss, grad_lse, grad_positives, grad_anchor_grad):
     ) = ctx.saved_tensors
     temperature, prevalence, ignore_index = ctx.options
     grads = [None] * ctx.num_inputs
-    if ref_features is None:
-        if ctx.needs_input_grad[_FEATURES]:
-            grads[_FEATURES] = torch.ops.mcsc.supcon_backward(
-                grad_loss.contiguous(),
-                features,
-                labels,
-                segments,
-                lse,
-                positives,
-                temperature,
-                prevalence,
-                ignore_index,
-            )
-        return tuple(grads)
-    if ctx.needs_input_grad[_FEATURES]:
+    two_sets = ref_features is not None
+    reference_args = (ref_features, ref_labels, ref_segments, ref_self_index) if two_sets else ()
+    if two_sets and ctx.needs_input_grad[_FEATURES]:
+        # each anchor's loss depends on its own row alone: its gradient, kept by the forward,
+        # scaled by the upstream gradient
         if anchor_grad.shape[0] != features.shape[0]:
             raise RuntimeError(
                 "mcsc::supcon_forward was called with anchor_gradient=False, so the gradient "
@@ -701,8 +691,10 @@ def _backward(ctx, grad_loss, grad_lse, grad_positives, grad_anchor_grad):
             )
         scale = grad_loss.to(anchor_grad.dtype).unsqueeze(1)
         grads[_FEATURES] = (scale * anchor_grad).to(features.dtype)
-    if ctx.needs_input_grad[_REF_FEATURES]:
-        grads[_REF_FEATURES] = torch.ops.mcsc.supcon_backward(
+    # the contrast rows' gradient: the features' (both roles) or the reference rows'
+    contrasts = _REF_FEATURES if two_sets else _FEATURES
+    if ctx.needs_input_grad[contrasts]:
+        grads[contrasts] = torch.ops.mcsc.supcon_backward(
             grad_loss.contiguous(),
             features,
             labels,
@@ -712,10 +704,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_positives, grad_anchor_grad):
             temperature,
             prevalence,
             ignore_index,
-            ref_features,
-            ref_labels,
-            ref_segments,
-            ref_self_index,
+            *reference_args,
         )
     return tuple(grads)
 
