@@ -186,12 +186,21 @@ def start_driver(tmp_path: Path, mode: str, *args: str) -> subprocess.Popen:
     )
 
 
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a process started with ``start_new_session=True`` and everything it started
+    (torchrun's workers would otherwise outlive it and hold its output pipes open)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+
+
 def finish(process: subprocess.Popen, deadline: float = DEADLINE) -> tuple[int, str, str]:
     try:
         stdout, stderr = process.communicate(timeout=deadline)
     except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
+        kill_group(process)
+        stdout, stderr = process.communicate(timeout=60)
         pytest.fail(f"no exit within {deadline} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return process.returncode, stdout, stderr
 
@@ -479,15 +488,20 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
     env = cli_environment()
 
     straight = tmp_path / "straight"
-    result = subprocess.run(
+    process = subprocess.Popen(
         torchrun_command() + [*arguments, "--out", str(straight)],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=DEADLINE,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        status, _, stderr = finish(process)
+    finally:
+        kill_group(process)
+    assert status == 0, stderr[-3000:]
 
     out = tmp_path / "killed"
     latest = out / "checkpoints" / "latest.pt"
@@ -498,6 +512,7 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     try:
         wait_until(lambda: iteration_of(latest) >= 5, "first checkpoint", [process])
@@ -506,7 +521,7 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
         os.kill(rank1[0], signal.SIGKILL)
         status, stdout, stderr = finish(process)
     finally:
-        process.kill()
+        kill_group(process)
     assert status == 0, stderr[-4000:]
     resumed = [line for line in stdout.splitlines() if line.startswith("mcsc: resuming from")]
     assert resumed and all("at iteration" in line for line in resumed), stdout[-3000:]
