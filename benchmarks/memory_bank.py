@@ -33,7 +33,6 @@ import csv
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -48,15 +47,7 @@ import installed  # noqa: E402
 import reporting  # noqa: E402
 import torch  # noqa: E402
 from targets import Measure  # noqa: E402
-from timing import Rounds  # noqa: E402
-
-
-class Interrupted(BaseException):
-    """SIGTERM (``timeout``): stop timing, report what was measured."""
-
-
-def _interrupt(signum, frame):
-    raise Interrupted()
+from timing import Interrupted, Rounds, sigterm_interrupts  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -520,11 +511,11 @@ def evaluate(rows: list[dict], args) -> list[dict]:
 def write_outputs(rows, args, common, results=None) -> list[dict]:
     """The CSV; with ``results`` (the targets) also the largest-K CSV, the markdown, the JSON
     and the plots. Returns the largest-K rows ([] without ``results``)."""
-    report.write_csv(rows, os.path.join(args.out, "memory_bank.csv"), report.COLUMNS)
+    reporting.write_csv(rows, os.path.join(args.out, "memory_bank.csv"), report.COLUMNS)
     if results is None:
         return []
     largest = largest_k_rows(rows, args)
-    report.write_csv(
+    reporting.write_csv(
         largest, os.path.join(args.out, "memory_bank_largest_k.csv"), report.LARGEST_K_COLUMNS
     )
     title = (
@@ -628,26 +619,24 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     disagrees = bool(failed)
     rows, stopped = [], ""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        for dtype in args.dtypes:
-            if stopped:
-                break
-            failed_here = dict(failed)
-            failed_here.update(
-                measure.warm_up(args.impls, args.d, dtype, args.classes, args.device)
-            )
-            for point in (p for p in points(args) if p.dtype == dtype):
-                elapsed = time.perf_counter() - started
-                if args.time_budget_s is not None and elapsed > args.time_budget_s:
-                    stopped = f"time budget of {args.time_budget_s:.0f}s spent"
+        with sigterm_interrupts():
+            for dtype in args.dtypes:
+                if stopped:
                     break
-                rows += run_point(point, args, common, failed_here)
-                write_outputs(rows, args, common)  # partial results survive a kill
+                failed_here = dict(failed)
+                failed_here.update(
+                    measure.warm_up(args.impls, args.d, dtype, args.classes, args.device)
+                )
+                for point in (p for p in points(args) if p.dtype == dtype):
+                    elapsed = time.perf_counter() - started
+                    if args.time_budget_s is not None and elapsed > args.time_budget_s:
+                        stopped = f"time budget of {args.time_budget_s:.0f}s spent"
+                        break
+                    rows += run_point(point, args, common, failed_here)
+                    write_outputs(rows, args, common)  # partial results survive a kill
     except (Interrupted, KeyboardInterrupt):
         stopped = "interrupted"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if stopped:
         print(f"stopped early: {stopped}; the sizes left were not run")
     results = evaluate(rows, args)

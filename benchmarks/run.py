@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -46,17 +45,9 @@ import reporting  # noqa: E402
 import targets  # noqa: E402
 import timing  # noqa: E402
 import torch  # noqa: E402
-from timing import Rounds, Workload  # noqa: E402
+from timing import Interrupted, Rounds, Workload  # noqa: E402
 
 GPU_TARGETS_TIME_BUDGET_S = 240.0
-
-
-class Interrupted(BaseException):
-    """SIGTERM (``timeout``): stop timing, report what was measured."""
-
-
-def _interrupt(signum, frame):
-    raise Interrupted()
 
 
 def sweep_workloads(device: str, quick: bool) -> list[Workload]:
@@ -332,11 +323,8 @@ def main(argv=None) -> int:
         one_memory_worker=args.quick or args.dry_run,
     )
     csv_path = os.path.join(args.out, "targets.csv" if args.targets else "results.csv")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    with timing.sigterm_interrupts():
         rows, stopped = time_workloads(workloads, settings, args.time_budget_s, started, csv_path)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     reporting.write_csv(rows, csv_path)
     print()
     print(reporting.format_table(rows))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import statistics
 import time
 
@@ -104,6 +105,24 @@ def spread(values: list[float]) -> tuple[float, float]:
         return values[0], values[0]
     quintiles = statistics.quantiles(values, n=5, method="inclusive")
     return quintiles[0], quintiles[3]
+
+
+class Interrupted(BaseException):
+    """SIGTERM (``timeout``): stop timing, report what was measured."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Inside, SIGTERM raises :class:`Interrupted`; the handler before is restored on leaving."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -230,8 +249,17 @@ def time_point(
                 continue
             if name in impls.COMPILED_IMPLS:
                 notes[name] = f"first call (compile) {time.perf_counter() - started:.1f}s"
-    samples = {(name, mode): [] for name in runners for mode in MODES}
-    peaks = {}
+    samples, peaks = interleave(runners, rounds, notes, bounds)
+    return samples, peaks, notes
+
+
+def interleave(runners: dict, rounds: Rounds, notes: dict, *args) -> tuple[dict, dict]:
+    """Call every ``runners[name](*args) -> ({mode: seconds}, {mode: peak MiB})`` once a round,
+    in rotating order, for as many rounds as ``rounds`` allows. A runner that raises is dropped
+    with its error in ``notes[name]``. Returns ``({(name, mode): [seconds]}, {(name, mode):
+    highest peak MiB})``."""
+    runners = dict(runners)
+    samples, peaks = {}, {}
     order = list(runners)
     started = time.perf_counter()
     for index in range(rounds.maximum):
@@ -242,16 +270,16 @@ def time_point(
             if name not in runners:
                 continue
             try:
-                seconds, peak = runners[name](bounds)
+                seconds, peak = runners[name](*args)
             except Exception as error:
                 notes[name] = f"failed: {error_summary(error)}"
                 del runners[name]
                 continue
             for mode, value in seconds.items():
-                samples[(name, mode)].append(value)
+                samples.setdefault((name, mode), []).append(value)
             for mode, value in peak.items():
                 peaks[(name, mode)] = max(peaks.get((name, mode), 0.0), value)
-    return {key: values for key, values in samples.items() if values}, peaks, notes
+    return samples, peaks
 
 
 # ----------------------------------------------------------------------------------------------
