@@ -25,13 +25,12 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import bank_implementations as bank
 import memory
 import numpy as np
 import torch
-from timing import Rounds, error_summary, interleave, spread
+from timing import NoPeaks, Rounds, error_summary, interleave, spread, time_call_and_backward
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 WARMUP_SIZE = (128, 512)  # (M, K) of the warm-up step
@@ -74,39 +73,16 @@ def plan_point(names, m, k, d, dtype, num_classes, budget_bytes, available):
 # ----------------------------------------------------------------------------------------------
 
 
-class _NoPeaks:
-    """The CPU's stand-in for ``memory.CudaPeaks``: worker processes measure CPU memory."""
-
-    def __init__(self):
-        self.peaks = {}
-
-    def end(self, mode: str) -> None:
-        pass
-
-
 def make_runner(call, step: bank.Step, device: str):
     """``runner() -> ({mode: seconds}, {mode: peak MiB})``: one call and its backward; the
     peaks are measured on the GPU only."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    peaks = memory.CudaPeaks if device == "cuda" else _NoPeaks
+    peaks = memory.CudaPeaks if device == "cuda" else NoPeaks
 
     def run():
         step.batch.grad = None
         sync()
-        tracker = peaks()
-        started = time.perf_counter()
-        loss = call()
-        sync()
-        forward = time.perf_counter() - started
-        tracker.end("fwd")
-        if loss is None:
-            return {"fwd": forward}, tracker.peaks
-        started = time.perf_counter()
-        loss.backward()
-        sync()
-        backward = time.perf_counter() - started
-        tracker.end("bwd")
-        return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, tracker.peaks
+        return time_call_and_backward(call, sync, peaks())
 
     return run
 

@@ -154,7 +154,7 @@ def warmup_bounds(bounds: list[int]) -> list[int]:
     return impls.segment_bounds(impls.warmup_sizes(sizes))
 
 
-class _NoPeaks:
+class NoPeaks:
     """The CPU's stand-in for :class:`memory.CudaPeaks`: worker processes measure CPU memory."""
 
     def __init__(self):
@@ -168,7 +168,7 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
     """``runner(bounds) -> ({mode: seconds}, {mode: peak MiB})`` doing one call of ``name``
     on the first ``bounds[-1]`` rows; the peaks are measured on the GPU only."""
     sync = _sync(device)
-    peaks = memory.CudaPeaks if device == "cuda" else _NoPeaks
+    peaks = memory.CudaPeaks if device == "cuda" else NoPeaks
 
     def start():
         sync()
@@ -205,19 +205,31 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
         rows = z if bounds[-1] == z.shape[0] else z[: bounds[-1]]
         z.grad = None
         tracker = start()
-        started = time.perf_counter()
-        loss = function(rows, y[: bounds[-1]], bounds, TEMPERATURE, weighting)
-        sync()
-        forward = time.perf_counter() - started
-        tracker.end("fwd")
-        started = time.perf_counter()
-        loss.backward()
-        sync()
-        backward = time.perf_counter() - started
-        tracker.end("bwd")
-        return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, tracker.peaks
+        return time_call_and_backward(
+            lambda: function(rows, y[: bounds[-1]], bounds, TEMPERATURE, weighting), sync, tracker
+        )
 
     return run_loss
+
+
+def time_call_and_backward(call, sync, tracker):
+    """``({mode: seconds}, {mode: peak MiB})`` of ``loss = call()`` (``fwd``) and
+    ``loss.backward()`` (``bwd``, and their sum ``fwd+bwd``); ``fwd`` alone when ``call``
+    returns None. ``sync`` waits for the device; ``tracker`` (:class:`memory.CudaPeaks` or
+    :class:`NoPeaks`) was started just before."""
+    started = time.perf_counter()
+    loss = call()
+    sync()
+    forward = time.perf_counter() - started
+    tracker.end("fwd")
+    if loss is None:
+        return {"fwd": forward}, tracker.peaks
+    started = time.perf_counter()
+    loss.backward()
+    sync()
+    backward = time.perf_counter() - started
+    tracker.end("bwd")
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, tracker.peaks
 
 
 def error_summary(error: Exception, limit: int = 80) -> str:
