@@ -591,13 +591,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_csv:
         return report_csv(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
+    backend = installed.prepare_run(args)
+    if backend is None:
         return 2
-    backend = installed.require_compiled(args.device, args.allow_reference)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     common = {
         "device": args.device,
         "threads": torch.get_num_threads(),

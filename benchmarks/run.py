@@ -280,13 +280,9 @@ def main(argv=None) -> int:
     without CUDA, 3 when interrupted (SIGTERM)."""
     started = time.perf_counter()
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
+    backend = installed.prepare_run(args)
+    if backend is None:
         return 2
-    backend = installed.require_compiled(args.device, args.allow_reference)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
         impls.set_compile_backend("eager")
     common = {
