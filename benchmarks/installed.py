@@ -18,6 +18,15 @@ import mcsc
 ALLOW_FLAG = "--allow-reference"
 
 
+def add_allow_option(parser) -> None:
+    """The command line's :data:`ALLOW_FLAG` (``args.allow_reference``)."""
+    parser.add_argument(
+        ALLOW_FLAG,
+        action="store_true",
+        help="time mcsc even when it runs the dense pure-PyTorch fallback",
+    )
+
+
 def package_directory() -> str:
     """The directory of the imported ``mcsc`` package."""
     return os.path.dirname(os.path.abspath(mcsc.__file__))

@@ -156,11 +156,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--no-memory", action="store_true", help="no CPU memory workers")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--allow-reference",
-        action="store_true",
-        help="time mcsc even when it runs the dense pure-PyTorch fallback",
-    )
+    installed.add_allow_option(parser)
     parser.add_argument("--machine-note", default="", help="appended to the machine column")
     parser.add_argument(
         "--from-csv",

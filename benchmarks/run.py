@@ -134,11 +134,7 @@ def parse_args(argv=None):
         "tracing without code generation, float32 for bf16 on the CPU: "
         "every code path in seconds, numbers meaningless",
     )
-    parser.add_argument(
-        "--allow-reference",
-        action="store_true",
-        help="time mcsc even when it runs the dense pure-PyTorch fallback",
-    )
+    installed.add_allow_option(parser)
     parser.add_argument(
         "--time-budget-s",
         type=float,
