@@ -25,13 +25,12 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import bank_implementations as bank
 import memory
 import numpy as np
 import torch
-from timing import Rounds, error_summary, spread
+from timing import NoPeaks, Rounds, error_summary, interleave, spread, time_call_and_backward
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 WARMUP_SIZE = (128, 512)  # (M, K) of the warm-up step
@@ -74,39 +73,16 @@ def plan_point(names, m, k, d, dtype, num_classes, budget_bytes, available):
 # ----------------------------------------------------------------------------------------------
 
 
-class _NoPeaks:
-    """The CPU's stand-in for ``memory.CudaPeaks``: worker processes measure CPU memory."""
-
-    def __init__(self):
-        self.peaks = {}
-
-    def end(self, mode: str) -> None:
-        pass
-
-
 def make_runner(call, step: bank.Step, device: str):
     """``runner() -> ({mode: seconds}, {mode: peak MiB})``: one call and its backward; the
     peaks are measured on the GPU only."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    peaks = memory.CudaPeaks if device == "cuda" else _NoPeaks
+    peaks = memory.CudaPeaks if device == "cuda" else NoPeaks
 
     def run():
         step.batch.grad = None
         sync()
-        tracker = peaks()
-        started = time.perf_counter()
-        loss = call()
-        sync()
-        forward = time.perf_counter() - started
-        tracker.end("fwd")
-        if loss is None:
-            return {"fwd": forward}, tracker.peaks
-        started = time.perf_counter()
-        loss.backward()
-        sync()
-        backward = time.perf_counter() - started
-        tracker.end("bwd")
-        return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, tracker.peaks
+        return time_call_and_backward(call, sync, peaks())
 
     return run
 
@@ -134,26 +110,7 @@ def time_point(names, step: bank.Step, device: str, rounds: Rounds):
             runners[name] = make_runner(bank.prepare(name, step), step, device)
         except Exception as error:
             notes[name] = f"failed: {error_summary(error)}"
-    samples, peaks = {}, {}
-    order = list(runners)
-    started = time.perf_counter()
-    for index in range(rounds.maximum):
-        if index >= rounds.minimum and time.perf_counter() - started > rounds.budget_s:
-            break
-        shift = index % max(len(order), 1)
-        for name in order[shift:] + order[:shift]:
-            if name not in runners:
-                continue
-            try:
-                seconds, peak = runners[name]()
-            except Exception as error:
-                notes[name] = f"failed: {error_summary(error)}"
-                del runners[name]
-                continue
-            for mode, value in seconds.items():
-                samples.setdefault((name, mode), []).append(value)
-            for mode, value in peak.items():
-                peaks[(name, mode)] = max(peaks.get((name, mode), 0.0), value)
+    samples, peaks = interleave(runners, rounds, notes)
     return samples, peaks, notes
 
 
@@ -211,23 +168,9 @@ def run_memory_job(job: dict) -> dict:
     return memory.measure_cpu_in_process(run_forward, run_backward, single)
 
 
-def _worker(jobs: list[dict]) -> None:
-    import mcsc
-
-    torch.set_num_threads(jobs[0].get("threads", torch.get_num_threads()))
-    imported = {
-        "package": os.path.dirname(os.path.abspath(mcsc.__file__)),
-        "backend": mcsc.backend("cpu"),
-    }
-    for job in jobs:
-        started = time.perf_counter()
-        try:
-            result = run_memory_job(job)
-        except Exception as error:  # report, keep going with the next job
-            result = {"error": error_summary(error, 200)}
-        result["seconds"] = time.perf_counter() - started
-        result.update(imported)
-        print("MEMJSON " + json.dumps(result), flush=True)
+def _error_text(error: Exception) -> str:
+    """A failed job's note in the worker's output."""
+    return error_summary(error, 200)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,4 +232,4 @@ def largest_k(name: str, fit: dict, m: int, d: int, size: int, budget_bytes: flo
 
 
 if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))
+    memory.serve_jobs(json.loads(sys.argv[1]), run_memory_job, _error_text, trim_between_jobs=False)

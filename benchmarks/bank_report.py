@@ -10,7 +10,6 @@ largest K that fits the budget, from a fit of the measured peaks (:data:`LARGEST
 
 from __future__ import annotations
 
-import csv
 import textwrap
 
 from reporting import _fmt, _ms
@@ -63,24 +62,6 @@ NAMES = {
     "dense": "dense (mcsc.reference)",
     "gemm": "two GEMMs (A K^T, P K)",
 }
-
-
-def write_csv(rows: list[dict], path: str, columns: list[str]) -> None:
-    """``rows`` with ``columns`` (floats to 4 significant digits, None as empty)."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {
-                    key: (
-                        ""
-                        if row.get(key) is None
-                        else (f"{row[key]:.4g}" if isinstance(row[key], float) else row[key])
-                    )
-                    for key in columns
-                }
-            )
 
 
 def _time_cell(row: dict) -> str:

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import mcsc
 
 ALLOW_FLAG = "--allow-reference"
+
+
+def add_allow_option(parser) -> None:
+    """The command line's :data:`ALLOW_FLAG` (``args.allow_reference``)."""
+    parser.add_argument(
+        ALLOW_FLAG,
+        action="store_true",
+        help="time mcsc even when it runs the dense pure-PyTorch fallback",
+    )
 
 
 def package_directory() -> str:
@@ -52,3 +62,19 @@ def require_compiled(device: str, allow_reference: bool) -> str:
     if message and not allow_reference:
         raise SystemExit(message)
     return mcsc.backend(device)
+
+
+def prepare_run(args) -> str | None:
+    """What a benchmark script does before timing: None (and a line on stderr) when
+    ``args.device`` is cuda without CUDA; else :func:`require_compiled`'s backend, after
+    ``args.threads`` (when given) is applied and ``args.out`` is created."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return None
+    backend = require_compiled(args.device, args.allow_reference)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    return backend

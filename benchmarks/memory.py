@@ -236,11 +236,20 @@ def measure_cpu_jobs(
     return results
 
 
-def _worker(jobs: list[dict]) -> None:
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+def serve_jobs(jobs: list[dict], run=None, error_text=_error_text, trim_between_jobs=True) -> None:
+    """The worker's loop: ``run(job) -> {mode: MiB}`` (default :func:`run_job`) for every job,
+    printed as one ``MEMJSON`` line each with the seconds it took and the ``package`` and
+    ``backend`` imported; a job that raises gives ``{"error": error_text(error)}`` and the next
+    job runs. ``trim_between_jobs``: collect garbage and trim the heap after every job."""
     import torch
 
     import mcsc
 
+    run = run or run_job
     torch.set_num_threads(jobs[0].get("threads", torch.get_num_threads()))
     imported = {
         "package": os.path.dirname(os.path.abspath(mcsc.__file__)),
@@ -249,14 +258,15 @@ def _worker(jobs: list[dict]) -> None:
     for job in jobs:
         started = time.perf_counter()
         try:
-            result = run_job(job)
+            result = run(job)
         except Exception as error:  # report, keep going with the next job
-            result = {"error": f"{type(error).__name__}: {error}"[:300]}
+            result = {"error": error_text(error)}
         result["seconds"] = time.perf_counter() - started
         result.update(imported)
-        _trim()
+        if trim_between_jobs:
+            _trim()
         print("MEMJSON " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))
+    serve_jobs(json.loads(sys.argv[1]))

@@ -33,7 +33,6 @@ import csv
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -48,15 +47,7 @@ import installed  # noqa: E402
 import reporting  # noqa: E402
 import torch  # noqa: E402
 from targets import Measure  # noqa: E402
-from timing import Rounds  # noqa: E402
-
-
-class Interrupted(BaseException):
-    """SIGTERM (``timeout``): stop timing, report what was measured."""
-
-
-def _interrupt(signum, frame):
-    raise Interrupted()
+from timing import Interrupted, Rounds, sigterm_interrupts  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +156,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--no-memory", action="store_true", help="no CPU memory workers")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--allow-reference",
-        action="store_true",
-        help="time mcsc even when it runs the dense pure-PyTorch fallback",
-    )
+    installed.add_allow_option(parser)
     parser.add_argument("--machine-note", default="", help="appended to the machine column")
     parser.add_argument(
         "--from-csv",
@@ -520,11 +507,11 @@ def evaluate(rows: list[dict], args) -> list[dict]:
 def write_outputs(rows, args, common, results=None) -> list[dict]:
     """The CSV; with ``results`` (the targets) also the largest-K CSV, the markdown, the JSON
     and the plots. Returns the largest-K rows ([] without ``results``)."""
-    report.write_csv(rows, os.path.join(args.out, "memory_bank.csv"), report.COLUMNS)
+    reporting.write_csv(rows, os.path.join(args.out, "memory_bank.csv"), report.COLUMNS)
     if results is None:
         return []
     largest = largest_k_rows(rows, args)
-    report.write_csv(
+    reporting.write_csv(
         largest, os.path.join(args.out, "memory_bank_largest_k.csv"), report.LARGEST_K_COLUMNS
     )
     title = (
@@ -600,13 +587,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_csv:
         return report_csv(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
+    backend = installed.prepare_run(args)
+    if backend is None:
         return 2
-    backend = installed.require_compiled(args.device, args.allow_reference)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     common = {
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -628,26 +611,24 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     disagrees = bool(failed)
     rows, stopped = [], ""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        for dtype in args.dtypes:
-            if stopped:
-                break
-            failed_here = dict(failed)
-            failed_here.update(
-                measure.warm_up(args.impls, args.d, dtype, args.classes, args.device)
-            )
-            for point in (p for p in points(args) if p.dtype == dtype):
-                elapsed = time.perf_counter() - started
-                if args.time_budget_s is not None and elapsed > args.time_budget_s:
-                    stopped = f"time budget of {args.time_budget_s:.0f}s spent"
+        with sigterm_interrupts():
+            for dtype in args.dtypes:
+                if stopped:
                     break
-                rows += run_point(point, args, common, failed_here)
-                write_outputs(rows, args, common)  # partial results survive a kill
+                failed_here = dict(failed)
+                failed_here.update(
+                    measure.warm_up(args.impls, args.d, dtype, args.classes, args.device)
+                )
+                for point in (p for p in points(args) if p.dtype == dtype):
+                    elapsed = time.perf_counter() - started
+                    if args.time_budget_s is not None and elapsed > args.time_budget_s:
+                        stopped = f"time budget of {args.time_budget_s:.0f}s spent"
+                        break
+                    rows += run_point(point, args, common, failed_here)
+                    write_outputs(rows, args, common)  # partial results survive a kill
     except (Interrupted, KeyboardInterrupt):
         stopped = "interrupted"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if stopped:
         print(f"stopped early: {stopped}; the sizes left were not run")
     results = evaluate(rows, args)

@@ -121,10 +121,10 @@ def markdown_table(rows: list[dict], mode: str = "fwd+bwd") -> str:
     return "\n".join(out)
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    """The rows as CSV with :data:`COLUMNS` (floats to 4 significant digits)."""
+def write_csv(rows: list[dict], path: str, columns: list[str] = COLUMNS) -> None:
+    """The rows as CSV with ``columns`` (floats to 4 significant digits, None as empty)."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow(
@@ -134,7 +134,7 @@ def write_csv(rows: list[dict], path: str) -> None:
                         if r.get(k) is None
                         else (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r[k])
                     )
-                    for k in COLUMNS
+                    for k in columns
                 }
             )
 

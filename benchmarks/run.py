@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -46,17 +45,9 @@ import reporting  # noqa: E402
 import targets  # noqa: E402
 import timing  # noqa: E402
 import torch  # noqa: E402
-from timing import Rounds, Workload  # noqa: E402
+from timing import Interrupted, Rounds, Workload  # noqa: E402
 
 GPU_TARGETS_TIME_BUDGET_S = 240.0
-
-
-class Interrupted(BaseException):
-    """SIGTERM (``timeout``): stop timing, report what was measured."""
-
-
-def _interrupt(signum, frame):
-    raise Interrupted()
 
 
 def sweep_workloads(device: str, quick: bool) -> list[Workload]:
@@ -143,11 +134,7 @@ def parse_args(argv=None):
         "tracing without code generation, float32 for bf16 on the CPU: "
         "every code path in seconds, numbers meaningless",
     )
-    parser.add_argument(
-        "--allow-reference",
-        action="store_true",
-        help="time mcsc even when it runs the dense pure-PyTorch fallback",
-    )
+    installed.add_allow_option(parser)
     parser.add_argument(
         "--time-budget-s",
         type=float,
@@ -289,13 +276,9 @@ def main(argv=None) -> int:
     without CUDA, 3 when interrupted (SIGTERM)."""
     started = time.perf_counter()
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
+    backend = installed.prepare_run(args)
+    if backend is None:
         return 2
-    backend = installed.require_compiled(args.device, args.allow_reference)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     if args.dry_run:
         impls.set_compile_backend("eager")
     common = {
@@ -332,11 +315,8 @@ def main(argv=None) -> int:
         one_memory_worker=args.quick or args.dry_run,
     )
     csv_path = os.path.join(args.out, "targets.csv" if args.targets else "results.csv")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    with timing.sigterm_interrupts():
         rows, stopped = time_workloads(workloads, settings, args.time_budget_s, started, csv_path)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     reporting.write_csv(rows, csv_path)
     print()
     print(reporting.format_table(rows))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import statistics
 import time
 
@@ -106,6 +107,24 @@ def spread(values: list[float]) -> tuple[float, float]:
     return quintiles[0], quintiles[3]
 
 
+class Interrupted(BaseException):
+    """SIGTERM (``timeout``): stop timing, report what was measured."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Inside, SIGTERM raises :class:`Interrupted`; the handler before is restored on leaving."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def float32_matmul_tf32(enabled: bool):
     """Let float32 matmuls (cuBLAS and the fused op's CUDA kernels) use TF32 inside."""
@@ -135,7 +154,7 @@ def warmup_bounds(bounds: list[int]) -> list[int]:
     return impls.segment_bounds(impls.warmup_sizes(sizes))
 
 
-class _NoPeaks:
+class NoPeaks:
     """The CPU's stand-in for :class:`memory.CudaPeaks`: worker processes measure CPU memory."""
 
     def __init__(self):
@@ -149,7 +168,7 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
     """``runner(bounds) -> ({mode: seconds}, {mode: peak MiB})`` doing one call of ``name``
     on the first ``bounds[-1]`` rows; the peaks are measured on the GPU only."""
     sync = _sync(device)
-    peaks = memory.CudaPeaks if device == "cuda" else _NoPeaks
+    peaks = memory.CudaPeaks if device == "cuda" else NoPeaks
 
     def start():
         sync()
@@ -186,19 +205,31 @@ def make_runner(name, z, y, weighting, device, blockwise=False):
         rows = z if bounds[-1] == z.shape[0] else z[: bounds[-1]]
         z.grad = None
         tracker = start()
-        started = time.perf_counter()
-        loss = function(rows, y[: bounds[-1]], bounds, TEMPERATURE, weighting)
-        sync()
-        forward = time.perf_counter() - started
-        tracker.end("fwd")
-        started = time.perf_counter()
-        loss.backward()
-        sync()
-        backward = time.perf_counter() - started
-        tracker.end("bwd")
-        return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, tracker.peaks
+        return time_call_and_backward(
+            lambda: function(rows, y[: bounds[-1]], bounds, TEMPERATURE, weighting), sync, tracker
+        )
 
     return run_loss
+
+
+def time_call_and_backward(call, sync, tracker):
+    """``({mode: seconds}, {mode: peak MiB})`` of ``loss = call()`` (``fwd``) and
+    ``loss.backward()`` (``bwd``, and their sum ``fwd+bwd``); ``fwd`` alone when ``call``
+    returns None. ``sync`` waits for the device; ``tracker`` (:class:`memory.CudaPeaks` or
+    :class:`NoPeaks`) was started just before."""
+    started = time.perf_counter()
+    loss = call()
+    sync()
+    forward = time.perf_counter() - started
+    tracker.end("fwd")
+    if loss is None:
+        return {"fwd": forward}, tracker.peaks
+    started = time.perf_counter()
+    loss.backward()
+    sync()
+    backward = time.perf_counter() - started
+    tracker.end("bwd")
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}, tracker.peaks
 
 
 def error_summary(error: Exception, limit: int = 80) -> str:
@@ -230,8 +261,17 @@ def time_point(
                 continue
             if name in impls.COMPILED_IMPLS:
                 notes[name] = f"first call (compile) {time.perf_counter() - started:.1f}s"
-    samples = {(name, mode): [] for name in runners for mode in MODES}
-    peaks = {}
+    samples, peaks = interleave(runners, rounds, notes, bounds)
+    return samples, peaks, notes
+
+
+def interleave(runners: dict, rounds: Rounds, notes: dict, *args) -> tuple[dict, dict]:
+    """Call every ``runners[name](*args) -> ({mode: seconds}, {mode: peak MiB})`` once a round,
+    in rotating order, for as many rounds as ``rounds`` allows. A runner that raises is dropped
+    with its error in ``notes[name]``. Returns ``({(name, mode): [seconds]}, {(name, mode):
+    highest peak MiB})``."""
+    runners = dict(runners)
+    samples, peaks = {}, {}
     order = list(runners)
     started = time.perf_counter()
     for index in range(rounds.maximum):
@@ -242,16 +282,16 @@ def time_point(
             if name not in runners:
                 continue
             try:
-                seconds, peak = runners[name](bounds)
+                seconds, peak = runners[name](*args)
             except Exception as error:
                 notes[name] = f"failed: {error_summary(error)}"
                 del runners[name]
                 continue
             for mode, value in seconds.items():
-                samples[(name, mode)].append(value)
+                samples.setdefault((name, mode), []).append(value)
             for mode, value in peak.items():
                 peaks[(name, mode)] = max(peaks.get((name, mode), 0.0), value)
-    return {key: values for key, values in samples.items() if values}, peaks, notes
+    return samples, peaks
 
 
 # ----------------------------------------------------------------------------------------------
