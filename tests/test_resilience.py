@@ -474,15 +474,41 @@ def torchrun_command(*args: str) -> list[str]:
     ]
 
 
+GLOO_STARTUP_FAILURE = "Gloo connectFullMesh failed"
+
+
+def run_with_rank1_killed(arguments, out, cwd, env):
+    """torchrun --max-restarts=2 of `arguments` into `out`, with rank 1 SIGKILLed once the first
+    checkpoint is written: (exit status, stdout, stderr)."""
+    latest = out / "checkpoints" / "latest.pt"
+    process = subprocess.Popen(
+        torchrun_command("--max-restarts=2") + [*arguments, "--out", str(out)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: iteration_of(latest) >= 5, "first checkpoint", [process])
+        rank1 = [pid for pid in children(process.pid) if environment_of(pid).get("RANK") == "1"]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGKILL)
+        return finish(process)
+    finally:
+        kill_group(process)
+
+
 def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights(tmp_path):
     """`torchrun --max-restarts ... --resume auto` with rank 1 SIGKILLed once the first
     checkpoint is written: the group restarts, resumes and ends bitwise where an uninterrupted
     2-process run ends.
 
-    One restart is what the kill needs; a second one is allowed because once, on the loaded
-    2-core machine, the restarted group's gloo rendezvous itself failed ("Gloo connectFullMesh
-    failed ... Connection refused") before any mcsc code ran: a second restart resumes the
-    same way, so the final weights must be equal all the same."""
+    One restart is what the kill needs; a second one is allowed, and the killed run is
+    repeated once from scratch, because on the loaded 2-core machine a restarted group's gloo
+    connection itself has failed ("Gloo connectFullMesh failed ... Connection refused") before
+    any mcsc code ran. Whatever the restarts, the final weights must be equal."""
     config = write_yaml(tmp_path / "tiny.yaml", resilience_config(iterations=24))
     arguments = ["--config", str(config), "--resume", "auto", "--device", "cpu", "--no-progress"]
     env = cli_environment()
@@ -503,25 +529,14 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
         kill_group(process)
     assert status == 0, stderr[-3000:]
 
-    out = tmp_path / "killed"
-    latest = out / "checkpoints" / "latest.pt"
-    process = subprocess.Popen(
-        torchrun_command("--max-restarts=2") + [*arguments, "--out", str(out)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_until(lambda: iteration_of(latest) >= 5, "first checkpoint", [process])
-        rank1 = [pid for pid in children(process.pid) if environment_of(pid).get("RANK") == "1"]
-        assert len(rank1) == 1, rank1
-        os.kill(rank1[0], signal.SIGKILL)
-        status, stdout, stderr = finish(process)
-    finally:
-        kill_group(process)
+    # A restarted group's own gloo connection (torch's, before any mcsc code runs) has been seen
+    # to fail on the loaded 2-core CI machine, in every allowed restart of one torchrun: such a
+    # run is repeated from scratch once. Any other failure fails the test.
+    for attempt in range(2):
+        out = tmp_path / f"killed-{attempt}"
+        status, stdout, stderr = run_with_rank1_killed(arguments, out, tmp_path, env)
+        if status == 0 or GLOO_STARTUP_FAILURE not in stderr:
+            break
     assert status == 0, stderr[-4000:]
     resumed = [line for line in stdout.splitlines() if line.startswith("mcsc: resuming from")]
     assert resumed and all("at iteration" in line for line in resumed), stdout[-3000:]

@@ -3,8 +3,10 @@ shapes, temperatures and weightings, against peer formulas, its reductions and i
 behaviour (bad input, fallback). The contract all backends share is test_supcon_contract.py."""
 
 import itertools
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -628,6 +630,7 @@ def reference_set_loss_and_grads_at(inputs, upstream, temperature):
 MEMORY_SCRIPT = """
 import torch, mcsc
 torch.set_num_threads(2)
+assert mcsc.backend("cpu") == "compiled-cpu", mcsc.ops.extension_problem()
 m, k, d = 512, 65536, 64
 generator = torch.Generator().manual_seed(0)
 features = torch.nn.functional.normalize(torch.randn(m, d, generator=generator), dim=1)
@@ -656,12 +659,20 @@ print(peak() - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_reference_set_memory_stays_linear():
+def test_reference_set_memory_stays_linear(tmp_path):
     """512 anchors against 65536 keys (D = 64, both needing grad): the call's extra peak memory
     (a fresh process's VmHWM) is the inputs' copies and gradients, far below the 128 MiB of one
-    dense (M, K) float32 similarity matrix."""
+    dense (M, K) float32 similarity matrix. The process imports the mcsc this test runs (run from
+    another folder, `python -c` would put the current one first on sys.path)."""
+    package_parent = str(Path(mcsc.__file__).resolve().parent.parent)
+    environment = dict(os.environ, PYTHONPATH=package_parent)
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=False
+        [sys.executable, "-c", MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env=environment,
     )
     assert result.returncode == 0, result.stderr
     extra = int(result.stdout.split()[-1]) / 2**20
