@@ -253,12 +253,12 @@ def make_reference_inputs(
 
     self_index: None (no self pairs); "some" (a fraction ``own_pairs``, about half by default,
     of the anchors get a distinct key of their segment overwritten with their own row and
-    label); "memory" (each segment's keys are
-    its ``keys`` memory rows followed by copies of the anchors that were enqueued, every anchor
-    but one in seven; the key lengths grow by those copies). rare: class 0 is removed from the
+    label); "memory" (each segment's keys are its ``keys`` memory rows followed by copies of
+    the anchors that were enqueued, every anchor but one in seven; the key lengths grow by those
+    copies). rare: class 0 is removed from the
     keys (anchors of class 0 have no positive) and class 1 keeps a single key per segment.
     key_classes: the keys' labels are drawn from [0, key_classes) (default ``classes``; anchor
-    classes past it are absent from the keys).
+    classes past it are absent from the keys, and their anchors get no self pair).
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -290,7 +290,11 @@ def make_reference_inputs(
         if self_index == "some" and memory > 0:
             order = torch.randperm(memory, generator=generator)
             for position, i in enumerate(range(begin, end)):
-                if position < memory and torch.rand(1, generator=generator) < own_pairs:
+                if (
+                    position < memory
+                    and torch.rand(1, generator=generator) < own_pairs
+                    and (key_classes is None or labels[i] < key_classes)
+                ):
                     j = int(order[position])
                     key_rows[j], key_labels[j], own[i] = features[i], labels[i], key_start + j
         elif self_index == "memory":
