@@ -170,6 +170,46 @@ REFERENCE_CASES = {
 }
 
 
+# The CUDA kernels' reference-set cases (test_cuda.py, and the emulator's test_cuda_emulated.py
+# and asan_check.py, small enough to emulate), as options of make_reference_inputs: empty and
+# one-row segments on either side, ignored rows on both, anchor classes that no key has, keys
+# far more numerous than anchors and the reverse, and own pairs marked for some anchors.
+KERNEL_REFERENCE_CASES = {
+    # Empty anchor segments against keys, anchors against no keys, one row against one row,
+    # anchor segments straddling the 64- and 128-row tiles; D past the 32-column staging slice.
+    "varlen": {
+        "anchors": [70, 0, 5, 129, 1, 0],
+        "keys": [100, 3, 0, 64, 1, 20],
+        "dim": 33,
+        "classes": 5,
+        "key_classes": 4,
+        "self_index": "some",
+    },
+    # K >> M: more keys than classify_rows stages at a time, and many column splits.
+    "many-keys": {
+        "anchors": [40],
+        "keys": [1100],
+        "dim": 8,
+        "classes": 3,
+        "ignored": 0.05,
+        "self_index": "some",
+    },
+    # M >> K, without ref_self_index.
+    "many-anchors": {"anchors": [300, 10], "keys": [20, 0], "dim": 16, "classes": 3},
+    # D past the backward's 128 output columns and the mma kernels' resident depth; every
+    # anchor has an own pair.
+    "deep": {
+        "anchors": [33],
+        "keys": [70],
+        "dim": 257,
+        "classes": 4,
+        "ignored": 0.0,
+        "self_index": "some",
+        "own_pairs": 1.0,
+    },
+}
+
+
 class ReferenceInputs(NamedTuple):
     """Anchors (M, D), labels (M,), offsets (S + 1,), keys (K, D), key labels (K,), key offsets
     (S + 1,) and each anchor's own key row (M,) int64 (-1 for none) or None."""
@@ -182,6 +222,15 @@ class ReferenceInputs(NamedTuple):
     ref_offsets: torch.Tensor
     ref_self_index: torch.Tensor | None
 
+    def reference_args(self) -> dict:
+        """The op's reference-set keyword arguments."""
+        return {
+            "ref_features": self.ref_features,
+            "ref_labels": self.ref_labels,
+            "ref_segments": self.ref_offsets,
+            "ref_self_index": self.ref_self_index,
+        }
+
 
 def make_reference_inputs(
     anchors,
@@ -192,6 +241,8 @@ def make_reference_inputs(
     self_index=None,
     rare=False,
     *,
+    key_classes=None,
+    own_pairs=0.5,
     dtype=torch.float32,
     seed=0,
     device="cpu",
@@ -200,11 +251,14 @@ def make_reference_inputs(
     """A reference-set call's inputs: ``anchors`` and ``keys`` are the segment lengths of both
     sets (the same number of segments), rows as in make_inputs.
 
-    self_index: None (no self pairs); "some" (about half of the anchors get a distinct key of
-    their segment overwritten with their own row and label); "memory" (each segment's keys are
-    its ``keys`` memory rows followed by copies of the anchors that were enqueued, every anchor
-    but one in seven; the key lengths grow by those copies). rare: class 0 is removed from the
+    self_index: None (no self pairs); "some" (a fraction ``own_pairs``, about half by default,
+    of the anchors get a distinct key of their segment overwritten with their own row and
+    label); "memory" (each segment's keys are its ``keys`` memory rows followed by copies of
+    the anchors that were enqueued, every anchor but one in seven; the key lengths grow by those
+    copies). rare: class 0 is removed from the
     keys (anchors of class 0 have no positive) and class 1 keeps a single key per segment.
+    key_classes: the keys' labels are drawn from [0, key_classes) (default ``classes``; anchor
+    classes past it are absent from the keys, and their anchors get no self pair).
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -216,8 +270,8 @@ def make_reference_inputs(
             z *= max_norm * (0.2 + 0.8 * torch.rand(n, 1, generator=generator, dtype=torch.float64))
         return z
 
-    def row_labels(n):
-        labels = torch.randint(0, classes, (n,), generator=generator)
+    def row_labels(n, count=classes):
+        labels = torch.randint(0, count, (n,), generator=generator)
         labels[torch.rand(n, generator=generator) < ignored] = IGNORE
         return labels
 
@@ -227,7 +281,8 @@ def make_reference_inputs(
     key_start = 0
     for segment, memory in enumerate(keys):
         begin, end = int(anchor_offsets[segment]), int(anchor_offsets[segment + 1])
-        key_rows, key_labels = rows(memory), row_labels(memory)
+        key_rows = rows(memory)
+        key_labels = row_labels(memory, classes if key_classes is None else key_classes)
         if rare:
             key_labels[key_labels == 0] = 2 % classes
             single = (key_labels == 1).nonzero().flatten()
@@ -235,7 +290,11 @@ def make_reference_inputs(
         if self_index == "some" and memory > 0:
             order = torch.randperm(memory, generator=generator)
             for position, i in enumerate(range(begin, end)):
-                if position < memory and torch.rand(1, generator=generator) < 0.5:
+                if (
+                    position < memory
+                    and torch.rand(1, generator=generator) < own_pairs
+                    and (key_classes is None or labels[i] < key_classes)
+                ):
                     j = int(order[position])
                     key_rows[j], key_labels[j], own[i] = features[i], labels[i], key_start + j
         elif self_index == "memory":
@@ -261,12 +320,59 @@ def make_reference_inputs(
     )
 
 
+def run_reference_set_call(forward, backward, inputs: ReferenceInputs, prevalence, upstream):
+    """(loss, lse, positives, anchor_grad, ref_grad) of the CUDA kernels' two-set call: the
+    forward with anchor_gradient, then the keys' backward of sum(upstream * loss) from the saved
+    lse and positives. forward and backward take the arguments of mcsc::supcon_forward and
+    mcsc::supcon_backward (torch.ops.mcsc's on a GPU, or the emulator's of one path)."""
+    keys = inputs.reference_args()
+    loss, lse, positives, anchor_grad = forward(
+        inputs.features,
+        inputs.labels,
+        inputs.offsets,
+        TEMPERATURE,
+        prevalence,
+        IGNORE,
+        anchor_gradient=True,
+        **keys,
+    )
+    ref_grad = backward(
+        upstream,
+        inputs.features,
+        inputs.labels,
+        inputs.offsets,
+        lse,
+        positives,
+        TEMPERATURE,
+        prevalence,
+        ignore_index=IGNORE,
+        **keys,
+    )
+    return loss, lse, positives, anchor_grad, ref_grad
+
+
+class ReferenceSetExpected(NamedTuple):
+    loss: torch.Tensor  # (M,)
+    positives: torch.Tensor  # (M,) int64
+    grad_features: torch.Tensor  # (M, D)
+    grad_ref_features: torch.Tensor  # (K, D): d(sum upstream * loss) / d ref_features
+
+
 def reference_set_loss_and_grads(
-    inputs: ReferenceInputs, prevalence, upstream, *, exact=True, temperature=TEMPERATURE
-):
+    inputs: ReferenceInputs,
+    prevalence,
+    upstream,
+    *,
+    exact=True,
+    temperature=TEMPERATURE,
+    upstream_on_features=True,
+) -> ReferenceSetExpected:
     """The dense reference's per-anchor loss (M,), positives (M,) int64 and the gradients of
     sum(upstream * loss) with respect to the anchors (M, D) and the keys (K, D): in float64 on
-    the CPU (``exact``), or else eager PyTorch at the inputs' own dtype and device."""
+    the CPU (``exact``), or else eager PyTorch at the inputs' own dtype and device (the baseline
+    of the 2x rule). Without ``upstream_on_features`` the anchors' gradient is that of sum(loss):
+    row i is d loss_i / d features_i (each loss_i depends on anchor i alone among the anchors),
+    what the kernels' forward gives with anchor_gradient=True."""
     if exact:
         inputs = ReferenceInputs(
             *(
@@ -295,28 +401,69 @@ def reference_set_loss_and_grads(
     )
     grad_features, grad_keys = torch.zeros_like(features), torch.zeros_like(keys)
     if loss.requires_grad:  # not when no anchor segment has a row
-        grads = torch.autograd.grad(
-            (loss * upstream.to(loss.dtype)).sum(), (features, keys), allow_unused=True
-        )
+        weighted = (loss * upstream.to(loss.device, loss.dtype)).sum()
+        if upstream_on_features:
+            grads = torch.autograd.grad(weighted, (features, keys), allow_unused=True)
+        else:
+            grads = (
+                torch.autograd.grad(loss.sum(), features, retain_graph=True, allow_unused=True)[0],
+                torch.autograd.grad(weighted, keys, allow_unused=True)[0],
+            )
         grad_features = grads[0] if grads[0] is not None else grad_features
         grad_keys = grads[1] if grads[1] is not None else grad_keys
-    return loss.detach(), positives, grad_features, grad_keys
+    return ReferenceSetExpected(loss.detach(), positives, grad_features, grad_keys)
+
+
+def reference_set_lse(inputs: ReferenceInputs, loss, positives, temperature=TEMPERATURE):
+    """The lse the op saves: lse_i = loss_i + (1/|P(i)|) sum_{p in P(i)} s_ip for anchors
+    (positives > 0), else 0; from the reference's float64 loss and positives, on the CPU."""
+    features, keys = inputs.features.cpu().double(), inputs.ref_features.cpu().double()
+    labels, ref_labels = inputs.labels.cpu(), inputs.ref_labels.cpu()
+    offsets, ref_offsets = inputs.offsets.cpu(), inputs.ref_offsets.cpu()
+    self_index = None if inputs.ref_self_index is None else inputs.ref_self_index.cpu()
+    lse = torch.zeros_like(loss)
+    for s in range(offsets.shape[0] - 1):
+        start, stop = int(offsets[s]), int(offsets[s + 1])
+        key_start, key_stop = int(ref_offsets[s]), int(ref_offsets[s + 1])
+        if stop <= start or key_stop <= key_start:
+            continue
+        similarity = features[start:stop] @ keys[key_start:key_stop].T / temperature
+        columns = torch.arange(key_start, key_stop)
+        own = torch.zeros_like(similarity, dtype=torch.bool)
+        if self_index is not None:
+            own = columns[None, :] == self_index[start:stop, None]
+        anchor_labels = labels[start:stop, None]
+        positive = (
+            (anchor_labels == ref_labels[None, key_start:key_stop])
+            & (anchor_labels != IGNORE)
+            & ~own
+        )
+        count = positives[start:stop].clamp(min=1).to(similarity.dtype)
+        mean = (similarity * positive).sum(dim=1) / count
+        lse[start:stop] = torch.where(positives[start:stop] > 0, loss[start:stop] + mean, 0)
+    return lse
 
 
 def assert_reference_set_within_twice_eager_error(
-    inputs: ReferenceInputs, results, upstream, prevalence=True, temperature=TEMPERATURE
+    inputs: ReferenceInputs,
+    results,
+    upstream,
+    prevalence=True,
+    temperature=TEMPERATURE,
+    *,
+    upstream_on_features=True,
 ):
     """The 2x-eager rule of assert_within_twice_eager_error for a reference-set call's
-    (loss, grad_features, grad_ref_features)."""
-    eager = reference_set_loss_and_grads(
-        inputs, prevalence, upstream, exact=False, temperature=temperature
-    )
-    truth = reference_set_loss_and_grads(inputs, prevalence, upstream, temperature=temperature)
+    (loss, grad_features, grad_ref_features); grad_features as reference_set_loss_and_grads'
+    with ``upstream_on_features``."""
+    options = {"temperature": temperature, "upstream_on_features": upstream_on_features}
+    eager = reference_set_loss_and_grads(inputs, prevalence, upstream, exact=False, **options)
+    truth = reference_set_loss_and_grads(inputs, prevalence, upstream, **options)
     for name, value, eager_value, true_value in zip(
         ("loss", "grad_features", "grad_ref_features"),
         results,
-        (eager[0], eager[2], eager[3]),
-        (truth[0], truth[2], truth[3]),
+        (eager.loss, eager.grad_features, eager.grad_ref_features),
+        (truth.loss, truth.grad_features, truth.grad_ref_features),
     ):
         assert bool(torch.isfinite(value).all()), f"{name} is not finite"
         if true_value.numel() == 0:
@@ -327,4 +474,54 @@ def assert_reference_set_within_twice_eager_error(
             name,
             error,
             eager_error,
+        )
+
+
+def assert_matches_reference_set(results, inputs, prevalence, upstream, dtype, relative):
+    """Two-set results (loss, lse, positives, anchor_grad, ref_grad) of the CUDA kernels (on a
+    GPU or emulated) run on features of `dtype` against the float64 reference: anchor_grad is
+    the forward's (row i: d loss_i / d features_i), ref_grad the keys' backward of
+    sum(upstream * loss). Checks dtypes and shapes, positives exactly; lse of the anchors within
+    `relative` (1e-4 for fp16/bf16, whose products are exact); loss, anchor_grad and ref_grad
+    within `relative` of the largest expected magnitude, or, with relative None (fp16/bf16),
+    within twice eager PyTorch's error at that dtype."""
+    loss, lse, positives, anchor_grad, ref_grad = results
+    expected = reference_set_loss_and_grads(
+        inputs, prevalence, upstream, upstream_on_features=False
+    )
+    expected_lse = reference_set_lse(inputs, expected.loss, expected.positives)
+    m, d = inputs.features.shape
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == dtype and ref_grad.dtype == dtype
+    assert lse.dtype == anchor_grad.dtype == accumulation
+    assert anchor_grad.shape == (m, d) and ref_grad.shape == inputs.ref_features.shape
+    assert positives.dtype == torch.int32
+    assert torch.equal(positives.cpu().long(), expected.positives)
+    anchors = expected.positives > 0
+    lse = lse.cpu()
+    assert bool(torch.isfinite(lse[anchors]).all())
+    lse_relative = relative or 1e-4
+    torch.testing.assert_close(
+        lse[anchors].double(),
+        expected_lse[anchors],
+        rtol=lse_relative,
+        atol=scaled_atol(expected_lse, lse_relative),
+    )
+    if relative is None:
+        assert_reference_set_within_twice_eager_error(
+            inputs, (loss, anchor_grad, ref_grad), upstream, prevalence, upstream_on_features=False
+        )
+        return
+    for name, value, truth in (
+        ("loss", loss, expected.loss),
+        ("anchor_grad", anchor_grad, expected.grad_features),
+        ("ref_grad", ref_grad, expected.grad_ref_features),
+    ):
+        truth = truth.double()
+        torch.testing.assert_close(
+            value.detach().cpu().double(),
+            truth,
+            rtol=relative,
+            atol=scaled_atol(truth, relative),
+            msg=name,
         )

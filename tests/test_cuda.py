@@ -3,9 +3,9 @@
 The CUDA-specific checks, under each kernel family: N = 262144, D = 128 in under 1 GiB of extra
 GPU memory; N * D above 2^31; bitwise determinism; agreement with the compiled CPU op; and the
 reference-set (two-set) call: every dtype against the float64 reference (the emulator's cases,
-tests/cuda_emulation/reference_sets.py), through supcon_loss's autograd, the single set as the
-reference set of itself, determinism, non-contiguous inputs, and 4096 anchors against 65536 keys
-in O((M + K) D) memory. What every backend must pass (reference, fp16/bf16 rule, gradcheck,
+KERNEL_REFERENCE_CASES of tests/supcon_cases.py), through supcon_loss's autograd, the single set
+as the reference set of itself, determinism, non-contiguous inputs, and 4096 anchors against
+65536 keys in O((M + K) D) memory. What every backend must pass (reference, fp16/bf16 rule, gradcheck,
 opcheck, compile) is in test_supcon_contract.py.
 Every test is skipped with "needs a CUDA GPU" when no GPU is visible.
 """
@@ -17,19 +17,18 @@ import os
 import pytest
 import supcon_cases
 import torch
-from cuda_emulation.reference_sets import (
-    REFERENCE_CASES,
-    ReferenceInputs,
-    assert_matches_reference_set,
-    make_reference_inputs,
-    reference_expected,
-)
 from supcon_cases import (
     CASES,
     IGNORE,
+    KERNEL_REFERENCE_CASES,
     TEMPERATURE,
+    ReferenceInputs,
+    assert_matches_reference_set,
+    make_reference_inputs,
     misaligned_copy,
     reference_loss_and_grad,
+    reference_set_loss_and_grads,
+    run_reference_set_call,
     scaled_atol,
 )
 
@@ -213,39 +212,34 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 def reference_set_op(inputs, prevalence, upstream):
     """(loss, lse, positives, anchor_grad, ref_grad) from torch.ops.mcsc on the GPU."""
-    keys = inputs.reference_args()
-    loss, lse, positives, anchor_grad = torch.ops.mcsc.supcon_forward(
-        inputs.features,
-        inputs.labels,
-        inputs.segments,
-        TEMPERATURE,
-        prevalence,
-        IGNORE,
-        **keys,
-        anchor_gradient=True,
+    return run_reference_set_call(
+        torch.ops.mcsc.supcon_forward, backward_on_gpu, inputs, prevalence, upstream
     )
-    ref_grad = torch.ops.mcsc.supcon_backward(
+
+
+def backward_on_gpu(upstream, features, labels, offsets, lse, *arguments, **options):
+    """torch.ops.mcsc.supcon_backward with the upstream gradient moved to the GPU at lse's
+    dtype."""
+    return torch.ops.mcsc.supcon_backward(
         upstream.to(device="cuda", dtype=lse.dtype),
-        inputs.features,
-        inputs.labels,
-        inputs.segments,
+        features,
+        labels,
+        offsets,
         lse,
-        positives,
-        TEMPERATURE,
-        prevalence,
-        IGNORE,
-        **keys,
+        *arguments,
+        **options,
     )
-    return loss, lse, positives, anchor_grad, ref_grad
 
 
 def cuda_reference_inputs(case, dtype, seed=0):
-    return make_reference_inputs(REFERENCE_CASES[case], dtype=dtype, device="cuda", seed=seed)
+    return make_reference_inputs(
+        **KERNEL_REFERENCE_CASES[case], dtype=dtype, device="cuda", seed=seed
+    )
 
 
 @pytest.mark.parametrize("prevalence", [True, False], ids=["prevalence", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+@pytest.mark.parametrize("case", list(KERNEL_REFERENCE_CASES))
 def test_reference_set_matches_reference(case, dtype, prevalence):
     inputs = cuda_reference_inputs(case, dtype)
     upstream = torch.rand(inputs.features.shape[0], dtype=torch.float64)
@@ -266,21 +260,21 @@ def test_reference_set_through_supcon_loss(dtype):
         features,
         inputs.labels,
         temperature=TEMPERATURE,
-        segments=inputs.segments,
+        segments=inputs.offsets,
         reduction="sum",
         ref_features=keys,
         ref_labels=inputs.ref_labels,
-        ref_segments=inputs.ref_segments,
+        ref_segments=inputs.ref_offsets,
         ref_self_index=inputs.ref_self_index,
     )
     loss.backward()
     upstream = torch.ones(inputs.features.shape[0], dtype=torch.float64)
-    expected = reference_expected(inputs, True, upstream)
+    expected = reference_set_loss_and_grads(inputs, True, upstream)
     relative = REFERENCE_TOLERANCE.get(dtype, 2e-2)
     for name, value, truth in (
         ("loss", loss.detach().reshape(1), expected.loss.sum().reshape(1)),
-        ("features.grad", features.grad, expected.anchor_grad),
-        ("ref_features.grad", keys.grad, expected.ref_grad),
+        ("features.grad", features.grad, expected.grad_features),
+        ("ref_features.grad", keys.grad, expected.grad_ref_features),
     ):
         torch.testing.assert_close(
             value.cpu().double(),

@@ -36,18 +36,16 @@ import pytest
 import torch
 from cuda_emulation import emulation
 from cuda_emulation.emulation import PATHS
-from cuda_emulation.reference_sets import (
-    REFERENCE_CASES,
-    ReferenceCase,
-    ReferenceInputs,
-    assert_matches_reference_set,
-    make_reference_inputs,
-)
+from cuda_emulation.reference_sets import run_reference_set
 from supcon_cases import (
     CASES,
     IGNORE,
+    KERNEL_REFERENCE_CASES,
     TEMPERATURE,
+    ReferenceInputs,
+    assert_matches_reference_set,
     make_inputs,
+    make_reference_inputs,
     misaligned_copy,
     reference_loss_and_grad,
     scaled_atol,
@@ -251,42 +249,6 @@ def test_unknown_kernel_family_is_rejected(emulated):
 # ---- The reference-set (two-set) call: anchors against keys ------------------------------
 
 
-def run_reference_set(emulated, inputs, prevalence, upstream, path, descending, **options):
-    """(loss, lse, positives, anchor_grad, ref_grad) of the emulated kernels of `path` for the
-    two-set call: the forward with anchor_gradient, then the keys' backward."""
-    keys = inputs.reference_args()
-    loss, lse, positives, anchor_grad = emulation.forward(
-        emulated,
-        path,
-        inputs.features,
-        inputs.labels,
-        inputs.segments,
-        TEMPERATURE,
-        prevalence,
-        IGNORE,
-        descending,
-        anchor_gradient=True,
-        **keys,
-        **options,
-    )
-    ref_grad = emulation.backward(
-        emulated,
-        path,
-        upstream,
-        inputs.features,
-        inputs.labels,
-        inputs.segments,
-        lse,
-        positives,
-        TEMPERATURE,
-        prevalence,
-        descending,
-        IGNORE,
-        **keys,
-    )
-    return loss, lse, positives, anchor_grad, ref_grad
-
-
 REFERENCE_OUTPUTS = ("loss", "lse", "positives", "anchor_grad", "ref_grad")
 
 
@@ -329,7 +291,7 @@ def assert_reference_set_matches(results, inputs, prevalence, upstream, path):
 def test_reference_set_matches_reference(emulated, path, case, prevalence):
     """Anchors against keys: forward (loss, lse, positives), the anchors' own gradients and the
     keys' gradient against the float64 reference, differentiated with autograd."""
-    inputs = make_reference_inputs(REFERENCE_CASES[case], dtype=PATHS[path].dtype)
+    inputs = make_reference_inputs(**KERNEL_REFERENCE_CASES[case], dtype=PATHS[path].dtype)
     upstream = reference_upstream(inputs)
     results = run_reference_set_both_orders(emulated, inputs, prevalence, upstream, PATHS[path])
     assert_reference_set_matches(results, inputs, prevalence, upstream, path)
@@ -366,7 +328,7 @@ def test_one_set_is_the_reference_set_of_itself(emulated, path):
 def test_reference_set_unaligned_rows_match_vector_loads(emulated, path):
     """Anchors and keys off 16-byte boundaries take the scalar loads: the same bits."""
     inputs = make_reference_inputs(
-        ReferenceCase([70, 0, 20], [30, 9, 129], 16, 4, 4, 0.1, 0.5), dtype=PATHS[path].dtype
+        [70, 0, 20], [30, 9, 129], 16, 4, 0.1, "some", dtype=PATHS[path].dtype
     )
     upstream = reference_upstream(inputs)
     aligned = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False)
@@ -382,7 +344,7 @@ def test_reference_set_unaligned_rows_match_vector_loads(emulated, path):
 def test_reference_set_non_contiguous_inputs(emulated, path):
     """Transposed anchors, strided keys and strided labels and self indices: the bits of their
     contiguous copies."""
-    inputs = make_reference_inputs(REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
+    inputs = make_reference_inputs(**KERNEL_REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
     upstream = reference_upstream(inputs)
     dense = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False)
     keys = inputs.ref_features
@@ -408,7 +370,7 @@ def test_reference_set_non_contiguous_inputs(emulated, path):
 def test_reference_set_label_types_and_values(emulated, path):
     """int32 anchor labels with int64 keys' labels, and huge sparse ids: the bits of compact
     int64 ids."""
-    inputs = make_reference_inputs(REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
+    inputs = make_reference_inputs(**KERNEL_REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
     upstream = reference_upstream(inputs)
     expected = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False)
 
@@ -429,7 +391,7 @@ def test_reference_set_label_types_and_values(emulated, path):
 def test_reference_set_column_splits_merge_to_one_split(emulated, path):
     """Few anchors against many keys split the forward's columns over up to 16 blocks; the
     merged results match those of one split."""
-    inputs = make_reference_inputs(REFERENCE_CASES["many-keys"], dtype=PATHS[path].dtype)
+    inputs = make_reference_inputs(**KERNEL_REFERENCE_CASES["many-keys"], dtype=PATHS[path].dtype)
     upstream = reference_upstream(inputs)
     one = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False, multiprocessors=1)
     many = run_reference_set(
@@ -449,7 +411,7 @@ def test_reference_set_unchecked_self_indices_follow_the_reference(emulated, pat
     safely. Where the dense reference defines their meaning -- a key of another segment, past
     K, far past int32, negative, an ignored key of the anchor's segment: no own pair is
     counted off -- the kernels give its values; a key of another label gives finite ones."""
-    inputs = make_reference_inputs(REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
+    inputs = make_reference_inputs(**KERNEL_REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
     k = inputs.ref_features.shape[0]
     self_index = inputs.ref_self_index.clone()
     for row, value in ((1, 101), (3, k + 3), (4, 1 << 40), (5, -7), (6, k)):
@@ -476,7 +438,7 @@ def test_reference_set_with_an_empty_side(emulated, path):
     """No anchors: the keys' gradient is zero. No keys: no anchor has a positive, the losses
     and the anchors' gradients are zero, and the keys' gradient is empty."""
     dtype = PATHS[path].dtype
-    inputs = make_reference_inputs(ReferenceCase([0, 0], [30, 7], 12, 3, 3, 0.1, None), dtype=dtype)
+    inputs = make_reference_inputs([0, 0], [30, 7], 12, 3, 0.1, None, dtype=dtype)
     upstream = reference_upstream(inputs)
     loss, lse, positives, anchor_grad, ref_grad = run_reference_set_both_orders(
         emulated, inputs, True, upstream, PATHS[path]
@@ -484,7 +446,7 @@ def test_reference_set_with_an_empty_side(emulated, path):
     assert loss.shape == lse.shape == positives.shape == (0,) and anchor_grad.shape == (0, 12)
     assert torch.equal(ref_grad, torch.zeros(37, 12, dtype=dtype))
 
-    inputs = make_reference_inputs(ReferenceCase([25, 6], [0, 0], 12, 3, 3, 0.2, 0.5), dtype=dtype)
+    inputs = make_reference_inputs([25, 6], [0, 0], 12, 3, 0.2, "some", dtype=dtype)
     upstream = reference_upstream(inputs)
     loss, _, positives, anchor_grad, ref_grad = run_reference_set_both_orders(
         emulated, inputs, True, upstream, PATHS[path]
@@ -500,7 +462,7 @@ def test_reference_set_with_an_empty_side(emulated, path):
 def test_reference_set_nan_upstream_poisons_the_keys_gradient(emulated, path):
     """The compiled-call policy's poison reaches the keys: a NaN upstream gradient makes the
     gradient of every valid key that valid anchors contrast against NaN."""
-    inputs = make_reference_inputs(REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
+    inputs = make_reference_inputs(**KERNEL_REFERENCE_CASES["varlen"], dtype=PATHS[path].dtype)
     upstream = torch.full((inputs.features.shape[0],), float("nan"), dtype=torch.float64)
     *_, ref_grad = run_reference_set(emulated, inputs, True, upstream, PATHS[path], False)
     # Keys of segments 0 and 3, where many anchors with positives are.

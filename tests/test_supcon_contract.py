@@ -317,6 +317,17 @@ def loss_and_grad(
     return loss.detach(), lse, positives, z.grad
 
 
+def assert_saved_state_and_tolerance(backend, lse, positives, ref_positives):
+    """The forward's saved state against the reference's positives: lse in the accumulation
+    dtype and finite for anchors with positives, positives int32 and exact. Returns the
+    backend's relative tolerance for loss and gradients (None: the 2x-eager rule)."""
+    assert lse.dtype == (torch.float64 if backend.dtype == torch.float64 else torch.float32)
+    assert positives.dtype == torch.int32
+    assert torch.equal(positives.cpu().long(), ref_positives)
+    assert bool(torch.isfinite(lse[positives > 0]).all())
+    return TOLERANCE.get((backend.dtype, backend.allow_tf32))
+
+
 def assert_matches_reference(
     backend, features, labels, offsets, prevalence, upstream, temperature=TEMPERATURE
 ):
@@ -327,11 +338,7 @@ def assert_matches_reference(
         features, labels, offsets, prevalence, upstream, temperature
     )
     assert loss.dtype == backend.dtype and grad.dtype == backend.dtype
-    assert lse.dtype == (torch.float64 if backend.dtype == torch.float64 else torch.float32)
-    assert positives.dtype == torch.int32
-    assert torch.equal(positives.cpu().long(), ref_positives)
-    assert bool(torch.isfinite(lse[positives > 0]).all())
-    relative = TOLERANCE.get((backend.dtype, backend.allow_tf32))
+    relative = assert_saved_state_and_tolerance(backend, lse, positives, ref_positives)
     if relative is None:
         assert_within_twice_eager_error(
             loss,
@@ -681,11 +688,7 @@ def test_reference_set_matches_reference(backend, case, prevalence):
         inputs, prevalence, upstream
     )
     assert loss.dtype == grad_features.dtype == grad_keys.dtype == backend.dtype
-    assert lse.dtype == (torch.float64 if backend.dtype == torch.float64 else torch.float32)
-    assert positives.dtype == torch.int32
-    assert torch.equal(positives.cpu().long(), ref_positives)
-    assert bool(torch.isfinite(lse[positives > 0]).all())
-    relative = TOLERANCE.get((backend.dtype, backend.allow_tf32))
+    relative = assert_saved_state_and_tolerance(backend, lse, positives, ref_positives)
     if relative is None:
         assert_reference_set_within_twice_eager_error(
             inputs, (loss, grad_features, grad_keys), upstream.to(backend.dtype), prevalence

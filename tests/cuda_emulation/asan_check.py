@@ -20,8 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cuda_emulation import emulation  # noqa: E402
-from cuda_emulation.reference_sets import REFERENCE_CASES, make_reference_inputs  # noqa: E402
-from supcon_cases import CASES, IGNORE, TEMPERATURE, make_inputs  # noqa: E402
+from cuda_emulation.reference_sets import run_reference_set  # noqa: E402
+from supcon_cases import (  # noqa: E402
+    CASES,
+    IGNORE,
+    KERNEL_REFERENCE_CASES,
+    TEMPERATURE,
+    make_inputs,
+    make_reference_inputs,
+)
 
 # Paths that run every reference-set case under the sanitizer: FMA, WMMA and mma.sync.
 REFERENCE_ASAN_PATHS = ("float32-fma", "bfloat16-wmma", "float32-tf32-mma", "float16-mma")
@@ -43,38 +50,6 @@ def unchecked(inputs):
     ref_labels = inputs.ref_labels.clone()
     ref_labels[2::5] = 1 << 50
     return inputs._replace(labels=labels, ref_labels=ref_labels, ref_self_index=self_index)
-
-
-def run_reference_set(kernels, path, inputs):
-    """The two-set forward (with the anchors' gradient) and the keys' backward."""
-    keys = inputs.reference_args()
-    _, lse, positives, _ = emulation.forward(
-        kernels,
-        path,
-        inputs.features,
-        inputs.labels,
-        inputs.segments,
-        TEMPERATURE,
-        True,
-        IGNORE,
-        anchor_gradient=True,
-        **keys,
-    )
-    emulation.backward(
-        kernels,
-        path,
-        torch.rand(inputs.features.shape[0]),
-        inputs.features,
-        inputs.labels,
-        inputs.segments,
-        lse,
-        positives,
-        TEMPERATURE,
-        True,
-        False,
-        IGNORE,
-        **keys,
-    )
 
 
 def main() -> None:
@@ -103,13 +78,14 @@ def main() -> None:
     # The reference set: its varlen case on every path, with and without unchecked values;
     # the larger cases on one path per kernel family and multiply (they add reads past no new
     # boundary the varlen case leaves out, only more of them).
-    for name, case in REFERENCE_CASES.items():
+    for name, case in KERNEL_REFERENCE_CASES.items():
         paths = emulation.PATHS if name == "varlen" else REFERENCE_ASAN_PATHS
         for path_name in paths:
             path = emulation.PATHS[path_name]
-            inputs = make_reference_inputs(case, dtype=path.dtype)
-            run_reference_set(kernels, path, inputs)
-            run_reference_set(kernels, path, unchecked(inputs))
+            inputs = make_reference_inputs(**case, dtype=path.dtype)
+            for checked_or_not in (inputs, unchecked(inputs)):
+                upstream = torch.rand(inputs.features.shape[0])
+                run_reference_set(kernels, checked_or_not, True, upstream, path, False)
         print(f"reference set {name}: ok", flush=True)
     print("all cases ran")
 
