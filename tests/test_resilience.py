@@ -500,6 +500,7 @@ def run_with_rank1_killed(arguments, out, cwd, env):
         kill_group(process)
 
 
+@pytest.mark.elastic
 def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights(tmp_path):
     """`torchrun --max-restarts ... --resume auto` with rank 1 SIGKILLed once the first
     checkpoint is written: the group restarts, resumes and ends bitwise where an uninterrupted
