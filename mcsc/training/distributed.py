@@ -119,8 +119,13 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
+        timeout = timedelta(minutes=timeout_minutes)
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes)
+            backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            store=restart_store(world_size, timeout),
         )
     return DistributedContext(
         rank=rank,
@@ -129,6 +134,30 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         device=resolved,
         backend=dist.get_backend(),
     )
+
+
+def restart_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """The rendezvous store of this worker group when torchrun's agent hosts it, with keys of
+    this restart only; None outside torchrun (``init_process_group`` then builds its own).
+
+    torchrun keeps one store for all restarts of a job (``TORCHELASTIC_USE_AGENT_STORE``), and
+    the process group's start-up keys (each rank's gloo address) are the same in every restart.
+    A restarted rank could read the address of a peer killed in an earlier attempt: its
+    connection is refused ("Gloo connectFullMesh failed") or both ranks wait for each other
+    forever inside ``init_process_group``. Prefixing the keys with ``TORCHELASTIC_RESTART_COUNT``
+    gives each restart a clean namespace, as torch 2.4 itself did (2.14 no longer does).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"mcsc/restart_{restart}/default_pg", agent_store)
 
 
 def destroy_distributed() -> None:
