@@ -143,4 +143,19 @@ inline void check_reference_inputs(const at::Tensor& features, const at::Tensor&
   }
 }
 
+// The forward's reference-set checks: those above, and anchor_gradient, which only a two-set
+// call honours (a single-set call's gradient comes from supcon_backward).
+inline void check_forward_reference_inputs(const at::Tensor& features, const at::Tensor& segments,
+                                           const std::optional<at::Tensor>& ref_features,
+                                           const std::optional<at::Tensor>& ref_labels,
+                                           const std::optional<at::Tensor>& ref_segments,
+                                           const std::optional<at::Tensor>& ref_self_index,
+                                           bool anchor_gradient) {
+  check_reference_inputs(features, segments, ref_features, ref_labels, ref_segments,
+                         ref_self_index);
+  TORCH_CHECK_VALUE(!anchor_gradient || ref_features.has_value(),
+                    "mcsc: anchor_gradient=True needs ref_features (a single-set call's "
+                    "gradient comes from supcon_backward)");
+}
+
 }  // namespace mcsc

@@ -645,42 +645,21 @@ _FEATURES, _REF_FEATURES = 0, 6
 
 def _setup_context(ctx, inputs, output):
     features, labels, segments, temperature, prevalence, ignore_index = inputs[:6]
-    ref_features, ref_labels, ref_segments, ref_self_index = (list(inputs[6:10]) + [None] * 4)[:4]
+    # ref_features, ref_labels, ref_segments, ref_self_index: None when not passed
+    reference = (list(inputs[6:10]) + [None] * 4)[:4]
     _, lse, positives, anchor_grad = output
-    ctx.save_for_backward(
-        features,
-        labels,
-        segments,
-        lse,
-        positives,
-        anchor_grad,
-        ref_features,
-        ref_labels,
-        ref_segments,
-        ref_self_index,
-    )
+    ctx.save_for_backward(features, labels, segments, lse, positives, anchor_grad, *reference)
     ctx.options = temperature, prevalence, ignore_index
     ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(lse, positives, anchor_grad)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_positives, grad_anchor_grad):
-    (
-        features,
-        labels,
-        segments,
-        lse,
-        positives,
-        anchor_grad,
-        ref_features,
-        ref_labels,
-        ref_segments,
-        ref_self_index,
-    ) = ctx.saved_tensors
+    features, labels, segments, lse, positives, anchor_grad, *reference = ctx.saved_tensors
     temperature, prevalence, ignore_index = ctx.options
     grads = [None] * ctx.num_inputs
-    two_sets = ref_features is not None
-    reference_args = (ref_features, ref_labels, ref_segments, ref_self_index) if two_sets else ()
+    two_sets = reference[0] is not None
+    reference_args = tuple(reference) if two_sets else ()
     if two_sets and ctx.needs_input_grad[_FEATURES]:
         # each anchor's loss depends on its own row alone: its gradient, kept by the forward,
         # scaled by the upstream gradient

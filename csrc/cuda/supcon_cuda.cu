@@ -88,11 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_forward_cuda(
     const std::optional<at::Tensor>& ref_segments,
     const std::optional<at::Tensor>& ref_self_index, bool anchor_gradient) {
   check_op_inputs(features, labels, segments, c10::DeviceType::CUDA, kFeatureDtypes);
-  check_reference_inputs(features, segments, ref_features, ref_labels, ref_segments,
-                         ref_self_index);
-  TORCH_CHECK_VALUE(!anchor_gradient || ref_features.has_value(),
-                    "mcsc: anchor_gradient=True needs ref_features (a single-set call's "
-                    "gradient comes from supcon_backward)");
+  check_forward_reference_inputs(features, segments, ref_features, ref_labels, ref_segments,
+                                 ref_self_index, anchor_gradient);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t multiprocessors =
       at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
