@@ -258,12 +258,20 @@ def held_bytes(name: str, m: int, k: int, d: int, itemsize: int) -> int:
 
 
 def estimated_extra_bytes(
-    name: str, m: int, k: int, d: int, itemsize: int, num_classes: int
+    name: str,
+    m: int,
+    k: int,
+    d: int,
+    itemsize: int,
+    num_classes: int,
+    same_fraction: float | None = None,
 ) -> float:
     """Rough peak extra memory of one forward+backward call (for skipping, not reporting).
 
     ``pml_xbm`` builds the pair indices (16 bytes a pair, and an M x K mask while it does) and
     the (positive pairs x M) bool matrix of its self-pair removal; ``fused`` is O((M + K) D).
+    ``same_fraction``: the fraction of (anchor, key) pairs of one class (default: that of
+    :func:`same_class_fraction`, for ``make_inputs`` labels).
     """
     pairs = m * k
     if name == "gemm":
@@ -272,6 +280,8 @@ def estimated_extra_bytes(
         return 4.0 * (m + k) * d * itemsize + 32 * (m + k) + 64 * 2**20
     if name == "pml_xbm":
         # measured: 442 bytes a pair at M = 1024, K = 4096 (the removal's 435 and the indices)
-        removal = same_class_fraction(num_classes) * pairs * m
+        if same_fraction is None:
+            same_fraction = same_class_fraction(num_classes)
+        removal = same_fraction * pairs * m
         return removal + (16 + 2 + BYTES_PER_PAIR[name]) * pairs
     return float(BYTES_PER_PAIR[name] * pairs)

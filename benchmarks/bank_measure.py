@@ -47,16 +47,17 @@ def available_bytes(device: str) -> float:
     return memory.meminfo_bytes("MemAvailable")
 
 
-def plan_point(names, m, k, d, dtype, num_classes, budget_bytes, available):
+def plan_point(names, m, k, d, dtype, num_classes, budget_bytes, available, same_fraction=None):
     """``(names to run, {name: why not})`` at one size: an implementation runs when what it
     holds and its estimated peak fit both ``budget_bytes`` and 80 % of ``available`` (the
-    machine's free memory now: never run a shared machine out of memory)."""
+    machine's free memory now: never run a shared machine out of memory). ``same_fraction``:
+    as in :func:`bank_implementations.estimated_extra_bytes`."""
     size = itemsize(dtype)
     limit = min(budget_bytes, 0.8 * available)
     run, skipped = [], {}
     for name in names:
         need = bank.held_bytes(name, m, k, d, size) + bank.estimated_extra_bytes(
-            name, m, k, d, size, num_classes
+            name, m, k, d, size, num_classes, same_fraction
         )
         if need > limit:
             why = "budget" if limit == budget_bytes else "80 % of the free memory"

@@ -208,8 +208,9 @@ def measure_cpu_jobs(
 ) -> list[dict]:
     """Run ``jobs`` in one fresh worker process that imports the ``mcsc`` package found in
     ``package_parent``; returns one dict (or {"error": ...}) per job, each with the ``package``
-    directory and ``backend`` the worker ran. ``script``: the worker (default this file); it
-    takes the jobs as JSON in its first argument and prints one ``MEMJSON`` line per job."""
+    directory and ``backend`` the worker ran (an error when that is not
+    ``package_parent/mcsc``). ``script``: the worker (default this file); it takes the jobs as
+    JSON in its first argument and prints one ``MEMJSON`` line per job."""
     env = dict(os.environ)
     env.update(MALLOC_ENV)
     env["PYTHONWARNINGS"] = "ignore"
@@ -225,9 +226,13 @@ def measure_cpu_jobs(
     except subprocess.TimeoutExpired:
         return [{"error": "memory worker timed out"} for _ in jobs]
     results = []
+    expected = os.path.join(package_parent, "mcsc")
     for line in proc.stdout.splitlines():
         if line.startswith("MEMJSON "):
-            results.append(json.loads(line[len("MEMJSON ") :]))
+            result = json.loads(line[len("MEMJSON ") :])
+            if "error" not in result and result["package"] != expected:
+                result = {"error": f"the memory worker imported mcsc from {result['package']}"}
+            results.append(result)
     if len(results) < len(jobs):
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
         results += [

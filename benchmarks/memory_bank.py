@@ -331,8 +331,6 @@ def run_point(point: Point, args, common: dict, failed: dict, log=print) -> list
                 name, point.m, point.k, args.d, args.classes, point.dtype, common["threads"]
             )
             result = measure.measure_cpu_memory(job, os.path.dirname(common["package"]))
-            if "error" not in result and result["package"] != common["package"]:
-                result = {"error": f"the memory worker imported mcsc from {result['package']}"}
             for row in rows:
                 if row["impl"] != name:
                     continue

@@ -4,6 +4,7 @@ CPU, the GPU target set run dry on the CPU, the target verdicts and the spread s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import implementations as impls  # noqa: E402
 import installed  # noqa: E402
 import memory  # noqa: E402
 import memory_bank  # noqa: E402
+import memory_step  # noqa: E402
 import run  # noqa: E402
 import targets  # noqa: E402
 import timing  # noqa: E402
@@ -69,6 +71,10 @@ def test_every_script_refuses_the_fallback(unbuilt_package, tmp_path):
         "profile_step.py": ([sys.executable, "benchmarks/profile_step.py"], ROOT),
         "memory_bank.py": (
             [sys.executable, "benchmarks/memory_bank.py", "--out", str(out)],
+            ROOT,
+        ),
+        "memory_step.py": (
+            [sys.executable, "benchmarks/memory_step.py", "--out", str(out)],
             ROOT,
         ),
         "pytest": (
@@ -481,3 +487,67 @@ def test_memory_bank_worker_measures_a_fresh_process(unbuilt_package):
     assert "error" not in result, result
     assert result["package"] == os.path.join(unbuilt_package, "mcsc")
     assert set(result) >= {"fwd", "bwd", "fwd+bwd"} and result["fwd+bwd"] >= 0
+
+
+# ----------------------------------------------------------------------------------------------
+# one step of the memory losses as users call them (memory_step.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_memory_step_smoke(tmp_path, capsys):
+    """Both cross-batch memories at two tiny sizes (PML over budget at the README's larger
+    one), the pixel loss with and without memory; then one memory worker."""
+    status = memory_step.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--allow-reference",
+            "--xbm-sizes",
+            "16x64,24x80",
+            "--queues",
+            "0,32",
+            "--maps",
+            "2",
+            "--pixels-per-class",
+            "4",
+            "--d",
+            "16",
+            "--min-reps",
+            "2",
+            "--max-reps",
+            "2",
+            "--no-memory",
+            "--threads",  # the default, 1, would stay set in this process
+            str(torch.get_num_threads()),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert printed.count("  ok") == 1 and "MISMATCH" not in printed
+    with open(tmp_path / "memory_step.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = {
+        ("xbm", impl, m, k, "") for impl in ("mcsc", "pml") for m, k in [(16, 64), (24, 80)]
+    }
+    # 2 maps x 4 classes x 4 pixels; K: the stored rows, C x Q
+    expected |= {("pixel", "mcsc", 32, 0, "0"), ("pixel", "mcsc", 32, 128, "32")}
+    assert {(r["benchmark"], r["impl"], int(r["M"]), int(r["K"]), r["Q"]) for r in rows} == expected
+    assert len(rows) == 3 * len(expected)  # fwd, bwd, fwd+bwd
+    assert all(float(r["median_ms"]) > 0 and int(r["reps"]) == 2 for r in rows), rows
+    assert {r["backend"] for r in rows if r["impl"] == "mcsc"} == {mcsc.backend("cpu")}
+    assert {r["threads"] for r in rows} == {str(torch.get_num_threads())}
+    assert memory_step.parse_args(["--out", "x"]).threads == 1
+    markdown = (tmp_path / "memory_step.md").read_text()
+    assert "| PML CrossBatchMemory | 24 rows | K=80 |" in markdown
+    assert printed.rstrip().splitlines()[-1].startswith("mcsc PixelContrastiveLoss")
+    # PML's self-pair removal alone needs ~6 GiB at 1024 x 65536 with 10 classes
+    large = memory_step.Case("xbm", "pml", 1024, 65536, 128, 10)
+    assert memory_step.over_budget(large, 8 * 2**30).startswith("over budget: estimated")
+    job = dict(
+        dataclasses.asdict(memory_step.Case("pixel", "mcsc", 2, 32, 16, 4, 4, 28, 56)), threads=1
+    )
+    (result,) = memory.measure_cpu_jobs(
+        [job], os.path.dirname(installed.package_directory()), script=memory_step.__file__
+    )
+    assert "error" not in result, result
+    assert result["fwd+bwd"] >= 0 and result["package"] == installed.package_directory()
