@@ -477,44 +477,56 @@ def start_torchrun(
     )
 
 
-def run_with_rank1_killed(arguments, out, cwd, env):
-    """torchrun --max-restarts=1 of `arguments` into `out`, with rank 1 SIGKILLed once the first
-    checkpoint is written: (exit status, stdout, stderr)."""
-    latest = out / "checkpoints" / "latest.pt"
-    process = start_torchrun(["--max-restarts=1"], [*arguments, "--out", str(out)], cwd, env)
-    try:
-        wait_until(lambda: iteration_of(latest) >= 5, "first checkpoint", [process])
-        rank1 = [pid for pid in children(process.pid) if environment_of(pid).get("RANK") == "1"]
-        assert len(rank1) == 1, rank1
-        os.kill(rank1[0], signal.SIGKILL)
-        return finish(process)
-    finally:
-        kill_group(process)
+def torchrun_arguments(folder: Path) -> list[str]:
+    config = write_yaml(folder / "tiny.yaml", resilience_config(iterations=24))
+    return ["--config", str(config), "--resume", "auto", "--device", "cpu", "--no-progress"]
 
 
-def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights(tmp_path):
-    """`torchrun --max-restarts=1 ... --resume auto` with rank 1 SIGKILLed once the first
-    checkpoint is written: the group restarts, resumes and ends bitwise where an uninterrupted
-    2-process run ends. The restarted group's process group must come up in torchrun's store,
-    which still holds the killed group's keys."""
-    config = write_yaml(tmp_path / "tiny.yaml", resilience_config(iterations=24))
-    arguments = ["--config", str(config), "--resume", "auto", "--device", "cpu", "--no-progress"]
-    env = cli_environment()
-
-    straight = tmp_path / "straight"
-    process = start_torchrun([], [*arguments, "--out", str(straight)], tmp_path, env)
+@pytest.fixture(scope="module")
+def torchrun_straight(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process torchrun run, for the killed ones to end equal to."""
+    folder = tmp_path_factory.mktemp("torchrun")
+    out = folder / "straight"
+    process = start_torchrun(
+        [], [*torchrun_arguments(folder), "--out", str(out)], folder, cli_environment()
+    )
     try:
         status, _, stderr = finish(process)
     finally:
         kill_group(process)
     assert status == 0, stderr[-3000:]
+    return out
 
-    killed = tmp_path / "killed"
-    status, stdout, stderr = run_with_rank1_killed(arguments, killed, tmp_path, env)
+
+@pytest.mark.parametrize("killed_rank", ["0", "1"])
+def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights(
+    tmp_path, torchrun_straight, killed_rank
+):
+    """`torchrun --max-restarts=1 ... --resume auto` with one rank SIGKILLed once the first
+    checkpoint is written: the group restarts, resumes and ends bitwise where an uninterrupted
+    2-process run ends. The restarted group's process group must come up in torchrun's store,
+    which still holds the killed group's keys."""
+    out = tmp_path / "killed"
+    latest = out / "checkpoints" / "latest.pt"
+    process = start_torchrun(
+        ["--max-restarts=1"],
+        [*torchrun_arguments(tmp_path), "--out", str(out)],
+        tmp_path,
+        cli_environment(),
+    )
+    try:
+        wait_until(lambda: iteration_of(latest) >= 5, "first checkpoint", [process])
+        workers = children(process.pid)
+        victim = [pid for pid in workers if environment_of(pid).get("RANK") == killed_rank]
+        assert len(victim) == 1, workers
+        os.kill(victim[0], signal.SIGKILL)
+        status, stdout, stderr = finish(process)
+    finally:
+        kill_group(process)
     assert status == 0, stderr[-4000:]
     resumed = [line for line in stdout.splitlines() if line.startswith("mcsc: resuming from")]
     assert len(resumed) == 1 and "at iteration" in resumed[0], stdout[-3000:]
-    assert_same_training_state(final_state(straight), final_state(killed))
+    assert_same_training_state(final_state(torchrun_straight), final_state(out))
 
 
 def test_each_torchrun_restart_starts_its_process_group_in_keys_of_its_own(monkeypatch):
