@@ -186,13 +186,26 @@ def start_driver(tmp_path: Path, mode: str, *args: str) -> subprocess.Popen:
     )
 
 
+def descendants(pid: int) -> list[int]:
+    found = children(pid)
+    for child in list(found):
+        found += descendants(child)
+    return found
+
+
 def kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL a process started with ``start_new_session=True`` and everything it started
-    (torchrun's workers would otherwise outlive it and hold its output pipes open)."""
+    """SIGKILL a process started with ``start_new_session=True`` and everything it started,
+    torchrun's workers included: they run in sessions of their own, and would otherwise outlive
+    it holding its output pipes open."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        process.kill()
+        pass
 
 
 def finish(process: subprocess.Popen, deadline: float = DEADLINE) -> tuple[int, str, str]:
