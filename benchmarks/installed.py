@@ -78,3 +78,29 @@ def prepare_run(args) -> str | None:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     return backend
+
+
+def describe_run(args, backend: str, kernel: str = "", **extra) -> dict:
+    """What a benchmark records about its run: ``device``, ``threads``, ``torch``, ``extra``,
+    ``machine`` (with ``args.machine_note``), the mcsc ``backend`` and its ``package``
+    directory. Prints them in one line (``kernel``: a note on the compiled library, after the
+    backend), then a warning when the timed mcsc is the dense fallback (``--allow-reference``)."""
+    import reporting
+    import torch
+
+    run = {
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        **extra,
+        "machine": reporting.machine_description(args.device, args.machine_note),
+        "backend": backend,
+        "package": package_directory(),
+    }
+    print(
+        f"mcsc backend: {backend}{kernel} from {run['package']}; torch {torch.__version__}; "
+        f"threads {run['threads']}; machine: {run['machine']}"
+    )
+    if backend == "reference":
+        print(f"WARNING (--allow-reference): {refusal(args.device)}")
+    return run

@@ -588,21 +588,7 @@ def main(argv=None) -> int:
     backend = installed.prepare_run(args)
     if backend is None:
         return 2
-    common = {
-        "device": args.device,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "pml": bank.pml_version(),
-        "machine": reporting.machine_description(args.device, args.machine_note),
-        "backend": backend,
-        "package": installed.package_directory(),
-    }
-    print(
-        f"mcsc backend: {backend} from {common['package']}; torch {torch.__version__}; "
-        f"threads {common['threads']}; machine: {common['machine']}"
-    )
-    if backend == "reference":
-        print(f"WARNING (--allow-reference): {installed.refusal(args.device)}")
+    common = installed.describe_run(args, backend, pml=bank.pml_version())
     print(f"PML's chunked peer: {bank.pml_chunked_problem()}; not timed")
     print("value agreement with fused (loss, batch gradient), float32:")
     lines, failed = check_agreement(args.impls, args.device)

@@ -565,21 +565,7 @@ def main(argv=None) -> int:
     if os.environ.get("OMP_WAIT_POLICY"):
         command = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} {command}"
     backend = installed.prepare_run(args)
-    common = {
-        "device": args.device,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "pml": bank.pml_version(),
-        "machine": reporting.machine_description(args.device, args.machine_note),
-        "backend": backend,
-        "package": installed.package_directory(),
-    }
-    print(
-        f"mcsc backend: {backend} from {common['package']}; torch {torch.__version__}; "
-        f"threads {common['threads']}; machine: {common['machine']}"
-    )
-    if backend == "reference":
-        print(f"WARNING (--allow-reference): {installed.refusal(args.device)}")
+    common = installed.describe_run(args, backend, pml=bank.pml_version())
     rejected = {}
     if "xbm" in args.benchmarks and "pml" in args.impls:
         print("value agreement, float32:")

@@ -44,7 +44,6 @@ import installed  # noqa: E402
 import reporting  # noqa: E402
 import targets  # noqa: E402
 import timing  # noqa: E402
-import torch  # noqa: E402
 from timing import Interrupted, Rounds, Workload  # noqa: E402
 
 GPU_TARGETS_TIME_BUDGET_S = 240.0
@@ -281,19 +280,7 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         impls.set_compile_backend("eager")
-    common = {
-        "device": args.device,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": reporting.machine_description(args.device, args.machine_note),
-    }
-    print(
-        f"mcsc backend: {backend}{kernel_description(backend)} from "
-        f"{installed.package_directory()}; torch {torch.__version__}; threads "
-        f"{common['threads']}; machine: {common['machine']}"
-    )
-    if backend == "reference":
-        print(f"WARNING (--allow-reference): {installed.refusal(args.device)}")
+    common = installed.describe_run(args, backend, kernel=kernel_description(backend))
     workloads, measures = selected_workloads(args)
     names = []
     for wl in workloads:

@@ -69,6 +69,13 @@ def local_indices(rank: int, world: int) -> list[int]:
     return [i for i, _ in (sharded if world > 1 else base).batch(0)]
 
 
+def images_in_global_order(context: mdist.DistributedContext, layout) -> torch.Tensor:
+    """The images of the global batch in the single-process order, as gather_batch gives it."""
+    world = context.world_size
+    everyone = [i for r in range(world) for i in local_indices(r, world)]
+    return torch.tensor(everyone)[layout.global_order()]
+
+
 def build_models():
     torch.manual_seed(0)
     cnn = UNet(1, CLASSES, channels=(4, 8, 8, 8), dropout=(0.0,) * 4)
@@ -167,9 +174,7 @@ def contrastive_only(context: mdist.DistributedContext, sampler: str, use_unlabe
     cnn = [m[mine].requires_grad_() for m in maps]
     swin = [m[mine].requires_grad_() for m in swin_maps]
     layout = mdist.batch_layout(len(mine), LABELLED // context.world_size)
-    # the global batch in the single-process order, as gather_batch gives it
-    everyone = [i for r in range(context.world_size) for i in local_indices(r, context.world_size)]
-    global_images = torch.tensor(everyone)[layout.global_order()]
+    global_images = images_in_global_order(context, layout)
     loss = mdist.DistributedContrastiveLoss(
         MultiScaleContrastiveLoss(sampler=sampler, block_sizes=(4, 4), pixels_per_class=8, seed=3)
     )
@@ -200,9 +205,8 @@ def memory_steps(context: mdist.DistributedContext) -> dict:
     global) and per-rank plain losses that share their rows through ``gather_memory_rows``."""
     batch = LABELLED + UNLABELLED
     mine = local_indices(context.rank, context.world_size)
-    everyone = [i for r in range(context.world_size) for i in local_indices(r, context.world_size)]
     layout = mdist.batch_layout(len(mine), LABELLED // context.world_size)
-    global_images = torch.tensor(everyone)[layout.global_order()]
+    global_images = images_in_global_order(context, layout)
     _, labels = global_data()
     labels = labels[:, ::2, ::2].contiguous()
     method = mdist.DistributedContrastiveLoss(
